@@ -1,0 +1,258 @@
+"""The stage runner: run the enabled stages in order, reuse what is unchanged, record everything.
+
+A stage is reused when an earlier entry (in this run folder, or in the newest earlier run of the
+same recipe name) has the same *key*: the hash of the stage name, its parameters, the hashes of
+its inputs and the banklm version. Reused outputs from another run are hard-linked (copied across
+filesystems) into this run folder and re-hashed, so every run folder is complete on its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from banklm import __version__
+from banklm.io import atomic_write_text
+from banklm.ledger import Ledger, LedgerError, canonical_json, code_version, file_records, now_iso
+from banklm.recipe import Recipe, dump_recipe
+
+log = logging.getLogger("banklm")
+
+
+class StageError(RuntimeError):
+    """A stage failed; the message names the stage and the cause."""
+
+
+class CheckFailed(RuntimeError):
+    """A stage ran but a check it makes (e.g. export parity) failed: exit code 1."""
+
+
+class RunLocked(RuntimeError):
+    """Another banklm process holds the run folder."""
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run_dir: Path
+    notes: dict = field(default_factory=dict)
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+
+@dataclass
+class Stage:
+    """One step of the pipeline. ``run`` returns the files/folders it wrote (relative to nothing: paths)."""
+
+    name: str
+    enabled: Callable[[Recipe], bool]
+    params: Callable[[Recipe], dict]
+    inputs: Callable[[RunContext], list[Path]]
+    run: Callable[[RunContext], list[Path]]
+    cacheable: bool = True
+
+
+# ----------------------------------------------------------------------------------------- run folder
+
+def new_run_id() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def default_run_dir(recipe: Recipe, runs_root: Path = Path("runs")) -> Path:
+    return runs_root / recipe.name / new_run_id()
+
+
+class RunLock:
+    """An exclusive lock file in the run folder (O_EXCL); a lock left by a dead process is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+
+    def __enter__(self) -> RunLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = _read_pid(self.path)
+                if pid is not None and _alive(pid):
+                    raise RunLocked(f"{self.path.parent}: another banklm process (pid {pid}) is using this run "
+                                    "folder; wait for it or choose another --run-dir") from None
+                log.warning("removing a stale lock left by pid %s", pid)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return self
+        raise RunLocked(f"{self.path}: could not take the run folder lock")
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------- reuse
+
+def stage_key(stage: str, params: dict, inputs: list[dict]) -> str:
+    material = {"stage": stage, "params": params, "banklm": __version__,
+                "inputs": [(r["path"], r["sha256"]) for r in inputs]}
+    return hashlib.sha256(canonical_json(material)).hexdigest()
+
+
+def _outputs_intact(run_dir: Path, outputs: list[dict]) -> bool:
+    from banklm.io import sha256_file
+
+    for rec in outputs:
+        p = run_dir / rec["path"]
+        if not p.is_file() or p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
+            return False
+    return True
+
+
+def _find_reusable(run_dir: Path, name: str, key: str) -> tuple[Path, dict] | None:
+    """Newest intact entry with this key: this run folder first, then sibling runs, newest first."""
+    candidates = [run_dir]
+    parent = run_dir.parent
+    if parent.is_dir():
+        siblings = [d for d in parent.iterdir() if d.is_dir() and d != run_dir and (d / "ledger.jsonl").exists()]
+        candidates += sorted(siblings, key=lambda d: (d / "ledger.jsonl").stat().st_mtime, reverse=True)
+    for cand in candidates:
+        try:
+            entries = Ledger(cand).entries()
+        except LedgerError:
+            continue
+        for entry in reversed(entries):
+            if entry.get("stage") == name and entry.get("key") == key and _outputs_intact(cand, entry["outputs"]):
+                return cand, entry
+    return None
+
+
+def _link_outputs(src_dir: Path, dst_dir: Path, outputs: list[dict]) -> None:
+    for rec in outputs:
+        src, dst = src_dir / rec["path"], dst_dir / rec["path"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            dst.unlink()
+        try:
+            os.link(src, dst)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            shutil.copy2(src, dst)
+
+
+# ----------------------------------------------------------------------------------------- running
+
+def _setup_file_log(run_dir: Path) -> logging.Handler:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / "banklm.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def run_stages(recipe: Recipe, stages: list[Stage], run_dir: Path | None = None, upto: str | None = None,
+               only: set[str] | None = None) -> Path:
+    """Run the enabled stages (all, up to and including ``upto``, or just ``only``) into ``run_dir``."""
+    run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    selected = []
+    for st in stages:
+        if only is not None and st.name not in only:
+            continue
+        if st.enabled(recipe):
+            selected.append(st)
+        if upto is not None and st.name == upto:
+            break
+    handler = _setup_file_log(run_dir)
+    try:
+        with RunLock(run_dir):
+            atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+            _update_latest_link(run_dir)
+            ctx = RunContext(recipe, run_dir)
+            log.info("run folder: %s", run_dir)
+            for st in selected:
+                _run_one(ctx, st)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    return run_dir
+
+
+def _update_latest_link(run_dir: Path) -> None:
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.tmp-{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(run_dir.name, tmp)
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _run_one(ctx: RunContext, st: Stage) -> None:
+    params = st.params(ctx.recipe)
+    inputs = file_records(st.inputs(ctx), ctx.run_dir)
+    key = stage_key(st.name, params, inputs)
+    common = {"key": key, "code": code_version(), "seed": ctx.recipe.seed}
+    ledger = Ledger(ctx.run_dir)
+    if st.cacheable:
+        found = _find_reusable(ctx.run_dir, st.name, key)
+        if found is not None:
+            src_dir, entry = found
+            t0 = now_iso()
+            if src_dir != ctx.run_dir:
+                _link_outputs(src_dir, ctx.run_dir, entry["outputs"])
+            outputs = file_records([ctx.run_dir / r["path"] for r in entry["outputs"]], ctx.run_dir)
+            ledger.append(st.name, params=params, inputs=inputs, outputs=outputs, started_at=t0,
+                          finished_at=now_iso(), status="reused", wall_s=0.0,
+                          reused_from={"run": src_dir.name, "seq": entry["seq"]}, **common)
+            log.info("[%s] reused from run %s (ledger entry %s)", st.name, src_dir.name, entry["seq"])
+            _say(f"[{st.name}] unchanged: reused (run {src_dir.name}, entry {entry['seq']})")
+            return
+    _say(f"[{st.name}] running ...")
+    t0, started = time.perf_counter(), now_iso()
+    try:
+        produced = st.run(ctx)
+    except (CheckFailed, RunLocked):
+        raise
+    except Exception as e:
+        log.exception("stage %s failed", st.name)
+        raise StageError(f"stage '{st.name}' failed: {type(e).__name__}: {e}") from e
+    wall = time.perf_counter() - t0
+    outputs = file_records(produced, ctx.run_dir)
+    ledger.append(st.name, params=params, inputs=inputs, outputs=outputs, started_at=started,
+                  finished_at=now_iso(), status="done", wall_s=round(wall, 3), reused_from=None,
+                  device=ctx.notes.get("device"), notes=ctx.notes.pop(st.name, None), **common)
+    log.info("[%s] done in %.1f s", st.name, wall)
+    _say(f"[{st.name}] done in {wall:.1f} s")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

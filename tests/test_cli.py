@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import pytest
+
+from banklm.cli import main
+
+SUBCOMMANDS = [["run"], ["corpus"], ["corpus", "build"], ["corpus", "scrub"], ["train"], ["distill"], ["eval"],
+               ["export"], ["plan"], ["verify"]]
+
+
+def _banklm(*args):
+    return subprocess.run([sys.executable, "-m", "banklm.cli", *args], capture_output=True, text=True)
+
+
+def test_top_level_help_lists_every_subcommand():
+    out = _banklm("--help")
+    assert out.returncode == 0
+    for name in ("run", "corpus", "train", "distill", "eval", "export", "plan", "verify"):
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=lambda c: " ".join(c))
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: banklm " + " ".join(cmd) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["distill", "r.yaml"], ["plan", "--model", "m"], ["corpus", "scrub", "a", "b"],
+                                  ["export", "--model", "m", "--format", "onnx"]])
+def test_unbuilt_stages_say_so_with_exit_2(argv, capsys):
+    assert main(argv) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_bad_recipe_is_one_clear_line_exit_2(tmp_path, capsys):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: t\nbase: {path: /m}\ntrain: {lr: fast}\n", encoding="utf-8")
+    assert main(["run", str(p), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.lr = 'fast'" in err[0] and str(p) in err[0]
+
+
+def test_bad_override_exit_2(tmp_path, capsys):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: t\nbase: {path: /m}\n", encoding="utf-8")
+    assert main(["train", str(p), "train.lr"]) == 2
+    assert "bad override" in capsys.readouterr().err
+
+
+def test_no_command_prints_help_exit_2(capsys):
+    assert main([]) == 2
+    assert "usage" in capsys.readouterr().out
+
+
+def test_eval_needs_recipe_or_model(capsys):
+    assert main(["eval"]) == 2
+    assert "RECIPE.yaml or --model" in capsys.readouterr().err
+
+
+def test_verify_missing_folder_exit_2(tmp_path, capsys):
+    assert main(["verify", str(tmp_path / "nope")]) == 2
+
+

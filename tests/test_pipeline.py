@@ -1,0 +1,120 @@
+"""The stage runner with small fake stages: reuse, re-run on change, locking, failure handling."""
+
+import pytest
+
+from banklm.ledger import Ledger, verify_run
+from banklm.pipeline import RunLock, RunLocked, Stage, StageError, run_stages
+from banklm.recipe import validate_recipe
+
+CALLS: list[str] = []
+
+
+def _recipe(**over):
+    data = {"name": "fake", "seed": 1, "base": {"path": "/nowhere"}, "train": {"lr": 0.01}}
+    data.update(over)
+    return validate_recipe(data)
+
+
+def _write_stage(name, text_of, inputs=lambda ctx: []):
+    def run(ctx):
+        CALLS.append(name)
+        out = ctx.path(name)
+        out.mkdir(exist_ok=True)
+        (out / "out.txt").write_text(text_of(ctx), encoding="utf-8")
+        return [out]
+    return Stage(name, lambda r: True, lambda r: {"lr": r.train.lr} if name == "b" else {"seed": r.seed},
+                 inputs, run)
+
+
+STAGES = [
+    _write_stage("a", lambda ctx: f"a seed={ctx.recipe.seed}"),
+    _write_stage("b", lambda ctx: (ctx.path("a", "out.txt").read_text() + f" lr={ctx.recipe.train.lr}"),
+                 inputs=lambda ctx: [ctx.path("a")]),
+]
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    CALLS.clear()
+
+
+def test_runs_in_order_and_records(tmp_path):
+    rd = run_stages(_recipe(), STAGES, run_dir=tmp_path / "runs" / "fake" / "r1")
+    assert CALLS == ["a", "b"]
+    entries = Ledger(rd).entries()
+    assert [(e["stage"], e["status"]) for e in entries] == [("a", "done"), ("b", "done")]
+    assert entries[1]["inputs"][0]["path"] == "a/out.txt"
+    assert (rd / "recipe.yaml").read_text().startswith("name: fake")
+    assert verify_run(rd) == []
+    assert (rd.parent / "latest").resolve() == rd.resolve()
+
+
+def test_second_run_reuses_everything_in_a_new_folder(tmp_path):
+    r1 = run_stages(_recipe(), STAGES, run_dir=tmp_path / "fake" / "r1")
+    CALLS.clear()
+    r2 = run_stages(_recipe(), STAGES, run_dir=tmp_path / "fake" / "r2")
+    assert CALLS == []
+    entries = Ledger(r2).entries()
+    assert [e["status"] for e in entries] == ["reused", "reused"]
+    assert entries[0]["reused_from"] == {"run": "r1", "seq": 1}
+    assert (r2 / "b" / "out.txt").read_text() == (r1 / "b" / "out.txt").read_text()
+    assert verify_run(r2) == []
+
+
+def test_changed_param_reruns_only_that_stage(tmp_path):
+    run_stages(_recipe(), STAGES, run_dir=tmp_path / "fake" / "r1")
+    CALLS.clear()
+    r2 = run_stages(_recipe(train={"lr": 0.5}), STAGES, run_dir=tmp_path / "fake" / "r2")
+    assert CALLS == ["b"]
+    assert (r2 / "b" / "out.txt").read_text() == "a seed=1 lr=0.5"
+
+
+def test_changed_input_reruns_downstream(tmp_path):
+    run_stages(_recipe(), STAGES, run_dir=tmp_path / "fake" / "r1")
+    CALLS.clear()
+    run_stages(_recipe(seed=2), STAGES, run_dir=tmp_path / "fake" / "r2")
+    assert CALLS == ["a", "b"]  # a's params changed, so b's input hash changed
+
+
+def test_in_place_rerun_reuses_and_tampered_output_reruns(tmp_path):
+    rd = tmp_path / "fake" / "r1"
+    run_stages(_recipe(), STAGES, run_dir=rd)
+    CALLS.clear()
+    run_stages(_recipe(), STAGES, run_dir=rd)
+    assert CALLS == []
+    (rd / "b" / "out.txt").write_text("tampered", encoding="utf-8")
+    CALLS.clear()
+    run_stages(_recipe(), STAGES, run_dir=rd)
+    assert CALLS == ["b"]
+    assert verify_run(rd) == []
+
+
+def test_failed_stage_names_itself_and_records_nothing(tmp_path):
+    def boom(ctx):
+        raise ValueError("bad input file x.jsonl")
+    stages = [STAGES[0], Stage("b", lambda r: True, lambda r: {}, lambda ctx: [], boom)]
+    rd = tmp_path / "fake" / "r1"
+    with pytest.raises(StageError, match="stage 'b' failed: ValueError: bad input file x.jsonl"):
+        run_stages(_recipe(), stages, run_dir=rd)
+    assert [e["stage"] for e in Ledger(rd).entries()] == ["a"]
+    assert not (rd / ".lock").exists()
+
+
+def test_upto_and_disabled(tmp_path):
+    run_stages(_recipe(), STAGES, run_dir=tmp_path / "r", upto="a")
+    assert CALLS == ["a"]
+    off = Stage("c", lambda r: False, lambda r: {}, lambda ctx: [], lambda ctx: CALLS.append("c") or [])
+    CALLS.clear()
+    run_stages(_recipe(), [*STAGES, off], run_dir=tmp_path / "r2")
+    assert "c" not in CALLS
+
+
+def test_lock_refuses_second_process_and_takes_over_stale(tmp_path):
+    rd = tmp_path / "r"
+    rd.mkdir()
+    with RunLock(rd):
+        with pytest.raises(RunLocked, match="another banklm process"):
+            run_stages(_recipe(), STAGES, run_dir=rd)
+    (rd / ".lock").write_text("999999999")  # a pid that does not exist: stale
+    run_stages(_recipe(), STAGES, run_dir=rd)
+    assert CALLS == ["a", "b"] and not (rd / ".lock").exists()

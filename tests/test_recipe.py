@@ -1,0 +1,143 @@
+import pytest
+
+from banklm.recipe import RecipeError, apply_overrides, load_recipe, parse_override, validate_recipe
+
+MINIMAL = """
+name: t
+tokenizer: {train: true}
+base:
+  build: {arch: llama, hidden_size: 64}
+train:
+  lr: 1.0e-3
+  method: lora
+"""
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(MINIMAL, encoding="utf-8")
+    return p
+
+
+def test_good_recipe_gets_defaults(recipe_file):
+    r = load_recipe(recipe_file)
+    assert r.name == "t"
+    assert r.train.lr == 1e-3
+    assert r.train.lora.r == 16  # schema default
+    assert r.base.build.hidden_size == 64
+    assert r.export.gguf.quant == ["f16", "q8_0"]
+
+
+def test_every_shipped_recipe_validates(repo):
+    recipes = sorted((repo / "recipes").glob("*.yaml"))
+    assert recipes, "no recipes shipped"
+    for p in recipes:
+        load_recipe(p)
+
+
+def test_unknown_key_names_key_and_allowed(recipe_file):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe_file, ["train.lrr=0.1"])
+    msg = str(e.value)
+    assert "train.lrr" in msg and "lr" in msg and "method" in msg and str(recipe_file) in msg
+
+
+def test_unknown_key_in_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(MINIMAL + "exprot: {}\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"unknown key 'exprot'.*export"):
+        load_recipe(p)
+
+
+def test_wrong_type_names_value_and_expectation(recipe_file):
+    with pytest.raises(RecipeError, match=r"train\.lr = 'fast': Input should be a valid number"):
+        load_recipe(recipe_file, ["train.lr=fast"])
+
+
+def test_bad_literal_lists_allowed_values(recipe_file):
+    with pytest.raises(RecipeError, match=r"train\.method = 'qqlora'.*'lora', 'qlora' or 'full'"):
+        load_recipe(recipe_file, ["train.method=qqlora"])
+
+
+def test_out_of_range(recipe_file):
+    with pytest.raises(RecipeError, match=r"train\.batch_size = 0"):
+        load_recipe(recipe_file, ["train.batch_size=0"])
+
+
+def test_bad_task_name_in_synth(recipe_file):
+    with pytest.raises(RecipeError, match=r"corpora\.scenario\.synth: key 'loans' is not allowed.*credit"):
+        load_recipe(recipe_file, ["corpora.scenario.synth.loans.train=5"])
+
+
+def test_base_needs_exactly_one_source(tmp_path):
+    with pytest.raises(RecipeError, match="exactly one of base.path"):
+        validate_recipe({"name": "x", "base": {}}, "r.yaml")
+    with pytest.raises(RecipeError, match="exactly one of base.path"):
+        validate_recipe({"name": "x", "base": {"path": "/m", "build": {}}, "tokenizer": {"train": True}}, "r.yaml")
+
+
+@pytest.mark.parametrize("bad", ["train.lr", "=3", "train..lr=1", "1train.lr=3", "train.lr[0]=1"])
+def test_bad_override_syntax(recipe_file, bad):
+    with pytest.raises(RecipeError, match="bad override"):
+        load_recipe(recipe_file, [bad])
+
+
+def test_override_into_a_value_is_an_error(recipe_file):
+    with pytest.raises(RecipeError, match="train.lr is a value, not a section"):
+        load_recipe(recipe_file, ["train.lr.x=1"])
+
+
+def test_override_precedence_default_file_cli(recipe_file):
+    r = load_recipe(recipe_file)
+    assert r.train.batch_size == 16  # default
+    assert r.train.lr == 1e-3  # file beats default
+    r = load_recipe(recipe_file, ["train.lr=1e-4", "train.lr=2e-4", "train.batch_size=4"])
+    assert r.train.lr == 2e-4  # command line beats file; the last override wins
+    assert r.train.batch_size == 4
+
+
+def test_override_values_are_yaml(recipe_file):
+    r = load_recipe(recipe_file, ["export.gguf.quant=[q8_0,q4_0]", "train.packing=false",
+                                  "corpora.scenario.synth.credit.train=7"])
+    assert r.export.gguf.quant == ["q8_0", "q4_0"]
+    assert r.train.packing is False
+    assert r.corpora.scenario.synth["credit"].train == 7
+
+
+def test_bad_quant_in_list(recipe_file):
+    with pytest.raises(RecipeError, match=r"export\.gguf\.quant\.1 = 'q3'.*'q8_0'"):
+        load_recipe(recipe_file, ["export.gguf.quant=[q8_0,q3]"])
+
+
+def test_huge_override_refused(recipe_file):
+    with pytest.raises(RecipeError, match="more than"):
+        load_recipe(recipe_file, ["description=" + "x" * 20_000])
+
+
+def test_yaml_aliases_refused(tmp_path):
+    p = tmp_path / "bomb.yaml"
+    p.write_text('a: &a ["x","x"]\nb: [*a,*a]\nname: t\n', encoding="utf-8")
+    with pytest.raises(RecipeError, match="aliases"):
+        load_recipe(p)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: t\ntrain: [\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"r\.yaml:\d+: invalid YAML"):
+        load_recipe(p)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "e.yaml").write_text("", encoding="utf-8")
+    with pytest.raises(RecipeError, match="empty"):
+        load_recipe(tmp_path / "e.yaml")
+
+
+def test_parse_override_reads_numbers():
+    assert parse_override("train.lr=1e-4") == (["train", "lr"], "1e-4")  # YAML 1.1: a string pydantic coerces
+    assert parse_override("seed=3") == (["seed"], 3)
+    assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
