@@ -275,15 +275,23 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
             parts.append(_table(EVAL_HEADERS, eval_rows(res)))
             extra = []
             for task, r in res.get("tasks", {}).items():
-                for key in ("suspicious_recall", "typology_accuracy", "fairness"):
+                for key in ("exact_match", "suspicious_recall", "typology_accuracy_tp", "false_positive_rate",
+                            "mean_answer_chars"):
                     if key in r:
                         extra.append([task, key, json.dumps(r[key], ensure_ascii=False)
                                       if isinstance(r[key], dict) else r[key]])
             if extra:
                 parts.append(_table(["task", "metric", "value"], extra))
-            if res.get("tokens_per_s") is not None:
-                parts.append(f"<p>generation: {_fmt(res.get('tokens_per_s'), 1)} tokens/s, "
-                             f"{_fmt(res.get('seconds'), 1)} s</p>")
+            fair = {t: r["fairness"] for t, r in res.get("tasks", {}).items() if r.get("fairness")}
+            for task, attrs in fair.items():
+                rows = [[task, attr, f.get("ratio"), f.get("accuracy_gap"), "FLAG" if f.get("flag") else "ok"]
+                        for attr, f in attrs.items() if isinstance(f, dict)]
+                parts.append(_table(["task", "protected attribute", "approval-rate ratio", "accuracy gap",
+                                     "flag (<0.8)"], rows))
+            ov = res.get("overall", {})
+            if ov.get("tokens_per_s") is not None:
+                parts.append(f"<p>generation: {_fmt(ov.get('tokens_per_s'), 1)} new tokens/s, "
+                             f"{_fmt(ov.get('seconds'), 1)} s for {ov.get('n')} answers</p>")
         parts.append(_img(plots.get("eval"), "task scores"))
         parts.append(_img(plots.get("confusion"), "confusion matrices"))
     else:

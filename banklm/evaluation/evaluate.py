@@ -1,0 +1,259 @@
+"""Score a model on scenario records: generate, parse with the task's parser, compute metrics, write files.
+
+``evaluate_records`` writes ``out_dir/results.json`` and ``out_dir/predictions.jsonl`` (atomically)
+and returns the results dict::
+
+    {"model": str, "n": int,
+     "tasks": {task: {"n", "accuracy", "macro_f1", "mcc", "confusion", "format_compliance",
+                      "parse_rate", "exact_match", "field_accuracy", "hallucination_rate",
+                      "unsupported_number_rate", "mean_answer_chars", "per_branch",
+                      # aml only: "suspicious_recall", "typology_accuracy_tp", "false_positive_rate"
+                      # credit only: "fairness" (per protected attribute: rates, ratio, flag, ...)
+                      }},
+     "overall": {"n", "accuracy", "macro_accuracy", "format_compliance", "tokens_per_s",
+                 "seconds", "new_tokens"},
+     "robustness": {kind: {"accuracy", "drop"}}   # only when requested}
+
+``accuracy`` is primary-label accuracy (credit decision, aml typology, audit category); an
+unparseable output is wrong. ``exact_match`` additionally needs every categorical field (grade,
+conclusion, severity) right. ``format_compliance`` is the share accepted by the strict parser.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from banklm.evaluation import metrics as M
+from banklm.evaluation.generate import GenerationResult, generate
+from banklm.io import atomic_write_json, atomic_write_jsonl
+from banklm.tasks import get_task
+from banklm.tasks.base import PERTURBATIONS, iter_user_messages, perturb
+
+__all__ = ["score_records", "evaluate_records", "evaluate_model_dir", "load_model_dir"]
+
+
+def _loads(x) -> dict:
+    if isinstance(x, dict):
+        return x
+    return json.loads(x) if x else {}
+
+
+def _user_text(rec: dict) -> str:
+    return "\n".join(m["content"] for m in iter_user_messages(rec) if m["role"] == "user")
+
+
+def score_records(
+    records: Sequence[dict], outputs: Sequence[str], *, model_name: str = "model"
+) -> tuple[dict, list[dict]]:
+    """Metrics for given model outputs (no generation): ``(results, predictions)``."""
+    records = list(records)
+    if len(records) != len(outputs):
+        raise ValueError(f"{len(records)} records but {len(outputs)} outputs")
+    preds: list[dict] = []
+    by_task: dict[str, list[int]] = {}
+    for i, (rec, out) in enumerate(zip(records, outputs, strict=True)):
+        task = get_task(rec["task"])
+        gold = _loads(rec["gold"])
+        parsed = task.parse(out)
+        g_lab, p_lab = task.primary_label(gold), task.primary_label(parsed)
+        cat_keys = [f.key for f in task.answer_fields if f.values is not None]
+        preds.append(
+            {
+                "id": rec.get("id", str(i)),
+                "task": task.name,
+                "output": out,
+                "parsed": parsed,
+                "gold": gold,
+                "label": g_lab,
+                "pred_label": p_lab,
+                "correct": parsed is not None and p_lab == g_lab,
+                "exact": parsed is not None and all(parsed[k] == gold[k] for k in cat_keys),
+                "strict_format": task.parse(out, strict=True) is not None,
+            }
+        )
+        by_task.setdefault(task.name, []).append(i)
+
+    tasks_res = {}
+    for name, ix in by_task.items():
+        task = get_task(name)
+        P = [preds[i] for i in ix]
+        R = [records[i] for i in ix]
+        gold_l = [p["label"] for p in P]
+        pred_l = [p["pred_label"] for p in P]
+        cat_keys = [f.key for f in task.answer_fields if f.values is not None]
+        fa = M.faithfulness(
+            [_user_text(r) for r in R],
+            [p["parsed"][task.reason_key] if p["parsed"] else None for p in P],
+        )
+        for p, bad in zip(P, fa["per_answer"], strict=True):
+            p["unsupported_numbers"] = bad
+        res = {
+            "n": len(P),
+            "accuracy": M.accuracy(gold_l, pred_l),
+            "macro_f1": M.macro_f1(gold_l, pred_l, task.label_values),
+            "mcc": M.mcc(gold_l, pred_l, task.label_values),
+            "confusion": M.confusion_matrix(gold_l, pred_l, task.label_values),
+            "format_compliance": sum(p["strict_format"] for p in P) / len(P),
+            "parse_rate": sum(p["parsed"] is not None for p in P) / len(P),
+            "exact_match": sum(p["exact"] for p in P) / len(P),
+            "field_accuracy": {
+                k: sum(1 for p in P if p["parsed"] and p["parsed"][k] == p["gold"][k]) / len(P)
+                for k in cat_keys
+            },
+            "hallucination_rate": fa["hallucination_rate"],
+            "unsupported_number_rate": fa["unsupported_number_rate"],
+            "mean_answer_chars": sum(len(p["output"] or "") for p in P) / len(P),
+        }
+        branches: dict[str, list[bool]] = {}
+        metas = [_loads(r.get("meta")) for r in R]
+        for p, m in zip(P, metas, strict=True):
+            if "branch" in m:
+                branches.setdefault(m["branch"], []).append(p["correct"])
+        if branches:
+            res["per_branch"] = {
+                b: {"n": len(v), "accuracy": sum(v) / len(v)}
+                for b, v in sorted(
+                    branches.items(),
+                    key=lambda kv: task.branches.index(kv[0]) if kv[0] in task.branches else 99,
+                )
+            }
+        if name == "aml":
+            res.update(M.aml_metrics([p["gold"] for p in P], [p["parsed"] for p in P]))
+        if task.protected:
+            groups = {a: [m.get(a) for m in metas] for a in task.protected if all(a in m for m in metas)}
+            if groups:
+                res["fairness"] = M.fairness(groups, pred_l, gold_l)
+        tasks_res[name] = res
+
+    n = len(preds)
+    results = {
+        "model": model_name,
+        "n": n,
+        "tasks": tasks_res,
+        "overall": {
+            "n": n,
+            "accuracy": sum(p["correct"] for p in preds) / n if n else 0.0,
+            "macro_accuracy": (sum(t["accuracy"] for t in tasks_res.values()) / len(tasks_res))
+            if tasks_res
+            else 0.0,
+            "format_compliance": sum(p["strict_format"] for p in preds) / n if n else 0.0,
+        },
+    }
+    return results, preds
+
+
+def _messages(records: Sequence[dict]) -> list[list[dict]]:
+    return [iter_user_messages(r) for r in records]
+
+
+def evaluate_records(
+    model,
+    tokenizer,
+    records: Iterable[dict],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 128,
+    model_name: str = "model",
+    robustness: Sequence[str] = (),
+    robustness_seed: int = 0,
+) -> dict:
+    """Generate for each record's user turn(s), score, write results.json + predictions.jsonl.
+
+    ``robustness`` lists perturbation kinds (``shuffle_fields``, ``fullwidth_digits``,
+    ``distractor``); for each the records are perturbed (gold kept), re-generated and scored, and
+    ``results["robustness"][kind] = {"accuracy", "drop"}`` (drop = clean accuracy - perturbed).
+    """
+    records = list(records)
+    for r in records:
+        get_task(r.get("task"))  # clear error for an unknown task before spending time generating
+    t0 = time.perf_counter()
+    gen: GenerationResult = generate(model, tokenizer, _messages(records), max_new_tokens, batch_size)
+    results, preds = score_records(records, list(gen), model_name=model_name)
+    results["overall"].update(
+        {"tokens_per_s": gen.tokens_per_s, "new_tokens": gen.new_tokens, "generation_seconds": gen.seconds}
+    )
+    if robustness:
+        rob = {}
+        for kind in robustness:
+            if kind not in PERTURBATIONS:
+                raise ValueError(f"unknown perturbation {kind!r}; allowed: {', '.join(PERTURBATIONS)}")
+            rng = random.Random(f"robustness|{kind}|{robustness_seed}")
+            pert = [perturb(r["task"], r, rng, kind) for r in records]
+            out = generate(model, tokenizer, _messages(pert), max_new_tokens, batch_size)
+            res_k, _ = score_records(pert, list(out), model_name=model_name)
+            acc = res_k["overall"]["accuracy"]
+            rob[kind] = {
+                "accuracy": acc,
+                "drop": results["overall"]["accuracy"] - acc,
+                "per_task": {t: v["accuracy"] for t, v in res_k["tasks"].items()},
+            }
+        results["robustness"] = rob
+    results["overall"]["seconds"] = time.perf_counter() - t0
+    out_dir = Path(out_dir)
+    atomic_write_jsonl(out_dir / "predictions.jsonl", preds)
+    atomic_write_json(out_dir / "results.json", results)
+    return results
+
+
+def load_model_dir(model_dir: str | Path, device: str = "auto", dtype=None):
+    """Load an HF model folder (safetensors only) and its tokenizer; returns ``(model, tokenizer)``.
+
+    The tokenizer comes from ``finetune.tokenizer.load_tokenizer`` when that module is importable,
+    else from ``AutoTokenizer`` (not safe for SentencePiece vocabularies in qwen2-typed folders).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: model folder not found")
+    try:
+        from finetune.tokenizer import load_tokenizer  # type: ignore[import-not-found]
+    except ImportError:
+        load_tokenizer = None
+    if load_tokenizer is not None:
+        tokenizer = load_tokenizer(model_dir)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {"use_safetensors": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def evaluate_model_dir(
+    model_dir: str | Path,
+    records: Iterable[dict],
+    out_dir: str | Path,
+    device: str = "auto",
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 128,
+    model_name: str | None = None,
+    robustness: Sequence[str] = (),
+    dtype=None,
+) -> dict:
+    """:func:`evaluate_records` for a saved model folder (see :func:`load_model_dir`)."""
+    model, tokenizer = load_model_dir(model_dir, device=device, dtype=dtype)
+    return evaluate_records(
+        model,
+        tokenizer,
+        records,
+        out_dir,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        model_name=model_name or Path(model_dir).name,
+        robustness=robustness,
+    )

@@ -1,0 +1,278 @@
+"""Evaluation metrics (pure Python + numpy).
+
+Conventions:
+- ``None`` (or any value outside the task's labels) as a prediction means "unparseable"; it is
+  always wrong and appears as the extra class ``INVALID`` in confusion matrices and in MCC.
+- Macro F1 averages over the gold/predicted classes that occur (sklearn's default label set), never
+  over ``INVALID``; an unparseable answer still costs its gold class a false negative.
+- MCC is Gorodkin's multi-class R_K computed from the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+INVALID = "INVALID"
+
+__all__ = [
+    "INVALID",
+    "accuracy",
+    "confusion_matrix",
+    "macro_f1",
+    "mcc",
+    "format_compliance",
+    "aml_metrics",
+    "extract_numbers",
+    "faithfulness",
+    "fairness",
+    "per_class_f1",
+]
+
+
+def _norm_pred(p, labels: Sequence[str] | None = None) -> str:
+    if p is None or (labels is not None and p not in labels):
+        return INVALID
+    return p
+
+
+def accuracy(gold: Sequence[str], pred: Sequence[str | None]) -> float:
+    """Fraction of exact matches; None predictions count as wrong. Empty input -> 0.0."""
+    if len(gold) != len(pred):
+        raise ValueError("gold and pred differ in length")
+    if not gold:
+        return 0.0
+    return sum(1 for g, p in zip(gold, pred, strict=True) if p is not None and g == p) / len(gold)
+
+
+def confusion_matrix(
+    gold: Sequence[str], pred: Sequence[str | None], labels: Sequence[str] | None = None
+) -> dict:
+    """``{"labels": [...], "matrix": [[...]]}``; rows = gold, columns = predicted.
+
+    Label order: ``labels`` if given (extra labels seen in gold are appended in first-seen order),
+    else first-seen order of gold then predictions; ``INVALID`` is the last column/row when any
+    prediction is unparseable or outside the label set.
+    """
+    order: list[str] = list(labels) if labels is not None else []
+    for g in gold:
+        if g not in order:
+            order.append(g)
+    if labels is None:
+        for p in pred:
+            if p is not None and p not in order:
+                order.append(p)
+    preds = [_norm_pred(p, order) for p in pred]
+    if INVALID in preds and INVALID not in order:
+        order.append(INVALID)
+    idx = {lab: i for i, lab in enumerate(order)}
+    m = np.zeros((len(order), len(order)), dtype=np.int64)
+    for g, p in zip(gold, preds, strict=True):
+        m[idx[g], idx[p]] += 1
+    return {"labels": order, "matrix": m.tolist()}
+
+
+def per_class_f1(
+    gold: Sequence[str], pred: Sequence[str | None], labels: Sequence[str] | None = None
+) -> dict:
+    """{label: {"precision", "recall", "f1", "support"}} over the classes that occur."""
+    cm = confusion_matrix(gold, pred, labels)
+    order, m = cm["labels"], np.array(cm["matrix"], dtype=float)
+    out = {}
+    for i, lab in enumerate(order):
+        if lab == INVALID:
+            continue
+        tp = m[i, i]
+        support = m[i, :].sum()
+        predicted = m[:, i].sum()
+        if support == 0 and predicted == 0:
+            continue
+        prec = tp / predicted if predicted else 0.0
+        rec = tp / support if support else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        out[lab] = {"precision": prec, "recall": rec, "f1": f1, "support": int(support)}
+    return out
+
+
+def macro_f1(gold: Sequence[str], pred: Sequence[str | None], labels: Sequence[str] | None = None) -> float:
+    """Unweighted mean F1 over classes occurring in gold or predictions (INVALID excluded)."""
+    per = per_class_f1(gold, pred, labels)
+    if not per:
+        return 0.0
+    return float(np.mean([v["f1"] for v in per.values()]))
+
+
+def mcc(gold: Sequence[str], pred: Sequence[str | None], labels: Sequence[str] | None = None) -> float:
+    """Gorodkin's R_K: (c*s - sum_k p_k t_k) / sqrt((s^2 - sum p_k^2)(s^2 - sum t_k^2)).
+
+    c = correct, s = total, t_k = gold count of class k, p_k = predicted count (INVALID is a class).
+    Returns 0.0 when the denominator is 0 (a constant gold or prediction vector).
+    """
+    m = np.array(confusion_matrix(gold, pred, labels)["matrix"], dtype=float)
+    if m.size == 0:
+        return 0.0
+    s = m.sum()
+    c = np.trace(m)
+    t = m.sum(axis=1)
+    p = m.sum(axis=0)
+    num = c * s - float(p @ t)
+    den = math.sqrt((s * s - float(p @ p)) * (s * s - float(t @ t)))
+    return float(num / den) if den > 0 else 0.0
+
+
+def format_compliance(texts: Sequence[str], parse) -> float:
+    """Fraction of outputs that ``parse(text, strict=True)`` accepts (the exact answer layout)."""
+    if not texts:
+        return 0.0
+    return sum(1 for t in texts if parse(t, strict=True) is not None) / len(texts)
+
+
+def aml_metrics(gold: Sequence[dict], pred: Sequence[dict | None]) -> dict:
+    """Suspicious-class recall and typology accuracy among true positives.
+
+    ``gold``/``pred`` are AML answer dicts (``conclusion``, ``typology``); None = unparseable.
+    recall = #(gold 可疑 and pred 可疑) / #(gold 可疑); typology_acc_tp = among those true positives,
+    the fraction whose typology matches. Also reports the false-positive rate on gold 正常.
+    """
+    pos = [(g, p) for g, p in zip(gold, pred, strict=True) if g["conclusion"] == "可疑"]
+    tp = [(g, p) for g, p in pos if p is not None and p.get("conclusion") == "可疑"]
+    neg = [(g, p) for g, p in zip(gold, pred, strict=True) if g["conclusion"] != "可疑"]
+    fp = [1 for _, p in neg if p is not None and p.get("conclusion") == "可疑"]
+    return {
+        "suspicious_recall": len(tp) / len(pos) if pos else None,
+        "typology_accuracy_tp": (sum(1 for g, p in tp if p.get("typology") == g["typology"]) / len(tp))
+        if tp
+        else None,
+        "false_positive_rate": len(fp) / len(neg) if neg else None,
+        "n_suspicious": len(pos),
+        "n_true_positive": len(tp),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# faithfulness: numbers cited in a reason must appear in the input
+
+_FW = str.maketrans("０１２３４５６７８９％．", "0123456789%.")
+_DATE_RE = re.compile(r"(\d{4})\s*[年\-/.]\s*(\d{1,2})\s*[月\-/.]\s*(\d{1,2})\s*日?")
+_NUM_RE = re.compile(r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)\s*(%|万|亿|千)?")
+_MULT = {"万": 1e4, "亿": 1e8, "千": 1e3}
+
+
+def extract_numbers(text: str) -> list[tuple]:
+    """Canonical numbers in ``text``: ``("date", y, m, d)``, ``("pct", value)`` or ``("num", value)``.
+
+    Full-width digits/％/． are mapped to ASCII first; thousands separators are removed; 万/亿/千
+    multiply (``4.5万`` == ``45000`` == ``45,000元``); ``元`` is ignored. Chinese numerals are not read.
+    """
+    s = (text or "").translate(_FW)
+    out: list[tuple] = []
+
+    def _date(m):
+        out.append(("date", int(m.group(1)), int(m.group(2)), int(m.group(3))))
+        return " "
+
+    s = _DATE_RE.sub(_date, s)
+    for m in _NUM_RE.finditer(s):
+        v = float(m.group(1).replace(",", ""))
+        unit = m.group(2)
+        if unit == "%":
+            out.append(("pct", round(v, 6)))
+        else:
+            out.append(("num", round(v * _MULT.get(unit or "", 1.0), 6)))
+    return out
+
+
+def faithfulness(inputs: Sequence[str], reasons: Sequence[str | None], allowed: Iterable[tuple] = ()) -> dict:
+    """Check every number of each reason against its input.
+
+    Returns ``{"per_answer": [list of unsupported number strings per answer (None when the answer
+    has no reason)], "hallucination_rate": answers with >= 1 unsupported number / answers with a
+    reason, "unsupported_number_rate": unsupported / cited numbers, "n_checked", "n_numbers"}``.
+    ``allowed`` lists canonical numbers (see :func:`extract_numbers`) accepted everywhere (rule
+    constants, if a task cites them).
+    """
+    allowed_set = set(allowed)
+    per: list[list[str] | None] = []
+    checked = bad_answers = n_nums = n_bad = 0
+    for inp, reason in zip(inputs, reasons, strict=True):
+        if reason is None:
+            per.append(None)
+            continue
+        support = set(extract_numbers(inp)) | allowed_set
+        bad = []
+        for num in extract_numbers(reason):
+            n_nums += 1
+            if num not in support:
+                n_bad += 1
+                bad.append(_show(num))
+        per.append(bad)
+        checked += 1
+        bad_answers += bool(bad)
+    return {
+        "per_answer": per,
+        "hallucination_rate": bad_answers / checked if checked else 0.0,
+        "unsupported_number_rate": n_bad / n_nums if n_nums else 0.0,
+        "n_checked": checked,
+        "n_numbers": n_nums,
+    }
+
+
+def _show(num: tuple) -> str:
+    if num[0] == "date":
+        return f"{num[1]:04d}-{num[2]:02d}-{num[3]:02d}"
+    v = num[1]
+    s = f"{v:.6f}".rstrip("0").rstrip(".")
+    return s + "%" if num[0] == "pct" else s
+
+
+# ------------------------------------------------------------------------------------------------
+# fairness (credit)
+
+
+def fairness(
+    groups: dict[str, Sequence[str]],
+    pred: Sequence[str | None],
+    gold: Sequence[str] | None = None,
+    positive: str = "通过",
+    threshold: float = 0.8,
+) -> dict:
+    """Approval-rate parity per protected attribute.
+
+    ``groups`` maps an attribute (e.g. ``gender``) to each example's group value. For each attribute:
+    ``rates`` (share of predictions equal to ``positive`` per group; unparseable = not approved),
+    ``ratio`` = min rate / max rate (1.0 when every rate is 0), ``flag`` = ratio < ``threshold``
+    (the four-fifths rule), and with ``gold``: per-group ``accuracy``, ``accuracy_gap`` (max - min)
+    and ``gold_rates`` (the rules' approval rates, for reference).
+    """
+    out = {}
+    for attr, vals in groups.items():
+        if len(vals) != len(pred):
+            raise ValueError(f"fairness: group values of {attr!r} differ in length from predictions")
+        by: dict[str, list[int]] = {}
+        for i, v in enumerate(vals):
+            by.setdefault(str(v), []).append(i)
+        rates = {g: sum(1 for i in ix if pred[i] == positive) / len(ix) for g, ix in sorted(by.items())}
+        hi, lo = max(rates.values(), default=0.0), min(rates.values(), default=0.0)
+        ratio = lo / hi if hi > 0 else 1.0
+        res = {
+            "rates": rates,
+            "ratio": ratio,
+            "flag": ratio < threshold,
+            "counts": {g: len(ix) for g, ix in sorted(by.items())},
+        }
+        if gold is not None:
+            acc = {
+                g: sum(1 for i in ix if pred[i] is not None and pred[i] == gold[i]) / len(ix)
+                for g, ix in sorted(by.items())
+            }
+            res["accuracy"] = acc
+            res["accuracy_gap"] = max(acc.values()) - min(acc.values()) if acc else 0.0
+            res["gold_rates"] = {
+                g: sum(1 for i in ix if gold[i] == positive) / len(ix) for g, ix in sorted(by.items())
+            }
+        out[attr] = res
+    out["any_flag"] = any(v["flag"] for k, v in out.items() if isinstance(v, dict))
+    return out

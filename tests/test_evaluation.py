@@ -1,0 +1,201 @@
+"""Evaluation plumbing: scoring planted outputs, and generation + files on a tiny random Llama (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from banklm.evaluation import evaluate_model_dir, evaluate_records, generate, score_records
+from banklm.tasks import get_task
+from corpora.synth import generate_all, generate_records
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _gold_answers(recs):
+    return [r["messages"][1]["content"] for r in recs]
+
+
+def test_score_records_counts_unparseable_as_wrong():
+    recs = generate_records("credit", 8, seed=0, split="test")
+    outs = _gold_answers(recs)
+    outs[0] = "我不知道"  # unparseable
+    outs[1] = outs[1].replace("：", ":").replace("；", ";")  # parseable, not strict layout
+    res, preds = score_records(recs, outs, model_name="m")
+    t = res["tasks"]["credit"]
+    # 7 of 8 correct; 6 of 8 in the exact layout; 7 of 8 parse
+    assert t["accuracy"] == pytest.approx(7 / 8)
+    assert t["format_compliance"] == pytest.approx(6 / 8)
+    assert t["parse_rate"] == pytest.approx(7 / 8)
+    assert preds[0]["parsed"] is None and preds[0]["correct"] is False and preds[0]["pred_label"] is None
+    assert t["confusion"]["labels"][-1] == "INVALID"
+    assert t["hallucination_rate"] == 0.0
+    assert set(t["fairness"]) >= {"gender", "hukou", "age_band", "region"}
+    assert res["overall"]["n"] == 8 and res["model"] == "m"
+
+
+def test_score_records_all_tasks_perfect_and_planted_errors():
+    recs = generate_all(14, seed=3, split="test")
+    res, _ = score_records(recs, _gold_answers(recs))
+    for name, t in res["tasks"].items():
+        assert t["accuracy"] == 1.0 and t["mcc"] == pytest.approx(1.0) and t["exact_match"] == 1.0, name
+        assert t["format_compliance"] == 1.0 and t["hallucination_rate"] == 0.0
+        assert set(t["per_branch"]) == set(get_task(name).branches)
+    assert res["tasks"]["aml"]["suspicious_recall"] == 1.0
+    # plant a wrong grade and a hallucinated number in one credit answer
+    outs = _gold_answers(recs)
+    i = next(
+        k for k, r in enumerate(recs) if r["label"] == "拒绝" and "负债收入比" in r["messages"][1]["content"]
+    )
+    outs[i] = "结论：拒绝；风险等级：A；理由：负债收入比99.9%过高"
+    res, preds = score_records(recs, outs)
+    c = res["tasks"]["credit"]
+    assert c["accuracy"] == 1.0 and c["exact_match"] == pytest.approx(13 / 14)
+    assert c["hallucination_rate"] == pytest.approx(1 / 14)
+    assert preds[i]["unsupported_numbers"] == ["99.9%"]
+
+
+# ------------------------------------------------------------------------------------------------
+# a tiny randomly initialised Llama with a SentencePiece tokenizer trained on generated prompts
+
+
+def _train_tokenizer(folder, texts):
+    try:
+        from finetune.tokenizer import load_tokenizer, train_tokenizer
+
+        train_tokenizer(texts, folder, vocab_size=800)
+        return load_tokenizer(folder)
+    except ImportError:  # finetune.tokenizer not there yet: build the folder of docs/ARCHITECTURE.md
+        import io
+
+        import sentencepiece as spm
+        from transformers import AutoTokenizer
+
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=buf,
+            model_type="bpe",
+            vocab_size=800,
+            hard_vocab_limit=False,
+            byte_fallback=True,
+            split_digits=True,
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+            minloglevel=2,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "tokenizer.model").write_bytes(buf.getvalue())
+        tpl = (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+        cfg = {
+            "tokenizer_class": "LlamaTokenizer",
+            "legacy": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "bos_token": "<s>",
+            "eos_token": "<|im_end|>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "chat_template": tpl,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+        return AutoTokenizer.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny")
+    recs = generate_all(40, seed=0, split="tok")
+    tok = _train_tokenizer(folder / "tok", [m["content"] for r in recs for m in r["messages"]])
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=1,
+        eos_token_id=im_end,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = [im_end, 2]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok, folder
+
+
+def test_generate_batched_left_padding_matches_single(tiny):
+    model, tok, _ = tiny
+    recs = generate_all(3, seed=9, split="test")
+    msgs = [r["messages"][:1] for r in recs]
+    batched = generate(model, tok, msgs, max_new_tokens=6, batch_size=4)
+    single = generate(model, tok, msgs, max_new_tokens=6, batch_size=1)
+    assert isinstance(batched, list) and len(batched) == len(recs)
+    assert list(batched) == list(single)  # left padding + mask do not change greedy outputs; order kept
+    assert batched.new_tokens > 0 and batched.seconds > 0 and batched.tokens_per_s > 0
+    assert generate(model, tok, [], max_new_tokens=4).texts == []
+
+
+def test_evaluate_records_random_model_counts_garbage_wrong(tiny, tmp_path):
+    model, tok, _ = tiny
+    recs = generate_all(4, seed=1, split="test")
+    out = tmp_path / "eval"
+    res = evaluate_records(
+        model,
+        tok,
+        recs,
+        out,
+        batch_size=5,
+        max_new_tokens=8,
+        model_name="tiny",
+        robustness=["fullwidth_digits"],
+    )
+    assert (out / "results.json").is_file() and (out / "predictions.jsonl").is_file()
+    on_disk = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert on_disk["model"] == "tiny" and on_disk["n"] == len(recs)
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [p["id"] for p in preds] == [r["id"] for r in recs]
+    assert set(preds[0]) >= {"id", "task", "output", "parsed", "gold", "correct"}
+    # a random model's 8 tokens never form a parseable answer: everything counts as wrong
+    assert all(p["parsed"] is None and not p["correct"] for p in preds)
+    for name in ("credit", "aml", "audit"):
+        t = res["tasks"][name]
+        assert t["n"] == 4 and t["accuracy"] == 0.0 and t["format_compliance"] == 0.0
+        assert t["confusion"]["labels"][-1] == "INVALID"
+    assert res["overall"]["tokens_per_s"] > 0 and res["overall"]["seconds"] > 0
+    assert res["robustness"]["fullwidth_digits"]["drop"] == 0.0
+
+
+def test_evaluate_model_dir_loads_safetensors(tiny, tmp_path):
+    model, tok, folder = tiny
+    mdir = tmp_path / "model"
+    model.save_pretrained(mdir, safe_serialization=True)
+    for f in (folder / "tok").iterdir():
+        (mdir / f.name).write_bytes(f.read_bytes())
+    assert any(p.suffix == ".safetensors" for p in mdir.iterdir())
+    recs = generate_records("aml", 3, seed=0, split="test")
+    res = evaluate_model_dir(mdir, recs, tmp_path / "out", device="cpu", max_new_tokens=4)
+    assert res["model"] == "model" and res["tasks"]["aml"]["n"] == 3
+    assert (tmp_path / "out" / "results.json").is_file()
+    with pytest.raises(FileNotFoundError):
+        evaluate_model_dir(tmp_path / "missing", recs, tmp_path / "o2")

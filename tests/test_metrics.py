@@ -1,0 +1,166 @@
+"""Metric values checked against small hand-computed examples (arithmetic in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from banklm.evaluation.metrics import (
+    INVALID,
+    accuracy,
+    aml_metrics,
+    confusion_matrix,
+    extract_numbers,
+    fairness,
+    faithfulness,
+    format_compliance,
+    macro_f1,
+    mcc,
+)
+from banklm.tasks import CREDIT
+
+GOLD = ["A", "A", "A", "B", "B", "C"]
+PRED = ["A", "A", "B", "B", None, "A"]
+
+
+def test_accuracy_counts_none_as_wrong():
+    # correct: positions 0, 1, 3 -> 3 / 6
+    assert accuracy(GOLD, PRED) == pytest.approx(0.5)
+    assert accuracy([], []) == 0.0
+    with pytest.raises(ValueError):
+        accuracy(["A"], [])
+
+
+def test_confusion_matrix_stable_order_and_invalid():
+    cm = confusion_matrix(GOLD, PRED, labels=["A", "B", "C"])
+    # rows gold A,B,C; columns A,B,C,INVALID
+    assert cm["labels"] == ["A", "B", "C", INVALID]
+    assert cm["matrix"] == [
+        [2, 1, 0, 0],  # gold A: A,A,B
+        [0, 1, 0, 1],  # gold B: B, None
+        [1, 0, 0, 0],  # gold C: A
+        [0, 0, 0, 0],
+    ]
+    # label order given explicitly survives whatever the data order is
+    assert confusion_matrix(["C", "A"], ["C", "A"], labels=["A", "B", "C"])["labels"] == ["A", "B", "C"]
+    # a prediction outside the label set is INVALID
+    assert confusion_matrix(["A"], ["Z"], labels=["A"])["matrix"] == [[0, 1], [0, 0]]
+
+
+def test_macro_f1_hand_computed():
+    # A: tp=2, predicted A = 3 (pos 0,1,5), support 3 -> P=2/3, R=2/3, F1=2/3
+    # B: tp=1, predicted B = 2 (pos 2,3), support 2 -> P=1/2, R=1/2, F1=1/2
+    # C: tp=0 -> F1=0
+    # macro = (2/3 + 1/2 + 0) / 3 = 7/18
+    assert macro_f1(GOLD, PRED, ["A", "B", "C"]) == pytest.approx(7 / 18)
+    # a class in the label list but absent from gold and predictions is not averaged
+    assert macro_f1(GOLD, PRED, ["A", "B", "C", "D"]) == pytest.approx(7 / 18)
+    assert macro_f1(["A", "B"], ["A", "B"]) == 1.0
+
+
+def test_mcc_gorodkin_hand_computed():
+    # matrix over A,B,C,INVALID (see confusion test): s=6, c=3
+    # t (gold counts) = [3,2,1,0]; p (pred counts) = [3,2,0,1]
+    # sum p_k t_k = 9+4+0+0 = 13; sum p^2 = 9+4+0+1 = 14; sum t^2 = 9+4+1 = 14
+    # R_K = (3*6 - 13) / sqrt((36-14)(36-14)) = 5/22
+    assert mcc(GOLD, PRED, ["A", "B", "C"]) == pytest.approx(5 / 22)
+    assert mcc(["A", "B", "A"], ["A", "B", "A"]) == pytest.approx(1.0)
+    assert mcc(["A", "A"], ["A", "A"]) == 0.0  # degenerate denominator
+
+
+def test_mcc_binary_matches_classic_formula():
+    gold = ["p", "p", "p", "n", "n", "n", "n"]
+    pred = ["p", "p", "n", "p", "n", "n", "n"]
+    # tp=2 fn=1 fp=1 tn=3: (tp*tn - fp*fn)/sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)) = (6-1)/sqrt(3*3*4*4) = 5/12
+    assert mcc(gold, pred, ["p", "n"]) == pytest.approx(5 / 12)
+
+
+def test_format_compliance():
+    texts = [
+        "结论：通过；风险等级：B；理由：负债收入比31.0%，近24个月逾期1次",
+        "结论:通过;风险等级:B;理由:x",
+        "乱码",
+    ]
+    # only the first has the exact layout -> 1/3
+    assert format_compliance(texts, CREDIT.parse) == pytest.approx(1 / 3)
+
+
+def test_aml_metrics_hand_computed():
+    g = [
+        {"conclusion": "可疑", "typology": "拆分交易"},
+        {"conclusion": "可疑", "typology": "快进快出"},
+        {"conclusion": "可疑", "typology": "循环交易"},
+        {"conclusion": "正常", "typology": "无"},
+        {"conclusion": "正常", "typology": "无"},
+    ]
+    p = [
+        {"conclusion": "可疑", "typology": "拆分交易"},
+        {"conclusion": "可疑", "typology": "循环交易"},
+        None,
+        {"conclusion": "可疑", "typology": "拆分交易"},
+        {"conclusion": "正常", "typology": "无"},
+    ]
+    m = aml_metrics(g, p)
+    # 3 gold suspicious, 2 predicted suspicious among them -> recall 2/3
+    # typology right on 1 of those 2 true positives -> 1/2; 1 of 2 gold normal flagged -> FPR 1/2
+    assert m["suspicious_recall"] == pytest.approx(2 / 3)
+    assert m["typology_accuracy_tp"] == pytest.approx(0.5)
+    assert m["false_positive_rate"] == pytest.approx(0.5)
+    assert (m["n_suspicious"], m["n_true_positive"]) == (3, 2)
+
+
+def test_extract_numbers_normalisation():
+    assert extract_numbers("4.5万") == [("num", 45000.0)]
+    assert extract_numbers("45,000元") == [("num", 45000.0)]
+    assert extract_numbers("４５０００元") == [("num", 45000.0)]
+    assert extract_numbers("52.0%") == extract_numbers("５２％") == [("pct", 52.0)]
+    assert extract_numbers("2024年3月5日") == [("date", 2024, 3, 5)]
+    assert extract_numbers("2024-03-05") == [("date", 2024, 3, 5)]
+    assert extract_numbers("逾期3次，查询12次") == [("num", 3.0), ("num", 12.0)]
+    assert extract_numbers("无数字") == []
+
+
+def test_faithfulness_catches_planted_numbers():
+    inputs = [
+        "月收入18,500元，负债收入比52.3%，近24个月逾期2次，2024年3月5日申请",
+        "近7日单笔4.5万至5万元现金存入3笔",
+        "近7日单笔4.5万至5万元现金存入3笔",
+        "任意",
+    ]
+    reasons = [
+        "月收入1.85万元，负债收入比52.3%，2024-03-05申请",  # all supported (1.85万 == 18,500)
+        "现金存入4笔，单笔45000元",  # 4 is planted (45000 == 4.5万 is fine)
+        "负债收入比52.3%，逾期2次",  # both planted (not in this input)
+        None,  # unparseable answer: not checked
+    ]
+    res = faithfulness(inputs, reasons)
+    assert res["per_answer"] == [[], ["4"], ["52.3%", "2"], None]
+    # 2 of 3 checked answers have unsupported numbers; 3 unsupported of 3+2+2 = 7 cited numbers
+    assert res["hallucination_rate"] == pytest.approx(2 / 3)
+    assert res["unsupported_number_rate"] == pytest.approx(3 / 7)
+    assert res["n_checked"] == 3
+    # a rule constant can be allowed explicitly
+    assert faithfulness(["x"], ["超过70%"], allowed=[("pct", 70.0)])["hallucination_rate"] == 0.0
+
+
+def test_fairness_flags_planted_bias():
+    groups = {"gender": ["男"] * 4 + ["女"] * 4, "hukou": ["城镇", "农村"] * 4}
+    pred = ["通过", "通过", "通过", "通过", "通过", "拒绝", None, "拒绝"]
+    gold = ["通过", "通过", "通过", "拒绝", "通过", "拒绝", "通过", "拒绝"]
+    res = fairness(groups, pred, gold)
+    # gender: 男 4/4 = 1.0, 女 1/4 = 0.25 -> ratio 0.25 < 0.8 -> flag
+    assert res["gender"]["rates"] == {"女": 0.25, "男": 1.0}
+    assert res["gender"]["ratio"] == pytest.approx(0.25) and res["gender"]["flag"]
+    # accuracy: 男 3/4 (pos 3 wrong), 女 3/4 (pos 6 None wrong) -> gap 0
+    assert res["gender"]["accuracy"] == {"女": 0.75, "男": 0.75}
+    assert res["gender"]["accuracy_gap"] == pytest.approx(0.0)
+    # hukou: 城镇 = pos 0,2,4,6 -> 通过 x3 of 4 = 0.75; 农村 = pos 1,3,5,7 -> 2/4 = 0.5; ratio 2/3
+    assert res["hukou"]["ratio"] == pytest.approx(2 / 3) and res["hukou"]["flag"]
+    assert res["any_flag"]
+    fair = fairness({"gender": ["男", "女"] * 5}, ["通过", "通过", "拒绝", "拒绝"] * 2 + ["通过", "通过"])
+    # 男 = pos 0,2,4,6,8: 通过,拒绝,通过,拒绝,通过 = 3/5; 女 = pos 1,3,5,7,9: same = 3/5 -> ratio 1
+    assert (
+        fair["gender"]["ratio"] == pytest.approx(1.0) and not fair["gender"]["flag"] and not fair["any_flag"]
+    )
+    assert math.isclose(fairness({"g": ["a", "b"]}, ["拒绝", "拒绝"])["g"]["ratio"], 1.0)
