@@ -167,7 +167,9 @@ def cmd_export(args) -> int:
     checks = [{"file": str(f), "type": q, **verify_gguf(model, f, prompts, q)} for f, q in zip(files, quant)]
     atomic_write_json(out / "verify.json", {"gguf": checks})
     for c in checks:
-        print(json.dumps({k: c.get(k) for k in ("file", "type", "passed", "max_abs_logit_diff")}, ensure_ascii=False))
+        print(json.dumps({"file": c["file"], "type": c["type"], "passed": c.get("passed"),
+                          "max_abs_logit_diff": (c.get("logits") or {}).get("max_abs"),
+                          "failures": c.get("failures", [])}, ensure_ascii=False))
     return EXIT_OK if all(c.get("passed") for c in checks) else EXIT_FAILED
 
 

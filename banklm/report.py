@@ -302,10 +302,15 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
         rows = []
         for c in d["export"].get("gguf", []):
             f = d["run_dir"] / c["file"]
-            rows.append([c["file"], c["type"], f.stat().st_size if f.exists() else None,
-                         c.get("max_abs_logit_diff"), c.get("mean_abs_logit_diff"), c.get("tokens_equal"),
-                         "pass" if c.get("passed") else "FAIL"])
-        parts.append(_table(["file", "type", "bytes", "max |Δlogit|", "mean |Δlogit|", "tokens equal", "verdict"], rows))
+            lg = c.get("logits") or {}
+            rows.append([c["file"], c["type"], f.stat().st_size if f.exists() else None, lg.get("max_abs"),
+                         lg.get("mean_abs"), lg.get("top1_agreement"), (c.get("tokenizer") or {}).get("ids_equal"),
+                         (c.get("generation") or {}).get("equal"), "pass" if c.get("passed") else "FAIL"])
+        parts.append(_table(["file", "type", "bytes", "max |Δlogit|", "mean |Δlogit|", "top-1 agreement",
+                             "token ids equal", "greedy equal", "verdict"], rows))
+        fails = [f"{c['type']}: {m}" for c in d["export"].get("gguf", []) for m in c.get("failures", [])]
+        if fails:
+            parts.append("<p class=bad>" + "<br>".join(html.escape(m) for m in fails) + "</p>")
     else:
         parts.append("<p class=muted>no export in this run</p>")
     body = "\n".join(parts)
@@ -342,7 +347,7 @@ def render_model_card(d: dict, recipe) -> str:
     lines += ["", "## 导出 Export"]
     if d["export"]:
         for c in d["export"].get("gguf", []):
-            lines.append(f"- {c['file']} ({c['type']}): max |Δlogit| {_md_num(c.get('max_abs_logit_diff'))}, "
+            lines.append(f"- {c['file']} ({c['type']}): max |Δlogit| {_md_num((c.get('logits') or {}).get('max_abs'))}, "
                          f"{'verified' if c.get('passed') else 'FAILED verification'}")
     else:
         lines.append("not exported in this run")

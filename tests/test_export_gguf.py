@@ -1,0 +1,433 @@
+"""GGUF export, verification and Ollama Modelfile (CPU, tiny models, about a minute)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from export import gguf as eg  # noqa: E402
+from export.ollama import (  # noqa: E402
+    jinja_to_ollama_template,
+    read_modelfile_template,
+    render_jinja_chat,
+    render_ollama_template,
+    write_modelfile,
+)
+from export.verify import LOGIT_THRESHOLDS, verify_gguf  # noqa: E402
+from finetune.models import build_tiny_model  # noqa: E402
+from finetune.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer  # noqa: E402
+
+PROMPTS = [
+    "<|im_start|>system\n你是银行信贷审批助手。<|im_end|>\n<|im_start|>user\n客户 张三 申请贷款 300000 元，"
+    "期限 36 个月，月收入 12000 元。<|im_end|>\n<|im_start|>assistant\n",
+    "结论：拒绝；风险等级：C；理由：负债率 65%",
+    "AML check:  3 cash deposits of 48,500 within 7 days\n\n龘 😀",
+]
+CONVERSATION = [
+    {"role": "system", "content": "你是银行审计助手。"},
+    {"role": "user", "content": "凭证缺失，金额 1500.00 元，如何分类？"},
+    {"role": "assistant", "content": "结论：内控缺陷；理由：凭证缺失"},
+    {"role": "user", "content": "再说一遍\n谢谢"},
+]
+
+
+def _texts(n=1500, seed=0):
+    rnd = random.Random(seed)
+    base = [
+        "结论：拒绝；风险等级：C；理由：月收入 12000 元，负债率 65%。",
+        "客户 张三 申请贷款 300000 元，期限 36 个月。",
+        "AML: 3 笔现金存款 48000 元 within 7 days, 拆分交易",
+        "审计发现：凭证缺失，金额 1500.00 元。内控缺陷",
+        "The quick brown fox jumps over the lazy dog.\n",
+        "你是银行信贷审批助手。通过 人工复核",
+    ]
+    return [rnd.choice(base) + " " + str(rnd.randint(0, 99999)) for _ in range(n)]
+
+
+def _sharpen(model_dir: Path, seed: int = 0) -> None:
+    """Re-draw weights with a larger spread so attention is far from uniform (a wrong q/k row order
+    then changes the logits) and logits have some spread; norms get non-trivial gains."""
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                base = 1.0 if "norm" in name else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+    for f in model_dir.glob("*.safetensors"):
+        f.unlink()
+    m.save_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf")
+
+
+@pytest.fixture(scope="module")
+def spm_tok(work):
+    return train_tokenizer(_texts(), work / "tok", vocab_size=600)
+
+
+@pytest.fixture(scope="module")
+def models(work, spm_tok):
+    out = {}
+    for arch, tie in (("llama", True), ("qwen2", False)):
+        d = build_tiny_model(arch, spm_tok, work / f"m_{arch}", hidden_size=64, num_layers=2, num_heads=4,
+                             num_kv_heads=2, intermediate_size=128, max_position_embeddings=256,
+                             tie_word_embeddings=tie, seed=1)
+        _sharpen(Path(d), seed=2)
+        out[arch] = Path(d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(work, models):
+    return {arch: eg.export_gguf(d, work / f"out_{arch}", types=("f16", "q8_0", "q4_0"), name=f"tiny-{arch}")
+            for arch, d in models.items()}
+
+
+# ------------------------------------------------------------------------------ conversion + metadata
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_metadata(arch, exported, models):
+    paths = exported[arch]
+    assert [p.name for p in paths] == [f"tiny-{arch}-f16.gguf", f"tiny-{arch}-q8_0.gguf", f"tiny-{arch}-q4_0.gguf"]
+    tok = load_tokenizer(models[arch])
+    cfg = json.loads((models[arch] / "config.json").read_text())
+    for p, ftype in zip(paths, (1, 7, 2), strict=True):
+        r = gguf.GGUFReader(str(p))
+        f = {k: v.contents() for k, v in r.fields.items()}
+        assert f["general.architecture"] == arch
+        assert f["general.name"] == f"tiny-{arch}"
+        assert f["general.file_type"] == ftype
+        assert f["general.quantization_version"] == gguf.GGML_QUANT_VERSION
+        assert f[f"{arch}.block_count"] == 2
+        assert f[f"{arch}.embedding_length"] == 64
+        assert f[f"{arch}.feed_forward_length"] == 128
+        assert f[f"{arch}.context_length"] == 256
+        assert f[f"{arch}.attention.head_count"] == 4
+        assert f[f"{arch}.attention.head_count_kv"] == 2
+        assert f[f"{arch}.rope.freq_base"] == pytest.approx(10000.0)
+        assert f[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+        assert f[f"{arch}.vocab_size"] == cfg["vocab_size"]
+        assert f["tokenizer.ggml.model"] == "llama"
+        assert f["tokenizer.chat_template"] == CHAT_TEMPLATE
+        tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+        assert len(tokens) == cfg["vocab_size"] == len(tok)
+        assert tokens[:6] == ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+        T = gguf.TokenType
+        assert types[:6] == [T.UNKNOWN, T.CONTROL, T.CONTROL, T.CONTROL, T.CONTROL, T.CONTROL]
+        assert types[tokens.index("<0x0A>")] == T.BYTE
+        assert f["tokenizer.ggml.bos_token_id"] == 1
+        assert f["tokenizer.ggml.eos_token_id"] == 5  # <|im_end|>: chat models stop at end of turn
+        assert f["tokenizer.ggml.eot_token_id"] == 5
+        assert f["tokenizer.ggml.unknown_token_id"] == 0
+        assert f["tokenizer.ggml.padding_token_id"] == 3
+        assert f["tokenizer.ggml.add_bos_token"] is False  # no double BOS with the ChatML template
+        assert f["tokenizer.ggml.add_space_prefix"] is False
+        names = {t.name: t for t in r.tensors}
+        assert ("output.weight" in names) == (arch == "qwen2")  # llama model has tied embeddings
+        assert ("blk.0.attn_q.bias" in names) == (arch == "qwen2")
+        assert names["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+        assert names["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+        want = {1: "F16", 7: "Q8_0", 2: "Q4_0"}[ftype]
+        assert names["blk.1.ffn_down.weight"].tensor_type.name == want
+        assert list(names["blk.0.attn_k.weight"].shape) == [64, 32]  # ggml order: (in, out)
+
+
+def test_q4_0_keeps_output_head_at_q8_0(exported):
+    for arch, head in (("llama", "token_embd.weight"), ("qwen2", "output.weight")):
+        r = gguf.GGUFReader(str(exported[arch][2]))
+        types = {t.name: t.tensor_type.name for t in r.tensors}
+        assert types[head] == "Q8_0"
+        assert types["blk.0.attn_q.weight"] == "Q4_0"
+
+
+# ------------------------------------------------------------------------------ read back + parity
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("idx,qtype", [(0, "f16"), (1, "q8_0"), (2, "q4_0")])
+def test_verify_roundtrip(arch, idx, qtype, exported, models):
+    res = verify_gguf(models[arch], exported[arch][idx], PROMPTS, qtype)
+    assert res["passed"], res["failures"]
+    assert res["tokenizer"]["ids_equal"]
+    assert res["metadata"]["chat_template_present"]
+    assert res["metadata"]["chat_token_types"] == {"<|im_start|>": "CONTROL", "<|im_end|>": "CONTROL"}
+    lg = res["logits"]
+    assert lg["max_abs"] <= LOGIT_THRESHOLDS[qtype] * lg["logit_scale"]
+    assert lg["max_abs"] > 0  # really quantized
+    if qtype == "f16":
+        assert res["generation"]["checked"] and res["generation"]["equal"]
+        assert lg["max_abs"] < 5e-3
+    json.dumps(res)  # serialisable for export/verify.json
+
+
+def test_f32_is_exact_and_transformers_reads_config(work, models):
+    (p,) = eg.export_gguf(models["llama"], work / "f32", types=("f32",))
+    res = verify_gguf(models["llama"], p, PROMPTS[:2], "f32")
+    assert res["passed"], res["failures"]
+    assert res["logits"]["max_abs"] < 1e-5
+    cfg = transformers.AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+    assert (cfg.num_key_value_heads, cfg.num_attention_heads, cfg.tie_word_embeddings) == (2, 4, True)
+
+
+def test_verify_reports_mismatch_without_raising(work, models, exported):
+    # a qwen2 GGUF checked against the llama folder: wrong architecture, logits far off
+    res = verify_gguf(models["llama"], exported["qwen2"][0], PROMPTS[:1], "f16")
+    assert res["passed"] is False
+    assert any("architecture" in f for f in res["failures"])
+    # a wrong declared type is caught by the file type check
+    res = verify_gguf(models["llama"], exported["llama"][2], PROMPTS[:1], "f16")
+    assert res["passed"] is False and any("file_type" in f for f in res["failures"])
+    res = verify_gguf(models["llama"], work / "missing.gguf", PROMPTS, "f16")
+    assert res["passed"] is False
+
+
+def test_rope_permutation_matches_interleaved_rotary():
+    """HF rotate-half rope on (q, k) == interleaved-pair rope (llama.cpp's Llama graph) on permuted rows."""
+    rng = torch.Generator().manual_seed(0)
+    n_head, d, pos_q, pos_k = 2, 8, 5, 2
+    q, k = torch.randn(n_head * d, generator=rng), torch.randn(n_head * d, generator=rng)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+
+    def hf_rope(x, pos):  # x: (d,)
+        ang = pos * inv
+        cos, sin = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
+        rot = torch.cat([-x[d // 2:], x[: d // 2]])
+        return x * cos + rot * sin
+
+    def interleaved_rope(x, pos):
+        ang = pos * inv
+        a, b = x[0::2], x[1::2]
+        out = torch.empty_like(x)
+        out[0::2] = a * ang.cos() - b * ang.sin()
+        out[1::2] = a * ang.sin() + b * ang.cos()
+        return out
+
+    qp = torch.from_numpy(eg.permute_rope_rows(q.numpy(), n_head))
+    kp = torch.from_numpy(eg.permute_rope_rows(k.numpy(), n_head))
+    for h in range(n_head):
+        s = slice(h * d, (h + 1) * d)
+        ref = hf_rope(q[s], pos_q) @ hf_rope(k[s], pos_k)
+        got = interleaved_rope(qp[s], pos_q) @ interleaved_rope(kp[s], pos_k)
+        assert got.item() == pytest.approx(ref.item(), abs=1e-5)
+    # and it is a true permutation of a weight matrix's rows
+    w = torch.arange(16 * 3).reshape(16, 3).float().numpy()
+    assert sorted(map(tuple, eg.permute_rope_rows(w, 2))) == sorted(map(tuple, w))
+
+
+# ------------------------------------------------------------------------------ refusals, fallbacks, atomicity
+
+
+def test_refuses_unsupported_architecture(work, spm_tok):
+    d = work / "gpt2"
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(str(d))
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*supported: LlamaForCausalLM, Qwen2ForCausalLM"):
+        eg.export_gguf(d, work / "gpt2_out")
+    assert not (work / "gpt2_out").exists() or not list((work / "gpt2_out").iterdir())
+
+
+def test_unknown_type_and_kquant_without_llama_cpp(work, models):
+    with pytest.raises(ValueError, match="q3_x"):
+        eg.export_gguf(models["llama"], work / "bad", types=("q3_x",))
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        out = work / "kq"
+        with pytest.raises(RuntimeError, match=r"banklm\[llamacpp\]"):
+            eg.export_gguf(models["llama"], out, types=("f16", "q4_k_m"))
+        assert not out.exists() or not list(out.glob("*.gguf"))  # refused before writing anything
+        with pytest.raises(RuntimeError, match=r"banklm\[llamacpp\]"):
+            eg.requantize_with_llamacpp(work / "x.gguf", work / "y.gguf", "q4_k_m")
+    else:  # pragma: no cover - only where llama-cpp-python is installed
+        pytest.skip("llama_cpp installed")
+
+
+def test_block_size_fallback(work, spm_tok, caplog):
+    d = build_tiny_model("llama", spm_tok, work / "m_odd", hidden_size=64, num_layers=1, num_heads=4,
+                         num_kv_heads=4, intermediate_size=80, max_position_embeddings=128)
+    _sharpen(Path(d))
+    with caplog.at_level("INFO", logger="export.gguf"):
+        (p,) = eg.export_gguf(d, work / "odd", types=("q4_0",))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(p)).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 80: not a multiple of 32
+    assert types["blk.0.ffn_up.weight"] == "Q4_0"
+    assert "blk.0.ffn_down.weight" in caplog.text and "F16" in caplog.text
+    res = verify_gguf(d, p, PROMPTS[1:], "q4_0")
+    assert res["passed"], res["failures"]
+
+
+def test_atomic_write_leaves_nothing_on_failure(work, models, monkeypatch):
+    out = work / "atomic"
+    out.mkdir()
+    calls = {"n": 0}
+    real = eg.quantize_tensor
+
+    def flaky(data, qtype):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("disk on fire")
+        return real(data, qtype)
+
+    monkeypatch.setattr(eg, "quantize_tensor", flaky)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        eg.export_gguf(models["qwen2"], out, types=("q8_0",))
+    assert list(out.iterdir()) == []  # neither a final nor a temporary file
+    # an existing good file survives a failed re-export
+    monkeypatch.setattr(eg, "quantize_tensor", real)
+    (good,) = eg.export_gguf(models["qwen2"], out, types=("q8_0",))
+    before = good.read_bytes()
+    calls["n"] = 0
+    monkeypatch.setattr(eg, "quantize_tensor", flaky)
+    with pytest.raises(RuntimeError):
+        eg.export_gguf(models["qwen2"], out, types=("q8_0",))
+    assert good.read_bytes() == before and [x.name for x in out.iterdir()] == [good.name]
+
+
+# ------------------------------------------------------------------------------ byte-level BPE tokenizer
+
+
+def _qwen2_style_bpe(folder: Path) -> None:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(eg.QWEN2_PRE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(_texts(seed=3), trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "add_bos_token": False,
+        "chat_template": CHAT_TEMPLATE, "model_max_length": 4096,
+    }))
+
+
+@pytest.fixture(scope="module")
+def bpe_model(work):
+    tokdir = work / "bpe_tok"
+    _qwen2_style_bpe(tokdir)
+    tok = load_tokenizer(tokdir)
+    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=True, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                                   pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    d = work / "m_bpe"
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(str(d))
+    for f in tokdir.iterdir():
+        shutil.copy(f, d / f.name)
+    _sharpen(d, seed=4)
+    return d
+
+
+def test_bpe_tokenizer_export(work, bpe_model):
+    p16, p8 = eg.export_gguf(bpe_model, work / "bpe_out", types=("f16", "q8_0"))
+    f = {k: v.contents() for k, v in gguf.GGUFReader(str(p16)).fields.items()}
+    assert f["tokenizer.ggml.model"] == "gpt2"
+    assert f["tokenizer.ggml.pre"] == "qwen2"
+    assert len(f["tokenizer.ggml.merges"]) > 100 and " " in f["tokenizer.ggml.merges"][0]
+    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        assert types[tokens.index(t)] == gguf.TokenType.CONTROL
+    assert f["tokenizer.ggml.eos_token_id"] == tokens.index("<|im_end|>")
+    assert f["tokenizer.ggml.padding_token_id"] == tokens.index("<|endoftext|>")
+    assert "tokenizer.ggml.bos_token_id" not in f
+    assert f["tokenizer.ggml.add_bos_token"] is False
+    for p, q in ((p16, "f16"), (p8, "q8_0")):
+        res = verify_gguf(bpe_model, p, PROMPTS, q)
+        assert res["passed"], res["failures"]
+        assert res["tokenizer"]["ids_equal"] and res["tokenizer_fixups"] == []
+
+
+def test_pre_tokenizer_derivation():
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    assert eg.QWEN2_PRE_REGEX == PRETOKENIZE_REGEX and eg.LLAMA3_PRE_REGEX == _LLAMA3_SPLIT
+
+    def seq(regex, use_regex=False):
+        return {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": use_regex}]}
+
+    assert eg.derive_bpe_pre(seq(eg.QWEN2_PRE_REGEX)) == "qwen2"
+    assert eg.derive_bpe_pre(seq(eg.LLAMA3_PRE_REGEX)) == "llama-bpe"
+    assert eg.derive_bpe_pre({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}) == "gpt-2"
+    with pytest.raises(ValueError, match="unknown pre-tokenizer regex"):
+        eg.derive_bpe_pre(seq(r"\p{N}{1,5}|\s+"))
+    with pytest.raises(ValueError, match="Whitespace"):
+        eg.derive_bpe_pre({"type": "Whitespace"})
+
+
+def test_unknown_bpe_pre_tokenizer_refused(work, bpe_model):
+    d = work / "m_bpe_odd"
+    shutil.copytree(bpe_model, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{N}{1,2}|\S+|\s+"
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match="unknown pre-tokenizer regex"):
+        eg.export_gguf(d, work / "bpe_odd_out", types=("f16",))
+    assert not list((work / "bpe_odd_out").glob("*.gguf")) if (work / "bpe_odd_out").exists() else True
+
+
+# ------------------------------------------------------------------------------ Ollama Modelfile
+
+
+def test_ollama_template_matches_jinja(work, models, exported):
+    tok = load_tokenizer(models["llama"])
+    go = jinja_to_ollama_template(CHAT_TEMPLATE)
+    assert go.startswith("{{ range .Messages }}") and "{{ .Role }}" in go and "{{ .Content }}" in go
+    mf = write_modelfile(exported["llama"][1], CHAT_TEMPLATE, exported["llama"][1].parent / "Modelfile",
+                         num_ctx=256, parameters={"temperature": 0})
+    text = mf.read_text()
+    assert text.startswith(f"FROM ./{exported['llama'][1].name}\n")
+    assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER num_ctx 256" in text
+    assert "PARAMETER temperature 0" in text
+    template, system = read_modelfile_template(mf)
+    assert system is None
+    want = tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    assert render_jinja_chat(CHAT_TEMPLATE, CONVERSATION, add_generation_prompt=True) == want
+    assert render_ollama_template(template, CONVERSATION) == want
+    # the Modelfile SYSTEM prompt goes first when the conversation has none, as in Ollama
+    mf2 = write_modelfile(exported["llama"][1], CHAT_TEMPLATE, work / "elsewhere" / "Modelfile",
+                          system="你是银行审计助手。")
+    template2, system2 = read_modelfile_template(mf2)
+    assert mf2.read_text().startswith(f"FROM {exported['llama'][1].resolve()}")
+    assert render_ollama_template(template2, CONVERSATION[1:], system=system2) == want
+
+
+def test_ollama_template_per_role_and_refusal():
+    per_role = ("{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>\n"
+                "{% elif m['role'] == 'user' %}[INST]{{ m['content'] }}[/INST]{% else %}{{ m['content'] }}</s>"
+                "{% endif %}{% endfor %}")
+    go = jinja_to_ollama_template(per_role)
+    assert '{{ if eq .Role "system" }}' in go
+    want = render_jinja_chat(per_role, CONVERSATION, add_generation_prompt=True)
+    assert render_ollama_template(go, CONVERSATION) == want
+    odd = "{% for m in messages %}{% if loop.first %}FIRST{% endif %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="concatenation"):
+        jinja_to_ollama_template(odd)
