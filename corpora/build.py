@@ -128,11 +128,16 @@ Licence: {licence or "not given in the recipe"}
 
 def load_split(corpus_dir: Path, split: str, tasks: list[str] | None = None, limit_per_task: int | None = None):
     """Read one split of a built corpus as a ``datasets.Dataset`` (optionally some tasks, capped per task)."""
+    import datasets
     from datasets import load_from_disk
 
+    # Transforms of a loaded corpus (filters here, tokenisation in the trainers) must never write cache
+    # files into the corpus folder: that would change the files the ledger recorded for it.
+    datasets.disable_caching()
     ds = load_from_disk(str(Path(corpus_dir) / "data"))[split]
     if tasks is not None:
-        ds = ds.filter(lambda r: r["task"] in tasks)
+        # keep_in_memory: a cache file written into the corpus folder would change its recorded hashes
+        ds = ds.filter(lambda t: t in tasks, input_columns="task", keep_in_memory=True)
     if limit_per_task is not None:
         counts: Counter = Counter()
         keep = []
