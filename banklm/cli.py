@@ -60,7 +60,31 @@ def cmd_corpus_build(args) -> int:
 
 
 def cmd_corpus_scrub(args) -> int:
-    raise NotImplementedYet("banklm corpus scrub: not implemented yet (PII de-identification is planned)")
+    from corpora.ops.pii import ALL_TYPES, PIIError, scrub_jsonl
+
+    src, out = Path(args.input), Path(args.output)
+    if not src.is_file():
+        raise UsageError(f"{src}: input file not found")
+    if not os.access(src, os.R_OK):
+        raise UsageError(f"{src}: input file not readable")
+    quarantine = Path(args.quarantine) if args.quarantine else None
+    try:
+        stats = scrub_jsonl(src, out, field=args.field, mode=args.mode, quarantine_path=quarantine,
+                            types=args.types)
+    except PIIError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"{e.filename or out}: {e.strerror}") from None
+    print(f"{stats['records_in']} records ({stats['encoding']}): kept {stats['kept']}, dropped {stats['dropped']}, "
+          f"quarantined {stats['quarantined']} -> {out}")
+    for t in ALL_TYPES:
+        if stats["counts"].get(t):
+            print(f"  {t:<10} {stats['counts'][t]}")
+    if not stats["counts"]:
+        print("  no PII found")
+    if stats["quarantined"]:
+        print(f"quarantine: {stats['quarantine_file']}")
+    return EXIT_OK
 
 
 def cmd_train(args) -> int:
@@ -164,7 +188,7 @@ def cmd_export(args) -> int:
     tok = load_tokenizer(model)
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                for p in ("请审核这笔贷款申请。", "账户近7日有多笔现金存入。", "报销单金额超过标准。")]
-    checks = [{"file": str(f), "type": q, **verify_gguf(model, f, prompts, q)} for f, q in zip(files, quant)]
+    checks = [{"file": str(f), "type": q, **verify_gguf(model, f, prompts, q)} for f, q in zip(files, quant, strict=True)]
     atomic_write_json(out / "verify.json", {"gguf": checks})
     for c in checks:
         print(json.dumps({"file": c["file"], "type": c["type"], "passed": c.get("passed"),
@@ -221,11 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("overrides", nargs="*", metavar="key.sub=value")
     cb.add_argument("--run-dir", type=Path, default=None)
     cb.set_defaults(func=cmd_corpus_build)
-    cs = csub.add_parser("scrub", help="de-identify PII in one JSONL file (not implemented yet)",
-                         description="de-identify PII in one JSONL file (not implemented yet)")
+    cs = csub.add_parser("scrub", help="de-identify PII in one JSONL file",
+                         description="de-identify PII in one JSONL file (UTF-8, UTF-8 BOM or GBK/GB18030 in, "
+                                     "UTF-8 out): ID cards, phones, bank cards, accounts, USCC, passports, "
+                                     "plates, emails, person names and addresses")
     cs.add_argument("input", metavar="IN.jsonl")
     cs.add_argument("output", metavar="OUT.jsonl")
-    cs.add_argument("--field", default="text")
+    cs.add_argument("--field", default="text", help="field(s) to scrub, comma-separated: text (default), messages, prompt, "
+                                                  "instruction,input,output ...")
+    cs.add_argument("--mode", default="placeholder", choices=["placeholder", "pseudonym", "drop"],
+                    help="placeholder: <ID_CARD>; pseudonym: <ID_CARD_1a2b3c4d> keyed by $BANKLM_PII_KEY; "
+                         "drop: drop records with PII")
+    cs.add_argument("--quarantine", metavar="PATH", default=None,
+                    help="where malformed lines are recorded (line, reason, hash; default OUT.quarantine.jsonl)")
+    cs.add_argument("--types", default=None,
+                    help="comma-separated PII types to replace (default all), e.g. to keep company USCCs")
     cs.set_defaults(func=cmd_corpus_scrub)
     corpus.set_defaults(func=lambda a: (corpus.print_help(), EXIT_USAGE)[1])
 

@@ -125,6 +125,7 @@ class EvalSection(Section):
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(128, ge=1, le=4096)
+    robustness: list[Literal["shuffle_fields", "fullwidth_digits", "distractor"]] = Field(default_factory=list)
 
 
 class GgufSection(Section):

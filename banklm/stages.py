@@ -174,7 +174,7 @@ def run_eval(ctx: RunContext) -> list[Path]:
     records = load_split(ctx.path(SCENARIO), "test", tasks=e.tasks, limit_per_task=e.limit).to_list()
     out = ctx.path("eval", "sft")
     evaluate_model_dir(final_model_dir(ctx), records, out, device=_device(ctx), batch_size=e.batch_size,
-                       max_new_tokens=e.max_new_tokens, model_name="sft")
+                       max_new_tokens=e.max_new_tokens, model_name="sft", robustness=tuple(e.robustness))
     return [out]
 
 
@@ -193,7 +193,7 @@ def run_export(ctx: RunContext) -> list[Path]:
     tok = load_tokenizer(model_dir)
     prompts = _verify_prompts(ctx)
     checks = []
-    for f, qtype in zip(files, g.quant):
+    for f, qtype in zip(files, g.quant, strict=True):
         checks.append({"file": f.relative_to(ctx.run_dir).as_posix(), "type": qtype,
                        **verify_gguf(model_dir, f, prompts, qtype)})
     modelfile = write_modelfile(files[-1].name, tok.chat_template, out / "Modelfile",

@@ -28,7 +28,7 @@ def test_every_subcommand_has_help(cmd, capsys):
     assert "usage: banklm " + " ".join(cmd) in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["distill", "r.yaml"], ["plan", "--model", "m"], ["corpus", "scrub", "a", "b"],
+@pytest.mark.parametrize("argv", [["distill", "r.yaml"], ["plan", "--model", "m"],
                                   ["export", "--model", "m", "--format", "onnx"]])
 def test_unbuilt_stages_say_so_with_exit_2(argv, capsys):
     assert main(argv) == 2

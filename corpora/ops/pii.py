@@ -1,0 +1,809 @@
+"""PII de-identification for Chinese banking text: detect, then replace, pseudonymise or drop.
+
+Pure Python (``re`` + ``hmac``). Every detector is one precompiled regex pass whose candidates are then
+validated in Python (check digits, dates, region codes, context), so only checksum-valid identifiers
+are replaced and serial numbers, amounts, dates and citations that merely look numeric are kept.
+
+Types: ``ID_CARD`` ``PHONE`` ``BANK_CARD`` ``ACCOUNT`` ``USCC`` ``PASSPORT`` ``PLATE`` ``EMAIL``
+``PERSON`` ``ADDRESS`` (see ``docs/pii.md`` for the exact rules and the known gaps).
+
+Overlaps are resolved longest span first, then by specificity (checksum-validated types before
+context-only ones). Detection always runs for every type, so an identifier kept on purpose (e.g. a
+company's USCC when ``types`` leaves it out) is never partly rewritten by another detector.
+
+Modes
+    ``placeholder``  ``<ID_CARD>``
+    ``pseudonym``    ``<ID_CARD_1a2b3c4d>``: the first 8 hex digits of HMAC-SHA256(key, type, normalised
+                     value[, salt]); same value + same key -> same pseudonym across documents and runs.
+                     The key comes from ``key=`` or the environment variable ``BANKLM_PII_KEY``; it is
+                     never written anywhere.
+    ``drop``         a text with PII is not returned (``None``); the caller drops and counts the record.
+
+Nothing here logs, stores or returns a detected value except :func:`find_pii` (in memory, to the caller).
+"""
+
+from __future__ import annotations
+
+import bisect
+import codecs
+import datetime as _dt
+import hashlib
+import hmac
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from banklm.io import atomic_open
+
+__all__ = [
+    "ALL_TYPES", "DEFAULT_KEY_ENV", "MODES", "PIIError", "PIIKeyError", "PIIInputError", "MissingField",
+    "Span", "find_pii", "scrub_text", "scrub_record", "scrub_jsonl", "detect_encoding",
+]
+
+ALL_TYPES = ("ID_CARD", "PHONE", "BANK_CARD", "ACCOUNT", "USCC", "PASSPORT", "PLATE", "EMAIL", "PERSON",
+             "ADDRESS")
+MODES = ("placeholder", "pseudonym", "drop")
+_MODE_ALIASES = {"hash": "pseudonym"}  # "hash" is accepted as another name for pseudonym
+DEFAULT_KEY_ENV = "BANKLM_PII_KEY"
+PSEUDONYM_HEX = 8
+
+# lower = more specific; used to break ties between spans of equal length
+_PRIORITY = {"ID_CARD": 0, "USCC": 1, "BANK_CARD": 2, "PASSPORT": 3, "PHONE": 4, "EMAIL": 5, "PLATE": 6,
+             "ACCOUNT": 7, "ADDRESS": 8, "PERSON": 9}
+
+
+class PIIError(ValueError):
+    """Base class of the errors raised here (messages never contain a detected value)."""
+
+
+class PIIKeyError(PIIError):
+    """Pseudonym mode without a key."""
+
+
+class PIIInputError(PIIError):
+    """An input file that cannot be read at all (missing, unreadable, unsupported encoding)."""
+
+
+class MissingField(PIIError, KeyError):
+    """A record lacks a field to scrub, or the field has the wrong type."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True, order=True)
+class Span:
+    start: int
+    end: int
+    type: str
+    text: str  # the detected value: keep it in memory, never write it out
+
+    def __repr__(self) -> str:  # a repr in a traceback or log must not leak the value
+        return f"Span({self.start}, {self.end}, {self.type!r})"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+_CJK = r"\u4e00-\u9fff"
+_ALNUM_GUARD_L = r"(?<![0-9A-Za-z])"
+_ALNUM_GUARD_R = r"(?![0-9A-Za-z])"
+
+# full-width digits/letters/@+- and the ideographic space map 1:1 to ASCII, so offsets stay valid
+_FW_FROM = "０１２３４５６７８９ＡＢＣＤＥＦＧＨＩＪＫＬＭＮＯＰＱＲＳＴＵＶＷＸＹＺａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘｙｚ＠＋－\u3000"
+_FW_TO = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz@+- "
+_FW_TABLE = str.maketrans(_FW_FROM, _FW_TO)
+_FW_RE = re.compile(f"[{re.escape(_FW_FROM)}]")
+
+
+_NON_DIGIT_RE = re.compile(r"[^0-9]+")
+
+
+def _digits(s: str) -> str:
+    return _NON_DIGIT_RE.sub("", s)
+
+
+def _luhn_ok(num: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(num)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+# GB 11643-1999: ISO 7064 MOD 11-2
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_CHECK = "10X98765432"
+_PROVINCES = frozenset({11, 12, 13, 14, 15, 21, 22, 23, 31, 32, 33, 34, 35, 36, 37, 41, 42, 43, 44, 45, 46,
+                        50, 51, 52, 53, 54, 61, 62, 63, 64, 65, 71, 81, 82, 83})
+
+
+def id_check_char(first17: str) -> str:
+    return _ID_CHECK[sum(int(c) * w for c, w in zip(first17[:17], _ID_WEIGHTS, strict=True)) % 11]
+
+
+def _valid_date(y: int, m: int, d: int) -> bool:
+    try:
+        day = _dt.date(y, m, d)
+    except ValueError:
+        return False
+    return _dt.date(1900, 1, 1) <= day <= _dt.date.today()
+
+
+def valid_id18(s: str) -> bool:
+    s = s.upper()
+    if len(s) != 18 or not s[:17].isdigit() or int(s[:2]) not in _PROVINCES:
+        return False
+    if not _valid_date(int(s[6:10]), int(s[10:12]), int(s[12:14])):
+        return False
+    return id_check_char(s[:17]) == s[17]
+
+
+def valid_id15(s: str) -> bool:
+    return (len(s) == 15 and s.isdigit() and int(s[:2]) in _PROVINCES
+            and _valid_date(1900 + int(s[6:8]), int(s[8:10]), int(s[10:12])))
+
+
+# GB 32100-2015: 31-character alphabet without I, O, Z, S, V; weights 3^i mod 31
+_USCC_ALPHA = "0123456789ABCDEFGHJKLMNPQRTUWXY"
+_USCC_VAL = {c: i for i, c in enumerate(_USCC_ALPHA)}
+_USCC_WEIGHTS = tuple(pow(3, i, 31) for i in range(17))
+
+
+def uscc_check_char(first17: str) -> str:
+    return _USCC_ALPHA[(31 - sum(_USCC_VAL[c] * w for c, w in zip(first17[:17], _USCC_WEIGHTS, strict=True)) % 31) % 31]
+
+
+def valid_uscc(s: str) -> bool:
+    if len(s) != 18 or any(c not in _USCC_VAL for c in s) or not s[2:8].isdigit() or s[2] in "09":
+        return False
+    return uscc_check_char(s[:17]) == s[17]
+
+
+def _card_prefix_ok(num: str) -> bool:
+    if num[0] == "4" or num[:2] == "62":
+        return True
+    p2, p4 = int(num[:2]), int(num[:4])
+    return 51 <= p2 <= 55 or 2221 <= p4 <= 2720 or 3528 <= p4 <= 3589 or num[:4] in ("9558", "6013")
+
+
+def valid_card(num: str) -> bool:
+    return 16 <= len(num) <= 19 and num.isdigit() and _card_prefix_ok(num) and _luhn_ok(num)
+
+
+# numbers anyone may call: never PII
+_PUBLIC_NUMBERS = frozenset({
+    "110", "119", "120", "122", "12110", "12315", "12345", "12318", "12321", "12333", "12358", "12363",
+    "12366", "12368", "12378", "12381", "10086", "10010", "10000", "10050", "114", "121", "12306", "12395",
+})
+
+
+def _is_public_number(digits: str) -> bool:
+    return (digits in _PUBLIC_NUMBERS or (len(digits) == 5 and digits[:2] in ("95", "96"))
+            or (len(digits) == 10 and digits[:3] in ("400", "800")))
+
+
+# -------------------------------------------------------------------------------------- detectors
+# Each detector: (compiled regex, validator(match) -> list[(start, end)] ) -- one pass per detector.
+
+# (patterns start with a character class, the look-behind guard after it: lets ``re`` skip ahead fast)
+_ID_RE = re.compile(
+    r"[1-8](?<![0-9A-Za-z][1-8])"
+    r"(?:\d{5}[ ]?(?:18|19|20)\d{2}[01]\d[0-3]\d[ ]?\d{3}[0-9Xx]|\d{5}\d{2}[01]\d[0-3]\d\d{3})"
+    + _ALNUM_GUARD_R)
+
+
+def _v_id(m: re.Match) -> bool:
+    s = m.group().replace(" ", "")
+    return valid_id18(s) if len(s) == 18 else valid_id15(s)
+
+
+_MOBILE_RE = re.compile(
+    r"(?<![0-9A-Za-z+\-])(?:(?:\+|00)86[\- ]?|\(\+?86\)[\- ]?|（\+?86）[\- ]?|86-)?"
+    r"1[3-9]\d(?:[\- ]?\d{4}){2}(?![0-9A-Za-z]|[.,]\d)")
+_AREA = r"0(?:10|2\d|[3-9]\d{2})"
+_EXT = r"(?:[\- ]?(?:转|分机|ext\.?|EXT\.?|x)[ ]?\d{1,6}|-\d{1,6})?"
+_LANDLINE_RE = re.compile(
+    r"(?<![0-9A-Za-z\-])(?:(?:(?:\+|00)86[\- ]?)?"
+    r"(?:" + _AREA + r"[\- ]|\(" + _AREA + r"\)[ ]?|（" + _AREA + r"）[ ]?)"
+    r"|(?:\+|00)86[\- ]?(?:10|2\d|[3-9]\d{2})[\- ])"
+    r"[2-9]\d{6,7}" + _EXT + r"(?![0-9A-Za-z])")
+# an unseparated landline only right after 电话/座机/...: 电话：02112345678
+_LANDLINE_CTX_RE = re.compile(
+    r"(?:电话|座机|固话|传真|[Tt]el|TEL)(?:号码)?[：: ]?(" + _AREA + r"[2-9]\d{6,7})(?![0-9A-Za-z])")
+
+
+def _v_phone(m: re.Match) -> bool:
+    return not _is_public_number(_digits(m.group()))
+
+
+_CARD_RE = re.compile(
+    r"\d(?<![0-9A-Za-z\-]\d)(?:\d{15,18}|\d{3}(?:[ \-]\d{4}){3}(?:[ \-]\d{1,3})?|\d{5}[ \-]\d{10,13})"
+    r"(?![0-9A-Za-z]|[.,]\d|-\d)")
+
+
+def _v_card(m: re.Match) -> tuple[int, int] | None:
+    s = m.group()
+    if valid_card(_digits(s)):
+        return m.span()
+    # a grouped 4-4-4-4 card followed by a short unrelated group: try without the tail
+    cut = max(s.rfind(" "), s.rfind("-"))
+    if cut == 19 and valid_card(_digits(s[:cut])):
+        return m.start(), m.start() + cut
+    return None
+
+
+_ACCOUNT_KW = (r"(?:收款账户|付款账户|收款账号|付款账号|收款帐号|付款帐号|银行账号|银行账户|结算账户|对公账户|"
+               r"基本户|一般户|卡号|账号|账户|帐号|帐户|"
+               r"[Aa]ccount\s*(?:[Nn]o\.?|[Nn]umber|#)|[Aa]/[Cc](?:\s*[Nn]o\.?)?)")
+_ACCOUNT_RE = re.compile(
+    _ACCOUNT_KW + r"[ \t:：#为是]*(?:[（(][^）)\n\d]{1,20}[）)][ \t:：]*)?"
+    r"(\d(?:[ \-]?\d){7,29})(?![0-9A-Za-z]|[.,]\d|\s?[元万亿%])")
+
+_USCC_RE = re.compile(r"[1-9ANY](?<![0-9A-Za-z][1-9ANY])[1-9]\d{6}[0-9A-HJ-NPQRTUWXY]{10}(?![0-9A-Za-z])")
+
+_PASSPORT_RE = re.compile(
+    r"[EG](?<![0-9A-Za-z][EG])\d{8}(?![0-9A-Za-z])"
+    r"|(?:护照|通行证|回乡证|旅行证|签证)(?:号码|号)?[^0-9A-Za-z\n]{0,8}?([A-Z]{1,2}\d{7,10})(?![0-9A-Za-z])")
+
+_PROV = "京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼"
+_PLATE_RE = re.compile(
+    f"[{_PROV}]" + r"[A-HJ-NP-Z][·•\- ]?(?:([A-HJ-NP-Z0-9]{4})[挂学警港澳]|([A-HJ-NP-Z0-9]{5,6}))(?![0-9A-Za-z])")
+
+
+def _v_plate(m: re.Match) -> bool:
+    if m.group(1) is not None:  # trailer / learner / police / HK-Macau plates: 4 + a special character
+        return sum(c.isdigit() for c in m.group(1)) >= 3
+    t = m.group(2)
+    if len(t) == 5:
+        return sum(c.isdigit() for c in t) >= 3
+    return (t[0] in "DF" and t[2:].isdigit()) or (t[5] in "DF" and t[:5].isdigit())
+
+
+_EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63}@[A-Za-z0-9](?:[A-Za-z0-9\-]{0,62})"
+                       r"(?:\.[A-Za-z0-9\-]{1,63})*\.[A-Za-z]{2,24}(?![A-Za-z0-9])")
+
+# ---- person names -----------------------------------------------------------------------------
+
+_COMPOUND_SURNAMES = frozenset(
+    "欧阳 司马 诸葛 上官 东方 皇甫 尉迟 公孙 慕容 长孙 宇文 司徒 令狐 夏侯 轩辕 端木 独孤 南宫 西门 呼延 "
+    "申屠 澹台 公冶 太史 百里 钟离 闻人 赫连 万俟 司空 拓跋 第五 濮阳 单于 左丘 东郭 淳于".split())
+_SURNAMES = frozenset(
+    "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘蒋蔡余杜叶程苏魏吕丁任沈姚"
+    "卢姜崔钟谭陆汪范金石廖贾夏韦付方白邹孟熊秦邱江尹薛闫段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃武戴莫孔汤"
+    "向常温康施文牛樊葛邢安齐易乔伍庞颜倪庄聂章鲁岳翟殷詹申欧耿关兰焦俞左柳甘祝包宁尚符舒阮纪梅童凌"
+    "毕单季裴霍涂成苗谷盛曲翁冉骆蓝路游辛靳管柴蒙鲍华喻祁蒲房滕屈饶解牟艾尤阳时穆农司卓古吉缪简车项"
+    "连芦麦褚娄窦戚岑景党宫费卜冷晏席卫米柏宗瞿桂全佟应臧闵苟邬边卞姬师和仇栾隋商刁沙荣巫寇桑郎甄丛"
+    "仲虞敖巩明佘池查麻苑迟邝官封谈匡鞠惠荆乐冀郁胥南班储原栗燕楚鄢劳谌奚皮粟冼蔺楼盘满闻位厉伊仝区"
+    "郜海阚花权强帅屠豆朴盖练廉禹井祖漆巴丰支卿国狄平计索宣晋相初门云容敬来扈晁芮都普阙浦戈伏鹿薄邸"
+    "雍辜羊阿乌母裘亓修邰赫杭况那宿鲜印逯隆茹诸战慕危玉银亢嵇公哈湛宾戎勾茅利於呼居揭干但尉冶斯元束"
+    "檀衣信展阴昝智幸奉植衡富尧闭由于")
+# characters (practically) never inside a given name: a name cannot contain them
+_NOT_GIVEN = frozenset(
+    "的了在是于与及或等将已未被把对向从因为而且也都就还又再所其此该本各每某这那哪谁什么年日时分秒"
+    "号亿个名款项笔期率额户账卡证码省市区县镇乡村路街巷弄楼栋室层门银行司厂店部处科局院会社团队组"
+    "说称表示要需拟请签申办来去到经曾欠逾借贷收付转存取开销挂补填登留预约回联告问答打拨投诉认否拒"
+    "先女士您你我他她它们啊吗呢吧哦嗯喂好谢感系现目妻配偶父母亲属客人员面上下前后内外今近当次"
+    "以自通过提持确咨反核查询审批复同意均即仍并但则虽无没不非很最更较太"
+    "职住用划制电访续序台域务作产品资财险税费债息况情负共担陪")
+# chars that may follow a name (besides punctuation, digits, latin, whitespace)
+_BOUNDARY = _NOT_GIVEN | frozenset("和同名先女生之月中")
+_NOT_NAME_WORDS = ("经理", "王府井", "王府", "信息", "关系", "方面", "方式", "余额", "金额", "黄金", "金融", "高级",
+                   "高端", "高新", "高管", "高速", "高于", "成功", "成立", "成本", "安全", "安排", "文件", "明确",
+                   "明细", "常规", "车辆", "车贷", "房产", "房贷", "房屋", "全部", "全额", "商户", "商业", "商品",
+                   "利息", "利率", "华为", "江苏", "江西", "湖南", "湖北", "广东", "广西", "海南", "海外", "云南",
+                   "贵州", "宁夏", "宁波", "福建", "平安", "建设", "工商", "农业", "交通", "招商", "民生", "兴业",
+                   "光大", "浦发", "中信", "邮储", "国有", "国家", "国内", "国际", "姓名", "性别", "电话", "手机",
+                   "地址", "邮箱", "身份", "职业", "单位", "名称", "万元", "包括", "管理", "简称", "司法", "司机",
+                   "时间", "应当", "应该", "连续", "段时", "任何", "任务", "曾经", "孔子", "齐全", "向其", "于其",
+                   "宋体", "严重", "任职", "居住", "常住", "信用", "计划", "文化", "强制", "钱款", "毛利",
+                   "谈话", "解释", "解除", "程序", "平台", "卫生", "来电", "来访", "陆续", "初步", "相关", "宣传",
+                   "容易", "危险", "修改", "印章", "区域", "经营", "苏州", "杭州", "温州", "柳州", "兰州", "贺州", "郑州", "常州", "徐州", "梅州")
+_NN_LENS = sorted({len(w) for w in _NOT_NAME_WORDS})
+_NN_SET = frozenset(_NOT_NAME_WORDS)
+
+
+_CORP_TAIL = re.compile(r"[" + _CJK + r"A-Za-z0-9（）()]{0,12}?(有限责任公司|有限公司|股份公司|公司|集团|银行|支行|分行|"
+                        r"商行|商店|超市|工厂|厂|中心|合作社|事务所|门市部|经营部|营业部|医院|学校|大学|协会|委员会|"
+                        r"小区|大厦|广场|酒店|餐厅|饭店|市场)")
+_VERBISH = frozenset("在于是为了的已将向从与及称说因被把对到")
+
+_PERSON_KW = (
+    "共同借款人", "借款人配偶", "紧急联系人", "法定代表人", "实际控制人", "客户姓名", "账户名称", "开户名称", "客户经理",
+    "借款人", "联系人", "法人代表", "担保人", "保证人", "抵押人", "出质人", "申请人", "户名", "账户名", "开户名", "收款人",
+    "付款人", "经办人", "姓名", "持卡人", "配偶", "被保险人", "投保人", "受益人", "委托人", "代理人", "负责人",
+    "来电人", "来电客户", "柜员", "复核人", "审批人", "调查人", "催收员", "业务员", "户主", "承租人", "出租人",
+    "债务人", "债权人", "被执行人", "被告", "原告", "股东", "客户", "法人", "本人", "员工", "坐席", "专员",
+    "我叫", "名叫", "叫做", "我是", "署名",
+)
+_PERSON_KW_RE = re.compile(
+    "(?:" + "|".join(sorted(map(re.escape, _PERSON_KW), key=len, reverse=True)) + r")"
+    r"(?:[ \t]*[:：][ \t]*|[ \t]*(?:为|是|系)[ \t]*|[ \t]+|[（(])?")
+_HONORIFIC_RE = re.compile(r"(?:先生|女士|小姐|同志)(?![产活成效意])")
+_ENUM_RE = re.compile(r"[ \t]*(?:、|，|,|和|及|与)[ \t]*")
+
+
+def _is_cjk(c: str) -> bool:
+    return "\u4e00" <= c <= "\u9fff"
+
+
+def _surname_len(text: str, i: int) -> int:
+    if text[i:i + 2] in _COMPOUND_SURNAMES:
+        return 2
+    return 1 if i < len(text) and text[i] in _SURNAMES else 0
+
+
+def _boundary_at(text: str, j: int) -> bool:
+    if j >= len(text):
+        return True
+    c = text[j]
+    return not _is_cjk(c) or c in _BOUNDARY
+
+
+def _blacklisted_len(text: str, i: int) -> int:
+    """Length of the longest common word (经理, 黄金, 王府井 ...) starting at ``i``, else 0."""
+    return max((n for n in _NN_LENS if text[i:i + n] in _NN_SET), default=0)
+
+
+def _strong_end(text: str, j: int) -> bool:
+    return j >= len(text) or not _is_cjk(text[j]) or text.startswith(("先生", "女士", "小姐"), j)
+
+
+def _parse_name(text: str, i: int) -> int | None:
+    """End of a person name starting at ``i`` (surname + 1-2 given chars), or None."""
+    s = _surname_len(text, i)
+    if not s:
+        return None
+    bl = _blacklisted_len(text, i)
+    for g in (2, 1):
+        j = i + s + g
+        if j > len(text) or (bl and j - i <= bl):
+            continue
+        given = text[i + s:j]
+        if not all(_is_cjk(c) and c not in _NOT_GIVEN for c in given):
+            continue
+        if not _boundary_at(text, j) or (bl and not _strong_end(text, j)):
+            continue  # 黄金凤 is a name only when nothing follows it: 黄金业务 is not
+        c = _CORP_TAIL.match(text, i)
+        if c and not any(ch in _VERBISH for ch in text[i:c.start(1)]):
+            return None  # 王记餐饮有限公司: a company, not a person
+        return j
+    return None
+
+
+def _find_persons(text: str) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for m in _PERSON_KW_RE.finditer(text):
+        i = m.end()
+        while i < len(text):
+            j = _parse_name(text, i)
+            if j is None:
+                break
+            out.append((i, j))
+            e = _ENUM_RE.match(text, j)
+            if not e:
+                break
+            i = e.end()
+    for m in _HONORIFIC_RE.finditer(text):
+        a = m.start()
+        best = None
+        shortest = None
+        for n in (4, 3, 2, 1):  # name length before the honorific
+            i = a - n
+            if i < 0:
+                continue
+            s = _surname_len(text, i)
+            if not s or s > n:
+                continue
+            given = text[i + s:a]
+            if len(given) > 2:
+                continue
+            if given and not all(_is_cjk(c) and c not in _NOT_GIVEN for c in given):
+                continue
+            if _blacklisted_len(text, i) >= n:
+                continue
+            shortest = i
+            if best is None and text[i] not in _BOUNDARY and (i == 0 or _boundary_at(text, i - 1)):
+                best = i
+        start = best if best is not None else shortest
+        if start is not None:
+            out.append((start, a))
+    return out
+
+
+# ---- addresses --------------------------------------------------------------------------------
+
+_ADDR_ANCHOR_RE = re.compile(
+    r"(?:(?:路|街|大道|道|巷|弄|胡同|里|村|组|屯|社区|公路)[ ]?(\d{1,5}(?:-\d{1,5})?)[ ]?[号弄]"
+    r"|(?<=[" + _CJK + r"])(\d{1,4})[ ]?(?:号楼|栋|幢|座)[ ]?\d{1,4}(?:单元|层|楼|室|号))")
+_ADDR_TAIL_RE = re.compile(
+    r"(?:[^\W\d_的了在是于为和与及或向从说称已将]{0,10}?[A-Za-z0-9]{1,6}[ ]?(?:号楼|号院|栋|幢|座|单元|楼|层|室|号|户|院)"
+    r"(?:[ ]?\d{1,5}(?:-\d{1,5})?(?:室|号|户)?)?)*")
+_ADMIN_SUFFIX = frozenset("省市区县旗州盟镇乡")
+_ADDR_STOP1 = frozenset("在于到至往为是从住址的及与或向位居现原即系：:，,。；;、（()）【】《》\"'“”‘’ 　\t\n的了他她我你说称")
+_ADDR_STOP2 = ("地址", "住址", "位于", "住在", "家住", "居住", "户籍", "地点", "现居")
+
+
+def _extend_left(text: str, k: int, limit: int) -> int:
+    """Walk left from ``k`` over at most ``limit`` CJK chars, stopping at stop words/punctuation."""
+    n = 0
+    while k > 0 and n < limit:
+        c = text[k - 1]
+        if not (_is_cjk(c) or c.isalnum()) or c in _ADDR_STOP1 or text[max(0, k - 2):k] in _ADDR_STOP2:
+            break
+        if c in _ADMIN_SUFFIX and n > 0:
+            break
+        k -= 1
+        n += 1
+    return k
+
+
+def _find_addresses(text: str) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for m in _ADDR_ANCHOR_RE.finditer(text):
+        a = m.start() if m.group(1) is not None else m.start(2)
+        # road / estate name: up to 8 chars, stopping after an admin unit (区, 市, ...)
+        k = _extend_left(text, a, 8)
+        if k == a and m.group(1) is not None and m.group().startswith(("路", "街", "道")):
+            continue  # "路3号" with no name before it
+        # then whole admin chunks: 朝阳区, 北京市, 广东省 ...
+        while k > 0 and text[k - 1] in _ADMIN_SUFFIX:
+            k2 = _extend_left(text, k - 1, 7)
+            if k2 >= k - 1:
+                break
+            k = k2
+        t = _ADDR_TAIL_RE.match(text, m.end())
+        out.append((k, t.end() if t else m.end()))
+    return out
+
+
+# ------------------------------------------------------------------------------------ detection
+
+
+def _regex_spans(regex: re.Pattern, text: str, validator=None, group: int | None = None):
+    for m in regex.finditer(text):
+        if validator is not None:
+            r = validator(m)
+            if not r:
+                continue
+            if isinstance(r, tuple):
+                yield r
+                continue
+        if group is not None and m.group(group) is not None:
+            yield m.span(group)
+        else:
+            yield m.span()
+
+
+# every numeric identifier has >= 7 digits with at most single separators between them
+_NUM_PREFILTER = re.compile(r"\d(?:[ \-]?\d){6}")
+
+
+def _candidates(text: str) -> Iterator[tuple[int, int, str]]:
+    if _NUM_PREFILTER.search(text):
+        for s, e in _regex_spans(_ID_RE, text, _v_id):
+            yield s, e, "ID_CARD"
+        for s, e in _regex_spans(_MOBILE_RE, text, _v_phone):
+            yield s, e, "PHONE"
+        for s, e in _regex_spans(_LANDLINE_RE, text, _v_phone):
+            yield s, e, "PHONE"
+        for m in _LANDLINE_CTX_RE.finditer(text):
+            yield m.start(1), m.end(1), "PHONE"
+        for s, e in _regex_spans(_CARD_RE, text, _v_card):
+            yield s, e, "BANK_CARD"
+        for m in _ACCOUNT_RE.finditer(text):
+            if not _is_public_number(_digits(m.group(1))):
+                yield m.start(1), m.end(1), "ACCOUNT"
+        for s, e in _regex_spans(_USCC_RE, text, lambda m: valid_uscc(m.group())):
+            yield s, e, "USCC"
+        for s, e in _regex_spans(_PASSPORT_RE, text, None, group=1):
+            yield s, e, "PASSPORT"
+    if any(c in text for c in "0123456789"):
+        for s, e in _regex_spans(_PLATE_RE, text, _v_plate):
+            yield s, e, "PLATE"
+        for s, e in _find_addresses(text):
+            yield s, e, "ADDRESS"
+    if "@" in text:
+        for s, e in _regex_spans(_EMAIL_RE, text):
+            yield s, e, "EMAIL"
+    for s, e in _find_persons(text):
+        yield s, e, "PERSON"
+
+
+def _resolve(cands: Iterable[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Non-overlapping spans: longest first, then most specific type, then leftmost."""
+    order = sorted(set(cands), key=lambda c: (c[0] - c[1], _PRIORITY[c[2]], c[0]))
+    starts: list[int] = []
+    ends: list[int] = []
+    kept: list[tuple[int, int, str]] = []
+    for s, e, t in order:
+        if e <= s:
+            continue
+        i = bisect.bisect_right(starts, s)
+        if i > 0 and ends[i - 1] > s:  # previous accepted span reaches into this one
+            continue
+        if i < len(starts) and starts[i] < e:  # next accepted span starts inside this one
+            continue
+        starts.insert(i, s)
+        ends.insert(i, e)
+        kept.append((s, e, t))
+    kept.sort()
+    return kept
+
+
+def _check_types(types: Iterable[str] | None) -> frozenset[str]:
+    if types is None:
+        return frozenset(ALL_TYPES)
+    if isinstance(types, str):
+        types = [t.strip() for t in types.split(",") if t.strip()]
+    sel = frozenset(t.upper() for t in types)
+    bad = sorted(sel - set(ALL_TYPES))
+    if bad:
+        raise PIIError(f"unknown PII type {bad[0]!r} (known: {', '.join(ALL_TYPES)})")
+    return sel
+
+
+def find_pii(text: str, types: Iterable[str] | None = None) -> list[Span]:
+    """Non-overlapping PII spans of ``text`` sorted by position (all types, or only ``types``)."""
+    if not text:
+        return []
+    sel = _check_types(types)
+    shadow = text.translate(_FW_TABLE) if _FW_RE.search(text) else text
+    return [Span(s, e, t, text[s:e]) for s, e, t in _resolve(_candidates(shadow)) if t in sel]
+
+
+# ---------------------------------------------------------------------------------------- scrubbing
+
+
+def _resolve_key(key: str | bytes | None, key_env: str = DEFAULT_KEY_ENV) -> bytes:
+    if key is None:
+        key = os.environ.get(key_env) or None
+        if key is None:
+            raise PIIKeyError(f"pseudonym mode needs a secret key: set the environment variable {key_env} "
+                              "(it is only read, never written anywhere)")
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if not key:
+        raise PIIKeyError("pseudonym mode needs a non-empty secret key")
+    return key
+
+
+def _normalise(value: str, type_: str) -> str:
+    v = value.translate(_FW_TABLE)
+    if type_ in ("ID_CARD", "BANK_CARD", "ACCOUNT", "USCC", "PASSPORT", "PLATE"):
+        return re.sub(r"[\s\-·•]", "", v).upper()
+    if type_ == "PHONE":
+        d = _digits(re.split(r"转|分机|ext|EXT|[xX]", v)[0])
+        if d.startswith("0086"):
+            d = d[4:]
+        elif d.startswith("86") and len(d) >= 12:
+            d = d[2:]
+        if d and d[0] != "0" and not (len(d) == 11 and d[0] == "1" and d[1] in "3456789"):
+            d = "0" + d  # +86 10 xxxxxxxx -> 010xxxxxxxx
+        return d
+    if type_ == "EMAIL":
+        return v.lower()
+    return re.sub(r"\s", "", v)
+
+
+def pseudonym(value: str, type_: str, key: bytes, salt: str = "") -> str:
+    msg = f"{type_}\x00{_normalise(value, type_)}\x00{salt}".encode()
+    return f"<{type_}_{hmac.new(key, msg, hashlib.sha256).hexdigest()[:PSEUDONYM_HEX]}>"
+
+
+def scrub_text(text: str, mode: str = "placeholder", types: Iterable[str] | None = None,
+               key: str | bytes | None = None, *, salt: str = "",
+               key_env: str = DEFAULT_KEY_ENV) -> tuple[str | None, dict[str, int]]:
+    """Return ``(new_text, {type: count})``.
+
+    In ``drop`` mode ``new_text`` is ``None`` when any selected PII is found (else the text unchanged).
+    ``salt`` (pseudonym mode) narrows consistency, e.g. to one document by passing its id.
+    """
+    mode = _MODE_ALIASES.get(mode, mode)
+    if mode not in MODES:
+        raise PIIError(f"unknown mode {mode!r} (allowed: {', '.join(MODES)})")
+    kbytes = _resolve_key(key, key_env) if mode == "pseudonym" else b""
+    spans = find_pii(text, types)
+    counts: dict[str, int] = {}
+    for sp in spans:
+        counts[sp.type] = counts.get(sp.type, 0) + 1
+    if not spans:
+        return text, counts
+    if mode == "drop":
+        return None, counts
+    parts: list[str] = []
+    pos = 0
+    for sp in spans:
+        parts.append(text[pos:sp.start])
+        parts.append(pseudonym(sp.text, sp.type, kbytes, salt) if mode == "pseudonym" else f"<{sp.type}>")
+        pos = sp.end
+    parts.append(text[pos:])
+    return "".join(parts), counts
+
+
+def _merge(into: dict[str, int], counts: dict[str, int]) -> None:
+    for k, v in counts.items():
+        into[k] = into.get(k, 0) + v
+
+
+def scrub_record(record: dict, fields: str | Sequence[str] = ("text",), mode: str = "placeholder",
+                 types: Iterable[str] | None = None, key: str | bytes | None = None, *,
+                 salt: str = "", key_env: str = DEFAULT_KEY_ENV) -> tuple[dict | None, dict[str, int]]:
+    """Scrub ``fields`` of one record; return ``(new_record, counts)`` (``None`` when dropped).
+
+    A ``messages`` field (``[{role, content}]``) has every message's content scrubbed. Other fields are
+    copied unchanged. Raises :class:`MissingField` when a field is absent or has the wrong type.
+    """
+    mode = _MODE_ALIASES.get(mode, mode)
+    if isinstance(fields, str):
+        fields = (fields,)
+    if "prompt" in fields and "completion" in record and "completion" not in fields:
+        fields = (*fields, "completion")  # prompt/completion records: the answer is scrubbed too
+    if mode == "pseudonym":
+        key = _resolve_key(key, key_env)
+    sel = _check_types(types)
+    out = dict(record)
+    counts: dict[str, int] = {}
+    dropped = False
+    for f in fields:
+        if f not in record:
+            raise MissingField(f"missing field '{f}'")
+        value = record[f]
+        if isinstance(value, str):
+            new, c = scrub_text(value, mode, sel, key, salt=salt, key_env=key_env)
+            _merge(counts, c)
+            dropped |= new is None
+            out[f] = new
+        elif isinstance(value, list) and all(isinstance(m, dict) for m in value):
+            msgs = []
+            for idx, m in enumerate(value):
+                content = m.get("content", m.get("value"))  # value: ShareGPT {from, value}
+                ckey = "content" if "content" in m else "value"
+                if content is None:
+                    msgs.append(dict(m))
+                    continue
+                if not isinstance(content, str):
+                    raise MissingField(f"field '{f}' message {idx}: {ckey} is {type(content).__name__}, "
+                                       "expected a string")
+                new, c = scrub_text(content, mode, sel, key, salt=salt, key_env=key_env)
+                _merge(counts, c)
+                dropped |= new is None
+                msgs.append({**m, ckey: new})
+            out[f] = msgs
+        else:
+            raise MissingField(f"field '{f}' is {type(value).__name__}, expected a string or a messages list")
+    return (None if dropped else out), counts
+
+
+# -------------------------------------------------------------------------------------------- files
+
+_SNIFF = 1 << 20
+
+
+def detect_encoding(path: str | os.PathLike) -> str:
+    """``utf-8``, ``utf-8-sig`` or ``gb18030`` (a superset of GBK/GB2312) from the file's first MB."""
+    with open(path, "rb") as fh:
+        head = fh.read(_SNIFF)
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise PIIInputError(f"{path}: UTF-16 input is not supported; convert it to UTF-8")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < _SNIFF)
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        codecs.getincrementaldecoder("gb18030")().decode(head, final=len(head) < _SNIFF)
+        return "gb18030"
+    except UnicodeDecodeError:
+        raise PIIInputError(f"{path}: neither UTF-8 nor GB18030/GBK text") from None
+
+
+def _line_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def scrub_jsonl(in_path: str | os.PathLike, out_path: str | os.PathLike, field: str | Sequence[str] = "text",
+                mode: str = "placeholder", quarantine_path: str | os.PathLike | None = None,
+                types: Iterable[str] | None = None, key: str | bytes | None = None, *,
+                scope: str = "corpus", key_env: str = DEFAULT_KEY_ENV) -> dict:
+    """Scrub one JSONL file into ``out_path`` (UTF-8); return stats.
+
+    ``field`` is one field name, a comma-separated list (``instruction,input,output``) or a sequence;
+    ``messages`` scrubs every message's content, ``prompt`` also scrubs ``completion``.
+
+    Malformed lines, non-object lines, undecodable lines and records missing ``field`` go to the
+    quarantine file (default ``<out>.quarantine.jsonl``) as ``{file, line, reason, line_sha256}`` --
+    never their content. ``records_in == kept + dropped + quarantined``; blank lines are not records.
+    ``scope="document"`` makes pseudonyms consistent within a record only (salted with its ``id``).
+    """
+    mode = _MODE_ALIASES.get(mode, mode)
+    if mode not in MODES:
+        raise PIIError(f"unknown mode {mode!r} (allowed: {', '.join(MODES)})")
+    if scope not in ("corpus", "document"):
+        raise PIIError(f"unknown scope {scope!r} (allowed: corpus, document)")
+    in_path, out_path = Path(in_path), Path(out_path)
+    if not in_path.is_file():
+        raise PIIInputError(f"{in_path}: no such file")
+    if not os.access(in_path, os.R_OK):
+        raise PIIInputError(f"{in_path}: not readable")
+    qpath = Path(quarantine_path) if quarantine_path else _default_quarantine(out_path)
+    sel = _check_types(types)
+    kbytes = _resolve_key(key, key_env) if mode == "pseudonym" else None
+    enc = detect_encoding(in_path)
+    line_enc = "utf-8" if enc == "utf-8-sig" else enc
+    fields = tuple(f.strip() for f in field.split(",") if f.strip()) if isinstance(field, str) else tuple(field)
+    counts: dict[str, int] = {}
+    stats = {"input": str(in_path), "output": str(out_path), "quarantine_file": str(qpath), "mode": mode,
+             "fields": list(fields), "types": [t for t in ALL_TYPES if t in sel], "encoding": enc,
+             "records_in": 0, "kept": 0, "dropped": 0, "quarantined": 0, "records_with_pii": 0,
+             "blank_lines": 0, "bytes_in": 0, "counts": counts, "quarantine_reasons": {}}
+    if enc != "utf-8":
+        stats["encoding_note"] = f"input decoded as {enc}, written as UTF-8"
+    reasons: dict[str, int] = stats["quarantine_reasons"]
+    t0 = time.perf_counter()
+
+    def quarantine(qfh, lineno: int, raw: bytes, reason: str) -> None:
+        stats["quarantined"] += 1
+        short = reason.split(":")[0]
+        reasons[short] = reasons.get(short, 0) + 1
+        qfh.write(json.dumps({"file": str(in_path), "line": lineno, "reason": reason,
+                              "line_sha256": _line_hash(raw)}, ensure_ascii=False) + "\n")
+
+    with open(in_path, "rb") as src, atomic_open(out_path, "w") as out, atomic_open(qpath, "w") as qfh:
+        for lineno, raw in enumerate(src, 1):
+            stats["bytes_in"] += len(raw)
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            body = raw.rstrip(b"\r\n")
+            if not body.strip():
+                stats["blank_lines"] += 1
+                continue
+            stats["records_in"] += 1
+            try:
+                line = body.decode(line_enc)
+            except UnicodeDecodeError:
+                quarantine(qfh, lineno, body, f"undecodable: bytes invalid for {line_enc}")
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                quarantine(qfh, lineno, body, f"invalid JSON: {e.msg} at column {e.colno}")
+                continue
+            except RecursionError:
+                quarantine(qfh, lineno, body, "invalid JSON: nested too deeply")
+                continue
+            if not isinstance(rec, dict):
+                quarantine(qfh, lineno, body, f"not a JSON object: {type(rec).__name__}")
+                continue
+            salt = str(rec.get("id", lineno)) if scope == "document" else ""
+            try:
+                new, c = scrub_record(rec, fields, mode, sel, kbytes, salt=salt, key_env=key_env)
+            except MissingField as e:
+                quarantine(qfh, lineno, body, f"bad field: {e}")
+                continue
+            _merge(counts, c)
+            if c:
+                stats["records_with_pii"] += 1
+            if new is None:
+                stats["dropped"] += 1
+                continue
+            out.write(json.dumps(new, ensure_ascii=False) + "\n")
+            stats["kept"] += 1
+    stats["counts"] = {t: counts[t] for t in ALL_TYPES if t in counts}
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    assert stats["records_in"] == stats["kept"] + stats["dropped"] + stats["quarantined"]
+    return stats
+
+
+def _default_quarantine(out_path: Path) -> Path:
+    name = out_path.name[:-len(".jsonl")] if out_path.name.endswith(".jsonl") else out_path.name
+    return out_path.with_name(name + ".quarantine.jsonl")
