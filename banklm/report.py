@@ -127,7 +127,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.4), squeeze=False)
-    for ax, (name, pts) in zip(axes[0], series.items(), strict=False):
+    for ax, (name, pts) in zip(axes[0], series.items(), strict=True):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label="train loss")
         ev = [(r["step"], r["eval_loss"]) for r in curves[name] if r.get("eval_loss") is not None]
         if ev:
@@ -156,7 +156,7 @@ def plot_eval(results: dict, path: Path) -> Path | None:
         vals = [tasks[t].get(key) or 0.0 for t in names]
         xs = [j + i * width for j in range(len(names))]
         bars = ax.bar(xs, vals, width, label=label)
-        for b, v in zip(bars, vals, strict=False):
+        for b, v in zip(bars, vals, strict=True):
             ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", fontsize=7)
     ax.set_xticks([j + width * (len(metrics) - 1) / 2 for j in range(len(names))], names)
     ax.set_ylim(0, 1.1)
@@ -174,7 +174,7 @@ def plot_confusions(results: dict, path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
-    for ax, (task, r) in zip(axes[0], tasks.items(), strict=False):
+    for ax, (task, r) in zip(axes[0], tasks.items(), strict=True):
         conf = r["confusion"]
         labels, matrix = conf["labels"], conf["matrix"]
         ax.imshow(matrix, cmap="Blues")
@@ -202,7 +202,7 @@ def plot_labels(corpora: dict, path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(by_task), figsize=(4 * len(by_task), 3.2), squeeze=False)
-    for ax, (task, counts) in zip(axes[0], by_task.items(), strict=False):
+    for ax, (task, counts) in zip(axes[0], by_task.items(), strict=True):
         labels = list(counts)
         ax.bar(range(len(labels)), [counts[lbl] for lbl in labels])
         ax.set_xticks(range(len(labels)), [LABEL_EN.get(lbl, lbl) for lbl in labels], rotation=45, ha="right",
