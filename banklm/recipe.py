@@ -39,13 +39,277 @@ class SynthSpec(Section):
     difficulty: float = Field(0.0, ge=0.0, le=1.0)
 
 
+class ScenarioTable(Section):
+    """A bank's own labelled table (CSV/TSV/Parquet) turned into scenario records by ``banklm.tasks.from_table``."""
+
+    path: str
+    task: TaskName
+    column_map: dict[str, str] = Field(default_factory=dict)
+    split: Literal["auto", "train", "validation", "test"] = "auto"
+    limit: int | None = Field(None, ge=1)
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+    licence: str = ""
+
+
+# ---- corpora: sources, steps, options (the builders live in corpora/build.py; docs/corpora.md)
+
+SourceFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "txt", "md", "html", "hf",
+                       "alpaca", "sharegpt", "messages", "prompt_completion"]
+StepName = Literal["normalize", "boilerplate", "pii", "exact_dedup", "near_dedup", "quality", "decontam",
+                   "poison"]
+PiiType = Literal["ID_CARD", "PHONE", "BANK_CARD", "ACCOUNT", "USCC", "PASSPORT", "PLATE", "EMAIL", "PERSON",
+                  "ADDRESS"]
+
+
+class SourceSpec(Section):
+    """One input of a corpus. ``path``: a file, folder or glob; relative to ``corpora.root`` (default: the
+    current folder), or ``samples:<path>`` for the bundled ``corpora/samples``; ``..`` may not leave them."""
+
+    path: str = Field(min_length=1)
+    format: SourceFormat = "auto"
+    weight: float = Field(1.0, gt=0, le=1000)
+    field_map: dict[str, str] = Field(default_factory=dict)
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    licence: str = ""
+    unit: Literal["file", "block"] = "file"
+    split: str | None = None
+    records_key: str | None = None
+    keep: list[str] = Field(default_factory=lambda: ["label"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"path": data}
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"unknown source key '{unknown[0]}' (allowed: {', '.join(cls.model_fields)})")
+        return data
+
+
+class NormalizeParams(Section):
+    fullwidth: bool = True
+    html_remnants: bool = True
+
+
+class BoilerplateParams(Section):
+    min_docs: int = Field(3, ge=2)
+    min_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    min_line_chars: int = Field(4, ge=1)
+
+
+class NoParams(Section):
+    pass
+
+
+class NearDedupParams(Section):
+    ngram: int = Field(5, ge=1, le=64)
+    threshold: float = Field(0.8, gt=0.0, le=1.0)
+    num_perm: int = Field(128, ge=16, le=1024)
+    seed: int = 42
+
+
+class QualityParams(Section):
+    min_chars: int = Field(20, ge=0)
+    max_chars: int = Field(100_000, ge=1)
+    min_cjk_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    max_symbol_ratio: float = Field(0.2, ge=0.0, le=1.0)
+    max_digit_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    repeat_ngram: int = Field(10, ge=2, le=200)
+    max_repeat_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    max_junk_line_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    junk_line_max_chars: int = Field(40, ge=1)
+    strip_junk_lines: bool = True
+
+
+class PoisonParams(Section):
+    label_field: str = "label"
+    min_n: int = Field(3, ge=1)
+    max_n: int = Field(6, ge=1)
+    min_count: int = Field(5, ge=2)
+    max_doc_frac: float = Field(0.02, gt=0.0, le=1.0)
+    min_purity: float = Field(0.9, gt=0.0, le=1.0)
+    min_lift: float = Field(2.0, ge=1.0)
+    drop: bool = False
+    top_k: int = Field(20, ge=1)
+
+
+STEP_PARAMS: dict[str, type[Section]] = {
+    "normalize": NormalizeParams, "boilerplate": BoilerplateParams, "pii": NoParams, "exact_dedup": NoParams,
+    "near_dedup": NearDedupParams, "quality": QualityParams, "decontam": NoParams, "poison": PoisonParams}
+_STEP_PARAMS_ELSEWHERE = {"pii": "corpora.<kind>.pii", "decontam": "corpora.<kind>.decontaminate"}
+
+
+class StepSpec(Section):
+    """One cleaning step: ``normalize`` or ``{near_dedup: {threshold: 0.85}}`` (or ``{step:, params:}``)."""
+
+    step: StepName
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_forms(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = {"step": data}
+        elif isinstance(data, dict) and "step" not in data and len(data) == 1:
+            (name, params), = data.items()
+            data = {"step": name, "params": params if params is not None else {}}
+        if isinstance(data, dict) and data.get("params") is None:
+            data = {**data, "params": {}}
+        if isinstance(data, dict) and isinstance(data.get("params"), dict) and data.get("step") in STEP_PARAMS:
+            name = data["step"]
+            if data["params"] and name in _STEP_PARAMS_ELSEWHERE:
+                raise ValueError(f"step {name} takes no parameters here: set them under {_STEP_PARAMS_ELSEWHERE[name]}")
+            try:
+                data = {**data, "params": STEP_PARAMS[name].model_validate(data["params"]).model_dump()}
+            except ValidationError as e:
+                err = e.errors()[0]
+                key = ".".join(str(p) for p in err["loc"])
+                if err["type"] == "extra_forbidden":
+                    allowed = ", ".join(STEP_PARAMS[name].model_fields) or "none"
+                    raise ValueError(f"step {name}: unknown parameter '{key}' (allowed: {allowed})") from None
+                raise ValueError(f"step {name}: {key} = {err.get('input')!r}: {err['msg']}") from None
+        return data
+
+
+def _steps(*names: str):
+    return lambda: [StepSpec(step=n) for n in names]
+
+
+class PiiOptions(Section):
+    """PII de-identification for the ``pii`` step (rules in docs/pii.md)."""
+
+    mode: Literal["placeholder", "pseudonym", "drop"] = "placeholder"
+    key_env: str = Field("BANKLM_PII_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    types: list[PiiType] | None = None
+
+
+class SplitSpec(Section):
+    """Seeded train/validation/test fractions (normalised), stratified by ``stratify`` when that column exists."""
+
+    train: float = Field(0.9, ge=0.0, le=1.0)
+    validation: float = Field(0.05, ge=0.0, le=1.0)
+    test: float = Field(0.05, ge=0.0, le=1.0)
+    seed: int | None = None
+    stratify: str | None = "label"
+
+    @model_validator(mode="after")
+    def _positive(self) -> SplitSpec:
+        if self.train + self.validation + self.test <= 0:
+            raise ValueError("split fractions are all zero")
+        return self
+
+
+class DecontamSpec(Section):
+    """Drop records sharing an ``n``-character n-gram with the run's scenario test prompts (user turns)."""
+
+    enabled: bool = True
+    n: int = Field(13, ge=5, le=200)
+
+
+class TextCorpus(Section):
+    sources: list[SourceSpec] = Field(min_length=1)
+    steps: list[StepSpec]
+    pii: PiiOptions = Field(default_factory=PiiOptions)
+    splits: SplitSpec = Field(default_factory=SplitSpec)
+    decontaminate: DecontamSpec = Field(default_factory=DecontamSpec)
+    licence: str = ""
+    on_error: Literal["quarantine", "raise"] = "quarantine"
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> TextCorpus:
+        names = [s.step for s in self.steps]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise ValueError(f"step '{dup}' is listed twice in steps")
+        return self
+
+
+class GeneralCorpus(TextCorpus):
+    """Broad instruction/chat data that keeps general ability."""
+
+    steps: list[StepSpec] = Field(default_factory=_steps("normalize", "exact_dedup", "quality"))
+
+
+class VerticalCorpus(TextCorpus):
+    """Finance text: regulations, manuals, reports."""
+
+    steps: list[StepSpec] = Field(default_factory=_steps("normalize", "boilerplate", "exact_dedup", "near_dedup",
+                                                         "quality"))
+
+
+class PrivateCorpus(TextCorpus):
+    """The bank's own documents: must be de-identified before anything else sees them."""
+
+    steps: list[StepSpec] = Field(default_factory=_steps("normalize", "pii", "exact_dedup", "near_dedup", "quality"))
+
+    @model_validator(mode="after")
+    def _pii_first(self) -> PrivateCorpus:
+        names = [s.step for s in self.steps]
+        if "pii" not in names:
+            raise ValueError("steps: the private corpus needs the 'pii' step")
+        before = [n for n in names[: names.index("pii")] if n != "normalize"]
+        if before:
+            raise ValueError(f"steps: only 'normalize' may come before 'pii' in the private corpus (found "
+                             f"'{before[0]}': its removed examples would show raw PII)")
+        return self
+
+
 class ScenarioCorpus(Section):
     synth: dict[TaskName, SynthSpec] = Field(default_factory=dict)
+    tables: list[ScenarioTable] = Field(default_factory=list)
+    steps: list[StepSpec] = Field(default_factory=list)  # applied to table records only
+    pii: PiiOptions = Field(default_factory=PiiOptions)
+    splits: SplitSpec = Field(default_factory=SplitSpec)  # for tables with split: auto
     licence: str = "generated by banklm (synthetic, no real customer data)"
 
 
+class MixSpec(Section):
+    """Target proportions per corpus kind (normalised) for ``corpora/mix/``; ``total`` training records."""
+
+    general: float | None = Field(None, ge=0.0)
+    vertical: float | None = Field(None, ge=0.0)
+    private: float | None = Field(None, ge=0.0)
+    scenario: float | None = Field(None, ge=0.0)
+    total: int | None = Field(None, ge=1, le=100_000_000)
+    seed: int | None = None
+
+    def proportions(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("general", "vertical", "private", "scenario")
+                if getattr(self, k) is not None and getattr(self, k) > 0}
+
+    @model_validator(mode="after")
+    def _some(self) -> MixSpec:
+        if not self.proportions():
+            raise ValueError("mix: give a proportion > 0 for at least one of general, vertical, private, scenario")
+        return self
+
+
 class CorporaSection(Section):
+    root: str | None = None  # folder relative source paths are resolved against (default: the current one)
+    num_proc: int = Field(1, ge=1, le=256)
+    general: GeneralCorpus | None = None
+    vertical: VerticalCorpus | None = None
+    private: PrivateCorpus | None = None
     scenario: ScenarioCorpus | None = None
+    mix: MixSpec | None = None
+
+    @model_validator(mode="after")
+    def _mix_kinds(self) -> CorporaSection:
+        if self.mix is not None:
+            for kind in self.mix.proportions():
+                if getattr(self, kind) is None:
+                    raise ValueError(f"mix: {kind} has a proportion but corpora.{kind} is not configured")
+        return self
+
+    def kinds(self) -> list[str]:
+        """The configured corpus kinds, in build order (scenario first: its test prompts decontaminate)."""
+        out = []
+        sc = self.scenario
+        if sc is not None and (sc.synth or sc.tables):
+            out.append("scenario")
+        return out + [k for k in ("general", "vertical", "private") if getattr(self, k) is not None]
 
 
 class TokenizerSection(Section):
@@ -126,6 +390,8 @@ class EvalSection(Section):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(128, ge=1, le=4096)
     robustness: list[Literal["shuffle_fields", "fullwidth_digits", "distractor"]] = Field(default_factory=list)
+    compare: list[Literal["base", "cpt"]] = Field(default_factory=list)  # earlier models scored side by side
+    retention: bool = True  # perplexity on the general corpus's test split, before and after fine-tuning
 
 
 class GgufSection(Section):

@@ -93,6 +93,7 @@ def collect(run_dir: Path) -> dict:
         "eval": {p.name: _read_json(p / "results.json") for p in sorted((run_dir / "eval").glob("*"))
                  if (p / "results.json").exists()},
         "export": _read_json(run_dir / "export" / "verify.json"),
+        "retention": _read_json(run_dir / "eval" / "retention.json"),
         "problems": [str(p) for p in verify_run(run_dir)],
     }
 
@@ -103,6 +104,17 @@ def eval_rows(results: dict) -> list[list[Any]]:
         rows.append([task, r.get("n"), r.get("accuracy"), r.get("macro_f1"), r.get("mcc"),
                      r.get("format_compliance"), r.get("hallucination_rate")])
     return rows
+
+
+def comparison(evals: dict[str, dict]) -> tuple[list[str], list[list[Any]]]:
+    """One row per evaluated model: per-task label accuracy, overall accuracy, tokens/s, size."""
+    tasks = sorted({t for r in evals.values() for t in (r or {}).get("tasks", {})})
+    rows = []
+    for name, r in evals.items():
+        ov = (r or {}).get("overall", {})
+        rows.append([name, *[(r["tasks"].get(t) or {}).get("accuracy") for t in tasks], ov.get("accuracy"),
+                     ov.get("format_compliance"), ov.get("tokens_per_s"), ov.get("model_bytes")])
+    return ["model", *tasks, "overall", "format compliance", "tokens/s", "bytes on disk"], rows
 
 
 EVAL_HEADERS = ["task", "n", "accuracy", "macro-F1", "MCC", "format compliance", "unsupported-number rate"]
@@ -269,6 +281,18 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
         parts.append("<p class=muted>no training stage in this run</p>")
 
     parts.append("<h2>Evaluation</h2>")
+    if len(d["eval"]) > 1:
+        parts.append("<h3>Models side by side (label accuracy)</h3>")
+        parts.append(_table(*comparison(d["eval"])))
+    if d.get("retention"):
+        rt = d["retention"]
+        parts.append(_table(["general-text perplexity", "model", "perplexity", "tokens"],
+                            [["before fine-tuning", rt["before"]["model"], rt["before"]["perplexity"],
+                              rt["before"]["tokens"]],
+                             ["after fine-tuning", rt["after"]["model"], rt["after"]["perplexity"],
+                              rt["after"]["tokens"]]]))
+        parts.append(f"<p>general-ability retention: perplexity change {rt['change_pct']:+.1f}% on "
+                     f"{html.escape(rt['corpus'])}</p>")
     if d["eval"]:
         for name, res in d["eval"].items():
             parts.append(f"<h3>model: {html.escape(name)}</h3>")

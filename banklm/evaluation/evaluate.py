@@ -161,12 +161,14 @@ def evaluate_records(
     model_name: str = "model",
     robustness: Sequence[str] = (),
     robustness_seed: int = 0,
+    size: dict | None = None,
 ) -> dict:
     """Generate for each record's user turn(s), score, write results.json + predictions.jsonl.
 
     ``robustness`` lists perturbation kinds (``shuffle_fields``, ``fullwidth_digits``,
     ``distractor``); for each the records are perturbed (gold kept), re-generated and scored, and
     ``results["robustness"][kind] = {"accuracy", "drop"}`` (drop = clean accuracy - perturbed).
+    ``size`` (model bytes on disk, parameter count) is copied into ``results["overall"]``.
     """
     records = list(records)
     for r in records:
@@ -194,6 +196,7 @@ def evaluate_records(
             }
         results["robustness"] = rob
     results["overall"]["seconds"] = time.perf_counter() - t0
+    results["overall"].update(size or {})
     out_dir = Path(out_dir)
     atomic_write_jsonl(out_dir / "predictions.jsonl", preds)
     atomic_write_json(out_dir / "results.json", results)
@@ -247,7 +250,7 @@ def evaluate_model_dir(
 ) -> dict:
     """:func:`evaluate_records` for a saved model folder (see :func:`load_model_dir`)."""
     model, tokenizer = load_model_dir(model_dir, device=device, dtype=dtype)
-    return evaluate_records(
+    results = evaluate_records(
         model,
         tokenizer,
         records,
@@ -256,4 +259,7 @@ def evaluate_model_dir(
         max_new_tokens=max_new_tokens,
         model_name=model_name or Path(model_dir).name,
         robustness=robustness,
+        size={"model_bytes": sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")),
+              "parameters": sum(p.numel() for p in model.parameters())},
     )
+    return results
