@@ -173,8 +173,8 @@ class StepSpec(Section):
         return data
 
 
-def _steps(*names: str):
-    return lambda: [StepSpec(step=n) for n in names]
+def _steps(*items: str | dict):
+    return lambda: [StepSpec.model_validate(i) for i in items]
 
 
 class PiiOptions(Section):
@@ -229,7 +229,9 @@ class TextCorpus(Section):
 class GeneralCorpus(TextCorpus):
     """Broad instruction/chat data that keeps general ability."""
 
-    steps: list[StepSpec] = Field(default_factory=_steps("normalize", "exact_dedup", "quality"))
+    # arithmetic and English answers are fine in instruction data: relaxed CJK and digit ratios
+    steps: list[StepSpec] = Field(default_factory=_steps(
+        "normalize", "exact_dedup", {"quality": {"min_chars": 5, "min_cjk_ratio": 0.0, "max_digit_ratio": 0.8}}))
 
 
 class VerticalCorpus(TextCorpus):

@@ -62,15 +62,120 @@ def _train_kwargs(p, seed: int, device: str) -> dict:
 
 # ----------------------------------------------------------------------------------------- corpus
 
-def run_corpus(ctx: RunContext) -> list[Path]:
-    from corpora.build import build_scenario
+def _corpus_base_dir(r: Recipe) -> Path:
+    """Folder relative source paths are resolved against: ``corpora.root``, else the current folder."""
+    return Path(r.corpora.root).expanduser() if r.corpora.root else Path.cwd()
 
-    sc = ctx.recipe.corpora.scenario
-    outputs = []
-    if sc is not None and sc.synth:
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt")
+
+
+def _tokenizer_files(r: Recipe) -> list[Path]:
+    if not r.base.path:
+        return []
+    folder = Path(r.base.path).expanduser()
+    return [folder / f for f in _TOKENIZER_FILES if (folder / f).is_file()]
+
+
+def _token_counter(r: Recipe):
+    """``(count_tokens(texts) -> [n] or None, tokenizer path or the reason there is none)``.
+
+    The corpus stage runs before a from-scratch tokenizer is trained, so token counts exist only for
+    ``base.path`` recipes whose model folder has a tokenizer.
+    """
+    if not r.base.path:
+        return None, "the base model is built from scratch: its tokenizer is trained after the corpus stage"
+    folder = Path(r.base.path).expanduser()
+    if not _tokenizer_files(r):
+        return None, f"no tokenizer files in {folder}"
+    try:
+        from finetune.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(folder)
+    except Exception as e:  # counts are informative: a tokenizer that will not load must not stop the corpus
+        return None, f"the tokenizer in {folder} could not be loaded ({type(e).__name__})"
+
+    def count(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
+
+    return count, str(folder)
+
+
+def _corpus_inputs(ctx: RunContext) -> list[Path]:
+    """Source files, bank tables and the tokenizer the corpus stage reads (a changed file re-runs it).
+
+    Checks the sources first: a missing file, a path outside the allowed folders or wrong field names
+    raise a RecipeError (exit 2) naming the key and the file before anything is built.
+    """
+    from banklm.recipe import RecipeError
+    from corpora.build import SourceError, check_sources, check_tables, source_files
+
+    r = ctx.recipe
+    c, base = r.corpora, _corpus_base_dir(r)
+    files: list[Path] = []
+    for kind in ("general", "vertical", "private"):
+        spec = getattr(c, kind)
+        if spec is None:
+            continue
+        specs = [s.model_dump() for s in spec.sources]
+        try:
+            files += source_files(specs, base)
+            check_sources(specs, base)
+        except SourceError as e:
+            raise RecipeError(f"corpora.{kind}.sources: {e}") from None
+    if c.scenario is not None and c.scenario.tables:
+        try:
+            files += check_tables([t.model_dump() for t in c.scenario.tables], base)
+        except SourceError as e:
+            raise RecipeError(f"corpora.scenario.tables: {e}") from None
+    files += _tokenizer_files(r)
+    return sorted({f.resolve() for f in files})
+
+
+def run_corpus(ctx: RunContext) -> list[Path]:
+    """Build every configured corpus kind (scenario first: its test prompts decontaminate the others),
+    then the mix when ``corpora.mix`` is set."""
+    from corpora.build import (
+        build_general,
+        build_mix,
+        build_private,
+        build_scenario,
+        build_vertical,
+        scenario_test_prompts,
+    )
+
+    r = ctx.recipe
+    c, base = r.corpora, _corpus_base_dir(r)
+    count_tokens, tokenizer = _token_counter(r)
+    outputs: list[Path] = []
+    prompts: list[str] = []
+    if "scenario" in c.kinds():
+        sc = c.scenario
         synth = {t: s.model_dump() for t, s in sc.synth.items()}
-        build_scenario(synth, ctx.recipe.seed, ctx.path(SCENARIO), licence=sc.licence)
+        build_scenario(synth, r.seed, ctx.path(SCENARIO), licence=sc.licence,
+                       tables=[t.model_dump() for t in sc.tables], steps=[s.model_dump() for s in sc.steps],
+                       pii=sc.pii.model_dump(), splits=sc.splits.model_dump(), base_dir=base, num_proc=c.num_proc,
+                       count_tokens=count_tokens, tokenizer=tokenizer)
         outputs.append(ctx.path(SCENARIO))
+        prompts = scenario_test_prompts(ctx.path(SCENARIO))
+    builders = {"general": build_general, "vertical": build_vertical, "private": build_private}
+    for kind, build in builders.items():
+        spec = getattr(c, kind)
+        if spec is None:
+            continue
+        out = ctx.path("corpora", kind)
+        build([s.model_dump() for s in spec.sources], out, steps=[s.model_dump() for s in spec.steps],
+              pii=spec.pii.model_dump(), splits=spec.splits.model_dump(), seed=r.seed, base_dir=base,
+              eval_prompts=prompts, decontaminate=spec.decontaminate.enabled, decontam_n=spec.decontaminate.n,
+              licence=spec.licence, on_error=spec.on_error, num_proc=c.num_proc, count_tokens=count_tokens,
+              tokenizer=tokenizer)
+        outputs.append(out)
+    if c.mix is not None:
+        props = c.mix.proportions()
+        out = ctx.path("corpora", "mix")
+        build_mix({k: ctx.path("corpora", k) for k in props}, props, out, total=c.mix.total,
+                  seed=r.seed if c.mix.seed is None else c.mix.seed)
+        outputs.append(out)
     return outputs
 
 
@@ -166,16 +271,70 @@ def _model_and_corpus_inputs(stage: str):
 
 # ----------------------------------------------------------------------------------------- eval
 
+def final_model_name(r: Recipe) -> str:
+    return "sft" if r.train.enabled else ("cpt" if r.cpt.enabled else "base")
+
+
+def _eval_models(ctx: RunContext) -> dict[str, Path]:
+    """The final model plus the earlier ones the recipe asks to compare, by name."""
+    earlier = {"base": base_model_dir(ctx), "cpt": ctx.path("cpt", "merged")}
+    models = {final_model_name(ctx.recipe): final_model_dir(ctx)}
+    for name in ctx.recipe.eval.compare:
+        if name == "cpt" and not ctx.recipe.cpt.enabled:
+            continue
+        models.setdefault(name, earlier[name])
+    return models
+
+
 def run_eval(ctx: RunContext) -> list[Path]:
     from banklm.evaluation.evaluate import evaluate_model_dir
     from corpora.build import load_split
 
     e = ctx.recipe.eval
     records = load_split(ctx.path(SCENARIO), "test", tasks=e.tasks, limit_per_task=e.limit).to_list()
-    out = ctx.path("eval", "sft")
-    evaluate_model_dir(final_model_dir(ctx), records, out, device=_device(ctx), batch_size=e.batch_size,
-                       max_new_tokens=e.max_new_tokens, model_name="sft", robustness=tuple(e.robustness))
-    return [out]
+    outputs = []
+    for name, model_dir in _eval_models(ctx).items():
+        out = ctx.path("eval", name)
+        evaluate_model_dir(model_dir, records, out, device=_device(ctx), batch_size=e.batch_size,
+                           max_new_tokens=e.max_new_tokens, model_name=name, robustness=tuple(e.robustness))
+        outputs.append(out)
+    general = ctx.path("corpora", "general")
+    if e.retention and general.exists():
+        outputs.append(_retention(ctx, general))
+    return outputs
+
+
+def _retention(ctx: RunContext, general: Path) -> Path:
+    """Perplexity on held-out general text for the model before fine-tuning and the final model."""
+    from banklm.evaluation.evaluate import load_model_dir
+    from banklm.evaluation.perplexity import perplexity
+    from corpora.build import load_split
+
+    ds = load_split(general, "test")
+    before_dir, after_dir = model_dir_after(ctx, "train"), final_model_dir(ctx)
+    result = {"corpus": "corpora/general (test split)"}
+    for key, model_dir in (("before", before_dir), ("after", after_dir)):
+        model, tok = load_model_dir(model_dir, device=_device(ctx))
+        if "messages" in ds.column_names:
+            texts = [tok.apply_chat_template(m, tokenize=False) for m in ds["messages"]]
+        else:
+            texts = list(ds["text"])
+        result[key] = {"model": _rel(ctx, model_dir), **perplexity(model, tok, texts)}
+    result["change_pct"] = 100.0 * (result["after"]["perplexity"] / result["before"]["perplexity"] - 1.0)
+    path = ctx.path("eval", "retention.json")
+    atomic_write_json(path, result)
+    return path
+
+
+def _rel(ctx: RunContext, p: Path) -> str:
+    try:
+        return p.resolve().relative_to(ctx.run_dir.resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _eval_inputs(ctx: RunContext) -> list[Path]:
+    return [*_eval_models(ctx).values(), model_dir_after(ctx, "train"), *_corpus_dirs(ctx, ["scenario", "general"])]
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -238,8 +397,8 @@ def _has_scenario(r: Recipe) -> bool:
 
 
 STAGES: list[Stage] = [
-    Stage("corpus", lambda r: _has_scenario(r), lambda r: {**section_params(r, "corpora"), "seed": r.seed},
-          lambda ctx: [], run_corpus),
+    Stage("corpus", lambda r: bool(r.corpora.kinds()), lambda r: {**section_params(r, "corpora"), "seed": r.seed},
+          _corpus_inputs, run_corpus),
     Stage("tokenizer", lambda r: r.tokenizer.train, lambda r: {**section_params(r, "tokenizer"), "seed": r.seed},
           lambda ctx: _corpus_dirs(ctx, ["scenario"]), run_tokenizer),
     Stage("base", lambda r: r.base.build is not None, lambda r: {**section_params(r, "base"), "seed": r.seed},
@@ -249,7 +408,7 @@ STAGES: list[Stage] = [
     Stage("train", lambda r: r.train.enabled, lambda r: {**section_params(r, "train", "device"), "seed": r.seed},
           _model_and_corpus_inputs("train"), run_train),
     Stage("eval", lambda r: r.eval.enabled, lambda r: section_params(r, "eval", "device"),
-          _model_and_corpus_inputs("eval"), run_eval),
+          _eval_inputs, run_eval),
     Stage("export", lambda r: r.export.gguf.enabled, lambda r: section_params(r, "export"),
           _model_and_corpus_inputs("eval"), run_export),
     Stage("report", lambda r: r.report.enabled, lambda r: {}, lambda ctx: [], run_report, cacheable=False),

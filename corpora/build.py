@@ -1,89 +1,287 @@
 """Corpus builders: turn recipe sources into training-ready datasets with stats, a card and a quarantine.
 
-Every builder writes one folder ``corpora/<kind>/`` atomically:
-``data/`` (a ``datasets.DatasetDict`` saved to disk), ``stats.json``, ``quarantine.jsonl``, ``card.md``.
-Counts obey ``in = kept + dropped + quarantined`` for every step, and the stats say so.
+One builder per kind: :func:`build_general`, :func:`build_vertical`, :func:`build_private` (raw text or
+instruction records read by ``corpora.sources``, cleaned by the ``corpora.ops`` steps, split) and
+:func:`build_scenario` (task generators plus the bank's own labelled tables). Every builder writes one
+folder ``corpora/<kind>/`` atomically (``banklm.io.atomic_dir``: a crash leaves no folder that looks
+complete): ``data/`` (a ``datasets.DatasetDict`` saved to disk), ``stats.json``, ``quarantine.jsonl``,
+``card.md``. Counts obey ``in = kept + dropped + quarantined`` for every step (asserted, and written).
+:func:`build_mix` mixes built corpora by target proportions into ``corpora/mix/``.
+
+Source paths (``resolve_source_path``): ``samples:<path>`` is inside the bundled ``corpora/samples``;
+an absolute path is taken as given; any other path is relative to ``base_dir``. A relative or
+``samples:`` path whose ``..`` parts lead outside both ``base_dir`` and the samples folder is refused.
+
+Library functions take plain arguments (lists of dicts, paths, numbers); ``banklm.stages.run_corpus``
+maps the recipe onto them. See docs/corpora.md.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from banklm.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 SPLITS = ("train", "validation", "test")
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+SAMPLES_PREFIX = "samples:"
+KINDS = ("general", "vertical", "private", "scenario")
+
+DEFAULT_STEPS: dict[str, list] = {
+    # instruction data: arithmetic and English answers are fine, so only very short/long records go
+    "general": ["normalize", "exact_dedup",
+                {"quality": {"min_chars": 5, "min_cjk_ratio": 0.0, "max_digit_ratio": 0.8}}],
+    "vertical": ["normalize", "boilerplate", "exact_dedup", "near_dedup", "quality"],
+    "private": ["normalize", "pii", "exact_dedup", "near_dedup", "quality"],
+    "scenario": [],
+}
+LENGTH_BINS = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+PEEK_RECORDS = 20
 
 
-def _prompt_key(record: dict) -> str:
-    user = "".join(m["content"] for m in record["messages"] if m["role"] == "user")
-    return hashlib.sha256(" ".join(user.split()).encode("utf-8")).hexdigest()
+class SourceError(ValueError):
+    """A source the build cannot use at all (missing, outside the allowed folders, wrong field names).
 
-
-def build_scenario(synth: dict[str, dict], seed: int, out_dir: Path, licence: str = "") -> dict:
-    """Generate the scenario corpus from the task generators and write it to ``out_dir``.
-
-    ``synth`` maps a task name to ``{train, validation, test, difficulty}``. Training and validation
-    records whose prompt also appears in the test split are dropped (exact decontamination).
+    The message names the file (and line) or the recipe value at fault.
     """
-    from datasets import Dataset, DatasetDict
 
-    from corpora.synth import generate_records
 
-    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for task, spec in synth.items():
-        for split in SPLITS:
-            n = int(spec.get(split, 0))
-            if n:
-                splits[split].extend(generate_records(task, n, seed=seed, split=split,
-                                                      difficulty=float(spec.get("difficulty", 0.0))))
-    steps = []
-    test_keys = {_prompt_key(r) for r in splits["test"]}
-    for split in ("train", "validation"):
-        before = len(splits[split])
-        kept, dropped = [], 0
-        seen: set[str] = set()
-        for r in splits[split]:
-            k = _prompt_key(r)
-            if k in test_keys or k in seen:
-                dropped += 1
+# ---------------------------------------------------------------------------------------------------
+# source paths
+
+
+def _inside(p: Path, root: Path) -> bool:
+    try:
+        p.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_source_path(path: str, base_dir: str | Path | None = None) -> str:
+    """The absolute path (or glob) of a source ``path``; raises :class:`SourceError` on traversal."""
+    base = Path(base_dir if base_dir is not None else os.getcwd()).resolve()
+    if path.startswith(SAMPLES_PREFIX):
+        rel = path[len(SAMPLES_PREFIX):].lstrip("/")
+        full = SAMPLES_DIR / rel
+    elif Path(path).expanduser().is_absolute():
+        return str(Path(path).expanduser())
+    else:
+        full = base / path
+    # the fixed part (before any wildcard) must stay inside base_dir or the samples folder
+    parts = full.parts
+    first = next((i for i, s in enumerate(parts) if glob.has_magic(s)), len(parts))
+    fixed = Path(os.path.normpath(Path(*parts[:first]))) if first else Path("/")
+    if any(s == ".." for s in parts[first:]):
+        raise SourceError(f"source path {path!r}: '..' after a wildcard is not allowed")
+    if not (_inside(fixed, base) or _inside(fixed, SAMPLES_DIR)):
+        raise SourceError(f"source path {path!r} resolves to {fixed}, outside the recipe's source folder ({base}) "
+                          f"and the bundled samples ({SAMPLES_DIR}); use an absolute path or move the data")
+    return str(Path(fixed, *parts[first:]))
+
+
+def _spec_for_reader(spec: dict, base_dir) -> dict:
+    """A recipe source dict -> the dict ``corpora.sources`` reads (absolute path, no recipe-only keys)."""
+    out = {k: v for k, v in spec.items() if k not in ("licence",) and v is not None}
+    out["path"] = resolve_source_path(spec["path"], base_dir)
+    if not out.get("name"):
+        out["name"] = _default_name(spec["path"])
+    if out.get("field_map") == {}:
+        out.pop("field_map")
+    return out
+
+
+def _default_name(path: str) -> str:
+    p = path[len(SAMPLES_PREFIX):] if path.startswith(SAMPLES_PREFIX) else path
+    parts = [s for s in Path(p).parts if not glob.has_magic(s) and s not in ("..", ".", "/")]
+    if not parts:
+        return "source"
+    last = Path(parts[-1])
+    return (last.stem if last.suffix else last.name) or "source"
+
+
+def source_files(specs: Sequence[dict], base_dir=None) -> list[Path]:
+    """Every file the sources read (for the ledger); raises :class:`SourceError` naming the source."""
+    from corpora.sources import expand_paths
+
+    files: list[Path] = []
+    for spec in specs:
+        rs = _spec_for_reader(spec, base_dir)
+        try:
+            _, fs = expand_paths(rs["path"], rs.get("format", "auto"))
+        except ValueError as e:
+            raise SourceError(f"source {spec['path']!r}: {e}") from None
+        files += fs
+    return files
+
+
+def check_sources(specs: Sequence[dict], base_dir=None) -> None:
+    """Cheap checks before a build, raising :class:`SourceError` (naming file and line) for inputs no
+    build can use: paths, files whose first records all lack the expected fields (set ``field_map``),
+    sources of which no file is readable (empty, binary, undecodable).
+    Problems of single records or files (bad JSON, binary, encodings) are left to the quarantine.
+    """
+    from corpora.sources import (
+        FILE_LEVEL,
+        MAX_RECORD_BYTES,
+        SCHEMAS,
+        Bad,
+        _check_spec,
+        _file_format,
+        _raw_items,
+        detect_encoding,
+        expand_paths,
+        to_record,
+    )
+
+    for spec in specs:
+        rs = _spec_for_reader(spec, base_dir)
+        try:
+            rs = _check_spec(rs)
+            fmt = rs.get("format", "auto")
+            _, files = expand_paths(rs["path"], fmt)
+        except ValueError as e:
+            raise SourceError(f"source {spec['path']!r}: {e}") from None
+        schema = fmt if fmt in SCHEMAS else None
+        keep = tuple(rs.get("keep", ("label",)))
+        readable, first_bad = 0, None
+        for f in files:
+            try:
+                ffmt = _file_format(f, fmt)
+            except ValueError as e:
+                raise SourceError(str(e)) from None
+            if ffmt == "hf":
+                readable += 1
                 continue
-            seen.add(k)
-            kept.append(r)
-        splits[split] = kept
-        steps.append({"step": f"exact_dedup_and_decontam[{split}]", "in": before, "kept": len(kept),
-                      "dropped": dropped, "quarantined": 0,
-                      "reason": "prompt duplicates another record or a test prompt"})
-    ids = Counter(r["id"] for s in SPLITS for r in splits[s])
-    dup_ids = [i for i, c in ids.items() if c > 1]
-    if dup_ids:
-        raise ValueError(f"scenario generator produced duplicate ids, e.g. {dup_ids[0]}")
+            if ffmt in ("txt", "md", "html"):
+                try:
+                    if f.stat().st_size == 0:
+                        raise Bad("empty_file")
+                    detect_encoding(f)
+                    readable += 1
+                except Bad as b:
+                    first_bad = first_bad or (f, b.reason)
+                continue
+            seen, first_missing = 0, None
+            try:
+                for line, item in _raw_items(f, ffmt, rs, MAX_RECORD_BYTES, {}):
+                    if isinstance(item, Bad):
+                        if item.category in FILE_LEVEL:
+                            raise item
+                        continue
+                    seen += 1
+                    try:
+                        to_record(item, schema, rs.get("field_map"), keep)
+                        first_missing = None
+                        break
+                    except Bad as b:
+                        if b.category != "missing_field":
+                            first_missing = None
+                            break
+                        if first_missing is None:
+                            first_missing = (line, b.reason)
+                    if seen >= PEEK_RECORDS:
+                        break
+            except Bad as b:  # a whole bad file: quarantined by the build, unless no file is readable
+                first_bad = first_bad or (f, b.reason)
+                continue
+            except ValueError as e:
+                raise SourceError(str(e)) from None
+            if first_missing is not None:
+                line, reason = first_missing
+                raise SourceError(f"{f}:{line}: {reason}; the first {seen} record(s) of this file lack the "
+                                  f"expected fields: set field_map in the source (e.g. field_map: "
+                                  f"{{text: <your field>}})")
+            readable += 1
+        if not readable and first_bad:
+            raise SourceError(f"{first_bad[0]}: {first_bad[1]}; no readable file in source {spec['path']!r}")
 
-    stats = {
-        "kind": "scenario",
-        "sources": [{"type": "synth", "task": t, **spec} for t, spec in synth.items()],
-        "splits": {s: len(splits[s]) for s in SPLITS},
-        "by_task": {s: dict(Counter(r["task"] for r in splits[s])) for s in SPLITS},
-        "by_label": {s: {t: dict(Counter(r["label"] for r in splits[s] if r["task"] == t)) for t in synth}
-                     for s in SPLITS},
-        "steps": steps,
-        "chars": {s: _length_summary([_chars(r) for r in splits[s]]) for s in SPLITS},
-        "encoding": {"utf-8": sum(len(v) for v in splits.values())},
-        "quarantined": 0,
-    }
-    with atomic_dir(out_dir) as tmp:
-        dd = DatasetDict({s: Dataset.from_list(splits[s]) for s in SPLITS if splits[s]})
-        dd.save_to_disk(str(tmp / "data"))
-        atomic_write_json(tmp / "stats.json", stats)
-        atomic_write_jsonl(tmp / "quarantine.jsonl", [])
-        atomic_write_text(tmp / "card.md", scenario_card(stats, licence))
-    return stats
+
+def resolve_table_path(path: str, base_dir=None) -> Path:
+    p = Path(resolve_source_path(path, base_dir))
+    if glob.has_magic(str(p)):
+        raise SourceError(f"scenario table {path!r}: one file, not a pattern")
+    if not p.is_file():
+        raise SourceError(f"scenario table {path!r}: no such file ({p})")
+    return p
 
 
-def _chars(record: dict) -> int:
-    return sum(len(m["content"]) for m in record["messages"])
+# ---------------------------------------------------------------------------------------------------
+# steps
+
+
+def step_list(steps: Sequence) -> list[tuple[str, dict]]:
+    """``["normalize", {"near_dedup": {...}}, {"step": "quality", "params": {...}}]`` -> [(name, params)]."""
+    out = []
+    for s in steps:
+        if isinstance(s, str):
+            out.append((s, {}))
+        elif isinstance(s, dict) and "step" in s:
+            out.append((s["step"], dict(s.get("params") or {})))
+        elif isinstance(s, dict) and len(s) == 1:
+            (name, params), = s.items()
+            out.append((name, dict(params or {})))
+        elif isinstance(s, (tuple, list)) and len(s) == 2:
+            out.append((s[0], dict(s[1] or {})))
+        else:
+            raise ValueError(f"bad step {s!r}: expected a name or {{name: params}}")
+    return out
+
+
+def make_steps(steps: Sequence, pii: dict | None = None, eval_prompts: Sequence[str] | None = None,
+               decontam_n: int = 13) -> list:
+    """Step objects for ``steps``. ``pii`` configures the ``pii`` step (mode, key_env, types); the
+    ``decontam`` step is built from ``eval_prompts`` (and is left out, by the caller, when there are none)."""
+    from corpora.ops import (
+        Decontaminate,
+        ExactDedup,
+        NearDedup,
+        Normalize,
+        PoisonScreen,
+        QualityFilter,
+        RemoveBoilerplate,
+        ScrubPII,
+    )
+
+    classes = {"normalize": Normalize, "boilerplate": RemoveBoilerplate, "exact_dedup": ExactDedup,
+               "near_dedup": NearDedup, "quality": QualityFilter, "poison": PoisonScreen}
+    pii = dict(pii or {})
+    out = []
+    for name, params in step_list(steps):
+        if name == "pii":
+            mode = pii.get("mode", "placeholder")
+            out.append(ScrubPII(mode=mode, types=pii.get("types"),
+                                key_env=pii.get("key_env") if mode == "pseudonym" else None))
+        elif name == "decontam":
+            out.append(Decontaminate({"scenario_test": list(eval_prompts or [])}, n=decontam_n))
+        elif name in classes:
+            try:
+                out.append(classes[name](**params))
+            except TypeError as e:
+                raise ValueError(f"step {name}: {e}") from None
+        else:
+            raise ValueError(f"unknown step {name!r} (allowed: {', '.join([*classes, 'pii', 'decontam'])})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# stats helpers
+
+
+def _save(dd, folder: Path) -> None:
+    """Save a DatasetDict and load it back (a folder that cannot be read must never be swapped in)."""
+    from datasets import load_from_disk
+
+    dd.save_to_disk(str(folder))
+    back = load_from_disk(str(folder))
+    if {k: len(v) for k, v in back.items()} != {k: len(v) for k, v in dd.items()}:
+        raise AssertionError(f"{folder}: saved splits do not load back with the same sizes")
 
 
 def _length_summary(values: list[int]) -> dict:
@@ -94,13 +292,519 @@ def _length_summary(values: list[int]) -> dict:
             "max": v[-1], "mean": round(sum(v) / len(v), 1)}
 
 
+def length_histogram(values: Sequence[int], bins: Sequence[int] = LENGTH_BINS) -> dict[str, int]:
+    """Counts per character-length bin, labelled ``"lo-hi"`` (the last ``"lo+"``)."""
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bins, bins[1:], strict=False)] + [f"{bins[-1]}+"]
+    counts = Counter()
+    import bisect
+
+    for v in values:
+        counts[labels[bisect.bisect_right(bins, v) - 1]] += 1
+    return {lab: counts.get(lab, 0) for lab in labels}
+
+
+def _lengths(stats_values: list[int]) -> dict:
+    return {**_length_summary(stats_values), "histogram": length_histogram(stats_values)}
+
+
+def user_prompts(records) -> list[str]:
+    """The user turns of instruction records (what decontamination compares against)."""
+    return ["\n".join(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
+
+
+def scenario_test_prompts(corpus_dir: str | Path) -> list[str]:
+    """User prompts of the ``test`` split of a built scenario corpus (``[]`` when there is none)."""
+    from datasets import load_from_disk
+
+    data = Path(corpus_dir) / "data"
+    if not data.is_dir():
+        return []
+    dd = load_from_disk(str(data))
+    if "test" not in dd:
+        return []
+    return user_prompts(dd["test"])
+
+
+def _scrub_examples(step_stats: list[dict]) -> None:
+    """Replace PII in the examples (and boilerplate/poison strings) of steps that ran before ``pii``."""
+    from corpora.ops.pii import scrub_text
+
+    def clean(t):
+        return scrub_text(t, mode="placeholder")[0] if isinstance(t, str) else t
+
+    for st in step_stats:
+        for exs in st.get("examples", {}).values():
+            for ex in exs:
+                ex["text"] = clean(ex.get("text"))
+        if "top_lines" in st:
+            st["top_lines"] = [clean(t) for t in st["top_lines"]]
+        for s in st.get("suspects", []) or []:
+            s["string"] = clean(s["string"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# raw-text / instruction corpora: general, vertical, private
+
+
+def _texts(ds, field: str) -> list[str]:
+    from corpora.ops.base import text_of
+
+    cols = {k: ds[k] for k in (field, "completion") if k in ds.column_names}
+    return [text_of({k: v[i] for k, v in cols.items()}, field) for i in range(len(ds))]
+
+
+def _token_stats(dd, field: str, count_tokens, tokenizer: str) -> dict:
+    if count_tokens is None:
+        return {"available": False, "reason": tokenizer or "no tokenizer given"}
+    by_split, per_record = {}, []
+    for name, ds in dd.items():
+        counts = list(count_tokens(_texts(ds, field))) if len(ds) else []
+        by_split[name] = int(sum(counts))
+        per_record += counts
+    return {"available": True, "tokenizer": tokenizer, "by_split": by_split, "total": int(sum(by_split.values())),
+            "per_record": _length_summary(per_record)}
+
+
+def _check_invariant(steps: list[dict]) -> None:
+    for st in steps:
+        if st["in"] != st["kept"] + st["dropped"] + st["quarantined"]:
+            raise AssertionError(f"step {st['step']}: in={st['in']} != kept {st['kept']} + dropped {st['dropped']} "
+                                 f"+ quarantined {st['quarantined']}")
+
+
+def build_text_corpus(kind: str, sources: Sequence[dict], out_dir: str | Path, *, steps: Sequence | None = None,
+                      pii: dict | None = None, splits: dict | None = None, seed: int = 0, base_dir=None,
+                      eval_prompts: Sequence[str] | None = None, decontaminate: bool = True, decontam_n: int = 13,
+                      licence: str = "", on_error: str = "quarantine", num_proc: int = 1,
+                      count_tokens: Callable[[list[str]], list[int]] | None = None, tokenizer: str = "") -> dict:
+    """Read ``sources``, run ``steps`` (default: ``DEFAULT_STEPS[kind]``), split, write ``out_dir``.
+
+    ``sources``: recipe source dicts (``path`` as in :func:`resolve_source_path`, plus the keys of
+    ``corpora.sources``, plus ``licence``). ``eval_prompts``: the run's scenario test prompts; a
+    ``decontam`` step against them is appended unless ``decontaminate`` is false or there are none (the
+    stats say which). ``count_tokens(texts) -> [n]`` adds token counts; otherwise ``tokenizer`` says why
+    there are none. Returns the stats (also written to ``stats.json``).
+    """
+    import time
+
+    from corpora.mix import split as split_ds
+    from corpora.ops import run_steps
+    from corpora.ops.base import resolve_field
+    from corpora.sources import read_sources
+
+    t0 = time.perf_counter()
+    if kind not in DEFAULT_STEPS:
+        raise ValueError(f"unknown corpus kind {kind!r} (allowed: {', '.join(DEFAULT_STEPS)})")
+    named = step_list(DEFAULT_STEPS[kind] if steps is None else steps)
+    names = [n for n, _ in named]
+    decon = {"enabled": bool(decontaminate or "decontam" in names), "n": decontam_n,
+             "eval_prompts": len(eval_prompts or [])}
+    if decontaminate and "decontam" not in names:
+        named.append(("decontam", {}))
+    if any(n == "decontam" for n, _ in named) and not eval_prompts:
+        named = [s for s in named if s[0] != "decontam"]
+        decon["status"] = "skipped: no scenario test prompts in this run"
+    elif any(n == "decontam" for n, _ in named):
+        decon["status"] = "applied against the user prompts of the scenario test split"
+    else:
+        decon["status"] = "disabled in the recipe"
+    names = [n for n, _ in named]
+    step_objs = make_steps(named, pii=pii, eval_prompts=eval_prompts, decontam_n=decontam_n)
+
+    check_sources(sources, base_dir)
+    reader_specs = [_spec_for_reader(s, base_dir) for s in sources]
+    try:
+        ds, rstats, src_q = read_sources(reader_specs, seed=seed, on_error=on_error)
+    except ValueError as e:
+        raise SourceError(str(e)) from None
+    for st, spec in zip(rstats["sources"], sources, strict=True):
+        st["path"] = spec["path"]
+        st["licence"] = spec.get("licence") or licence or "not given in the recipe"
+    field = resolve_field(ds, None)
+    read_step = {"step": "read", "params": {"sources": len(sources), "on_error": on_error},
+                 "in": rstats["records_read"], "kept": rstats["valid"], "dropped": 0,
+                 "quarantined": rstats["quarantined_records"], "reasons": {},
+                 "quarantine_reasons": rstats["reasons"], "bad_files": rstats["bad_files"], "examples": {},
+                 "sampled_by_weight": len(ds)}
+    lengths_in = [len(t) for t in _texts(ds, field)]
+    step_q: list[dict] = []
+    ds, step_stats = run_steps(ds, step_objs, num_proc=num_proc, quarantine=step_q)
+    if "pii" in names:
+        _scrub_examples(step_stats[: names.index("pii")])
+    sp = dict(splits or {})
+    fractions = {k: float(sp.get(k, d)) for k, d in (("train", 0.9), ("validation", 0.05), ("test", 0.05))}
+    fractions = {k: v for k, v in fractions.items() if v > 0}
+    split_seed = seed if sp.get("seed") is None else int(sp["seed"])
+    if len(ds) == 0:
+        left = ", ".join(f"{s['step']} kept {s['kept']}" for s in step_stats)
+        raise SourceError(f"{kind} corpus: no record is left after the steps ({left})")
+    dd, split_stats = split_ds(ds, fractions, seed=split_seed, stratify=sp.get("stratify", "label"))
+    # an empty split cannot be saved and loaded back by datasets: leave it out, and say so
+    empty = [k for k, v in dd.items() if len(v) == 0]
+    for k in empty:
+        del dd[k]
+    all_steps = [read_step, *step_stats]
+    _check_invariant(all_steps)
+    by = {s["step"]: s for s in step_stats}
+    stats = {
+        "kind": kind,
+        "content": field,
+        "seed": seed,
+        "licence": licence or "not given in the recipe",
+        "sources": rstats["sources"],
+        "files": rstats["files"],
+        "bad_files": rstats["bad_files"],
+        "records_read": rstats["records_read"],
+        "records_after_weights": read_step["sampled_by_weight"],
+        "steps": all_steps,
+        "counts": {"in": rstats["records_read"], "kept": len(ds),
+                   "dropped": sum(s["dropped"] for s in all_steps),
+                   "quarantined": sum(s["quarantined"] for s in all_steps)},
+        "splits": {k: len(v) for k, v in dd.items()},
+        "empty_splits": empty,
+        "split": split_stats,
+        "pii": ({"mode": (pii or {}).get("mode", "placeholder"), "counts": by["pii"].get("pii_counts", {}),
+                 "records_with_pii": by["pii"].get("records_with_pii", 0)} if "pii" in by else None),
+        "dedup": {"exact_duplicate_groups": by.get("exact_dedup", {}).get("duplicate_groups"),
+                  "exact_removed": by.get("exact_dedup", {}).get("dropped"),
+                  "near_cluster_size_histogram": by.get("near_dedup", {}).get("cluster_size_histogram"),
+                  "near_removed": by.get("near_dedup", {}).get("dropped")},
+        "decontamination": {**decon, "removed": by.get("decontam", {}).get("dropped", 0)},
+        "lengths": {"unit": "characters", "in": _lengths(lengths_in),
+                    "out": {k: _lengths([len(t) for t in _texts(v, field)]) for k, v in dd.items()}},
+        "encodings": rstats["encodings"],
+        "encoding_notes": rstats["encoding_notes"],
+        "tokens": _token_stats(dd, field, count_tokens, tokenizer),
+        "quarantined": len(src_q) + len(step_q),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    quarantine = [{"stage": "read", **q} for q in src_q] + step_q
+    with atomic_dir(out_dir) as tmp:
+        _save(dd, tmp / "data")
+        atomic_write_json(tmp / "stats.json", stats)
+        atomic_write_jsonl(tmp / "quarantine.jsonl", quarantine)
+        atomic_write_text(tmp / "card.md", text_card(stats))
+    return stats
+
+
+def build_general(sources: Sequence[dict], out_dir, **kw) -> dict:
+    """Broad instruction/chat data (alpaca, sharegpt, messages...): default steps normalize, exact_dedup, quality."""
+    return build_text_corpus("general", sources, out_dir, **kw)
+
+
+def build_vertical(sources: Sequence[dict], out_dir, **kw) -> dict:
+    """Finance text: default steps normalize, boilerplate, exact_dedup, near_dedup, quality."""
+    return build_text_corpus("vertical", sources, out_dir, **kw)
+
+
+def build_private(sources: Sequence[dict], out_dir, **kw) -> dict:
+    """The bank's own documents: default steps normalize, pii, exact_dedup, near_dedup, quality.
+
+    The ``pii`` step is required and only ``normalize`` may precede it, so that no example of a removed
+    record (stats, card) shows raw PII; the quarantine holds file, line and reason, never content.
+    """
+    steps = kw.get("steps")
+    names = [n for n, _ in step_list(DEFAULT_STEPS["private"] if steps is None else steps)]
+    if "pii" not in names:
+        raise ValueError("private corpus: the steps must include 'pii'")
+    if any(n != "normalize" for n in names[: names.index("pii")]):
+        raise ValueError("private corpus: only 'normalize' may come before 'pii'")
+    return build_text_corpus("private", sources, out_dir, **kw)
+
+
+KNOWN_LIMITS = {
+    "general": ["Quality rules are heuristics tuned for Chinese text; the general defaults relax the CJK and "
+                "digit ratios so that arithmetic and English answers stay."],
+    "vertical": ["Boilerplate is found by lines recurring in many documents: a disclaimer used in only one "
+                 "or two documents stays."],
+    "private": ["PII detection is rule-based (checksums, context words, a surname lexicon; docs/pii.md): a "
+                "name without a context word or a free-form address can be missed. Review samples before "
+                "training and keep the raw files inside the bank.",
+                "Pseudonyms are keyed by the environment variable named in the recipe; the key is never stored."],
+}
+
+
+def _md_cell(s) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ⏎ ")
+
+
+def text_card(stats: dict) -> str:
+    kind = stats["kind"]
+    src_rows = "\n".join(
+        f"| {_md_cell(s['name'])} | `{_md_cell(s['path'])}` | {s['format']} | {s['weight']} | {s['files']} | "
+        f"{s['records_read']} | {s['valid']} | {s['quarantined_records']} | {s['bad_files']} | "
+        f"{_md_cell(s['licence'])} |" for s in stats["sources"])
+    step_rows = "\n".join(
+        f"| {st['step']} | {st['in']} | {st['kept']} | {st['dropped']} | {st['quarantined']} | "
+        f"{_md_cell(', '.join(f'{k} {v}' for k, v in (st.get('reasons') or st.get('quarantine_reasons') or {}).items()) or '-')} |"
+        for st in stats["steps"])
+    ex_lines = []
+    for st in stats["steps"]:
+        for reason, exs in (st.get("examples") or {}).items():
+            for ex in exs[:2]:
+                ex_lines.append(f"- {st['step']} / {reason} / `{_md_cell(ex['id'])}`: {_md_cell(ex['text'][:160])}")
+    rewrites = []
+    for st in stats["steps"]:
+        parts = [f"{k.replace('_', ' ')} {st[k]}" for k in ("records_changed", "lines_removed", "junk_lines_removed")
+                 if st.get(k)]
+        if parts:
+            rewrites.append(f"- {st['step']}: {', '.join(parts)}")
+        if st.get("top_lines"):
+            rewrites.append(f"  (recurring lines removed, e.g. {'; '.join(_md_cell(t) for t in st['top_lines'][:5])})")
+    pii = stats.get("pii")
+    if pii:
+        pii_text = (f"Mode: {pii['mode']}; records with PII: {pii['records_with_pii']}.\n\n| type | replaced |\n|---|---|\n"
+                    + "\n".join(f"| {t} | {n} |" for t, n in sorted(pii["counts"].items()))
+                    + "\n\nCounts only: no detected value is written to the stats, the card or the quarantine.")
+    else:
+        pii_text = "No `pii` step in this corpus."
+    d = stats["dedup"]
+    dedup = (f"- exact duplicates removed: {d['exact_removed'] if d['exact_removed'] is not None else 'step not run'}"
+             f" ({d['exact_duplicate_groups'] or 0} groups)\n"
+             f"- near duplicates removed: {d['near_removed'] if d['near_removed'] is not None else 'step not run'}; "
+             f"cluster sizes (size: clusters): {json.dumps(d['near_cluster_size_histogram'] or {})}")
+    dc = stats["decontamination"]
+    splits = "\n".join(f"| {k} | {v} | {stats['lengths']['out'][k].get('p50', '-')} | "
+                       f"{stats['lengths']['out'][k].get('max', '-')} |" for k, v in stats["splits"].items())
+    if stats.get("empty_splits"):
+        splits += f"\n\nEmpty (too few records for their fraction, not saved): {', '.join(stats['empty_splits'])}."
+    li = stats["lengths"]["in"]
+    hist = " ".join(f"{k}: {v}" for k, v in li.get("histogram", {}).items() if v)
+    enc = ", ".join(f"{k} x{v}" for k, v in stats["encodings"].items()) or "-"
+    notes = "\n".join(f"- `{n['file']}`: {n['encoding']}, {n['note']}" for n in stats["encoding_notes"][:20])
+    tok = stats["tokens"]
+    tok_text = (f"{tok['total']} tokens ({', '.join(f'{k} {v}' for k, v in tok['by_split'].items())}) with "
+                f"`{tok['tokenizer']}`" if tok.get("available") else f"Not available: {tok['reason']}.")
+    limits = "\n".join(f"- {t}" for t in [*KNOWN_LIMITS.get(kind, []),
+                                            "Near deduplication is probabilistic (MinHash LSH): a few pairs just "
+                                            "above the threshold can be missed.",
+                                            "Decontamination only covers this run's scenario test prompts, not "
+                                            "benchmarks the model may meet elsewhere."])
+    return f"""# Dataset card: {kind} corpus
+
+## Sources
+| name | path | format | weight | files | records read | valid | quarantined | bad files | licence |
+|---|---|---|---|---|---|---|---|---|---|
+{src_rows}
+
+Corpus licence: {stats['licence']}
+
+## Steps applied
+Every step: in = kept + dropped + quarantined.
+
+| step | in | kept | dropped | quarantined | reasons |
+|---|---|---|---|---|---|
+{step_rows}
+
+## Examples of removed records
+{chr(10).join(ex_lines) or "None removed."}
+
+## Rewritten records
+{chr(10).join(rewrites) or "None."}
+
+## PII
+{pii_text}
+
+## Deduplication
+{dedup}
+
+## Decontamination
+{'Status: ' + dc['status']}; n = {dc['n']} characters; evaluation prompts: {dc['eval_prompts']}; removed: {dc['removed']}.
+
+## Splits
+| split | records | median chars | max chars |
+|---|---|---|---|
+{splits}
+
+## Lengths and encodings
+Characters per record read: {json.dumps({k: v for k, v in li.items() if k != 'histogram'})}; histogram: {hist or '-'}.
+
+Encodings: {enc}.
+{notes}
+
+## Tokens
+{tok_text}
+
+## Quarantine
+{stats['quarantined']} entries in `quarantine.jsonl` (file, line and reason, or record id, step and reason; never content).
+
+## Known limits
+{limits}
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# scenario: generators + the bank's own labelled tables
+
+
+def _prompt_key(record: dict) -> str:
+    user = "".join(m["content"] for m in record["messages"] if m["role"] == "user")
+    return hashlib.sha256(" ".join(user.split()).encode("utf-8")).hexdigest()
+
+
+def _table_name(table: dict, i: int, n: int) -> str:
+    return table.get("name") or ("bank" if n == 1 else f"bank{i + 1}")
+
+
+def check_tables(tables: Sequence[dict], base_dir=None) -> list[Path]:
+    """Resolve the tables' paths and check their columns on the first row; raises :class:`SourceError`."""
+    from banklm.tasks import from_table
+
+    paths = []
+    for i, t in enumerate(tables):
+        p = resolve_table_path(t["path"], base_dir)
+        try:
+            from_table(t["task"], p, t.get("column_map") or None, split=_table_name(t, i, len(tables)), limit=1)
+        except (ValueError, KeyError, OSError) as e:
+            raise SourceError(f"scenario table {t['path']!r}: {e}") from None
+        paths.append(p)
+    return paths
+
+
+def _table_records(tables: Sequence[dict], seed: int, base_dir, steps, pii, splits, num_proc):
+    """(records per split, step stats, source entries, quarantine) of the bank tables."""
+    from datasets import Dataset
+
+    from banklm.tasks import from_table
+    from corpora.mix import split as split_ds
+    from corpora.ops import run_steps
+
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    sources, recs_all, where = [], [], []
+    for i, t in enumerate(tables):
+        p = resolve_table_path(t["path"], base_dir)
+        try:
+            recs = from_table(t["task"], p, t.get("column_map") or None, split=_table_name(t, i, len(tables)),
+                              seed=seed, limit=t.get("limit"))
+        except (ValueError, KeyError, OSError) as e:
+            raise SourceError(f"scenario table {t['path']!r}: {e}") from None
+        sources.append({"type": "table", "task": t["task"], "path": t["path"], "records": len(recs),
+                        "split": t.get("split", "auto"), "licence": t.get("licence") or "not given in the recipe"})
+        recs_all += recs
+        where += [t.get("split", "auto")] * len(recs)
+    step_stats, q = [], []
+    if not recs_all:
+        return out, step_stats, sources, q
+    split_of = {r["id"]: w for r, w in zip(recs_all, where, strict=True)}
+    ds = Dataset.from_list(recs_all)
+    if steps:
+        ds, step_stats = run_steps(ds, make_steps(steps, pii=pii), num_proc=num_proc, quarantine=q)
+        for st in step_stats:
+            st["step"] = f"tables:{st['step']}"
+    fixed = {s: [] for s in SPLITS}
+    auto_idx = []
+    for i, rid in enumerate(ds["id"]):
+        w = split_of[rid]
+        (auto_idx.append(i) if w == "auto" else fixed[w].append(i))
+    for s in SPLITS:
+        out[s] += ds.select(fixed[s]).to_list() if fixed[s] else []
+    if auto_idx:
+        sp = dict(splits or {})
+        fr = {k: float(sp.get(k, d)) for k, d in (("train", 0.9), ("validation", 0.05), ("test", 0.05))}
+        dd, _ = split_ds(ds.select(auto_idx), {k: v for k, v in fr.items() if v > 0},
+                         seed=seed if sp.get("seed") is None else int(sp["seed"]), stratify="label")
+        for s, part in dd.items():
+            out[s] += part.to_list()
+    return out, step_stats, sources, q
+
+
+def build_scenario(synth: dict[str, dict], seed: int, out_dir: Path, licence: str = "", *,
+                   tables: Sequence[dict] | None = None, steps: Sequence | None = None, pii: dict | None = None,
+                   splits: dict | None = None, base_dir=None, num_proc: int = 1,
+                   count_tokens: Callable[[list[str]], list[int]] | None = None, tokenizer: str = "") -> dict:
+    """Generate the scenario corpus from the task generators (and the bank's tables) and write ``out_dir``.
+
+    ``synth`` maps a task name to ``{train, validation, test, difficulty}``. ``tables``: dicts of
+    ``{path, task, column_map, split (auto|train|validation|test), limit, name, licence}`` read with
+    ``banklm.tasks.from_table``; ``steps`` (e.g. ``["normalize", "pii"]``) run on the table records only,
+    and ``split: auto`` tables are cut by ``splits`` fractions, stratified by label. Training and
+    validation records whose prompt also appears in the test split are dropped (exact decontamination).
+    """
+    from datasets import Dataset, DatasetDict
+
+    from corpora.synth import generate_records
+
+    splits_out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for task, spec in synth.items():
+        for split in SPLITS:
+            n = int(spec.get(split, 0))
+            if n:
+                splits_out[split].extend(generate_records(task, n, seed=seed, split=split,
+                                                          difficulty=float(spec.get("difficulty", 0.0))))
+    table_stats, table_sources, table_q = [], [], []
+    if tables:
+        per, table_stats, table_sources, table_q = _table_records(tables, seed, base_dir, steps, pii, splits,
+                                                                  num_proc)
+        for s in SPLITS:
+            splits_out[s].extend(per[s])
+    steps_stats = list(table_stats)
+    test_keys = {_prompt_key(r) for r in splits_out["test"]}
+    for split in ("train", "validation"):
+        before = len(splits_out[split])
+        kept, dropped = [], 0
+        seen: set[str] = set()
+        for r in splits_out[split]:
+            k = _prompt_key(r)
+            if k in test_keys or k in seen:
+                dropped += 1
+                continue
+            seen.add(k)
+            kept.append(r)
+        splits_out[split] = kept
+        steps_stats.append({"step": f"exact_dedup_and_decontam[{split}]", "in": before, "kept": len(kept),
+                            "dropped": dropped, "quarantined": 0,
+                            "reason": "prompt duplicates another record or a test prompt"})
+    ids = Counter(r["id"] for s in SPLITS for r in splits_out[s])
+    dup_ids = [i for i, c in ids.items() if c > 1]
+    if dup_ids:
+        raise ValueError(f"scenario corpus has duplicate ids, e.g. {dup_ids[0]} (give each table a distinct name)")
+    _check_invariant(steps_stats)
+    tasks = sorted({r["task"] for s in SPLITS for r in splits_out[s]} | set(synth))
+    stats = {
+        "kind": "scenario",
+        "sources": [{"type": "synth", "task": t, **spec} for t, spec in synth.items()] + table_sources,
+        "splits": {s: len(splits_out[s]) for s in SPLITS},
+        "by_task": {s: dict(Counter(r["task"] for r in splits_out[s])) for s in SPLITS},
+        "by_label": {s: {t: dict(Counter(r["label"] for r in splits_out[s] if r["task"] == t)) for t in tasks}
+                     for s in SPLITS},
+        "steps": steps_stats,
+        "chars": {s: _length_summary([_chars(r) for r in splits_out[s]]) for s in SPLITS},
+        "lengths": {"unit": "characters",
+                    "out": {s: _lengths([_chars(r) for r in splits_out[s]]) for s in SPLITS}},
+        "encoding": {"utf-8": sum(len(v) for v in splits_out.values())},
+        "quarantined": len(table_q),
+    }
+    dd = DatasetDict({s: Dataset.from_list(splits_out[s]) for s in SPLITS if splits_out[s]})
+    if count_tokens is not None:
+        stats["tokens"] = _token_stats(dd, "messages", count_tokens, tokenizer)
+    else:
+        stats["tokens"] = {"available": False, "reason": tokenizer or "no tokenizer given"}
+    with atomic_dir(out_dir) as tmp:
+        _save(dd, tmp / "data")
+        atomic_write_json(tmp / "stats.json", stats)
+        atomic_write_jsonl(tmp / "quarantine.jsonl", table_q)
+        atomic_write_text(tmp / "card.md", scenario_card(stats, licence))
+    return stats
+
+
+def _chars(record: dict) -> int:
+    return sum(len(m["content"]) for m in record["messages"])
+
+
 def scenario_card(stats: dict, licence: str) -> str:
     rows = "\n".join(f"| {s} | {n} | {json.dumps(stats['by_task'][s], ensure_ascii=False)} |"
                      for s, n in stats["splits"].items())
     steps = "\n".join(f"| {st['step']} | {st['in']} | {st['kept']} | {st['dropped']} | {st['quarantined']} | "
-                      f"{st['reason']} |" for st in stats["steps"])
-    sources = "\n".join(f"- generator `{s['task']}`: train {s.get('train', 0)}, validation {s.get('validation', 0)}, "
-                        f"test {s.get('test', 0)}, difficulty {s.get('difficulty', 0.0)}" for s in stats["sources"])
+                      f"{st.get('reason') or ', '.join(f'{k} {v}' for k, v in st.get('reasons', {}).items()) or '-'} |"
+                      for st in stats["steps"])
+    sources = "\n".join(
+        f"- generator `{s['task']}`: train {s.get('train', 0)}, validation {s.get('validation', 0)}, "
+        f"test {s.get('test', 0)}, difficulty {s.get('difficulty', 0.0)}" if s["type"] == "synth" else
+        f"- bank table `{s['path']}` ({s['task']}): {s['records']} records, split {s['split']}, licence {s['licence']}"
+        for s in stats["sources"])
+    tok = stats.get("tokens") or {}
+    tok_text = (f"{tok['total']} tokens with `{tok['tokenizer']}`" if tok.get("available")
+                else f"Not available: {tok.get('reason', 'no tokenizer given')}.")
     return f"""# Dataset card: scenario corpus
 
 ## Sources
@@ -118,11 +822,97 @@ Licence: {licence or "not given in the recipe"}
 |---|---|---|---|---|---|
 {steps}
 
+## Tokens
+{tok_text}
+
 ## Known limits
 - Generated records follow the documented labelling rules in `docs/tasks.md`; they show the model the
   task format and the rules, not the distribution of a real bank's customers.
 - Protected attributes in credit profiles (gender, region, age band) are sampled independently of the
   label so that fairness can be measured; real data will not be so balanced.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# mix
+
+
+def build_mix(corpus_dirs: dict[str, str | Path], proportions: dict[str, float], out_dir: str | Path,
+              total: int | None = None, seed: int = 0) -> dict:
+    """Mix the ``train`` (to ``total`` records) and ``validation`` splits of built corpora by target
+    ``proportions`` (``corpora.mix.mix``: up/down-sampling, copies get ``#2``... ids) into ``out_dir``.
+
+    When all corpora hold the same content (``text`` or ``messages``) the mix has that column; when raw
+    text and instruction corpora are mixed, every record has both ``text`` (None for instruction records)
+    and ``messages`` (empty for raw text) so the trainer renders each row by what it holds. ``source``
+    names the corpus kind of every record.
+    """
+    from datasets import DatasetDict, Features, Value, load_from_disk
+
+    from corpora.mix import mix
+
+    loaded = {k: load_from_disk(str(Path(d) / "data")) for k, d in corpus_dirs.items() if proportions.get(k)}
+    content = {k: ("messages" if "messages" in dd[next(iter(dd))].column_names else "text")
+               for k, dd in loaded.items()}
+    both = len(set(content.values())) > 1
+    msg_feature = [{"role": Value("string"), "content": Value("string")}]
+
+    def project(ds, kind):
+        col = content[kind]
+        ds = ds.select_columns(["id", col])
+        if not both:
+            return ds
+        n = len(ds)
+        if col == "text":
+            ds = ds.add_column("messages", [[] for _ in range(n)], feature=msg_feature)
+        else:
+            ds = ds.add_column("text", [None] * n, feature=Value("string"))
+        return ds.cast(Features({"id": Value("string"), "text": Value("string"), "messages": msg_feature}))
+
+    out, stats = {}, {"proportions": dict(proportions), "seed": seed, "content": sorted(set(content.values())),
+                      "both_columns": both, "splits": {}}
+    for split, want in (("train", total), ("validation", None)):
+        parts = {k: project(dd[split], k) for k, dd in loaded.items() if split in dd and len(dd[split])}
+        missing = [k for k in loaded if k not in parts]
+        if missing:
+            if split == "train":
+                raise ValueError(f"mix: corpus {missing[0]} has no train records")
+            stats["splits"][split] = {"skipped": f"no {split} split in {', '.join(missing)}"}
+            continue
+        ds, st = mix(parts, {k: proportions[k] for k in parts}, total=want, seed=seed)
+        out[split] = ds
+        stats["splits"][split] = st
+    dd = DatasetDict(out)
+    with atomic_dir(out_dir) as tmp:
+        _save(dd, tmp / "data")
+        atomic_write_json(tmp / "stats.json", stats)
+        atomic_write_jsonl(tmp / "quarantine.jsonl", [])
+        atomic_write_text(tmp / "card.md", mix_card(stats))
+    return stats
+
+
+def mix_card(stats: dict) -> str:
+    rows = []
+    for split, st in stats["splits"].items():
+        if "skipped" in st:
+            rows.append(f"| {split} | - | - | - | {st['skipped']} |")
+            continue
+        for k, s in st["sources"].items():
+            rows.append(f"| {split} | {k} | {s['target_proportion']} | {st['actual_proportions'].get(k, 0)} | "
+                        f"{s['taken']} of {s['available']} ({s['epochs']} epochs{', upsampled' if s['upsampled'] else ''}) |")
+    cols = ("`text` and `messages` (each row fills one)" if stats["both_columns"]
+            else f"`{stats['content'][0]}`")
+    return f"""# Dataset card: mix
+
+Training mix of the run's corpora by target proportions (seed {stats['seed']}); content column: {cols};
+`source` names each record's corpus. See the cards of the mixed corpora for sources, licences and steps.
+
+| split | corpus | target | actual | records |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+## Known limits
+- Upsampled records are exact copies (ids end in `#2`, `#3`...): many epochs of a small corpus overfit it.
 """
 
 

@@ -164,7 +164,8 @@ def run_steps(ds, steps: Sequence[Step], num_proc: int = 1, quarantine: list | N
     for step in steps:
         n_in = len(ds)
         t0 = time.perf_counter()
-        res = step(ds, num_proc=num_proc if n_in >= 1000 else 1)
+        # datasets 5.x runs map(num_proc=1) in a worker process; None keeps single-process work in-process
+        res = step(ds, num_proc=num_proc if (num_proc > 1 and n_in >= 1000) else None)
         res.stats["seconds"] = round(time.perf_counter() - t0, 3)
         check_counts(res.stats, n_in, len(res.dataset))
         if quarantine is not None:
