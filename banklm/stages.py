@@ -8,13 +8,15 @@ stays fast.
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 from banklm.io import atomic_write_json
 from banklm.pipeline import CheckFailed, RunContext, Stage
-from banklm.recipe import Recipe, section_params
+from banklm.recipe import CorpusKind, Recipe, section_params
 
 SCENARIO = Path("corpora") / "scenario"
+CORPUS_KINDS = typing.get_args(CorpusKind)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -181,22 +183,18 @@ def run_corpus(ctx: RunContext) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------- tokenizer / base
 
-def _scenario_texts(ctx: RunContext) -> list[str]:
-    from corpora.build import load_split
-
-    texts = []
-    for split in ("train", "validation"):
-        for msgs in load_split(ctx.path(SCENARIO), split)["messages"]:
-            texts.extend(m["content"] for m in msgs)
-    return texts
-
-
 def run_tokenizer(ctx: RunContext) -> list[Path]:
-    from finetune.tokenizer import train_tokenizer
+    """Train SentencePiece on every corpus of the run, then count each corpus's tokens with it."""
+    from corpora.build import corpus_texts, token_counts
+    from finetune.tokenizer import load_tokenizer, train_tokenizer
 
+    corpora = {d.name: d for d in _corpus_dirs(ctx, list(CORPUS_KINDS))}
+    texts = [t for d in corpora.values() for t in corpus_texts(d)]
     out = ctx.path("tokenizer")
-    train_tokenizer(_scenario_texts(ctx), out, vocab_size=ctx.recipe.tokenizer.vocab_size, seed=ctx.recipe.seed)
-    return [out]
+    train_tokenizer(texts, out, vocab_size=ctx.recipe.tokenizer.vocab_size, seed=ctx.recipe.seed)
+    counts = token_counts(corpora, load_tokenizer(out))
+    atomic_write_json(ctx.path("corpora", "token_counts.json"), {"corpus_tokens": counts, "training_texts": len(texts)})
+    return [out, ctx.path("corpora", "token_counts.json")]
 
 
 def run_base(ctx: RunContext) -> list[Path]:
@@ -224,7 +222,7 @@ def _corpus_dirs(ctx: RunContext, kinds: list[str]) -> list[Path]:
 def run_cpt(ctx: RunContext) -> list[Path]:
     from datasets import Dataset
 
-    from corpora.build import load_split
+    from corpora.build import corpus_splits, load_split
     from finetune.sft import train_causal_lm
     from finetune.tokenizer import load_tokenizer
 
@@ -234,6 +232,8 @@ def run_cpt(ctx: RunContext) -> list[Path]:
     for split in ("train", "validation"):
         texts = []
         for d in _corpus_dirs(ctx, ctx.recipe.cpt.corpora):
+            if split not in corpus_splits(d):
+                continue
             ds = load_split(d, split)
             if "messages" in ds.column_names:
                 texts += [tok.apply_chat_template(m, tokenize=False) for m in ds["messages"]]
@@ -400,7 +400,7 @@ STAGES: list[Stage] = [
     Stage("corpus", lambda r: bool(r.corpora.kinds()), lambda r: {**section_params(r, "corpora"), "seed": r.seed},
           _corpus_inputs, run_corpus),
     Stage("tokenizer", lambda r: r.tokenizer.train, lambda r: {**section_params(r, "tokenizer"), "seed": r.seed},
-          lambda ctx: _corpus_dirs(ctx, ["scenario"]), run_tokenizer),
+          lambda ctx: _corpus_dirs(ctx, list(CORPUS_KINDS)), run_tokenizer),
     Stage("base", lambda r: r.base.build is not None, lambda r: {**section_params(r, "base"), "seed": r.seed},
           _base_inputs, run_base),
     Stage("cpt", lambda r: r.cpt.enabled, lambda r: {**section_params(r, "cpt", "device"), "seed": r.seed},
