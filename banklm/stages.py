@@ -293,10 +293,13 @@ def run_eval(ctx: RunContext) -> list[Path]:
     e = ctx.recipe.eval
     records = load_split(ctx.path(SCENARIO), "test", tasks=e.tasks, limit_per_task=e.limit).to_list()
     outputs = []
+    final = final_model_name(ctx.recipe)
     for name, model_dir in _eval_models(ctx).items():
         out = ctx.path("eval", name)
+        # perturbed prompts only for the final model: the comparison rows need the clean scores alone
         evaluate_model_dir(model_dir, records, out, device=_device(ctx), batch_size=e.batch_size,
-                           max_new_tokens=e.max_new_tokens, model_name=name, robustness=tuple(e.robustness))
+                           max_new_tokens=e.max_new_tokens, model_name=name,
+                           robustness=tuple(e.robustness) if name == final else ())
         outputs.append(out)
     general = ctx.path("corpora", "general")
     if e.retention and general.exists():

@@ -141,3 +141,14 @@ def test_parse_override_reads_numbers():
     assert parse_override("train.lr=1e-4") == (["train", "lr"], "1e-4")  # YAML 1.1: a string pydantic coerces
     assert parse_override("seed=3") == (["seed"], 3)
     assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+def test_recipes_in_readme_validate(repo):
+    import re
+
+    import yaml
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (repo / "README.md").read_text(encoding="utf-8"), re.S)
+    assert blocks
+    for block in blocks:
+        validate_recipe(yaml.safe_load(block), "README.md")
