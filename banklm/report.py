@@ -25,6 +25,9 @@ LABEL_EN = {
 }
 
 
+MODEL_ORDER = ("sft", "student", "cpt", "base")  # newest model of a run first
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -90,7 +93,9 @@ def collect(run_dir: Path) -> dict:
         "corpora": corpora,
         "curves": {name: _read_jsonl(run_dir / name / "metrics.jsonl") for name in ("cpt", "sft")},
         "summaries": {name: _read_json(run_dir / name / "train_summary.json") for name in ("cpt", "sft")},
-        "eval": {p.name: _read_json(p / "results.json") for p in sorted((run_dir / "eval").glob("*"))
+        "eval": {p.name: _read_json(p / "results.json") for p in sorted(
+                 (run_dir / "eval").glob("*"), key=lambda p: (MODEL_ORDER.index(p.name) if p.name in MODEL_ORDER
+                                                              else len(MODEL_ORDER), p.name))
                  if (p / "results.json").exists()},
         "export": _read_json(run_dir / "export" / "verify.json"),
         "retention": _read_json(run_dir / "eval" / "retention.json"),
@@ -271,7 +276,7 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
         parts.append("<p class=muted>no corpus stage in this run</p>")
 
     parts.append("<h2>Training</h2>")
-    srows = [[name, s.get("method"), s.get("steps"), s.get("tokens"), s.get("seconds"), s.get("final_loss"),
+    srows = [[name, s.get("method"), s.get("steps"), s.get("tokens_seen"), s.get("seconds"), s.get("final_loss"),
               s.get("trainable_params"), s.get("total_params")] for name, s in d["summaries"].items() if s]
     if srows:
         parts.append(_table(["stage", "method", "steps", "tokens", "seconds", "final loss", "trainable params",
@@ -362,7 +367,7 @@ def render_model_card(d: dict, recipe) -> str:
     lines += ["", "## 训练方法 Training"]
     for name, s in d["summaries"].items():
         if s:
-            lines.append(f"- {name}: method {s.get('method')}, steps {s.get('steps')}, tokens {s.get('tokens')}, "
+            lines.append(f"- {name}: method {s.get('method')}, steps {s.get('steps')}, tokens {s.get('tokens_seen')}, "
                          f"final loss {_md_num(s.get('final_loss'))}, {s.get('seconds')} s on {s.get('device')}")
     lines.append(f"- hyper-parameters: see recipe.yaml (train.lr {recipe.train.lr}, method {recipe.train.method})")
     lines += ["", "## 评估结果 Evaluation"]
@@ -396,7 +401,7 @@ def write_report(run_dir: Path, recipe) -> list[Path]:
     run_dir = Path(run_dir)
     d = collect(run_dir)
     out = run_dir / "report"
-    first_eval = next(iter(d["eval"].values()), None)
+    first_eval = next(iter(d["eval"].values()), None)  # the final model: collect() orders it first
     with atomic_dir(out) as tmp:
         plots = {
             "curves": plot_curves(d["curves"], tmp / "loss.png"),

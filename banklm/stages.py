@@ -8,6 +8,7 @@ stays fast.
 from __future__ import annotations
 
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -191,7 +192,15 @@ def run_tokenizer(ctx: RunContext) -> list[Path]:
     corpora = {d.name: d for d in _corpus_dirs(ctx, list(CORPUS_KINDS))}
     texts = [t for d in corpora.values() for t in corpus_texts(d)]
     out = ctx.path("tokenizer")
-    train_tokenizer(texts, out, vocab_size=ctx.recipe.tokenizer.vocab_size, seed=ctx.recipe.seed)
+    vocab = ctx.recipe.tokenizer.vocab_size
+    try:
+        train_tokenizer(texts, out, vocab_size=vocab, seed=ctx.recipe.seed)
+    except RuntimeError as e:
+        m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if not m:
+            raise
+        raise ValueError(f"tokenizer.vocab_size = {vocab} is smaller than the {m.group(2)} distinct characters "
+                         f"the corpora need (plus special pieces): raise tokenizer.vocab_size") from None
     counts = token_counts(corpora, load_tokenizer(out))
     atomic_write_json(ctx.path("corpora", "token_counts.json"), {"corpus_tokens": counts, "training_texts": len(texts)})
     return [out, ctx.path("corpora", "token_counts.json")]

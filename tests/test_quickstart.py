@@ -20,7 +20,7 @@ SMALL = [
     "corpora.scenario.synth.credit.train=400", "corpora.scenario.synth.aml.train=400",
     "corpora.scenario.synth.audit.train=400", "corpora.scenario.synth.credit.test=20",
     "corpora.scenario.synth.aml.test=20", "corpora.scenario.synth.audit.test=20",
-    "cpt.time_budget_s=15", "train.time_budget_s=20", "eval.limit=20", "tokenizer.vocab_size=800",
+    "cpt.time_budget_s=15", "train.time_budget_s=20", "eval.limit=20", "tokenizer.vocab_size=1500",
     "train.method=lora", "train.lr=3e-3", "eval.robustness=[distractor]",
 ]
 STAGES = ["corpus", "tokenizer", "base", "cpt", "train", "eval", "export", "report"]
@@ -137,3 +137,11 @@ def test_eval_and_export_cli_on_a_model_folder(first_run, tmp_path):
     assert json.loads((tmp_path / "gg" / "verify.json").read_text())["gguf"][0]["passed"] is True
     bad = _banklm("eval", "--model", str(model), "--tasks", "loans", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown task 'loans'" in bad.stderr
+
+
+def test_too_small_vocabulary_names_the_recipe_key(repo, tmp_path):
+    out = _banklm("run", str(repo / "recipes" / "quickstart.yaml"), *SMALL, "tokenizer.vocab_size=300",
+                  "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 1
+    assert "tokenizer.vocab_size = 300 is smaller than the" in out.stderr
+    assert [e["stage"] for e in Ledger(tmp_path / "run").entries()] == ["corpus"]
