@@ -113,10 +113,18 @@ class NearDedup(Step):
         return np.asarray(out.with_format("numpy")["__mh"], dtype=np.uint32)
 
     def clusters(self, sigs: np.ndarray) -> list[int]:
-        """Representative (lowest index of its cluster) for every record."""
-        from datasketch import LeanMinHash, MinHashLSH
+        """Representative (lowest index of its cluster) for every record.
+
+        LSH banding with datasketch's optimal (bands, rows) for the threshold and weights, done with numpy:
+        records whose signatures agree on a whole band are candidates, and a candidate pair joins a cluster
+        only when its estimated Jaccard (share of equal slots) reaches the threshold. The clusters are the
+        connected components of the verified pairs, so the result does not depend on record order.
+        """
+        from datasketch import MinHashLSH
 
         lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm, weights=self.lsh_weights)
+        bands, rows = lsh.b, lsh.r
+        sigs = np.ascontiguousarray(sigs, dtype=np.uint32)
         parent = list(range(len(sigs)))
         need = self.threshold * self.num_perm  # equal slots for an estimated Jaccard >= threshold
 
@@ -126,13 +134,23 @@ class NearDedup(Step):
                 i = parent[i]
             return i
 
-        for i, row in enumerate(sigs):
-            m = LeanMinHash(seed=self.seed, hashvalues=row, scheme="affine32")
-            for j in lsh.query(m):
-                ri, rj = find(i), find(j)
-                if ri != rj and np.count_nonzero(sigs[j] == row) >= need:
-                    parent[max(ri, rj)] = min(ri, rj)
-            lsh.insert(i, m, check_duplication=False)
+        for k in range(bands):
+            band = np.ascontiguousarray(sigs[:, k * rows:(k + 1) * rows])
+            keys = band.view(np.dtype((np.void, band.dtype.itemsize * rows))).ravel()
+            _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+            members = np.nonzero(counts[inverse] > 1)[0]
+            if len(members) == 0:
+                continue
+            members = members[np.argsort(inverse[members], kind="stable")]  # grouped, ascending inside
+            bounds = np.nonzero(np.diff(inverse[members]))[0] + 1
+            for group in np.split(members, bounds):
+                group = group.tolist()
+                for a in range(1, len(group)):
+                    i = group[a]
+                    for j in group[:a]:
+                        ri, rj = find(i), find(j)
+                        if ri != rj and np.count_nonzero(sigs[j] == sigs[i]) >= need:
+                            parent[max(ri, rj)] = min(ri, rj)
         return [find(i) for i in range(len(sigs))]
 
     def apply(self, ds, num_proc: int = 1) -> StepResult:
