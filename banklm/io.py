@@ -19,6 +19,12 @@ from typing import Any
 _CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -43,6 +49,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # open()'s mode: mkstemp's 0600 would hide outputs from other users
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:

@@ -191,6 +191,7 @@ def run_stages(recipe: Recipe, stages: list[Stage], run_dir: Path | None = None,
         if upto is not None and st.name == upto:
             break
     handler = _setup_file_log(run_dir)
+    _quiet_libraries()
     try:
         with RunLock(run_dir):
             atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
@@ -203,6 +204,17 @@ def run_stages(recipe: Recipe, stages: list[Stage], run_dir: Path | None = None,
         logging.getLogger().removeHandler(handler)
         handler.close()
     return run_dir
+
+
+def _quiet_libraries() -> None:
+    """Per-file weight-loading bars and CPU-kernel notices bury the stage lines; training keeps its own log."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _update_latest_link(run_dir: Path) -> None:

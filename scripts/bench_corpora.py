@@ -344,14 +344,14 @@ def run_datatrove(data: Path, workers: int, work: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ driver
 
 def child(args) -> None:
-    from loguru import logger  # datatrove logs a lot; keep the child quiet  # noqa: F401
-
     data = Path(args.data)
     if args.child == "banklm":
         res = run_banklm(data, args.procs)
     elif args.child == "loop":
         res = run_loop(data)
     else:
+        from loguru import logger  # datatrove's logger: keep the child quiet
+
         logger.remove()
         with tempfile.TemporaryDirectory(prefix="dt-") as work:
             res = run_datatrove(data, args.procs, Path(work))

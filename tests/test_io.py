@@ -79,3 +79,15 @@ def test_read_jsonl_names_file_and_line(tmp_path):
     p.write_text('[1]\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"x\.jsonl:1: expected a JSON object"):
         list(read_jsonl(p))
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    """mkstemp creates 0600 files; outputs (e.g. a GGUF for an Ollama service user) must get open()'s mode."""
+    mask = os.umask(0o022)
+    try:
+        p = atomic_write_json(tmp_path / "x.json", {})
+        plain = tmp_path / "plain"
+        plain.write_text("x")
+        assert (p.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(mask)
