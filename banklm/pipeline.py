@@ -140,7 +140,9 @@ def _find_reusable(run_dir: Path, name: str, key: str) -> tuple[Path, dict] | No
     candidates = [run_dir]
     parent = run_dir.parent
     if parent.is_dir():
-        siblings = [d for d in parent.iterdir() if d.is_dir() and d != run_dir and (d / "ledger.jsonl").exists()]
+        here = run_dir.resolve()
+        siblings = [d for d in parent.iterdir() if d.is_dir() and not d.is_symlink() and d.resolve() != here
+                    and (d / "ledger.jsonl").exists()]  # never 'latest' or this run: linking onto itself deletes
         candidates += sorted(siblings, key=lambda d: (d / "ledger.jsonl").stat().st_mtime, reverse=True)
     for cand in candidates:
         try:
@@ -182,6 +184,7 @@ def run_stages(recipe: Recipe, stages: list[Stage], run_dir: Path | None = None,
     """Run the enabled stages (all, up to and including ``upto``, or just ``only``) into ``run_dir``."""
     run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir.resolve()  # `--run-dir runs/x/latest` means the run it points at, not a new link
     selected = []
     for st in stages:
         if only is not None and st.name not in only:

@@ -118,3 +118,14 @@ def test_lock_refuses_second_process_and_takes_over_stale(tmp_path):
     (rd / ".lock").write_text("999999999")  # a pid that does not exist: stale
     run_stages(_recipe(), STAGES, run_dir=rd)
     assert CALLS == ["a", "b"] and not (rd / ".lock").exists()
+
+
+def test_rerun_in_latest_folder_through_symlink_keeps_files(tmp_path):
+    """Re-running into the folder `latest` points at must not hard-link a file onto itself (deleting it)."""
+    run_stages(_recipe(), STAGES, run_dir=tmp_path / "fake" / "r1")
+    (tmp_path / "fake" / "r1" / "b" / "out.txt").write_text("tampered", encoding="utf-8")
+    CALLS.clear()
+    rd = run_stages(_recipe(), STAGES, run_dir=tmp_path / "fake" / "latest")
+    assert CALLS == ["b"]
+    assert (rd / "b" / "out.txt").read_text() == "a seed=1 lr=0.01"
+    assert verify_run(tmp_path / "fake" / "r1") == []
