@@ -145,3 +145,14 @@ def test_too_small_vocabulary_names_the_recipe_key(repo, tmp_path):
     assert out.returncode == 1
     assert "tokenizer.vocab_size = 300 is smaller than the" in out.stderr
     assert [e["stage"] for e in Ledger(tmp_path / "run").entries()] == ["corpus"]
+
+
+def test_run_recipe_script_tees_log_into_run_folder(first_run, repo):
+    root, run_dir, _ = first_run
+    run3 = run_dir.parent / "r3"
+    out = subprocess.run(["bash", str(repo / "scripts" / "run_recipe.sh"), str(repo / "recipes" / "quickstart.yaml"),
+                          *SMALL, "--run-dir", str(run3)], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    logs = list((run3 / "logs").glob("run_recipe-*.log"))
+    assert len(logs) == 1 and "[train] unchanged: reused" in logs[0].read_text(encoding="utf-8")
+    assert subprocess.run(["bash", str(repo / "scripts" / "run_recipe.sh")], capture_output=True).returncode == 2
