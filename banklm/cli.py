@@ -151,13 +151,9 @@ def _eval_records(data: str | None, tasks: list[str], limit: int | None, seed: i
     else:
         raise UsageError(f"--data {data}: not a JSONL file, a built corpus folder or a run folder")
     if limit:
-        counts: dict[str, int] = {}
-        kept = []
-        for r in recs:
-            if counts.get(r["task"], 0) < limit:
-                counts[r["task"]] = counts.get(r["task"], 0) + 1
-                kept.append(r)
-        recs = kept
+        from corpora.build import first_per_task
+
+        recs = [recs[i] for i in first_per_task([r["task"] for r in recs], limit)]
     if not recs:
         raise UsageError(f"--data {data}: no test records for tasks {','.join(tasks)}")
     return recs

@@ -69,7 +69,7 @@ def code_version() -> dict:
     return info
 
 
-def _rel(path: Path, run_dir: Path) -> str:
+def run_relative(path: Path, run_dir: Path) -> str:
     """Run-folder paths are stored relative (posix); files outside the run folder keep their absolute path."""
     path = path.resolve()
     try:
@@ -91,7 +91,7 @@ def file_records(paths: list[Path], run_dir: Path) -> list[dict]:
             raise FileNotFoundError(f"{p}: expected output/input does not exist")
     seen, out = set(), []
     for f in files:
-        rel = _rel(f, run_dir)
+        rel = run_relative(f, run_dir)
         if rel in seen:
             continue
         seen.add(rel)

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 
 from banklm.io import atomic_write_json
+from banklm.ledger import run_relative
 from banklm.pipeline import CheckFailed, RunContext, Stage
 from banklm.recipe import CorpusKind, Recipe, section_params
 
@@ -331,18 +332,11 @@ def _retention(ctx: RunContext, general: Path) -> Path:
             texts = [tok.apply_chat_template(m, tokenize=False) for m in ds["messages"]]
         else:
             texts = list(ds["text"])
-        result[key] = {"model": _rel(ctx, model_dir), **perplexity(model, tok, texts)}
+        result[key] = {"model": run_relative(model_dir, ctx.run_dir), **perplexity(model, tok, texts)}
     result["change_pct"] = 100.0 * (result["after"]["perplexity"] / result["before"]["perplexity"] - 1.0)
     path = ctx.path("eval", "retention.json")
     atomic_write_json(path, result)
     return path
-
-
-def _rel(ctx: RunContext, p: Path) -> str:
-    try:
-        return p.resolve().relative_to(ctx.run_dir.resolve()).as_posix()
-    except ValueError:
-        return str(p)
 
 
 def _eval_inputs(ctx: RunContext) -> list[Path]:
@@ -362,7 +356,7 @@ def run_export(ctx: RunContext) -> list[Path]:
     out = ctx.path("export", "gguf")
     files = export_gguf(model_dir, out, types=tuple(g.quant), name=ctx.recipe.name)
     tok = load_tokenizer(model_dir)
-    prompts = _verify_prompts(ctx)
+    prompts = _verify_prompts(ctx, tok)
     checks = []
     for f, qtype in zip(files, g.quant, strict=True):
         checks.append({"file": f.relative_to(ctx.run_dir).as_posix(), "type": qtype,
@@ -383,12 +377,10 @@ def _context_len(model_dir: Path) -> int:
     return int(min(cfg.get("max_position_embeddings", 2048), 8192))
 
 
-def _verify_prompts(ctx: RunContext, n: int = 6) -> list[str]:
+def _verify_prompts(ctx: RunContext, tok, n: int = 6) -> list[str]:
     """Chat-rendered prompts from the test split: what the exported model will actually be asked."""
     from corpora.build import load_split
-    from finetune.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(final_model_dir(ctx))
     ds = load_split(ctx.path(SCENARIO), "test", limit_per_task=max(1, n // 3))
     return [tok.apply_chat_template([m for m in msgs if m["role"] != "assistant"], tokenize=False,
                                     add_generation_prompt=True) for msgs in ds["messages"]][:n]

@@ -932,14 +932,19 @@ def load_split(corpus_dir: Path, split: str, tasks: list[str] | None = None, lim
         # keep_in_memory: a cache file written into the corpus folder would change its recorded hashes
         ds = ds.filter(lambda t: t in tasks, input_columns="task", keep_in_memory=True)
     if limit_per_task is not None:
-        counts: Counter = Counter()
-        keep = []
-        for i, t in enumerate(ds["task"]):
-            if counts[t] < limit_per_task:
-                counts[t] += 1
-                keep.append(i)
-        ds = ds.select(keep)
+        ds = ds.select(first_per_task(ds["task"], limit_per_task))
     return ds
+
+
+def first_per_task(tasks, limit: int) -> list[int]:
+    """Indices of the first ``limit`` records of each task, in order."""
+    counts: Counter = Counter()
+    keep = []
+    for i, t in enumerate(tasks):
+        if counts[t] < limit:
+            counts[t] += 1
+            keep.append(i)
+    return keep
 
 
 def corpus_splits(corpus_dir: Path) -> list[str]:
