@@ -199,3 +199,20 @@ def test_evaluate_model_dir_loads_safetensors(tiny, tmp_path):
     assert (tmp_path / "out" / "results.json").is_file()
     with pytest.raises(FileNotFoundError):
         evaluate_model_dir(tmp_path / "missing", recs, tmp_path / "o2")
+
+
+def test_prompts_are_folded_like_the_training_corpora():
+    """Full-width digits in a served prompt reach the model as the ASCII the corpora trained it on."""
+    from banklm.evaluation.evaluate import _messages
+    from banklm.tasks.base import fold_fullwidth, to_fullwidth_digits
+    from corpora.ops.normalize import normalize_text
+
+    text = "月收入１５６００元，负债收入比４０．０％；结论：拒绝（近２４个月逾期６次）"
+    rec = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "结论：拒绝"}]}
+    folded = _messages([rec])[0]
+    assert folded == [{"role": "user", "content": "月收入15600元，负债收入比40.0%；结论：拒绝（近24个月逾期6次）"}]
+    assert _messages([rec], fold_inputs=False)[0][0]["content"] == text
+    # one table: the corpora's normaliser and the serving fold agree, and folding undoes the perturbation
+    assert normalize_text(text) == fold_fullwidth(text)
+    plain = "资金回流比例81.5%，转入对手方12个"
+    assert fold_fullwidth(to_fullwidth_digits(plain)) == plain

@@ -31,7 +31,7 @@ from banklm.evaluation import metrics as M
 from banklm.evaluation.generate import GenerationResult, generate
 from banklm.io import atomic_write_json, atomic_write_jsonl
 from banklm.tasks import get_task
-from banklm.tasks.base import PERTURBATIONS, iter_user_messages, perturb
+from banklm.tasks.base import PERTURBATIONS, fold_fullwidth, iter_user_messages, perturb
 
 __all__ = ["score_records", "evaluate_records", "evaluate_model_dir", "load_model_dir"]
 
@@ -146,8 +146,14 @@ def score_records(
     return results, preds
 
 
-def _messages(records: Sequence[dict]) -> list[list[dict]]:
-    return [iter_user_messages(r) for r in records]
+def _messages(records: Sequence[dict], fold_inputs: bool = True) -> list[list[dict]]:
+    """The conversations to generate from; user turns folded like the training corpora (see
+    :func:`banklm.tasks.base.fold_fullwidth`) unless ``fold_inputs`` is off."""
+    convs = [iter_user_messages(r) for r in records]
+    if not fold_inputs:
+        return convs
+    return [[{**m, "content": fold_fullwidth(m["content"])} if m["role"] == "user" else m for m in c]
+            for c in convs]
 
 
 def evaluate_records(
@@ -162,8 +168,12 @@ def evaluate_records(
     robustness: Sequence[str] = (),
     robustness_seed: int = 0,
     size: dict | None = None,
+    fold_inputs: bool = True,
 ) -> dict:
     """Generate for each record's user turn(s), score, write results.json + predictions.jsonl.
+
+    ``fold_inputs`` applies the corpora's input canonicalisation (full-width ASCII to half-width) to the
+    prompts, as a serving stack must; turn it off to measure the bare model.
 
     ``robustness`` lists perturbation kinds (``shuffle_fields``, ``fullwidth_digits``,
     ``distractor``); for each the records are perturbed (gold kept), re-generated and scored, and
@@ -174,7 +184,8 @@ def evaluate_records(
     for r in records:
         get_task(r.get("task"))  # clear error for an unknown task before spending time generating
     t0 = time.perf_counter()
-    gen: GenerationResult = generate(model, tokenizer, _messages(records), max_new_tokens, batch_size)
+    gen: GenerationResult = generate(model, tokenizer, _messages(records, fold_inputs), max_new_tokens,
+                                    batch_size)
     results, preds = score_records(records, list(gen), model_name=model_name)
     results["overall"].update(
         {"tokens_per_s": gen.tokens_per_s, "new_tokens": gen.new_tokens, "generation_seconds": gen.seconds}
@@ -186,7 +197,7 @@ def evaluate_records(
                 raise ValueError(f"unknown perturbation {kind!r}; allowed: {', '.join(PERTURBATIONS)}")
             rng = random.Random(f"robustness|{kind}|{robustness_seed}")
             pert = [perturb(r["task"], r, rng, kind) for r in records]
-            out = generate(model, tokenizer, _messages(pert), max_new_tokens, batch_size)
+            out = generate(model, tokenizer, _messages(pert, fold_inputs), max_new_tokens, batch_size)
             res_k, _ = score_records(pert, list(out), model_name=model_name)
             acc = res_k["overall"]["accuracy"]
             rob[kind] = {
@@ -195,6 +206,7 @@ def evaluate_records(
                 "per_task": {t: v["accuracy"] for t, v in res_k["tasks"].items()},
             }
         results["robustness"] = rob
+    results["overall"]["inputs_folded"] = bool(fold_inputs)
     results["overall"]["seconds"] = time.perf_counter() - t0
     results["overall"].update(size or {})
     out_dir = Path(out_dir)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import random
 
-from banklm.tasks.base import AnswerField, Fields, Rule, Task, fmt_num, fmt_pct, fmt_yuan, gap, int_gap, r1
+from banklm.tasks.base import (AnswerField, Fields, Rule, Task, fmt_num, fmt_pct, fmt_yuan, gap, int_gap, r1,
+                               red_flag)
 
 TYPOLOGIES = [
     "拆分交易",
@@ -58,13 +59,13 @@ def _sampler(rng: random.Random, difficulty: float) -> Fields:
         "occupation": rng.choice(OCCUPATIONS[ctype]),
         "monthly_income": rng.randrange(lo, hi, 100),
         "account_years": rng.randint(0, 15),
-        "struct_count": rng.choice([0, 0, 0, 1, 1, 2, 3, 4, 5]),
-        "out48_pct": r1(rng.uniform(0, 99.9)),
+        "struct_count": rng.randint(3, 6) if red_flag(rng) else rng.choice([0, 0, 0, 0, 1, 1, 2]),
+        "out48_pct": r1(rng.uniform(90.0, 99.9) if red_flag(rng) else rng.uniform(0, 89.9)),
         "in_cp": rng.randint(1, 25),
         "out_cp": rng.randint(1, 12),
-        "cash_multiple": r1(rng.uniform(0.1, 20.0)),
-        "return_pct": r1(rng.uniform(0, 99.0)),
-        "foreign_region": rng.choice(["无"] * 4 + OTHER_REGIONS + HIGH_RISK),
+        "cash_multiple": r1(rng.uniform(10.0, 20.0) if red_flag(rng) else rng.uniform(0.1, 9.9)),
+        "return_pct": r1(rng.uniform(80.0, 99.0) if red_flag(rng) else rng.uniform(0, 79.9)),
+        "foreign_region": rng.choice(HIGH_RISK) if red_flag(rng) else rng.choice(["无"] * 7 + OTHER_REGIONS),
     }
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 
-from banklm.tasks.base import AnswerField, Fields, Rule, Task, fmt_pct, fmt_yuan, gap, r1
+from banklm.tasks.base import AnswerField, Fields, Rule, Task, fmt_pct, fmt_yuan, gap, r1, red_flag
 
 CATEGORIES = ["发票不合规", "超标准报销", "拆分审批", "关联交易未披露", "无异常"]
 SEVERITIES = ["高", "中", "低"]
@@ -74,16 +74,17 @@ def _sampler(rng: random.Random, difficulty: float) -> Fields:
         "standard": rng.randrange(500, 8000, 100),
         "amount": 0,
         "over_pct": 0.0,
-        "invoice_ok": rng.random() > 0.15,
-        "title_ok": rng.random() > 0.15,
-        "relation": rng.choice(["无"] * 6 + RELATIONS),
+        "invoice_ok": not red_flag(rng),
+        "title_ok": not red_flag(rng),
+        "relation": rng.choice(RELATIONS) if red_flag(rng, 0.2) else "无",
         "disclosed": rng.random() < 0.5,
-        "same_count": rng.choice([1, 1, 1, 2, 3]),
+        "same_count": rng.choice([2, 3]) if red_flag(rng, 0.25) else 1,
         "same_total": 0,
         "approval_limit": rng.choice(LIMITS),
     }
     f["same_total"] = rng.randrange(5000, 70000, 100)
-    _set_over(f, rng.choice([rng.uniform(-40, 0), rng.uniform(0.1, 80)]))
+    _set_over(f, rng.uniform(30.1, 80) if red_flag(rng) else rng.uniform(0.1, 30) if red_flag(rng, 0.15) else
+              rng.uniform(-40, 0))
     return f
 
 

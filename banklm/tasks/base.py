@@ -58,6 +58,20 @@ def to_fullwidth_digits(text: str) -> str:
     return text.translate(_FW_DIGITS)
 
 
+# Full-width ASCII (U+FF01-U+FF5E) -> half-width, except the Chinese punctuation the tasks are written in.
+KEEP_FULLWIDTH = "，：；（）！？"
+FULLWIDTH_TO_ASCII = {cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F) if chr(cp) not in KEEP_FULLWIDTH}
+FULLWIDTH_TO_ASCII[0x3000] = 0x20  # ideographic space
+
+
+def fold_fullwidth(text: str) -> str:
+    """``１２．５％`` -> ``12.5%``: the input canonicalisation the corpora apply to training text.
+
+    Serving must apply the same folding to prompts (the evaluation does), or a model that never saw a
+    full-width digit in training meets one at inference (train/serve skew)."""
+    return text.translate(FULLWIDTH_TO_ASCII)
+
+
 # ----------------------------------------------------------------------------------------------
 # sampling helpers: "difficulty" in [0, 1] shrinks the distance to a rule threshold
 
@@ -72,6 +86,18 @@ def int_gap(rng: random.Random, far: int, difficulty: float) -> int:
     """An integer distance in [0, round(far * (1 - difficulty))]."""
     d = min(max(difficulty, 0.0), 1.0)
     return rng.randint(0, max(0, round(far * (1.0 - d))))
+
+
+# An unconditioned draw shows each red flag (a rule's trigger) at about this rate, as in a bank's books where
+# most applicants, accounts and claims are unremarkable. Branch-conditioned sampling (``Task.sample``) then
+# forces the deciding flag; lower-priority flags still co-occur at this rate, so rule precedence is learned
+# from realistic overlaps instead of from every other example carrying two or three triggers.
+RED_FLAG_RATE = 0.1
+
+
+def red_flag(rng: random.Random, rate: float = RED_FLAG_RATE) -> bool:
+    """True with probability ``rate``: draw this indicator from its red-flag range."""
+    return rng.random() < rate
 
 
 def r1(x: float) -> float:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import random
 
-from banklm.tasks.base import AnswerField, Fields, Rule, Task, fmt_pct, fmt_wan, fmt_yuan, gap, int_gap, r1
+from banklm.tasks.base import (AnswerField, Fields, Rule, Task, fmt_pct, fmt_wan, fmt_yuan, gap, int_gap, r1,
+                               red_flag)
 
 DECISIONS = ["通过", "拒绝", "人工复核"]
 GRADES = ["A", "B", "C", "D", "E"]
@@ -88,15 +89,16 @@ def _sampler(rng: random.Random, difficulty: float) -> Fields:
         "years_in_business": rng.randint(1, 20),
         "amount_wan": float(rng.choice([5, 8, 10, 15, 20, 30, 40, 50, 60, 80, 100, 120, 150, 200])),
         "term_months": rng.choice([12, 24, 36]),
-        "guarantee": rng.choice(GUARANTEES),
+        "guarantee": rng.choice(GUARANTEES[:1] * 2 + GUARANTEES[1:2] * 2 + GUARANTEES[2:]),  # 20% unsecured
         "monthly_income": rng.randrange(6000, 80000, 100),
         "monthly_debt": 0,
         "dti": 0.0,
-        "overdue_24m": rng.choice([0, 0, 0, 1, 1, 2, 3, 4, 5]),
-        "inquiries_6m": rng.randint(0, 9),
-        "blacklist": rng.random() < 0.1,
+        "overdue_24m": rng.randint(3, 6) if red_flag(rng) else rng.choice([0, 0, 0, 0, 1, 1, 2]),
+        "inquiries_6m": rng.randint(6, 9) if red_flag(rng) else rng.randint(0, 5),
+        "blacklist": red_flag(rng, 0.05),
     }
-    _set_dti(f, rng.uniform(8, 90))
+    _set_dti(f, rng.uniform(70.1, 90) if red_flag(rng) else rng.uniform(50, 70) if red_flag(rng) else
+             rng.uniform(8, 49.9))
     if rng.random() < 0.5:
         f["amount_wan"] = float(rng.randrange(5, 200))
     return f
