@@ -40,9 +40,11 @@ def _load(args) -> tuple:
 
 def _run_pipeline(args, upto: str | None = None, only: set[str] | None = None) -> int:
     from banklm.pipeline import run_stages
-    from banklm.stages import STAGES
+    from banklm.stages import STAGES, check_models
 
     recipe = _load(args)
+    if only != {"corpus"}:
+        check_models(recipe)  # bad model folders are refused before anything runs
     run_dir = run_stages(recipe, STAGES, run_dir=args.run_dir, upto=upto, only=only)
     report = run_dir / "report" / "index.html"
     print(f"run folder: {run_dir}")
@@ -92,11 +94,73 @@ def cmd_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    raise NotImplementedYet("banklm distill: not implemented yet (distillation is planned)")
+    from banklm.recipe import load_recipe
+
+    if not load_recipe(args.recipe, args.overrides).distill.enabled:
+        raise UsageError(f"{args.recipe}: distill.enabled is false (set it in the recipe or pass distill.enabled=true)")
+    return _run_pipeline(args, upto="distill")
 
 
 def cmd_plan(args) -> int:
-    raise NotImplementedYet("banklm plan: not implemented yet (the memory planner is planned)")
+    import json
+    from dataclasses import replace
+
+    from finetune.plan import (
+        PlanError,
+        Setup,
+        estimate,
+        format_plan,
+        load_shape,
+        parse_gpu_mem,
+        plan_cards,
+        propose,
+        resolve_base,
+    )
+
+    if bool(args.recipe) == bool(args.model):
+        raise UsageError("banklm plan needs --model DIR|CONFIG|NAME or a RECIPE.yaml (not both)")
+    gpu = args.gpu_mem
+    setup = Setup()
+    try:
+        if args.recipe:
+            from banklm.stages import plan_request
+
+            req = plan_request(_load(args), args.section)
+            m = req["model"]
+            shape, source = resolve_base(path=m.get("path"), config_name=m.get("config_name"),
+                                         config=m.get("config"), name=m.get("name", "model"))
+            source += f", {req['section']} section"
+            setup = Setup(**req["setup"])
+            gpu = gpu or req["gpu_mem"]
+        else:
+            shape, source = load_shape(args.model)
+        flags = {"method": args.method, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                 "grad_accum": args.grad_accum, "lora_r": args.lora_r, "lora_dropout": args.lora_dropout,
+                 "grad_ckpt": args.grad_ckpt, "attn": args.attn, "loss": args.loss, "device": args.device,
+                 "bits": args.bits,
+                 "precision": args.precision or ("fp32" if args.device == "cpu" else None)}
+        setup = replace(setup, **{k: v for k, v in flags.items() if v is not None})
+        gpu_gib = parse_gpu_mem(gpu) if gpu else None
+        if args.check and gpu_gib is None:
+            raise UsageError("--check needs --gpu-mem (or plan.gpu_mem in the recipe)")
+        est = estimate(shape, setup)
+        cards = plan_cards(shape, setup)
+        target = propose(shape, setup, gpu_gib) if gpu_gib is not None else None
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+    if target is not None and all(abs(c.gpu_gib - gpu_gib) > 1e-9 for c in cards):
+        cards = sorted([*cards, target], key=lambda c: c.gpu_gib)
+    if args.json:
+        print(json.dumps({"source": source, "estimate": est.to_dict(), "cards": [c.to_dict() for c in cards],
+                          "target": target.to_dict() if target else None}, ensure_ascii=False, indent=1))
+    else:
+        print(format_plan(est, cards, source, gpu_gib))
+    if args.check:
+        if not target.fits_as_requested:
+            print(f"banklm: check failed: {est.total_gib:.2f} GiB does not fit a {gpu_gib:g} GB card as set",
+                  file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_OK
 
 
 def cmd_eval(args) -> int:
@@ -107,9 +171,14 @@ def cmd_eval(args) -> int:
     if not args.model:
         raise UsageError("banklm eval needs RECIPE.yaml or --model DIR")
     from banklm.evaluation.evaluate import evaluate_model_dir
+    from finetune.models import ModelFolderError, check_model_folder
 
     tasks = _tasks_arg(args.tasks)
     model = Path(args.model)
+    try:
+        check_model_folder(model)  # a truncated or mismatched folder would be scored half random
+    except ModelFolderError as e:
+        raise UsageError(f"--model {e}") from None
     records = _eval_records(args.data, tasks, args.limit, args.seed)
     out = Path(args.out) if args.out else Path("eval") / model.resolve().name
     results = evaluate_model_dir(model, records, out, device=args.device, batch_size=args.batch_size,
@@ -159,38 +228,113 @@ def _eval_records(data: str | None, tasks: list[str], limit: int | None, seed: i
     return recs
 
 
-def cmd_export(args) -> int:
-    if args.format == "onnx":
-        raise NotImplementedYet("banklm export --format onnx: not implemented yet (GGUF export works)")
-    if args.recipe:
-        if args.model:
-            raise UsageError("give either RECIPE or --model, not both")
-        if args.quant:
-            args.overrides = [*args.overrides, f"export.gguf.quant=[{args.quant}]"]
-        return _run_pipeline(args, upto="export")
-    if not args.model:
-        raise UsageError("banklm export needs RECIPE.yaml or --model DIR")
-    import json
+_DEFAULT_QUANT = {"gguf": "f16,q8_0", "onnx": "fp32,int8"}
 
-    from banklm.io import atomic_write_json
-    from export.gguf import export_gguf
-    from export.verify import verify_gguf
+
+def cmd_export(args) -> int:
+    if args.recipe and args.model:
+        raise UsageError("give either RECIPE or --model, not both")
+    if not args.recipe and not args.model:
+        raise UsageError("banklm export needs RECIPE.yaml or --model DIR")
+    if args.quant and not args.format:
+        raise UsageError("--quant needs --format gguf|onnx (the types differ per format)")
+    if args.recipe:
+        if args.out:
+            raise UsageError("--out is for --model; a recipe exports into its run folder (--run-dir)")
+        if args.verify_only:
+            return _verify_export_of_run(args)
+        if args.format:
+            other = "onnx" if args.format == "gguf" else "gguf"
+            args.overrides = [*args.overrides, f"export.{args.format}.enabled=true", f"export.{other}.enabled=false"]
+            if args.quant:
+                args.overrides.append(f"export.{args.format}.quant=[{args.quant}]")
+        return _run_pipeline(args, upto="export")
+    model = Path(args.model)
+    out = Path(args.out) if args.out else Path("export") / model.resolve().name
+    if args.verify_only:
+        return _verify_export_folder(model, out)
+    if not args.format:
+        raise UsageError("banklm export --model DIR needs --format gguf|onnx")
+    return _export_model_folder(args, model, out)
+
+
+def _export_model_folder(args, model: Path, out: Path) -> int:
+    from export.bundle import build_export
+    from export.gguf import MissingDependency
+    from export.verify import DEFAULT_PROMPTS
     from finetune.tokenizer import load_tokenizer
 
-    model = Path(args.model)
-    quant = [q.strip() for q in (args.quant or "f16,q8_0").split(",") if q.strip()]
-    out = Path(args.out) if args.out else model / "gguf"
-    files = export_gguf(model, out, types=tuple(quant))
+    quant = [q.strip().lower() for q in (args.quant or _DEFAULT_QUANT[args.format]).split(",") if q.strip()]
+    if not model.is_dir():
+        raise UsageError(f"--model {model}: model folder not found")
+    try:
+        tok = load_tokenizer(model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {model}: tokenizer does not load ({e})") from None
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+               for p in DEFAULT_PROMPTS]
+    records = _eval_records(args.data, _tasks_arg(args.tasks), args.eval_limit, 12345) if args.eval_limit else None
+    card = model / "MODEL_CARD.md"
+    try:
+        summary = build_export(model, out, name=model.resolve().name, prompts=prompts,
+                               gguf_types=quant if args.format == "gguf" else (),
+                               onnx_types=quant if args.format == "onnx" else (), opset=args.opset, records=records,
+                               device=args.device, model_card=card.read_text(encoding="utf-8") if card.is_file() else None)
+    except (ValueError, FileNotFoundError, MissingDependency) as e:
+        raise UsageError(str(e)) from None
+    for c in summary[args.format]:
+        te = c.get("task_eval") or {}
+        print(f"{c['type']:<7} {'pass' if c['passed'] else 'FAIL'}  {c['file']}  {c.get('bytes')} bytes  "
+              f"max |dlogit| {_num((c.get('logits') or {}).get('max_abs'))}"
+              + (f"  accuracy {_num(te.get('accuracy'))} (PyTorch {_num(summary['task_eval']['pytorch']['accuracy'])})"
+                 if "accuracy" in te else ""))
+    print(f"verification: {out / 'verify.json'}; checksums: {out / 'SHA256SUMS'}")
+    if not summary["passed"]:
+        raise _check_failed("export verification failed: " + "; ".join(summary["failures"][:3]))
+    return EXIT_OK
+
+
+def _num(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _check_failed(msg: str):
+    from banklm.pipeline import CheckFailed
+
+    return CheckFailed(msg)
+
+
+def _verify_export_folder(model: Path, out: Path) -> int:
+    from export.bundle import verify_export
+    from export.verify import DEFAULT_PROMPTS
+    from finetune.tokenizer import load_tokenizer
+
+    if not out.is_dir():
+        raise UsageError(f"{out}: export folder not found (give it with --out)")
     tok = load_tokenizer(model)
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-               for p in ("请审核这笔贷款申请。", "账户近7日有多笔现金存入。", "报销单金额超过标准。")]
-    checks = [{"file": str(f), "type": q, **verify_gguf(model, f, prompts, q)} for f, q in zip(files, quant, strict=True)]
-    atomic_write_json(out / "verify.json", {"gguf": checks})
-    for c in checks:
-        print(json.dumps({"file": c["file"], "type": c["type"], "passed": c.get("passed"),
-                          "max_abs_logit_diff": (c.get("logits") or {}).get("max_abs"),
-                          "failures": c.get("failures", [])}, ensure_ascii=False))
-    return EXIT_OK if all(c.get("passed") for c in checks) else EXIT_FAILED
+               for p in DEFAULT_PROMPTS]
+    return _print_export_check(verify_export(model, out, prompts))
+
+
+def _verify_export_of_run(args) -> int:
+    from banklm.pipeline import RunContext
+    from banklm.stages import export_dir_check
+
+    recipe = _load(args)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / recipe.name / "latest"
+    if not (run_dir / "export").is_dir():
+        raise UsageError(f"{run_dir / 'export'}: no export folder to verify (give the run with --run-dir)")
+    return _print_export_check(export_dir_check(RunContext(recipe, run_dir.resolve())))
+
+
+def _print_export_check(res: dict) -> int:
+    for a in res["artefacts"]:
+        print(f"{a['kind']} {a['type']:<7} {'pass' if a['passed'] else 'FAIL'}  {a['file']}")
+    if res["passed"]:
+        print(f"ok: SHA256SUMS intact, {len(res['artefacts'])} artefact(s) match the model")
+        return EXIT_OK
+    raise _check_failed(f"{len(res['failures'])} check(s) failed: " + "; ".join(res["failures"][:5]))
 
 
 def cmd_verify(args) -> int:
@@ -199,15 +343,35 @@ def cmd_verify(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: not a folder")
-    problems = verify_run(run_dir, check_external=args.external)
+    problems = verify_run(run_dir, check_external=args.external, check_unrecorded=True)
     if not problems:
         n = sum(1 for line in (run_dir / "ledger.jsonl").read_text(encoding="utf-8").splitlines() if line.strip())
-        print(f"ok: {n} ledger entries, chain intact, every recorded file matches")
+        print(f"ok: {n} ledger entries, chain intact, every recorded file matches, no unrecorded file"
+              + (", MODEL_CARD.md names the recorded exports" if (run_dir / "MODEL_CARD.md").is_file() else ""))
         return EXIT_OK
     print(f"TAMPERED: {problems[0]}", file=sys.stderr)
     for p in problems[1:]:
         print(f"  also: {p}", file=sys.stderr)
     return EXIT_FAILED
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from banklm.compare import NotARun, compare_runs, format_comparison
+
+    for d in (args.run_a, args.run_b):
+        if not Path(d).is_dir():
+            raise UsageError(f"{d}: not a folder")
+    try:
+        diff = compare_runs(args.run_a, args.run_b)
+    except NotARun as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps(diff, ensure_ascii=False, indent=1))
+    else:
+        print(format_comparison(diff), end="")
+    return EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------- parser
@@ -261,11 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipe_cmd("train", "SFT / CPT with LoRA, QLoRA or full fine-tuning (runs the stages up to train)", cmd_train)
 
-    d = sub.add_parser("distill", help="teacher -> student distillation (not implemented yet)",
-                       description="teacher -> student distillation (not implemented yet)")
-    d.add_argument("recipe", metavar="RECIPE.yaml")
-    d.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    d.set_defaults(func=cmd_distill)
+    recipe_cmd("distill", "teacher -> smaller student (logit or sequence-level distillation, plus a baseline "
+               "student trained without the teacher); runs the stages up to distill", cmd_distill)
 
     ev = sub.add_parser("eval", help="evaluate a model on the credit / aml / audit tasks",
                         description="evaluate a model on the credit / aml / audit tasks: from a recipe (runs the "
@@ -290,18 +451,50 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("recipe", nargs="?", metavar="RECIPE.yaml")
     ex.add_argument("overrides", nargs="*", metavar="key.sub=value")
     ex.add_argument("--model", help="a model folder instead of a recipe")
-    ex.add_argument("--format", choices=["gguf", "onnx"], required=True)
-    ex.add_argument("--quant", help="comma-separated GGUF types: f16,bf16,q8_0,q4_0 (default f16,q8_0)")
-    ex.add_argument("--out", help="output folder (with --model; default <model>/gguf)")
+    ex.add_argument("--format", choices=["gguf", "onnx"],
+                    help="the format to export (required with --model; with a recipe: only this format)")
+    ex.add_argument("--quant", help="comma-separated types. GGUF: f32,f16,bf16,q8_0,q4_0 and, with banklm[llamacpp], "
+                                    "q4_k_m,q5_k_m,q6_k (default f16,q8_0); ONNX: fp32,fp16,int8 (default fp32,int8)")
+    ex.add_argument("--out", help="export folder for --model (default export/<model folder name>)")
+    ex.add_argument("--verify-only", action="store_true",
+                    help="re-check an existing export folder (SHA256SUMS, then every artefact against the model); "
+                         "exit 1 naming the failed check")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset for --model (14-21, default 17)")
+    ex.add_argument("--eval-limit", type=int, default=0,
+                    help="with --model: score each artefact and the PyTorch model on N records per task (default 0: off)")
+    ex.add_argument("--tasks", help="with --eval-limit: comma-separated tasks (default all)")
+    ex.add_argument("--data", help="with --eval-limit: test records (JSONL, corpus or run folder; default generated)")
+    ex.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                    help="device of the PyTorch side of the task evaluation")
     ex.add_argument("--run-dir", type=Path, default=None)
     ex.set_defaults(func=cmd_export)
 
-    pl = sub.add_parser("plan", help="estimate GPU memory for a fine-tuning method (not implemented yet)",
-                        description="estimate GPU memory for a fine-tuning method (not implemented yet)")
-    pl.add_argument("--model", required=True, help="model folder or config.json")
-    pl.add_argument("--method", default="qlora", choices=["lora", "qlora", "full"])
-    pl.add_argument("--seq-len", type=int, default=2048)
-    pl.add_argument("--gpu-mem", default="12GB")
+    plan_help = ("estimate the peak GPU memory of a fine-tuning run by component and propose settings that fit "
+                 "8 / 12 / 16 / 24 GB cards (formulas and their validation: docs/memory.md)")
+    pl = sub.add_parser("plan", help=plan_help, description=plan_help)
+    pl.add_argument("recipe", nargs="?", metavar="RECIPE.yaml", help="plan a recipe's train (or cpt) section")
+    pl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    pl.add_argument("--model", help="model folder, config.json, or a bundled name (qwen2.5-0.5b/1.5b/3b/7b, "
+                                    "llama-3.2-1b/3b, llama-3.1-8b, mistral-7b-v0.3)")
+    pl.add_argument("--section", choices=["train", "cpt"], help="recipe section to plan (default train)")
+    pl.add_argument("--method", choices=["lora", "qlora", "full", "cpt"], help="default qlora (or the recipe's)")
+    pl.add_argument("--seq-len", type=int, help="tokens per packed row (default 2048, or the recipe's max_length)")
+    pl.add_argument("--batch-size", type=int, help="micro-batch (default 1, or the recipe's)")
+    pl.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1, or the recipe's)")
+    pl.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
+    pl.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    pl.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
+                    help="activation (gradient) checkpointing")
+    pl.add_argument("--bits", type=int, choices=[4, 8], help="qlora base: 4 (NF4, default) or 8 (LLM.int8)")
+    pl.add_argument("--gpu-mem", help="the card to plan for, e.g. 12GB (default: the recipe's plan.gpu_mem)")
+    pl.add_argument("--attn", choices=["sdpa", "flash", "eager"],
+                    help="attention: sdpa (default), flash (flash-attn 2 installed), eager")
+    pl.add_argument("--loss", choices=["fused", "full"],
+                    help="fused: TRL's chunked LM head (banklm's trainer, default); full: full logits + fp32 upcast")
+    pl.add_argument("--device", choices=["cuda", "cpu"], help="cuda (default) or cpu (fp32, no CUDA overhead)")
+    pl.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default bf16 on cuda, fp32 on cpu")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--check", action="store_true", help="exit 1 when the settings do not fit the --gpu-mem card")
     pl.set_defaults(func=cmd_plan)
 
     v = sub.add_parser("verify", help="re-hash a run folder's files and check its ledger chain (exit 1 on tamper)",
@@ -309,6 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("run_dir", metavar="RUN_DIR")
     v.add_argument("--external", action="store_true", help="also re-hash inputs outside the run folder")
     v.set_defaults(func=cmd_verify)
+
+    cmp_help = "what changed between two runs: recipe keys, records per corpus, scores"
+    c = sub.add_parser("compare", help=cmp_help, description=cmp_help + " (B - A)")
+    c.add_argument("run_a", metavar="RUN_A")
+    c.add_argument("run_b", metavar="RUN_B")
+    c.add_argument("--json", action="store_true", help="print the differences as JSON")
+    c.set_defaults(func=cmd_compare)
     return p
 
 
@@ -323,12 +523,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from banklm.ledger import LedgerError
-    from banklm.pipeline import CheckFailed, RunLocked, StageError
+    from banklm.pipeline import CheckFailed, RunDirError, RunLocked, StageError
     from banklm.recipe import RecipeError
 
     try:
         return int(args.func(args))
-    except (UsageError, RecipeError, RunLocked) as e:
+    except (UsageError, RecipeError, RunLocked, RunDirError) as e:
         print(f"banklm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except CheckFailed as e:
@@ -336,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except (StageError, LedgerError) as e:
         print(f"banklm: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:  # outside a stage (e.g. a read-only --out folder): name the path, no traceback
+        print(f"banklm: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("banklm: interrupted", file=sys.stderr)

@@ -52,9 +52,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         os.chmod(tmp, 0o666 & ~_umask())  # open()'s mode: mkstemp's 0600 would hide outputs from other users
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_naming(e, path)
         raise
 
 
@@ -107,9 +108,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and isinstance(e.filename, str) and e.filename.startswith(str(tmp)):
+            e.filename = str(path) + e.filename[len(str(tmp)):]  # name the output, not our temporary
+        _raise_naming(e, path)
         raise
+
+
+def _raise_naming(e: BaseException, path: Path) -> None:
+    """An OSError without a file name (ENOSPC from write/fsync) gets the output's path, so errors name it."""
+    if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+        try:
+            named = type(e)(e.errno, e.strerror or str(e), str(path))
+        except Exception:  # noqa: BLE001 (an OSError subclass with another signature: keep the original)
+            return
+        raise named from e
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -67,6 +68,66 @@ def code_version() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+def host_info() -> dict:
+    """The machine a stage ran on: OS, CPU threads and any CUDA devices (names only)."""
+    info: dict[str, Any] = {"platform": platform.platform(terse=True), "machine": platform.machine(),
+                            "cpu_count": os.cpu_count()}
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                        if torch.cuda.is_available() else [])
+    except Exception:  # noqa: BLE001 (a lineage record must not stop a run)
+        pass
+    return info
+
+
+def data_lineage(stats: dict, seed: int | None = None) -> dict:
+    """What the ledger keeps about one built corpus, from its ``stats.json``: sources, sampling,
+    counts and PII counts by type. Only names, paths, numbers and settings: never a text or a value."""
+    sources = []
+    for s in stats.get("sources") or []:
+        if s.get("type") == "synth":
+            sources.append({k: s.get(k) for k in ("type", "task", "train", "validation", "test", "difficulty")})
+        else:
+            sources.append({k: s[k] for k in ("name", "path", "format", "weight", "files", "records_read", "valid",
+                                              "quarantined_records", "sampled", "licence", "task", "split")
+                            if k in s})
+    splits = stats.get("splits") or {}
+    sampling: dict[str, Any] = {}
+    synth = {s["task"]: {k: s.get(k) for k in ("train", "validation", "test", "difficulty")}
+             for s in stats.get("sources") or [] if s.get("type") == "synth"}
+    if synth:
+        sampling["synth"] = {"generator_seed": seed, "per_task": synth}
+    weights = {s.get("name") or s.get("path"): s["weight"] for s in stats.get("sources") or [] if "weight" in s}
+    if weights:
+        sampling["source_weights"] = weights
+        sampling["records_after_weights"] = stats.get("records_after_weights")
+    if stats.get("split"):
+        sampling["split"] = {k: stats["split"].get(k) for k in ("seed", "fractions", "stratified_by")}
+    if "proportions" in stats:  # the mix: target proportions, and what each source gave per split
+        sampling["mix"] = {"proportions": stats["proportions"], "seed": stats.get("seed"),
+                           "taken": {split: {k: v.get("taken") for k, v in st.get("sources", {}).items()}
+                                     for split, st in splits.items() if isinstance(st, dict) and "sources" in st}}
+    if stats.get("seed") is not None:
+        sampling.setdefault("seed", stats["seed"])
+    counts: dict[str, Any] = {"splits": {k: (v.get("total", v.get("skipped")) if isinstance(v, dict) else v)
+                                         for k, v in splits.items()}}
+    if stats.get("counts"):
+        counts.update(stats["counts"])
+    if stats.get("by_task"):
+        counts["by_task"] = stats["by_task"]
+    if stats.get("quarantined") is not None:
+        counts["quarantined"] = stats["quarantined"]
+    steps = [{k: st.get(k) for k in ("step", "in", "kept", "dropped", "quarantined")}
+             for st in stats.get("steps") or [] if isinstance(st, dict)]
+    pii = stats.get("pii")
+    pii = ({"mode": pii.get("mode"), "counts_by_type": dict(sorted((pii.get("counts") or {}).items())),
+            "records_with_pii": pii.get("records_with_pii")} if isinstance(pii, dict) else None)
+    return {"sources": sources, "sampling": sampling, "counts": counts, "steps": steps, "pii": pii}
 
 
 def run_relative(path: Path, run_dir: Path) -> str:
@@ -152,6 +213,33 @@ class Ledger:
         return entry
 
 
+# ----------------------------------------------------------------------------------------- model card
+
+CARD_NAME = "MODEL_CARD.md"
+CARD_ARTEFACTS_HEADING = "## 导出文件 Exported artefacts"
+_CARD_ROW = re.compile(r"^\|\s*`?([^|`]+?)`?\s*\|\s*(\d+)\s*\|\s*`?([0-9a-f]{64})`?\s*\|\s*$")
+
+
+def card_artefacts_section(records: list[dict]) -> str:
+    """The card's table of exported files (path, bytes, sha256), which ``verify_run`` reads back."""
+    lines = [CARD_ARTEFACTS_HEADING, "", "| file | bytes | sha256 |", "|---|---|---|"]
+    lines += [f"| `{r['path']}` | {r['bytes']} | `{r['sha256']}` |" for r in records]
+    return "\n".join(lines)
+
+
+def read_card_artefacts(text: str) -> list[dict]:
+    """The ``{path, bytes, sha256}`` rows of the card's exported-files table (empty if it has none)."""
+    out, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            inside = line.strip() == CARD_ARTEFACTS_HEADING
+            continue
+        m = _CARD_ROW.match(line.strip()) if inside else None
+        if m:
+            out.append({"path": m.group(1).strip(), "bytes": int(m.group(2)), "sha256": m.group(3)})
+    return out
+
+
 @dataclass
 class Problem:
     seq: int | None
@@ -164,11 +252,41 @@ class Problem:
         return f"{where}: {self.path + ': ' if self.path else ''}{self.message}"
 
 
-def verify_run(run_dir: str | os.PathLike, check_external: bool = False) -> list[Problem]:
+# files of a run folder no entry records: the ledger itself, the resolved recipe and the logs (rewritten by
+# every invocation; the entries' params are the record of the settings), the lock of a running process
+UNRECORDED_FILES = (LEDGER_NAME, "recipe.yaml", ".lock")
+UNRECORDED_FOLDERS = ("logs",)
+
+
+def unrecorded_files(run_dir: str | os.PathLike, entries: list[dict]) -> list[str]:
+    """Files in the run folder that no ledger entry records (run-relative paths, sorted).
+
+    A file added after its stage ran, or the outputs of entries cut from the end of the ledger (which
+    would otherwise hide edits to them), or what an interrupted stage left behind.
+    """
+    run_dir = Path(run_dir)
+    recorded = {r["path"] for e in entries for r in [*e.get("inputs", []), *e.get("outputs", [])]}
+    out = []
+    for p in sorted(run_dir.rglob("*")):
+        rel = p.relative_to(run_dir).as_posix()
+        if (p.is_dir() and not p.is_symlink()) or rel in recorded or rel in UNRECORDED_FILES:
+            continue
+        if rel.split("/", 1)[0] in UNRECORDED_FOLDERS:
+            continue
+        out.append(rel)
+    return out
+
+
+def verify_run(run_dir: str | os.PathLike, check_external: bool = False, check_card: bool = True,
+               check_unrecorded: bool = False) -> list[Problem]:
     """Re-check the chain and every recorded file; return the problems in ledger order (empty = intact).
 
     A file is checked against the newest entry that wrote it (a later stage may legitimately rewrite a
     file an earlier one produced); a file no stage wrote, against the newest entry that read it. Files outside the run folder are checked only on request.
+    With ``check_card``, every exported file ``MODEL_CARD.md`` names must be the one the ledger
+    recorded and the one on disk (same sha256). With ``check_unrecorded`` (``banklm verify``), every file
+    of the folder must be recorded by an entry (:func:`unrecorded_files`): cutting entries off the end of
+    the ledger keeps its chain valid, but leaves their outputs unrecorded.
     """
     run_dir = Path(run_dir)
     ledger = Ledger(run_dir)
@@ -182,6 +300,7 @@ def verify_run(run_dir: str | os.PathLike, check_external: bool = False) -> list
     prev_hash = None
     latest: dict[str, tuple[dict, dict]] = {}
     produced: set[str] = set()
+    changed: set[str] = set()
     for i, entry in enumerate(entries, 1):
         seq, stage = entry.get("seq"), entry.get("stage")
         if seq != i:
@@ -207,8 +326,39 @@ def verify_run(run_dir: str | os.PathLike, check_external: bool = False) -> list
             p = run_dir / p
         if not p.exists():
             problems.append(Problem(entry.get("seq"), entry.get("stage"), path, "file is missing"))
+            changed.add(path)
         elif p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
             problems.append(Problem(entry.get("seq"), entry.get("stage"), path,
                                     "file changed since it was recorded (sha256 differs)"))
+            changed.add(path)
+    if check_card and (run_dir / CARD_NAME).is_file():
+        problems += _check_card(run_dir, latest, produced, changed)
     problems.sort(key=lambda pr: (pr.seq if pr.seq is not None else 0))
+    if check_unrecorded:
+        problems += [Problem(None, None, rel, "not recorded by any ledger entry (added after its stage ran, the "
+                             "ledger was cut short, or an interrupted stage left it)")
+                     for rel in unrecorded_files(run_dir, entries)]
+    return problems
+
+
+def _check_card(run_dir: Path, latest: dict[str, tuple[dict, dict]], produced: set[str],
+                changed: set[str]) -> list[Problem]:
+    """Card rows against the ledger; files already found changed against the ledger are named again
+    here, as not the ones the card names (a card row equal to its ledger record needs no second hash)."""
+    problems = []
+    card_entry = latest.get(CARD_NAME, ({}, {}))[0]
+    for row in read_card_artefacts((run_dir / CARD_NAME).read_text(encoding="utf-8", errors="replace")):
+        path = row["path"]
+        if path not in produced:
+            problems.append(Problem(card_entry.get("seq"), card_entry.get("stage"), path,
+                                    f"{CARD_NAME} lists this exported file but no ledger entry wrote it"))
+            continue
+        entry, rec = latest[path]
+        if rec["sha256"] != row["sha256"] or rec["bytes"] != row["bytes"]:
+            problems.append(Problem(entry.get("seq"), entry.get("stage"), path,
+                                    f"{CARD_NAME} gives sha256 {row['sha256'][:12]}... but the ledger recorded "
+                                    f"{rec['sha256'][:12]}..."))
+        elif path in changed:
+            problems.append(Problem(entry.get("seq"), entry.get("stage"), path,
+                                    f"the file on disk is not the one {CARD_NAME} names (sha256 differs)"))
     return problems

@@ -9,9 +9,11 @@ filesystems) into this run folder and re-hashed, so every run folder is complete
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from banklm import __version__
 from banklm.io import atomic_write_text
-from banklm.ledger import Ledger, LedgerError, canonical_json, code_version, file_records, now_iso
+from banklm.ledger import Ledger, LedgerError, canonical_json, code_version, file_records, host_info, now_iso
 from banklm.recipe import Recipe, dump_recipe
 
 log = logging.getLogger("banklm")
@@ -39,6 +41,10 @@ class CheckFailed(RuntimeError):
 
 class RunLocked(RuntimeError):
     """Another banklm process holds the run folder."""
+
+
+class RunDirError(ValueError):
+    """The run folder cannot be used (a file, someone else's non-empty folder, not writable): exit 2."""
 
 
 @dataclass
@@ -74,30 +80,47 @@ def default_run_dir(recipe: Recipe, runs_root: Path = Path("runs")) -> Path:
 
 
 class RunLock:
-    """An exclusive lock file in the run folder (O_EXCL); a lock left by a dead process is taken over."""
+    """An exclusive ``flock`` on ``<run folder>/.lock``, which holds the owner's pid for the message.
+
+    The kernel drops the lock when its process dies, even by SIGKILL, so a crashed run never blocks the
+    next one (no stale-lock guessing from pids, which the OS reuses). After locking, the lock file must
+    still be the one at the path (another process may have removed it on exit meanwhile): else retry.
+    """
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
+        self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        for _ in range(2):
+        import fcntl
+
+        for _ in range(20):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 pid = _read_pid(self.path)
-                if pid is not None and _alive(pid):
-                    raise RunLocked(f"{self.path.parent}: another banklm process (pid {pid}) is using this run "
-                                    "folder; wait for it or choose another --run-dir") from None
-                log.warning("removing a stale lock left by pid %s", pid)
-                self.path.unlink(missing_ok=True)
+                raise RunLocked(f"{self.path.parent}: another banklm process (pid {pid or '?'}) is using this run "
+                                "folder; wait for it or choose another --run-dir") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # we locked a file its owner had just removed: take the lock again
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._fd = fd
             return self
         raise RunLocked(f"{self.path}: could not take the run folder lock")
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)  # still locked: nobody can take it between unlink and close
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _read_pid(path: Path) -> int | None:
@@ -107,20 +130,24 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ----------------------------------------------------------------------------------------- reuse
 
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """SHA-256 over banklm's own source files (every package of the pipeline).
+
+    Part of every stage key: an edited generator, trainer or converter must not reuse outputs made by
+    the old code even when the version number did not move (a stale reuse is worse than a recompute)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in ("banklm", "corpora", "finetune", "distill", "export"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def stage_key(stage: str, params: dict, inputs: list[dict]) -> str:
-    material = {"stage": stage, "params": params, "banklm": __version__,
+    material = {"stage": stage, "params": params, "banklm": __version__, "source": source_digest(),
                 "inputs": [(r["path"], r["sha256"]) for r in inputs]}
     return hashlib.sha256(canonical_json(material)).hexdigest()
 
@@ -171,6 +198,65 @@ def _link_outputs(src_dir: Path, dst_dir: Path, outputs: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------------------- running
 
+RUN_MARKERS = ("ledger.jsonl", "recipe.yaml", ".lock", "logs")
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    """Create (or check) the run folder; raise :class:`RunDirError` naming it when it cannot be one.
+
+    An existing folder is used only when it is empty or already a run folder: banklm never mixes its
+    outputs into a folder of other files (``--run-dir ~`` or ``--run-dir /etc`` are refused).
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir}: exists and is not a folder")
+    if run_dir.is_dir():
+        names = {p.name for p in run_dir.iterdir()}
+        if names and not names & set(RUN_MARKERS):
+            raise RunDirError(f"--run-dir {run_dir}: folder is not empty and is not a banklm run folder (no "
+                              "ledger.jsonl or recipe.yaml); choose a new or empty folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"--run-dir {e.filename or run_dir}: cannot write here ({e.strerror})") from None
+    return run_dir.resolve()  # `--run-dir runs/x/latest` means the run it points at, not a new link
+
+
+def clean_stale_temp(run_dir: Path) -> list[Path]:
+    """Remove what interrupted writers left (``banklm.io`` temporaries); returns what was removed.
+
+    Called with the run lock held, so no other banklm process is writing here: every temporary is
+    stale. A folder swap cut between its two renames leaves ``.<name>.old-<pid>`` and no ``<name>``:
+    that old folder is the last complete one and is put back.
+    """
+    removed = []
+    for root, dirs, files in os.walk(run_dir):
+        for name in [*dirs, *files]:
+            m = _TEMP_RE.match(name)
+            if not m:
+                continue
+            p = Path(root) / name
+            target = Path(root) / m.group(1)
+            if m.group(2) == "old" and p.is_dir() and not target.exists():
+                os.replace(p, target)
+                log.warning("restored %s: an interrupted run had moved it aside", target)
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+        dirs[:] = [d for d in dirs if not _TEMP_RE.match(d)]
+    return removed
+
+
+# atomic_dir: .<name>.tmp-<pid> / .<name>.old-<pid>; atomic_open: .<name>.<random>.tmp; latest link:
+# .latest.tmp-<pid>; GGUF re-quantization source: .<name>.src-<pid>.gguf
+_TEMP_RE = re.compile(r"^\.(.+?)\.(?:(tmp|old|src)-\d+(?:\.\w+)?|[^.]+\.tmp)$")
+
+
 def _setup_file_log(run_dir: Path) -> logging.Handler:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "logs" / "banklm.log", encoding="utf-8")
@@ -182,9 +268,7 @@ def _setup_file_log(run_dir: Path) -> logging.Handler:
 def run_stages(recipe: Recipe, stages: list[Stage], run_dir: Path | None = None, upto: str | None = None,
                only: set[str] | None = None) -> Path:
     """Run the enabled stages (all, up to and including ``upto``, or just ``only``) into ``run_dir``."""
-    run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = run_dir.resolve()  # `--run-dir runs/x/latest` means the run it points at, not a new link
+    run_dir = prepare_run_dir(Path(run_dir) if run_dir else default_run_dir(recipe))
     selected = []
     for st in stages:
         if only is not None and st.name not in only:
@@ -197,6 +281,8 @@ def run_stages(recipe: Recipe, stages: list[Stage], run_dir: Path | None = None,
     _quiet_libraries()
     try:
         with RunLock(run_dir):
+            for p in clean_stale_temp(run_dir):
+                log.warning("removed %s, left by an interrupted run", p)
             atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
             _update_latest_link(run_dir)
             ctx = RunContext(recipe, run_dir)
@@ -235,7 +321,7 @@ def _run_one(ctx: RunContext, st: Stage) -> None:
     params = st.params(ctx.recipe)
     inputs = file_records(st.inputs(ctx), ctx.run_dir)
     key = stage_key(st.name, params, inputs)
-    common = {"key": key, "code": code_version(), "seed": ctx.recipe.seed}
+    common = {"key": key, "code": code_version(), "seed": ctx.recipe.seed, "host": host_info()}
     ledger = Ledger(ctx.run_dir)
     if st.cacheable:
         found = _find_reusable(ctx.run_dir, st.name, key)
@@ -247,16 +333,22 @@ def _run_one(ctx: RunContext, st: Stage) -> None:
             outputs = file_records([ctx.run_dir / r["path"] for r in entry["outputs"]], ctx.run_dir)
             ledger.append(st.name, params=params, inputs=inputs, outputs=outputs, started_at=t0,
                           finished_at=now_iso(), status="reused", wall_s=0.0,
-                          reused_from={"run": src_dir.name, "seq": entry["seq"]}, **common)
+                          reused_from={"run": src_dir.name, "seq": entry["seq"]},
+                          device=entry.get("device"), notes=entry.get("notes"), **common)
             log.info("[%s] reused from run %s (ledger entry %s)", st.name, src_dir.name, entry["seq"])
             _say(f"[{st.name}] unchanged: reused (run {src_dir.name}, entry {entry['seq']})")
             return
     _say(f"[{st.name}] running ...")
+    ctx.notes.pop("device", None)  # each stage records the device it used itself (none: CPU only)
     t0, started = time.perf_counter(), now_iso()
     try:
         produced = st.run(ctx)
     except (CheckFailed, RunLocked):
         raise
+    except OSError as e:  # disk full, read-only or permission denied: say which path
+        log.exception("stage %s failed", st.name)
+        where = e.filename or f"a file in {ctx.run_dir}"
+        raise StageError(f"stage '{st.name}' failed: {where}: {e.strerror or e} (errno {e.errno})") from e
     except Exception as e:
         log.exception("stage %s failed", st.name)
         raise StageError(f"stage '{st.name}' failed: {type(e).__name__}: {e}") from e
@@ -264,7 +356,7 @@ def _run_one(ctx: RunContext, st: Stage) -> None:
     outputs = file_records(produced, ctx.run_dir)
     ledger.append(st.name, params=params, inputs=inputs, outputs=outputs, started_at=started,
                   finished_at=now_iso(), status="done", wall_s=round(wall, 3), reused_from=None,
-                  device=ctx.notes.get("device"), notes=ctx.notes.pop(st.name, None), **common)
+                  device=ctx.notes.pop("device", None) or "cpu", notes=ctx.notes.pop(st.name, None), **common)
     log.info("[%s] done in %.1f s", st.name, wall)
     _say(f"[{st.name}] done in {wall:.1f} s")
 

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TaskName = Literal["credit", "aml", "audit"]
 CorpusKind = Literal["general", "vertical", "private", "scenario"]
 GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+OnnxType = Literal["fp32", "fp16", "int8"]
 
 MAX_OVERRIDE_CHARS = 10_000
 
@@ -27,7 +28,7 @@ class RecipeError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SynthSpec(Section):
@@ -323,13 +324,24 @@ class TinyModel(Section):
     """A small model built from a config: same classes as a real Llama / Qwen2."""
 
     arch: Literal["llama", "qwen2"] = "llama"
-    hidden_size: int = Field(256, ge=16)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(768, ge=16)
-    max_position_embeddings: int = Field(1024, ge=64)
+    hidden_size: int = Field(256, ge=16, le=16384)
+    num_layers: int = Field(4, ge=1, le=256)
+    num_heads: int = Field(4, ge=1, le=256)
+    num_kv_heads: int = Field(4, ge=1, le=256)
+    intermediate_size: int = Field(768, ge=16, le=65536)
+    max_position_embeddings: int = Field(1024, ge=64, le=1_048_576)
     tie_word_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _small(self) -> TinyModel:
+        # a model built from scratch here is trained here: beyond ~2B parameters it cannot even be allocated
+        # on the machines banklm targets (a huge override must be an error, not an out-of-memory kill)
+        h, f = self.hidden_size, self.intermediate_size
+        n = self.num_layers * (4 * h * h + 3 * h * f)
+        if n > 2_000_000_000:
+            raise ValueError(f"these sizes give about {n / 1e9:.0f}B parameters per layer stack; a model built from "
+                             "a config is for small models (at most 2B): use base.path for a large one")
+        return self
 
 
 class BaseSection(Section):
@@ -351,22 +363,23 @@ class BaseSection(Section):
 class LoraSpec(Section):
     r: int = Field(16, ge=1, le=1024)
     alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # as PEFT, torchtune: masks took 44-60% of a CPU LoRA step
     targets: str | list[str] = "all-linear"
     rslora: bool = False
     dora: bool = False
 
 
-class TrainParams(Section):
-    enabled: bool = True
+class TrainHyper(Section):
+    """Optimisation settings shared by ``cpt``, ``train`` and ``distill.train``."""
+
     method: Literal["lora", "qlora", "full"] = "lora"
     lr: float = Field(2e-4, gt=0, lt=1)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1)
-    time_budget_s: float | None = Field(None, gt=0)
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(512, ge=16)
+    epochs: float = Field(1.0, gt=0, le=10_000)
+    max_steps: int = Field(-1, ge=-1, le=1_000_000_000)
+    time_budget_s: float | None = Field(None, gt=0, le=31_536_000)  # at most a year
+    batch_size: int = Field(16, ge=1, le=65_536)
+    grad_accum: int = Field(1, ge=1, le=65_536)
+    max_length: int = Field(512, ge=16, le=1_048_576)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
@@ -375,6 +388,22 @@ class TrainParams(Section):
     completion_only_loss: bool = True
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1)  # validation loss every N steps (default: each epoch end)
+    early_stopping_patience: int | None = Field(None, ge=1)  # stop after N evaluations without a lower loss
+    task_eval_steps: int | None = Field(None, ge=1)  # greedy task accuracy on validation records every N steps
+    task_eval_samples: int = Field(20, ge=1)  # validation records per task for task_eval_steps
+    save_steps: int | None = Field(None, ge=1)  # checkpoint every N steps: an interrupted run resumes there
+    keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept while training (removed at the end)
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_eval_steps(self) -> TrainHyper:
+        if self.early_stopping_patience is not None and self.eval_steps is None:
+            raise ValueError("early_stopping_patience needs eval_steps (evaluate every N steps)")
+        return self
+
+
+class TrainParams(TrainHyper):
+    enabled: bool = True
 
 
 class CptSection(TrainParams):
@@ -388,40 +417,154 @@ class CptSection(TrainParams):
 class EvalSection(Section):
     enabled: bool = True
     tasks: list[TaskName] = Field(default_factory=lambda: ["credit", "aml", "audit"])
-    limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=1, le=10_000_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
     max_new_tokens: int = Field(128, ge=1, le=4096)
     robustness: list[Literal["shuffle_fields", "fullwidth_digits", "distractor"]] = Field(default_factory=list)
     compare: list[Literal["base", "cpt"]] = Field(default_factory=list)  # earlier models scored side by side
     retention: bool = True  # perplexity on the general corpus's test split, before and after fine-tuning
 
 
+def _no_duplicates(values: list[str]) -> list[str]:
+    dup = sorted({v for v in values if values.count(v) > 1})
+    if dup:
+        raise ValueError(f"listed twice: {', '.join(dup)}")
+    return values
+
+
 class GgufSection(Section):
+    """GGUF files for llama.cpp / Ollama (k-quants q4_k_m, q5_k_m, q6_k need ``banklm[llamacpp]``)."""
+
     enabled: bool = True
-    quant: list[GgufType] = Field(default_factory=lambda: ["f16", "q8_0"])
+    quant: list[GgufType] = Field(default_factory=lambda: ["f16", "q8_0"], min_length=1)
+    system: str | None = None  # the Ollama Modelfile's SYSTEM prompt
+    num_ctx: int | None = Field(None, ge=64)  # Modelfile num_ctx (default: the model's context, at most 8192)
+
+    _unique = field_validator("quant")(_no_duplicates)
 
 
 class OnnxSection(Section):
+    """ONNX decoder with KV cache: fp32, fp16 (for GPUs) and int8 (dynamic quantization of fp32)."""
+
     enabled: bool = False
+    opset: int = Field(17, ge=14, le=21)
+    quant: list[OnnxType] = Field(default_factory=lambda: ["fp32", "int8"], min_length=1)
+
+    _unique = field_validator("quant")(_no_duplicates)
 
 
 class ExportSection(Section):
     gguf: GgufSection = Field(default_factory=GgufSection)
     onnx: OnnxSection = Field(default_factory=OnnxSection)
+    evaluate: bool = True  # task evaluation (eval.tasks) of every artefact and of the PyTorch model
+    eval_limit: int | None = Field(None, ge=1)  # records per task for that evaluation (default eval.limit)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)  # fail the export when an artefact loses more
+
+
+class DistillTeacher(Section):
+    """The teacher: ``path`` (a local model folder) or, by default, the run's own fine-tuned model."""
+
+    path: str | None = None
+    quantization: Literal["4bit", "8bit"] | None = None  # bitsandbytes, applied on CUDA (full precision on CPU)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+
+
+class DistillStudent(Section):
+    """Where the student starts: ``from: teacher_layers`` (every ``every``-th teacher layer, or ``layers``,
+    optionally a narrower MLP), ``from: path`` (a smaller local model) or ``from: build`` (a tiny config)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              serialize_by_alias=True)
+
+    from_: Literal["teacher_layers", "path", "build"] = Field("teacher_layers", alias="from")
+    every: int = Field(2, ge=1, le=64)
+    layers: list[Annotated[int, Field(ge=0)]] | None = None
+    intermediate_size: int | None = Field(None, ge=1)
+    path: str | None = None
+    build: TinyModel | None = None
+    allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _source(self) -> DistillStudent:
+        if (self.from_ == "path") != (self.path is not None):
+            raise ValueError("set path exactly when from: path")
+        if (self.from_ == "build") != (self.build is not None):
+            raise ValueError("set build exactly when from: build")
+        if self.from_ != "teacher_layers" and (self.layers is not None or self.intermediate_size is not None):
+            raise ValueError("layers and intermediate_size apply only to from: teacher_layers")
+        return self
+
+
+class KdParams(Section):
+    """Logit distillation loss: ``alpha * T^2 * divergence + (1 - alpha) * cross-entropy`` on answer tokens."""
+
+    divergence: Literal["forward", "reverse", "jsd"] = "forward"
+    beta: float = Field(0.5, gt=0, lt=1)  # jsd only: weight of the teacher in the mixture
+    temperature: float = Field(1.0, gt=0, le=20)
+    alpha: float = Field(0.5, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=4096)  # None: live teacher, full logits; k: pre-computed top-k cache
+    tail: Literal["bucket", "renorm"] = "bucket"  # top-k only: mass outside the k tokens as one bin, or renormalise
+
+
+class SeqKdParams(Section):
+    """Sequence-level distillation: the teacher answers the prompt pool, only checked answers are kept."""
+
+    train_prompts: bool = True  # the scenario train split's prompts (distill.limit applies)
+    extra_prompts: list[str] = Field(default_factory=list)  # JSONL files of unlabelled {task, prompt} records
+    strict: bool = True  # answers must have exactly the documented layout
+    match: Literal["label", "fields"] = "label"  # what must agree with the gold / rule answer
+    require_reference: bool = False  # drop prompts without a gold or rule answer
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+
+
+class DistillTrain(TrainHyper):
+    method: Literal["lora", "qlora", "full"] = "full"
 
 
 class DistillSection(Section):
+    """Teacher -> smaller student (``method: logit`` or ``seq``), and with ``baseline`` the same student trained
+    on the same data for the same number of steps without the teacher."""
+
     enabled: bool = False
+    method: Literal["logit", "seq"] = "logit"
+    teacher: DistillTeacher = Field(default_factory=DistillTeacher)
+    student: DistillStudent = Field(default_factory=DistillStudent)
+    kd: KdParams = Field(default_factory=KdParams)
+    seq: SeqKdParams = Field(default_factory=SeqKdParams)
+    train: DistillTrain = Field(default_factory=DistillTrain)
+    limit: int | None = Field(None, ge=1)  # the transfer set: at most this many train records per task
+    baseline: bool = True
+
+
+TO_BE_FILLED = "（待填写 to be filled）"
 
 
 class ReportSection(Section):
+    """The run report and MODEL_CARD.md; ``owner``/``contact``/``intended_use``/``out_of_scope`` are the
+    disclosure fields a bank fills in (defaults are marked to be filled)."""
+
     enabled: bool = True
+    language: Literal["zh", "en"] = "zh"  # card body text; headings are always Chinese + English
+    owner: str = TO_BE_FILLED          # responsible entity (e.g. the bank and department)
+    contact: str = TO_BE_FILLED        # contact for questions about the model
+    intended_use: str | None = None    # None: the default decision-support wording
+    out_of_scope: str | None = None    # None: the default out-of-scope wording
+    failure_examples: int = Field(5, ge=0, le=50)  # wrong predictions shown in the card
+
+
+class PlanSection(Section):
+    """Hints for ``banklm plan`` (training ignores them): the card the recipe is written for, and the bundled
+    config to plan with when ``base.path`` is not on this machine (default: matched by the folder's name)."""
+
+    gpu_mem: str | None = Field(None, pattern=r"^\d+(\.\d+)?\s*(GB|GiB|G)?$")  # e.g. 12GB
+    config: str | None = None  # a name from finetune/known_configs.py, e.g. qwen2.5-1.5b
 
 
 class Recipe(Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     corpora: CorporaSection = Field(default_factory=CorporaSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
@@ -432,6 +575,7 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     export: ExportSection = Field(default_factory=ExportSection)
     report: ReportSection = Field(default_factory=ReportSection)
+    plan: PlanSection = Field(default_factory=PlanSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -440,6 +584,13 @@ class Recipe(Section):
                              "a local base model brings its own tokenizer")
         if self.base.build is not None and not self.tokenizer.train:
             raise ValueError("base.build needs tokenizer.train: true (a tiny base gets a tokenizer trained on the run's corpora)")
+        d = self.distill
+        if d.enabled and d.teacher.path is None and not (self.train.enabled or self.cpt.enabled):
+            raise ValueError("distill: the default teacher is the run's fine-tuned model, but train and cpt are "
+                             "disabled: enable train or set distill.teacher.path")
+        if d.enabled and (self.corpora.scenario is None or not (self.corpora.scenario.synth
+                                                                 or self.corpora.scenario.tables)):
+            raise ValueError("distill needs scenario training data (corpora.scenario)")
         return self
 
 
@@ -530,7 +681,7 @@ def _format_error(source: str, err: dict) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         parent = _section_at(loc[:-1])
-        allowed = ", ".join(parent.model_fields) if parent else "?"
+        allowed = ", ".join(f.alias or n for n, f in parent.model_fields.items()) if parent else "?"
         return f"{source}: unknown key '{key}' (allowed here: {allowed})"
     if kind == "missing":
         return f"{source}: missing required key '{key}'"

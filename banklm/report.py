@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ LABEL_EN = {
 }
 
 
-MODEL_ORDER = ("sft", "student", "cpt", "base")  # newest model of a run first
+MODEL_ORDER = ("student", "sft", "cpt", "base")  # newest model of a run first (a distilled student is the final one)
 
 
 def _read_json(path: Path) -> Any:
@@ -61,14 +62,6 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
-    def cell(v):
-        return "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------- data
 
 def collect(run_dir: Path) -> dict:
@@ -99,7 +92,8 @@ def collect(run_dir: Path) -> dict:
                  if (p / "results.json").exists()},
         "export": _read_json(run_dir / "export" / "verify.json"),
         "retention": _read_json(run_dir / "eval" / "retention.json"),
-        "problems": [str(p) for p in verify_run(run_dir)],
+        "distill": _read_json(run_dir / "distill" / "stats.json"),
+        "problems": [str(p) for p in verify_run(run_dir, check_card=False)],  # the card is about to be rewritten
     }
 
 
@@ -231,6 +225,162 @@ def plot_labels(corpora: dict, path: Path) -> Path | None:
     return path
 
 
+def plot_timings(entries: list[dict], path: Path) -> Path | None:
+    """Wall time per stage (reused stages show 0 s)."""
+    rows = [(f"{e.get('seq')} {e.get('stage')}", float(e.get("wall_s") or 0.0), e.get("status")) for e in entries]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(rows) + 1.2))
+    ys = range(len(rows))
+    ax.barh(ys, [r[1] for r in rows], color=["#8c959f" if r[2] == "reused" else "#0969da" for r in rows])
+    ax.set_yticks(ys, [r[0] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    for y, (_, secs, status) in zip(ys, rows, strict=True):
+        ax.text(secs, y, f" {secs:.1f} s" + (" (reused)" if status == "reused" else ""), va="center", fontsize=7)
+    ax.set_xlabel("wall time (s)")
+    ax.set_title("stage timings")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_corpus_sizes(corpora: dict, path: Path) -> Path | None:
+    """Records per corpus kind and split."""
+    sizes = {}
+    for kind, st in (corpora or {}).items():
+        splits = (st or {}).get("splits") or {}
+        sizes[kind] = {s: (v.get("total") if isinstance(v, dict) else v) for s, v in splits.items()}
+    sizes = {k: v for k, v in sizes.items() if any(isinstance(n, int) for n in v.values())}
+    if not sizes:
+        return None
+    plt = _plt()
+    splits = ["train", "validation", "test"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    width = 0.8 / len(splits)
+    kinds = list(sizes)
+    for i, split in enumerate(splits):
+        vals = [sizes[k].get(split) if isinstance(sizes[k].get(split), int) else 0 for k in kinds]
+        bars = ax.bar([j + i * width for j in range(len(kinds))], vals, width, label=split)
+        for b, v in zip(bars, vals, strict=True):
+            ax.text(b.get_x() + b.get_width() / 2, v, str(v), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([j + width for j in range(len(kinds))], kinds)
+    ax.set_ylabel("records")
+    ax.set_title("records per corpus and split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- distillation
+
+DISTILL_METRICS = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("mcc", "MCC"), ("exact_match", "exact match"),
+                   ("format_compliance", "format compliance")]
+
+
+def distill_models(d: dict) -> list[tuple[str, str, dict]]:
+    """``(role, eval name, results)`` for teacher, student and baseline, when the run distilled."""
+    st = d.get("distill")
+    if not st:
+        return []
+    evals = d["eval"]
+    teacher = next((n for n in ("teacher", "sft", "cpt", "base") if n in evals), None)
+    out = [("teacher", teacher, evals.get(teacher)), ("student", "student", evals.get("student")),
+           ("baseline (no teacher)", "baseline", evals.get("baseline"))]
+    return [(role, name, res) for role, name, res in out if name and res]
+
+
+def distill_tables(d: dict) -> tuple[list[str], list[list[Any]], list[str], list[list[Any]]]:
+    """Teacher vs student vs baseline: a size/speed table and a per-task metrics table (read from eval/*)."""
+    st = d.get("distill") or {}
+    models = distill_models(d)
+    steps = {"student": (st.get("student") or {}).get("steps"), "baseline": (st.get("baseline") or {}).get("steps")}
+    size_rows = []
+    for role, name, res in models:
+        ov = res.get("overall", {})
+        mb = ov.get("model_bytes")
+        size_rows.append([role, name, ov.get("parameters"), round(mb / 1e6, 2) if mb else None, ov.get("tokens_per_s"),
+                          ov.get("accuracy"), steps.get(name)])
+    size_headers = ["model", "eval name", "parameters", "MB on disk", "generation tokens/s", "overall accuracy",
+                    "training steps"]
+    task_rows = []
+    tasks = sorted({t for _, _, res in models for t in res.get("tasks", {})})
+    for task in tasks:
+        for role, _, res in models:
+            r = res.get("tasks", {}).get(task) or {}
+            task_rows.append([task, role, *[r.get(k) for k, _ in DISTILL_METRICS]])
+    return size_headers, size_rows, ["task", "model", *[label for _, label in DISTILL_METRICS]], task_rows
+
+
+def plot_distill(d: dict, path: Path) -> Path | None:
+    """Accuracy against size on disk for teacher, student and baseline (one marker per task + overall)."""
+    models = distill_models(d)
+    if not models:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    tasks = sorted({t for _, _, res in models for t in res.get("tasks", {})})
+    markers = {"teacher": "s", "student": "o", "baseline (no teacher)": "^"}
+    for role, _, res in models:
+        mb = (res.get("overall", {}).get("model_bytes") or 0) / 1e6
+        accs = [(res["tasks"].get(t) or {}).get("accuracy") for t in tasks]
+        nan = float("nan")
+        ax.scatter([mb] * len(tasks), [nan if a is None else a for a in accs], marker=markers.get(role, "o"),
+                   alpha=0.45, s=28)
+        overall = res.get("overall", {}).get("accuracy")
+        ax.scatter([mb], [nan if overall is None else overall], marker=markers.get(role, "o"), s=90,
+                   label=f"{role}: {mb:.1f} MB")
+        for t, a in zip(tasks, accs, strict=True):
+            if a is not None:
+                ax.annotate(t, (mb, a), textcoords="offset points", xytext=(6, -3), fontsize=7)
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("label accuracy (small: per task, large: overall)")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("distillation: accuracy against size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_distill_section(d: dict, plot: Path | None) -> str:
+    st = d.get("distill")
+    if not st:
+        return ""
+    parts = ["<h2>Distillation</h2>"]
+    init = st.get("student_init") or {}
+    how = {"teacher_layers": f"teacher layers {init.get('layers')} of {init.get('teacher_layers')}"
+                             + (f", MLP width {init.get('intermediate_size')}" if init.get("intermediate_size") else ""),
+           "path": f"local model {init.get('path')}", "build": f"built from a config ({init.get('arch')})"}
+    kd = (st.get("student") or {}).get("distill") or {}
+    method = (f"logit KD ({kd.get('kind')}, T={kd.get('temperature')}, alpha={kd.get('alpha')}, "
+              f"{'top-' + str(kd.get('top_k')) + ' cache' if kd.get('top_k') else 'live teacher'})"
+              if st.get("method") == "logit" else "sequence-level KD (teacher answers, checked)")
+    parts.append(f"<p>{html.escape(method)}; student initialised from {html.escape(how.get(init.get('from'), '?'))}; "
+                 f"teacher <code>{html.escape(str(st.get('teacher')))}</code>. The baseline is the same student trained "
+                 "on the same data for the same number of steps without the teacher.</p>")
+    size_h, size_rows, task_h, task_rows = distill_tables(d)
+    if size_rows:
+        parts.append(_table(size_h, size_rows))
+        parts.append(_table(task_h, task_rows))
+        parts.append(_img(plot, "accuracy against size"))
+    else:
+        parts.append("<p class=muted>teacher/student/baseline not evaluated in this run</p>")
+    seq = st.get("seqkd")
+    if seq:
+        parts.append(_table(["task", "prompts", "kept", "yield", "rejected (reason: count)"],
+                            [[t, v["prompts"], v["kept"], v["yield"], json.dumps(v["rejected"], ensure_ascii=False)]
+                             for t, v in seq.get("by_task", {}).items()]
+                            + [["all", seq["prompts"], seq["kept"], seq["yield"],
+                                json.dumps(seq["rejected"], ensure_ascii=False)]]))
+    return "\n".join(parts)
+
+
 # ----------------------------------------------------------------------------------------- html
 
 CSS = """body{font-family:system-ui,-apple-system,"Segoe UI","Noto Sans CJK SC","Microsoft YaHei",sans-serif;
@@ -257,6 +407,7 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
     rows = [[e["seq"], e["stage"], e.get("status"), e.get("wall_s"), e.get("finished_at"),
              len(e.get("outputs", []))] for e in d["entries"]]
     parts.append(_table(["seq", "stage", "status", "wall s", "finished", "files"], rows) + f"<p>{status}</p>")
+    parts.append(_img(plots.get("timings"), "stage timings"))
 
     parts.append("<h2>Corpora</h2>")
     if d["corpora"]:
@@ -271,6 +422,8 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
                 parts.append(_table(["step", "in", "kept", "dropped", "quarantined"],
                                     [[s["step"], s["in"], s["kept"], s["dropped"], s["quarantined"]]
                                      for s in st["steps"]]))
+        parts.append(_img(plots.get("corpus_sizes"), "records per corpus and split"))
+        parts.append(render_pii_table(d["corpora"]))
         parts.append(_img(plots.get("labels"), "training label distribution"))
     else:
         parts.append("<p class=muted>no corpus stage in this run</p>")
@@ -329,75 +482,120 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
     else:
         parts.append("<p class=muted>no evaluation in this run</p>")
 
-    parts.append("<h2>Export</h2>")
-    if d["export"]:
-        rows = []
-        for c in d["export"].get("gguf", []):
-            f = d["run_dir"] / c["file"]
-            lg = c.get("logits") or {}
-            rows.append([c["file"], c["type"], f.stat().st_size if f.exists() else None, lg.get("max_abs"),
-                         lg.get("mean_abs"), lg.get("top1_agreement"), (c.get("tokenizer") or {}).get("ids_equal"),
-                         (c.get("generation") or {}).get("equal"), "pass" if c.get("passed") else "FAIL"])
-        parts.append(_table(["file", "type", "bytes", "max |Δlogit|", "mean |Δlogit|", "top-1 agreement",
-                             "token ids equal", "greedy equal", "verdict"], rows))
-        fails = [f"{c['type']}: {m}" for c in d["export"].get("gguf", []) for m in c.get("failures", [])]
-        if fails:
-            parts.append("<p class=bad>" + "<br>".join(html.escape(m) for m in fails) + "</p>")
-    else:
-        parts.append("<p class=muted>no export in this run</p>")
+    parts.append(render_distill_section(d, plots.get("distill")))
+
+    parts.append(render_export_section(d))
+    parts.append(render_ledger_section(d))
     body = "\n".join(parts)
     return (f"<!doctype html><html lang=zh-CN><head><meta charset=utf-8><title>banklm report: "
             f"{html.escape(recipe.name)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
 
 
-def render_model_card(d: dict, recipe) -> str:
-    base = recipe.base.path or f"tiny {recipe.base.build.arch} built from a config (hidden {recipe.base.build.hidden_size}, " \
-        f"{recipe.base.build.num_layers} layers)"
-    lines = [f"# Model card: {recipe.name}", "", "## 用途 Intended use",
-             "辅助银行信贷审批、反洗钱可疑交易识别与审计底稿初筛；输出为建议，须由有资质人员复核。",
-             "Decision support for credit approval, AML screening and audit working papers; every output is a "
-             "suggestion for a qualified reviewer.", "", "## 不适用范围 Out-of-scope use",
-             "不得用于无人工复核的自动拒贷或自动上报；不得用于训练数据以外的业务。", "",
-             "## 基础模型 Base model", f"- {base}", f"- licence: {recipe.base.licence or 'not given in the recipe'}",
-             "", "## 训练数据 Training data"]
-    for kind, st in d["corpora"].items():
-        if st:
-            lines.append(f"- {kind}: {json.dumps(st.get('splits', {}), ensure_ascii=False)} "
-                         f"(card: corpora/{kind}/card.md)")
-    lines += ["", "## 训练方法 Training"]
-    for name, s in d["summaries"].items():
-        if s:
-            lines.append(f"- {name}: method {s.get('method')}, steps {s.get('steps')}, tokens {s.get('tokens_seen')}, "
-                         f"final loss {_md_num(s.get('final_loss'))}, {s.get('seconds')} s on {s.get('device')}")
-    lines.append(f"- hyper-parameters: see recipe.yaml (train.lr {recipe.train.lr}, method {recipe.train.method})")
-    lines += ["", "## 评估结果 Evaluation"]
-    if d["eval"]:
-        for name, res in d["eval"].items():
-            lines += [f"model `{name}`:", "", _md_table(EVAL_HEADERS, eval_rows(res)), ""]
+EXPORT_HEADERS = ["file", "format", "type", "bytes", "max |Δlogit|", "mean |Δlogit|", "top-1 agreement",
+                  "token ids equal", "greedy equal", "llama.cpp max |Δlogit|", "task accuracy", "Δ accuracy vs PyTorch",
+                  "tokens/s", "verdict"]
+
+
+def export_rows(verify: dict, run_dir: Path) -> list[list[Any]]:
+    """One row per exported artefact (GGUF, then ONNX): size, parity figures, task accuracy after export."""
+    rows = []
+    for fmt in ("gguf", "onnx"):
+        for c in (verify or {}).get(fmt, []):
+            f = run_dir / c["file"]
+            lg, te, lc = c.get("logits") or {}, c.get("task_eval") or {}, c.get("llama_cpp") or {}
+            llama = (lc.get("logits") or {}).get("max_abs") if lc.get("checked") else (
+                "not checked" if fmt == "gguf" else None)
+            drop = te.get("accuracy_drop")
+            rows.append([c["file"], fmt, c["type"], c.get("bytes") or (f.stat().st_size if f.exists() else None),
+                         _sci(lg.get("max_abs")), _sci(lg.get("mean_abs")), lg.get("top1_agreement"),
+                         (c.get("tokenizer") or {}).get("ids_equal"), (c.get("generation") or {}).get("equal"),
+                         _sci(llama), te.get("accuracy"), -drop if isinstance(drop, float) else None,
+                         _sci(te.get("tokens_per_s"), "{:.0f}"), "pass" if c.get("passed") else "FAIL"])
+    return rows
+
+
+def _sci(v: Any, fmt: str = "{:.2g}") -> Any:
+    """Logit differences span 1e-7 .. 1: two significant digits, not three decimals."""
+    return fmt.format(v) if isinstance(v, float) else v
+
+
+def render_export_section(d: dict) -> str:
+    """Export: the verification table (every artefact vs the PyTorch model) and accuracy before/after."""
+    v = d.get("export")
+    if not v:
+        return "<h2>Export</h2><p class=muted>no export in this run</p>"
+    parts = ["<h2>Export</h2>", _table(EXPORT_HEADERS, export_rows(v, d["run_dir"]))]
+    te = v.get("task_eval")
+    if te:
+        tasks = sorted(te["pytorch"].get("per_task", {}))
+        rows = [["PyTorch (before export)", *[te["pytorch"]["per_task"].get(t) for t in tasks],
+                 te["pytorch"].get("accuracy"), _sci(te["pytorch"].get("tokens_per_s"), "{:.0f}"), "transformers"]]
+        for fmt in ("gguf", "onnx"):
+            for c in v.get(fmt, []):
+                a = c.get("task_eval") or {}
+                if "accuracy" in a:
+                    rows.append([f"{fmt} {c['type']}", *[a["per_task"].get(t) for t in tasks], a["accuracy"],
+                                 _sci(a.get("tokens_per_s"), "{:.0f}"), a.get("runtime")])
+        parts.append(f"<h3>Task accuracy before and after export ({te['records']} test records)</h3>")
+        parts.append(_table(["model", *tasks, "overall", "tokens/s", "runtime"], rows))
+    elif v.get("gguf") or v.get("onnx"):
+        parts.append("<p class=muted>exported artefacts were not scored on the tasks (export.evaluate: false)</p>")
+    if any((c.get("llama_cpp") or {}).get("checked") is False for c in v.get("gguf", [])):
+        parts.append("<p class=muted>GGUF files were checked with transformers' GGUF reader only: "
+                     "pip install 'banklm[llamacpp]' to check them in llama.cpp</p>")
+    fails = v.get("failures") or [f"{c['type']}: {m}" for c in v.get("gguf", []) for m in c.get("failures", [])]
+    if fails:
+        parts.append("<p class=bad>" + "<br>".join(html.escape(m) for m in fails) + "</p>")
+    return "\n".join(parts)
+
+
+def render_pii_table(corpora: dict) -> str:
+    """PII replaced per corpus kind and type (counts only)."""
+    rows = []
+    for kind, st in (corpora or {}).items():
+        pii = (st or {}).get("pii")
+        if isinstance(pii, dict):
+            for ptype, n in sorted((pii.get("counts") or {}).items()):
+                rows.append([kind, pii.get("mode"), ptype, n])
+    if not rows:
+        return "<p class=muted>no PII step in this run's corpora</p>"
+    return "<h3>de-identification (counts only, never values)</h3>" + _table(["corpus", "mode", "PII type",
+                                                                               "replaced"], rows)
+
+
+def render_ledger_section(d: dict) -> str:
+    """Ledger summary: chain head, code and library versions, devices, and the verification result."""
+    entries = d["entries"]
+    if not entries:
+        return "<h2>Ledger</h2><p class=muted>no ledger in this run folder</p>"
+    last = entries[-1]
+    code = last.get("code") or {}
+    host = last.get("host") or {}
+    git = code.get("git_commit")
+    rows = [["entries", len(entries)], ["chain head (hash of the last entry)", last.get("hash")],
+            ["banklm", code.get("banklm")],
+            ["git commit", (git + (" (uncommitted changes)" if code.get("git_dirty") else "")) if git else "not a git checkout"],
+            ["devices", ", ".join(sorted({str(e.get("device")) for e in entries if e.get("device")})) or "–"],
+            ["host", f"{host.get('platform', '?')}, {host.get('cpu_count', '?')} CPU threads, CUDA: "
+                     f"{', '.join(host.get('cuda') or []) or 'none'}"],
+            ["seed", last.get("seed")],
+            ["files recorded", sum(len(e.get("outputs", [])) for e in entries)],
+            ["libraries", ", ".join(f"{k} {v}" for k, v in (last.get("versions") or {}).items())]]
+    if d["problems"]:
+        verdict = ("<p class=bad>verification FAILED at report time:<br>"
+                   + "<br>".join(html.escape(p) for p in d["problems"]) + "</p>")
     else:
-        lines.append("not evaluated in this run")
-    lines += ["", "## 导出 Export"]
-    if d["export"]:
-        for c in d["export"].get("gguf", []):
-            lines.append(f"- {c['file']} ({c['type']}): max |Δlogit| {_md_num((c.get('logits') or {}).get('max_abs'))}, "
-                         f"{'verified' if c.get('passed') else 'FAILED verification'}")
-    else:
-        lines.append("not exported in this run")
-    lines += ["", "## 局限 Known limitations",
-              "- Scores are on held-out generated records that follow the documented rules (docs/tasks.md); "
-              "they do not measure performance on a bank's real customers.",
-              "", "## 可追溯 Traceability",
-              f"- ledger: ledger.jsonl, {len(d['entries'])} entries, "
-              + ("chain and files intact at report time" if not d["problems"] else f"CHECK FAILED: {d['problems'][0]}"),
-              ""]
-    return "\n".join(lines)
+        verdict = (f"<p class=ok>verified at report time: {len(entries)} entries chained, every recorded file "
+                   "matches its sha256</p>")
+    return ("<h2>Ledger</h2>" + _table(["", ""], rows) + verdict
+            + "<p class=muted>re-check any time with <code>banklm verify RUN_DIR</code>; the model card "
+              "(<code>MODEL_CARD.md</code>) lists the exported files with their sha256.</p>")
 
 
-def _md_num(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+def write_report(run_dir: Path, recipe, mask_pii: Callable[[str], str] | None = None) -> list[Path]:
+    """Write report/ and MODEL_CARD.md; ``mask_pii`` masks what a PII detector finds in quoted model outputs."""
+    from banklm.modelcard import render_model_card
 
-
-def write_report(run_dir: Path, recipe) -> list[Path]:
     run_dir = Path(run_dir)
     d = collect(run_dir)
     out = run_dir / "report"
@@ -408,7 +606,10 @@ def write_report(run_dir: Path, recipe) -> list[Path]:
             "eval": plot_eval(first_eval, tmp / "eval.png"),
             "confusion": plot_confusions(first_eval, tmp / "confusion.png"),
             "labels": plot_labels(d["corpora"], tmp / "labels.png"),
+            "timings": plot_timings(d["entries"], tmp / "timings.png"),
+            "corpus_sizes": plot_corpus_sizes(d["corpora"], tmp / "corpora.png"),
+            "distill": plot_distill(d, tmp / "distill.png"),
         }
         atomic_write_text(tmp / "index.html", render_html(d, recipe, plots))
-    card = atomic_write_text(run_dir / "MODEL_CARD.md", render_model_card(d, recipe))
+    card = atomic_write_text(run_dir / "MODEL_CARD.md", render_model_card(d, recipe, mask_pii=mask_pii))
     return [out, card]

@@ -108,7 +108,7 @@ def _default_name(path: str) -> str:
 
 def source_files(specs: Sequence[dict], base_dir=None) -> list[Path]:
     """Every file the sources read (for the ledger); raises :class:`SourceError` naming the source."""
-    from corpora.sources import expand_paths
+    from corpora.sources import expand_paths, path_problem
 
     files: list[Path] = []
     for spec in specs:
@@ -117,7 +117,7 @@ def source_files(specs: Sequence[dict], base_dir=None) -> list[Path]:
             _, fs = expand_paths(rs["path"], rs.get("format", "auto"))
         except ValueError as e:
             raise SourceError(f"source {spec['path']!r}: {e}") from None
-        files += fs
+        files += [f for f in fs if path_problem(f) is None]  # the others are quarantined, never read
     return files
 
 
@@ -136,7 +136,9 @@ def check_sources(specs: Sequence[dict], base_dir=None) -> None:
         _file_format,
         _raw_items,
         detect_encoding,
+        display_path,
         expand_paths,
+        path_problem,
         to_record,
     )
 
@@ -152,6 +154,10 @@ def check_sources(specs: Sequence[dict], base_dir=None) -> None:
         keep = tuple(rs.get("keep", ("label",)))
         readable, first_bad = 0, None
         for f in files:
+            problem = path_problem(f)
+            if problem is not None:
+                first_bad = first_bad or (display_path(f), problem.reason)
+                continue
             try:
                 ffmt = _file_format(f, fmt)
             except ValueError as e:

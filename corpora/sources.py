@@ -34,6 +34,12 @@ Whatever the mode, these raise a ``ValueError``: a spec error, a glob matching n
 record has the expected fields (wrong field names: set ``field_map``), a source without any valid record,
 a corpus mixing raw text and instruction records.
 
+Paths: a source may name any file the user can read. Links to files are read once (a file reached by two
+paths is one file); links to folders are never followed (they can loop): they, links that loop or point
+nowhere, unreadable files and file names that are not valid UTF-8 are quarantined as whole files with the
+reason. Text with lone UTF-16 surrogates (``"\\ud800"`` escapes) is not Unicode text: the record is
+quarantined (``bad_text``), as is a record of more than ``max_record_bytes`` in any format.
+
 Ids: the record's ``id`` (string or integer) is kept; otherwise ``<name>/<path within the source>:<line>``.
 A repeated id is quarantined (``duplicate_id``); copies made by ``weight > 1`` get ``#2``, ``#3`` appended.
 """
@@ -42,10 +48,13 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import glob
 import io
 import json
+import logging
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -63,8 +72,12 @@ ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "observation": "tool", "function_call": "assistant", "tool": "tool"}
 MAX_RECORD_BYTES = 10 * 1024 * 1024
-FILE_LEVEL = ("empty_file", "csv_error", "invalid_json_file", "binary_file", "undecodable", "file_too_large")
+FILE_LEVEL = ("empty_file", "csv_error", "invalid_json_file", "binary_file", "undecodable", "file_too_large",
+              "bad_file_name", "unreadable_file", "linked_folder")
 _CHUNK = 1 << 20
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+log = logging.getLogger("banklm")
 
 
 class Bad(Exception):
@@ -74,6 +87,44 @@ class Bad(Exception):
         super().__init__(f"{category}: {detail}" if detail else category)
         self.category = category
         self.reason = str(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# paths
+
+
+def display_path(path: str | Path) -> str:
+    """A path as printable UTF-8 text (undecodable bytes of a file name shown as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def path_problem(path: Path) -> Bad | None:
+    """Why a listed path cannot be read as a source file, or None when it can."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return Bad("bad_file_name", "file name is not valid UTF-8; rename the file (e.g. convmv -f gbk -t utf8)")
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return Bad("unreadable_file", "symbolic link loop")
+            return Bad("unreadable_file", f"broken symbolic link ({e.strerror})")
+        if path.is_dir():
+            return Bad("linked_folder", "links to folders are not followed (they can loop); "
+                                        "add the target folder as its own source")
+    if not os.access(path, os.R_OK):
+        return Bad("unreadable_file", "permission denied")
+    return None
+
+
+def _linked_folders(root: Path) -> list[Path]:
+    """Links to folders under ``root`` (not followed, so a loop cannot run away)."""
+    out = []
+    for dirpath, dirnames, _ in os.walk(root):
+        out += [Path(dirpath) / d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,7 +471,25 @@ def to_record(obj: Any, schema: str | None = None, field_map: dict | None = None
     for k in keep:
         v = obj.get(k)
         rec[k] = v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False, sort_keys=True)
+    for key, value in _record_strings(rec):
+        if _SURROGATE_RE.search(value):
+            raise Bad("bad_text", f"field '{key}' holds a lone UTF-16 surrogate (an escape like \\ud800): "
+                                  "not valid Unicode text")
     return rec
+
+
+def _record_strings(rec: dict):
+    """(field, string) of every string a record carries."""
+    for k, v in rec.items():
+        if k == "messages":
+            for i, m in enumerate(v):
+                yield f"messages[{i}].content", m["content"]
+        elif isinstance(v, str):
+            yield k, v
+
+
+def _record_bytes(rec: dict) -> int:
+    return sum(len(v.encode("utf-8")) for _, v in _record_strings(rec))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -471,24 +540,47 @@ def expand_paths(pattern: str, fmt: str = "auto", base_dir: str | Path | None = 
         if not p.is_dir():
             raise ValueError(f"source {pattern}: format hf needs a folder written by save_to_disk")
         return p.parent, [p]
+    # pathlib's glob and rglob never descend into linked folders (glob.glob's '**' does, and a link
+    # loop then lists each file ~40 times, or 2^40 times with two loops)
     if glob.has_magic(str(p)):
         parts = p.parts
         first = next(i for i, s in enumerate(parts) if glob.has_magic(s))
         root = Path(*parts[:first]) if first else Path(".")
-        files = [Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()]
+        rest = str(Path(*parts[first:]))
+        files = [f for f in root.glob(rest) if f.is_file() or f.is_symlink()]
+        if "**" in parts[first:]:
+            files += _linked_folders(root)
     elif p.is_dir():
         root = p
-        files = [f for f in p.rglob("*") if f.is_file()]
         exts = {e for e, f in EXTENSIONS.items() if fmt in ("auto", f) or (fmt in SCHEMAS and f in ("json", "jsonl"))}
-        files = [f for f in files if f.suffix.lower() in exts]
+        files = [f for f in p.rglob("*") if (f.is_file() or f.is_symlink()) and f.suffix.lower() in exts]
+        files += _linked_folders(root)
     elif p.is_file():
+        root, files = p.parent, [p]
+    elif p.is_symlink():  # a link that loops or points nowhere: quarantined with the reason
         root, files = p.parent, [p]
     else:
         raise ValueError(f"source {pattern}: no such file or folder")
-    files = sorted(f for f in files if not any(s.startswith(".") for s in f.relative_to(root).parts))
+    files = sorted({f for f in files if not any(s.startswith(".") for s in f.relative_to(root).parts)})
+    files = _one_path_per_file(files)
     if not files:
         raise ValueError(f"source {pattern}: no files match")
     return root, files
+
+
+def _one_path_per_file(files: list[Path]) -> list[Path]:
+    """Drop second paths to the same file (links), keeping the first; paths with problems are kept."""
+    seen: dict[tuple[int, int], Path] = {}
+    out = []
+    for f in files:
+        if path_problem(f) is None and f.is_file():
+            st = f.stat()
+            first = seen.setdefault((st.st_dev, st.st_ino), f)
+            if first != f:
+                log.info("source file %s is the same file as %s: read once", display_path(f), display_path(first))
+                continue
+        out.append(f)
+    return out
 
 
 def _raw_items(path: Path, ffmt: str, spec: dict, max_bytes: int, info: dict):
@@ -562,12 +654,16 @@ def read_source(spec: dict, base_dir: str | Path | None = None, on_error: str = 
 
     def bad(file: Path, line: int, b: Bad, is_file: bool):
         if on_error == "raise":
-            raise ValueError(f"{file}:{line}: {b.reason}")
-        quarantine.append({"file": str(file), "line": line, "reason": b.reason})
+            raise ValueError(f"{display_path(file)}:{line}: {b.reason}")
+        quarantine.append({"file": display_path(file), "line": line, "reason": b.reason})
         st["reasons"][b.category] += 1
         st["bad_files" if is_file else "quarantined_records"] += 1
 
     for f in files:
+        problem = path_problem(f)
+        if problem is not None:
+            bad(f, 0, problem, is_file=True)
+            continue
         ffmt = _file_format(f, fmt)
         rel = f.relative_to(root).as_posix() if ffmt != "hf" else f.name
         info: dict = {}
@@ -589,6 +685,8 @@ def read_source(spec: dict, base_dir: str | Path | None = None, on_error: str = 
                         rec = {"text": item, **{k: None for k in keep}}
                     else:
                         rec = to_record(item, schema, spec.get("field_map"), keep)
+                        if _record_bytes(rec) > max_record_bytes:
+                            raise Bad("record_too_large", f"more than {max_record_bytes} bytes")
                 except Bad as b:
                     file_bad.append(b)
                     bad(f, line, b, is_file=False)
@@ -602,6 +700,8 @@ def read_source(spec: dict, base_dir: str | Path | None = None, on_error: str = 
                 st["records_read"] += 1
             bad(f, 0, b, is_file=b.category != "record_too_large")
             continue
+        except OSError as e:  # a disk or permission error while reading: stop, naming the file
+            raise ValueError(f"{display_path(f)}: cannot read ({e.strerror or e})") from None
         if ok == 0 and file_bad and all(b.category == "missing_field" for b in file_bad):
             raise ValueError(f"{f}:{quarantine[-len(file_bad)]['line']}: {file_bad[0].reason}; no record of "
                              f"this file has the expected fields: set field_map in the source spec "

@@ -538,10 +538,14 @@ def read_tokenizer(folder: str | os.PathLike, n_vocab: int | None = None) -> Tok
 
 
 def _chat_template(folder: Path, cfg: dict) -> str | list | None:
+    """The folder's chat template; one that reaches Python internals is refused, never written to the GGUF
+    (its readers render it, and not all of them sandbox Jinja)."""
+    from finetune.tokenizer import check_chat_template
+
     jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    return cfg.get("chat_template")
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else cfg.get("chat_template")
+    check_chat_template(template, folder)
+    return template
 
 
 def _special_strings(cfg: dict) -> set[str]:
@@ -735,14 +739,21 @@ def _set_special_ids(tok: TokenizerData, cfg: dict, folder: Path) -> None:
             tok.types[v] = int(TokenType.CONTROL)
 
 
+class MissingDependency(RuntimeError):
+    """An optional package a requested feature needs is not installed (the message says which)."""
+
+
 def _import_llama_cpp():
     try:
         import llama_cpp
     except ImportError as e:
-        raise RuntimeError(
+        raise MissingDependency(
             "k-quant GGUF types (q4_k_m, q5_k_m, q6_k) need llama.cpp's quantizer: "
             "pip install 'banklm[llamacpp]'  (or export f16/q8_0/q4_0, which need nothing extra)"
         ) from e
+    quiet = logging.getLogger("llama-cpp-python")  # llama.cpp's C log goes through this logger
+    if quiet.level == logging.NOTSET:
+        quiet.setLevel(logging.WARNING)  # not one line per tensor while quantizing
     return llama_cpp
 
 
@@ -766,6 +777,6 @@ def gguf_summary(path: str | os.PathLike) -> dict:
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES", "NATIVE_TYPES", "KQUANT_TYPES", "KNOWN_PRE_TOKENIZERS",
-    "export_gguf", "requantize_with_llamacpp", "read_model", "read_tokenizer", "derive_bpe_pre",
+    "export_gguf", "requantize_with_llamacpp", "MissingDependency", "read_model", "read_tokenizer", "derive_bpe_pre",
     "permute_rope_rows", "choose_type", "write_gguf", "gguf_summary", "TokenizerData", "ModelSource",
 ]

@@ -74,6 +74,10 @@ def jinja_to_ollama_template(chat_template: str, **extra) -> str:
     Raises ``ValueError`` when the Jinja template is not a fixed prefix + one block per message
     (chosen by role) + a generation prompt.
     """
+    from finetune.tokenizer import check_chat_template
+
+    check_chat_template(chat_template, "Modelfile TEMPLATE")  # refused before rendering (also sandboxed)
+
     def render(msgs, gen=False):
         return render_jinja_chat(chat_template, msgs, add_generation_prompt=gen, **extra)
 

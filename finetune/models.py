@@ -224,6 +224,114 @@ def validate_model_folder(folder: str | os.PathLike, *, allow_pickle: bool = Fal
     return folder
 
 
+def check_model_folder(folder: str | os.PathLike, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                       need_chat_template: bool = True) -> dict:
+    """Check a base model folder without loading its weights, before any stage uses it.
+
+    Raises :class:`ModelFolderError` naming the folder and the problem: not a model folder, pickled
+    weights only (unless ``allow_pickle``), a truncated or corrupt safetensors file, weights that do not
+    match ``config.json`` (missing, extra or differently shaped tensors: transformers would silently
+    re-initialise missing ones), no tokenizer, a tokenizer without a chat template (SFT and evaluation
+    render every prompt with it), or a chat template that reaches for Python internals. Cheap even for
+    a 7B base: reads safetensors headers and builds the model on the ``meta`` device.
+    Returns ``{"pickled": bool, "tensors": int}``.
+    """
+    from .tokenizer import load_tokenizer
+
+    folder = validate_model_folder(folder, allow_pickle=allow_pickle)
+    pickled = not any(folder.glob("*.safetensors"))
+    header_shapes = {} if pickled else safetensors_shapes(folder)
+    if header_shapes:
+        _check_against_config(folder, header_shapes, trust_remote_code)
+    try:
+        tok = load_tokenizer(folder)
+    except ValueError as e:  # an unsafe chat template
+        raise ModelFolderError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 (any tokenizer that does not load is a folder problem)
+        raise ModelFolderError(f"{folder}: the tokenizer does not load ({type(e).__name__}: {e})") from None
+    if need_chat_template and not tok.chat_template:
+        raise ModelFolderError(f"{folder}: the tokenizer has no chat template (training and evaluation render "
+                               "prompts with it); add chat_template to tokenizer_config.json or a "
+                               "chat_template.jinja file")
+    return {"pickled": pickled, "tensors": len(header_shapes)}
+
+
+def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from every ``*.safetensors`` header of ``folder``, checking each file is whole.
+
+    A file is complete when its 8-byte header length, the JSON header and the last tensor's end offset
+    account for exactly the file's size; shards named by ``model.safetensors.index.json`` must exist.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ModelFolderError(f"{index}: not a valid safetensors index ({e})") from None
+        missing = sorted(n for n in shards if not (folder / n).is_file())
+        if missing:
+            raise ModelFolderError(f"{folder}: weight shard {missing[0]} listed in {index.name} is missing "
+                                   f"({len(missing)} of {len(shards)} missing)")
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n <= 0 or 8 + n > size:
+                raise ModelFolderError(f"{f}: truncated or not a safetensors file ({size} bytes; the header "
+                                       "alone needs more): re-copy or re-download it")
+            try:
+                header = json.loads(fh.read(n))
+            except ValueError:
+                raise ModelFolderError(f"{f}: corrupt safetensors header (not JSON)") from None
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        need = 8 + n + max(ends, default=0)
+        if need != size:
+            raise ModelFolderError(f"{f}: truncated: its tensors need {need} bytes, the file has {size} "
+                                   "(an interrupted copy or download?)")
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def _check_against_config(folder: Path, have: dict[str, tuple[int, ...]], trust_remote_code: bool) -> None:
+    """The tensors config.json describes (built on the meta device) against the checkpoint's."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise ModelFolderError(f"{folder}/config.json: cannot build the model it describes "
+                               f"({type(e).__name__}: {e})") from None
+    groups: dict[int, list[str]] = {}
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+        expected[name] = tuple(param.shape)
+    persistent = {n for n, _ in model.named_buffers()} - {
+        f"{m}.{b}".lstrip(".") for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
+    expected.update({n: tuple(b.shape) for n, b in model.named_buffers() if n in persistent})
+    if not set(expected) & set(have):
+        return  # another naming scheme (transformers converts some checkpoints on load): load_model checks
+    missing = [n for names in groups.values() if not any(x in have for x in names) for n in names[:1]]
+    missing += [n for n in expected if n in persistent and n not in have]
+    extra = sorted(set(have) - set(expected))
+    shaped = sorted(n for n in set(have) & set(expected) if have[n] != expected[n])
+    if shaped:
+        n = shaped[0]
+        raise ModelFolderError(f"{folder}: weights do not match config.json: {n} has shape {list(have[n])} in "
+                               f"the checkpoint but {list(expected[n])} in the config ({len(shaped)} tensors differ)")
+    if missing:
+        raise ModelFolderError(f"{folder}: weights do not match config.json: {sorted(missing)[0]} is missing from "
+                               f"the checkpoint ({len(missing)} tensors missing; they would be randomly initialised)")
+    if extra:
+        raise ModelFolderError(f"{folder}: weights do not match config.json: the checkpoint has {extra[0]}, which "
+                               f"the config does not describe ({len(extra)} extra tensors)")
+
+
 def load_model(
     folder: str | os.PathLike,
     device: str = "auto",
@@ -241,6 +349,7 @@ def load_model(
     :func:`finetune.tokenizer.load_tokenizer` (or use :func:`load_model_and_tokenizer`).
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     folder = validate_model_folder(folder, allow_pickle=allow_pickle, require_tokenizer=require_tokenizer)
@@ -259,15 +368,40 @@ def load_model(
         if device == "cpu":
             kwargs["dtype"] = torch.float32 if dtype in (None, "auto") else torch_dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except ImportError as e:
         if quantization:
             raise ModelFolderError(f"quantization={quantization!r} needs bitsandbytes: {e}") from e
         raise
+    except (OSError, RuntimeError, SafetensorError) as e:  # truncated file, size mismatch
+        raise ModelFolderError(f"{folder}: the weights do not load ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:300]})") from None
+    for kind, what in (("missing_keys", "missing from the checkpoint (would be randomly initialised)"),
+                       ("unexpected_keys", "in the checkpoint but not in config.json"),
+                       ("mismatched_keys", "shaped differently in the checkpoint and config.json")):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            raise ModelFolderError(f"{folder}: weights do not match config.json: {keys[0]} is {what} "
+                                   f"({len(keys)} tensors)")
     if not quantization:
         model.to(device)
     model.eval()
     return model
+
+
+def convert_pickled_model(src: str | os.PathLike, out_dir: str | os.PathLike, *,
+                          trust_remote_code: bool = False) -> Path:
+    """Load a folder of pickled weights once (``torch.load(weights_only=True)`` through transformers) and write
+    it as a safetensors model folder (same dtype, tokenizer files copied), so nothing later unpickles.
+
+    Only for checkpoints the user trusts (the recipe's ``allow_pickle``): the caller states the risk.
+    """
+    from transformers import AutoModelForCausalLM
+
+    src = validate_model_folder(src, allow_pickle=True)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", use_safetensors=False,
+                                                 trust_remote_code=trust_remote_code)
+    return save_model_folder(model, out_dir, src)
 
 
 def load_model_and_tokenizer(folder, **kwargs):

@@ -262,7 +262,60 @@ def load_tokenizer(folder: str | os.PathLike):
         tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     if tok.chat_template is None and cls_name in _SPM_CLASSES:
         tok.chat_template = CHAT_TEMPLATE
+    check_chat_template(tok.chat_template, folder)
     return tok
+
+
+class UnsafeTemplate(ValueError):
+    """A chat template that reaches for Python internals (a template-injection attempt)."""
+
+
+def check_chat_template(template, where: str | os.PathLike = "chat template") -> None:
+    """Refuse a Jinja chat template that reaches for Python internals; raise :class:`UnsafeTemplate`.
+
+    transformers renders chat templates in jinja2's ``ImmutableSandboxedEnvironment``, which already
+    blocks ``''.__class__.__mro__`` and ``cycler.__init__.__globals__`` at render time. This static check
+    refuses such templates when a folder is loaded, before training or export, because the template
+    also travels on in exported files (GGUF ``tokenizer.chat_template``, the Ollama Modelfile) to
+    renderers that may not sandbox. Refused: attributes or names starting with ``_``, string constants
+    containing ``__``, the ``attr`` filter, and ``import``/``include``/``extends``. ``template`` may be a
+    string, a ``{name: template}`` dict or a list of ``{name, template}`` (tokenizer_config forms).
+    """
+    from jinja2 import TemplateSyntaxError, nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if template is None:
+        return
+    if isinstance(template, dict):
+        items = list(template.values())
+    elif isinstance(template, list):
+        items = [t.get("template") if isinstance(t, dict) else t for t in template]
+    else:
+        items = [template]
+    env = ImmutableSandboxedEnvironment()
+    for text in items:
+        if not isinstance(text, str):
+            raise UnsafeTemplate(f"{where}: chat template is {type(text).__name__}, expected Jinja text")
+        try:
+            tree = env.parse(text)
+        except TemplateSyntaxError as e:
+            raise UnsafeTemplate(f"{where}: chat template is not valid Jinja ({e.message}, line {e.lineno})") from None
+        for node in tree.find_all((nodes.Getattr, nodes.Name, nodes.Const, nodes.Filter, nodes.Import,
+                                   nodes.FromImport, nodes.Include, nodes.Extends)):
+            reason = None
+            if isinstance(node, nodes.Getattr) and node.attr.startswith("_"):
+                reason = f"reads the attribute {node.attr!r}"
+            elif isinstance(node, nodes.Name) and node.name.startswith("_"):
+                reason = f"uses the name {node.name!r}"
+            elif isinstance(node, nodes.Const) and isinstance(node.value, str) and "__" in node.value:
+                reason = f"contains the string {node.value[:40]!r}"
+            elif isinstance(node, nodes.Filter) and node.name == "attr":
+                reason = "uses the attr filter"
+            elif isinstance(node, (nodes.Import, nodes.FromImport, nodes.Include, nodes.Extends)):
+                reason = f"uses {type(node).__name__.lower()}"
+            if reason:
+                raise UnsafeTemplate(f"{where}: chat template {reason} (line {node.lineno}): templates may not reach "
+                                     "Python internals; refusing it (template injection)")
 
 
 def spm_processor(folder: str | os.PathLike):

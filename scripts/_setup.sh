@@ -13,13 +13,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "banklm: creating $VENV" >&2
   "$PY" -m venv "$VENV"
 fi
-stamp="$VENV/.banklm-installed"
+# Extras: dev by default; scripts/test.sh adds llamacpp (llama.cpp checks of the GGUFs: compiles ~7 min once).
+EXTRAS="${BANKLM_EXTRAS:-dev}"
+stamp="$VENV/.banklm-installed-${EXTRAS//,/-}"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "banklm: installing dependencies (first time: about 2 minutes)" >&2
+  echo "banklm: installing dependencies [$EXTRAS] (first time: about 2 minutes$(
+    [[ ",$EXTRAS," == *",llamacpp,"* ]] && echo "; compiling llama.cpp adds about 7"))" >&2
   # torch first, pinned: a bare torch requirement would pull a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[$EXTRAS]"
   echo "$want" > "$stamp"
 fi
 # shellcheck disable=SC1091

@@ -18,3 +18,46 @@ def test_bench_corpora_smoke(repo, tmp_path):
     loop = next(r for r in res["results"] if r["kind"] == "loop")
     assert banklm["kept"] == loop["kept"] > 0  # the same steps keep the same documents
     assert "| banklm | 1 |" in proc.stdout
+
+
+def test_bench_export_smoke(repo, tmp_path):
+    sys.path.insert(0, str(repo / "tests"))
+    from export_models import spm_tokenizer
+
+    from export.runtime import llama_cpp_available
+
+    tok = spm_tokenizer(tmp_path / "tok")
+    out = tmp_path / "e.json"
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "bench_export.py"), "--tiny-config", "--tokenizer",
+                           str(tok), "--new-tokens", "4", "--prompt-tokens", "16", "--threads", "1",
+                           "--workdir", str(tmp_path / "w"), "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
+    want = ["safetensors fp32", "ONNX fp32", "ONNX int8", "GGUF f16", "GGUF q8_0"]
+    if llama_cpp_available():
+        want.append("GGUF q4_k_m")
+    assert [r["format"] for r in rows] == want
+    assert all(r["bytes"] > 0 for r in rows) and rows[2]["bytes"] < rows[1]["bytes"]  # int8 smaller than fp32
+    timed = [r for r in rows if r["runtime"] != "llama.cpp (not installed)"]
+    assert all(r["decode_tok_s"] > 0 for r in timed) and rows[0]["speedup_vs_pytorch"] == 1.0
+    assert all(r["accuracy"] is None for r in rows)  # random weights: accuracy is not measured
+    assert "| llama-tiny-random | onnxruntime | ONNX int8 |" in proc.stdout
+
+
+def test_bench_train_smoke(repo, tmp_path):
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "bench_train.py"), "--models", "tiny", "--configs",
+                           "banklm", "baseline", "--steps", "4", "--warmup", "1", "--batch", "4", "--per-task", "20",
+                           "--workdir", str(tmp_path / "w"), "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text(encoding="utf-8"))
+    rows = {r["config"]: r for r in res["results"]}
+    assert set(rows) == {"banklm", "baseline"} and rows["baseline"]["speedup_vs_baseline"] == 1.0
+    assert res["peak_flops"]["fp32"] > 0 and res["inputs"]["records"] == 60
+    for r in rows.values():
+        assert r["timed_steps"] == 3 and r["real_tokens"] > 0 and 0 < r["mfu"] < 1 and r["peak_rss_mb"] > 0
+    # packed rows carry several examples: more real tokens per step than 4 padded examples
+    assert rows["banklm"]["tokens_per_step"] > rows["baseline"]["tokens_per_step"]
+    assert "| tiny | " in proc.stdout and "matmul peak" in proc.stdout

@@ -6,7 +6,7 @@ import pytest
 from banklm.cli import main
 
 SUBCOMMANDS = [["run"], ["corpus"], ["corpus", "build"], ["corpus", "scrub"], ["train"], ["distill"], ["eval"],
-               ["export"], ["plan"], ["verify"]]
+               ["export"], ["plan"], ["verify"], ["compare"]]
 
 
 def _banklm(*args):
@@ -16,7 +16,7 @@ def _banklm(*args):
 def test_top_level_help_lists_every_subcommand():
     out = _banklm("--help")
     assert out.returncode == 0
-    for name in ("run", "corpus", "train", "distill", "eval", "export", "plan", "verify"):
+    for name in ("run", "corpus", "train", "distill", "eval", "export", "plan", "verify", "compare"):
         assert name in out.stdout
 
 
@@ -26,13 +26,6 @@ def test_every_subcommand_has_help(cmd, capsys):
         main([*cmd, "--help"])
     assert e.value.code == 0
     assert "usage: banklm " + " ".join(cmd) in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("argv", [["distill", "r.yaml"], ["plan", "--model", "m"],
-                                  ["export", "--model", "m", "--format", "onnx"]])
-def test_unbuilt_stages_say_so_with_exit_2(argv, capsys):
-    assert main(argv) == 2
-    assert "not implemented yet" in capsys.readouterr().err
 
 
 def test_bad_recipe_is_one_clear_line_exit_2(tmp_path, capsys):
@@ -64,3 +57,16 @@ def test_verify_missing_folder_exit_2(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "nope")]) == 2
 
 
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["export", "--model", "nope", "--format", "onnx"], "--model nope: model folder not found"),
+    (["export", "--model", "m"], "needs --format gguf|onnx"),
+    (["export", "--quant", "q8_0", "--model", "m"], "--quant needs --format"),
+    (["export"], "needs RECIPE.yaml or --model DIR"),
+    (["export", "--model", "m", "--out", "nowhere", "--verify-only"], "nowhere: export folder not found"),
+])
+def test_export_usage_errors_exit_2(argv, msg, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err

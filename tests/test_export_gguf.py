@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,11 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from export_models import CONVERSATION, PROMPTS  # noqa: E402
+from export_models import bpe_model as make_bpe_model  # noqa: E402
+from export_models import sharpen as _sharpen  # noqa: E402
+from export_models import texts as _texts  # noqa: E402
+
 from export import gguf as eg  # noqa: E402
 from export.ollama import (  # noqa: E402
     jinja_to_ollama_template,
@@ -24,52 +29,21 @@ from export.ollama import (  # noqa: E402
     render_ollama_template,
     write_modelfile,
 )
-from export.verify import LOGIT_THRESHOLDS, verify_gguf  # noqa: E402
+from export.runtime import LLAMA_CPP_MISSING, llama_cpp_available  # noqa: E402
+from export.verify import LLAMACPP_LOGIT_THRESHOLDS, LOGIT_THRESHOLDS, verify_gguf  # noqa: E402
 from finetune.models import build_tiny_model  # noqa: E402
 from finetune.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer  # noqa: E402
 
-PROMPTS = [
-    "<|im_start|>system\n你是银行信贷审批助手。<|im_end|>\n<|im_start|>user\n客户 张三 申请贷款 300000 元，"
-    "期限 36 个月，月收入 12000 元。<|im_end|>\n<|im_start|>assistant\n",
-    "结论：拒绝；风险等级：C；理由：负债率 65%",
-    "AML check:  3 cash deposits of 48,500 within 7 days\n\n龘 😀",
-]
-CONVERSATION = [
-    {"role": "system", "content": "你是银行审计助手。"},
-    {"role": "user", "content": "凭证缺失，金额 1500.00 元，如何分类？"},
-    {"role": "assistant", "content": "结论：内控缺陷；理由：凭证缺失"},
-    {"role": "user", "content": "再说一遍\n谢谢"},
-]
+HAVE_LLAMA_CPP = llama_cpp_available()
 
 
-def _texts(n=1500, seed=0):
-    rnd = random.Random(seed)
-    base = [
-        "结论：拒绝；风险等级：C；理由：月收入 12000 元，负债率 65%。",
-        "客户 张三 申请贷款 300000 元，期限 36 个月。",
-        "AML: 3 笔现金存款 48000 元 within 7 days, 拆分交易",
-        "审计发现：凭证缺失，金额 1500.00 元。内控缺陷",
-        "The quick brown fox jumps over the lazy dog.\n",
-        "你是银行信贷审批助手。通过 人工复核",
-    ]
-    return [rnd.choice(base) + " " + str(rnd.randint(0, 99999)) for _ in range(n)]
-
-
-def _sharpen(model_dir: Path, seed: int = 0) -> None:
-    """Re-draw weights with a larger spread so attention is far from uniform (a wrong q/k row order
-    then changes the logits) and logits have some spread; norms get non-trivial gains."""
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 1:
-                base = 1.0 if "norm" in name else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.08 * torch.randn(p.shape, generator=g))
-    for f in model_dir.glob("*.safetensors"):
-        f.unlink()
-    m.save_pretrained(str(model_dir))
+def require_llama_cpp() -> None:
+    """scripts/test.sh installs llama-cpp-python and sets BANKLM_REQUIRE_LLAMACPP=1: there, a missing
+    binding fails the llama.cpp tests instead of skipping them."""
+    if not HAVE_LLAMA_CPP:
+        if os.environ.get("BANKLM_REQUIRE_LLAMACPP") == "1":
+            pytest.fail("llama-cpp-python is not installed but BANKLM_REQUIRE_LLAMACPP=1 (pip install 'banklm[llamacpp]')")
+        pytest.skip("llama-cpp-python not installed (scripts/test.sh installs it)")
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +149,16 @@ def test_verify_roundtrip(arch, idx, qtype, exported, models):
     if qtype == "f16":
         assert res["generation"]["checked"] and res["generation"]["equal"]
         assert lg["max_abs"] < 5e-3
+    lc = res["llama_cpp"]
+    assert lc["checked"] is HAVE_LLAMA_CPP
+    if HAVE_LLAMA_CPP:  # the runtime banks serve with: same tokens, logits within its threshold
+        assert lc["tokenizer"]["ids_equal"]
+        assert lc["logits"]["normalized_max_abs"] <= LLAMACPP_LOGIT_THRESHOLDS[qtype]
+        assert lc["logits"]["max_abs"] > 0
+        if qtype == "f16":
+            assert lc["generation"]["checked"] and lc["generation"]["equal"]
+    else:
+        assert "pip install 'banklm[llamacpp]'" in lc["note"]
     json.dumps(res)  # serialisable for export/verify.json
 
 
@@ -244,20 +228,35 @@ def test_refuses_unsupported_architecture(work, spm_tok):
     assert not (work / "gpt2_out").exists() or not list((work / "gpt2_out").iterdir())
 
 
-def test_unknown_type_and_kquant_without_llama_cpp(work, models):
+def test_unknown_type_and_kquant_without_llama_cpp(work, models, monkeypatch):
     with pytest.raises(ValueError, match="q3_x"):
         eg.export_gguf(models["llama"], work / "bad", types=("q3_x",))
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        out = work / "kq"
-        with pytest.raises(RuntimeError, match=r"banklm\[llamacpp\]"):
-            eg.export_gguf(models["llama"], out, types=("f16", "q4_k_m"))
-        assert not out.exists() or not list(out.glob("*.gguf"))  # refused before writing anything
-        with pytest.raises(RuntimeError, match=r"banklm\[llamacpp\]"):
-            eg.requantize_with_llamacpp(work / "x.gguf", work / "y.gguf", "q4_k_m")
-    else:  # pragma: no cover - only where llama-cpp-python is installed
-        pytest.skip("llama_cpp installed")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    out = work / "kq"
+    with pytest.raises(RuntimeError, match=r"banklm\[llamacpp\]"):
+        eg.export_gguf(models["llama"], out, types=("f16", "q4_k_m"))
+    assert not out.exists() or not list(out.glob("*.gguf"))  # refused before writing anything
+    with pytest.raises(RuntimeError, match=r"banklm\[llamacpp\]"):
+        eg.requantize_with_llamacpp(work / "x.gguf", work / "y.gguf", "q4_k_m")
+    (p,) = eg.export_gguf(models["llama"], work / "no_llamacpp", types=("q8_0",))
+    res = verify_gguf(models["llama"], p, PROMPTS[:1], "q8_0")
+    assert res["passed"] and res["llama_cpp"] == {"checked": False, "note": LLAMA_CPP_MISSING}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_kquants_through_llama_cpp(arch, work, models):
+    """q4_k_m / q5_k_m / q6_k come from llama.cpp's own quantizer and are checked in llama.cpp."""
+    require_llama_cpp()
+    types = ("q4_k_m", "q5_k_m", "q6_k")
+    paths = eg.export_gguf(models[arch], work / f"kq_{arch}", types=types, name=f"tiny-{arch}")
+    assert [p.name for p in paths] == [f"tiny-{arch}-{t}.gguf" for t in types]
+    assert not [f for f in (work / f"kq_{arch}").iterdir() if f.name.startswith(".")]  # no temporary left
+    for p, t in zip(paths, types, strict=True):
+        assert gguf.GGUFReader(str(p)).fields["general.file_type"].contents() == int(eg.KQUANT_TYPES[t])
+        res = verify_gguf(models[arch], p, PROMPTS, t)
+        assert res["passed"], res["failures"]
+        assert res["llama_cpp"]["checked"] and res["llama_cpp"]["tokenizer"]["ids_equal"]
+        assert 0 < res["llama_cpp"]["logits"]["normalized_max_abs"] <= LLAMACPP_LOGIT_THRESHOLDS[t]
 
 
 def test_block_size_fallback(work, spm_tok, caplog):
@@ -304,44 +303,9 @@ def test_atomic_write_leaves_nothing_on_failure(work, models, monkeypatch):
 # ------------------------------------------------------------------------------ byte-level BPE tokenizer
 
 
-def _qwen2_style_bpe(folder: Path) -> None:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(eg.QWEN2_PRE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tk.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(_texts(seed=3), trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "unk_token": None, "add_bos_token": False,
-        "chat_template": CHAT_TEMPLATE, "model_max_length": 4096,
-    }))
-
-
 @pytest.fixture(scope="module")
 def bpe_model(work):
-    tokdir = work / "bpe_tok"
-    _qwen2_style_bpe(tokdir)
-    tok = load_tokenizer(tokdir)
-    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   tie_word_embeddings=True, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                                   pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    d = work / "m_bpe"
-    transformers.Qwen2ForCausalLM(cfg).save_pretrained(str(d))
-    for f in tokdir.iterdir():
-        shutil.copy(f, d / f.name)
-    _sharpen(d, seed=4)
-    return d
+    return make_bpe_model(work)
 
 
 def test_bpe_tokenizer_export(work, bpe_model):
@@ -361,6 +325,8 @@ def test_bpe_tokenizer_export(work, bpe_model):
         res = verify_gguf(bpe_model, p, PROMPTS, q)
         assert res["passed"], res["failures"]
         assert res["tokenizer"]["ids_equal"] and res["tokenizer_fixups"] == []
+        if HAVE_LLAMA_CPP:  # llama.cpp recognises the derived pre-tokenizer and splits text the same way
+            assert res["llama_cpp"]["tokenizer"]["ids_equal"]
 
 
 def test_pre_tokenizer_derivation():
@@ -431,3 +397,26 @@ def test_ollama_template_per_role_and_refusal():
     odd = "{% for m in messages %}{% if loop.first %}FIRST{% endif %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ValueError, match="concatenation"):
         jinja_to_ollama_template(odd)
+
+
+def test_llama_cpp_detokenizes_long_pieces(work):
+    """A 14-character Chinese piece is 42 bytes: llama.cpp's text must still equal the tokenizer's
+    (llama-cpp-python's own Llama.detokenize drops pieces over 32 bytes; export.runtime does not use it)."""
+    require_llama_cpp()
+    from export.runtime import LlamaCppLM
+
+    phrase = "与缅甸的境外对手方有资金往来"
+    tokdir = train_tokenizer([f"{phrase}，结论：可疑 {i}" for i in range(800)] + _texts(400), work / "tok_long",
+                             vocab_size=600)
+    tok = load_tokenizer(tokdir)
+    ids = tok.encode(f"理由：{phrase}", add_special_tokens=False)
+    assert max(len(tok.decode([i]).encode()) for i in ids) > 32  # the case under test
+    d = build_tiny_model("llama", tokdir, work / "m_long", hidden_size=64, num_layers=1, num_heads=4,
+                         num_kv_heads=4, intermediate_size=128, max_position_embeddings=128)
+    (p,) = eg.export_gguf(d, work / "long_out", types=("f16",))
+    with LlamaCppLM(p, n_ctx=128) as lm:
+        assert lm.tokenize(f"理由：{phrase}") == ids
+        assert lm.detokenize(ids) == f"理由：{phrase}" == tok.decode(ids, skip_special_tokens=True)
+    res = verify_gguf(d, p, [f"<|im_start|>user\n{phrase}<|im_end|>\n"], "f16")
+    assert res["passed"], res["failures"]
+    assert res["llama_cpp"]["tokenizer"]["text_equal"]

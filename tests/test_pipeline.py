@@ -129,3 +129,14 @@ def test_rerun_in_latest_folder_through_symlink_keeps_files(tmp_path):
     assert CALLS == ["b"]
     assert (rd / "b" / "out.txt").read_text() == "a seed=1 lr=0.01"
     assert verify_run(tmp_path / "fake" / "r1") == []
+
+
+def test_stage_key_changes_with_the_source_code(monkeypatch, tmp_path):
+    """An edited generator or trainer must not reuse outputs the old code made."""
+    from banklm import pipeline
+
+    before = pipeline.stage_key("corpus", {"a": 1}, [])
+    assert before == pipeline.stage_key("corpus", {"a": 1}, [])
+    assert len(pipeline.source_digest()) == 64
+    monkeypatch.setattr(pipeline, "source_digest", lambda: "0" * 64)
+    assert pipeline.stage_key("corpus", {"a": 1}, []) != before

@@ -8,35 +8,22 @@ exercised end to end (full fine-tuning is covered in tests/test_sft.py). The ful
 
 import json
 import subprocess
-import sys
 
 import pytest
+from conftest import QUICKSTART_SMALL as SMALL
+from conftest import run_banklm as _banklm
 
 from banklm.ledger import Ledger, verify_run
 
 pytestmark = pytest.mark.slow
 
-SMALL = [
-    "corpora.scenario.synth.credit.train=400", "corpora.scenario.synth.aml.train=400",
-    "corpora.scenario.synth.audit.train=400", "corpora.scenario.synth.credit.test=20",
-    "corpora.scenario.synth.aml.test=20", "corpora.scenario.synth.audit.test=20",
-    "cpt.time_budget_s=15", "train.time_budget_s=20", "eval.limit=20", "tokenizer.vocab_size=1500",
-    "train.method=lora", "train.lr=3e-3", "eval.robustness=[distractor]",
-]
 STAGES = ["corpus", "tokenizer", "base", "cpt", "train", "eval", "export", "report"]
 
 
-def _banklm(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "banklm.cli", *args], capture_output=True, text=True, cwd=cwd)
-
-
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory, repo):
-    root = tmp_path_factory.mktemp("qs")
-    run_dir = root / "runs" / "quickstart" / "r1"
-    out = _banklm("run", str(repo / "recipes" / "quickstart.yaml"), *SMALL, "--run-dir", str(run_dir), cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root, run_dir, out
+def first_run(quickstart_run):
+    """The session's small quickstart run (tests/conftest.py), built once for every test that needs it."""
+    return quickstart_run
 
 
 def test_every_stage_runs_and_is_recorded(first_run):
@@ -54,7 +41,8 @@ def test_run_folder_contents(first_run):
                 "corpora/scenario/quarantine.jsonl", "tokenizer/tokenizer.model", "base/config.json",
                 "cpt/merged/config.json", "sft/adapter", "sft/merged/model.safetensors", "sft/metrics.jsonl",
                 "eval/sft/results.json", "eval/sft/predictions.jsonl", "export/verify.json",
-                "export/gguf/Modelfile", "report/index.html", "report/loss.png", "MODEL_CARD.md"]:
+                "export/gguf/quickstart-q8_0.Modelfile", "export/onnx/int8/model.onnx", "export/SHA256SUMS",
+                "export/MODEL_CARD.md", "export/eval/onnx-int8/results.json", "report/index.html", "report/loss.png", "MODEL_CARD.md"]:
         assert (run_dir / rel).exists(), rel
     ggufs = sorted(p.name for p in (run_dir / "export" / "gguf").glob("*.gguf"))
     assert ggufs == ["quickstart-f16.gguf", "quickstart-q8_0.gguf"]
@@ -80,9 +68,17 @@ def test_eval_scores_parsed_from_generation(first_run):
 
 def test_export_verified(first_run):
     _, run_dir, _ = first_run
-    checks = json.loads((run_dir / "export" / "verify.json").read_text())["gguf"]
-    assert [c["type"] for c in checks] == ["f16", "q8_0"]
-    assert all(c["passed"] for c in checks)
+    verify = json.loads((run_dir / "export" / "verify.json").read_text())
+    assert [c["type"] for c in verify["gguf"]] == ["f16", "q8_0"]
+    assert [c["type"] for c in verify["onnx"]] == ["fp32", "int8"]
+    assert verify["passed"] and all(c["passed"] for c in verify["gguf"] + verify["onnx"])
+    # accuracy before and after each export, on the same test records
+    base = verify["task_eval"]["pytorch"]["accuracy"]
+    for c in verify["gguf"] + verify["onnx"]:
+        assert c["task_eval"]["n"] == 60 and c["task_eval"]["accuracy_drop"] == pytest.approx(
+            base - c["task_eval"]["accuracy"])
+    page = (run_dir / "report" / "index.html").read_text(encoding="utf-8")
+    assert "export/onnx/int8/model.onnx" in page and "Task accuracy before and after export" in page
 
 
 def test_report_shows_real_numbers(first_run):

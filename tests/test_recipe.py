@@ -152,3 +152,37 @@ def test_recipes_in_readme_validate(repo):
     assert blocks
     for block in blocks:
         validate_recipe(yaml.safe_load(block), "README.md")
+
+
+def test_training_loop_keys(recipe_file):
+    r = load_recipe(recipe_file, ["train.save_steps=50", "train.eval_steps=25", "train.early_stopping_patience=3",
+                                  "train.task_eval_steps=100"])
+    assert (r.train.save_steps, r.train.keep_checkpoints, r.train.eval_steps) == (50, 2, 25)
+    assert (r.train.task_eval_steps, r.train.task_eval_samples, r.train.early_stopping_patience) == (100, 20, 3)
+    with pytest.raises(RecipeError, match=r"train: early_stopping_patience needs eval_steps"):
+        load_recipe(recipe_file, ["train.early_stopping_patience=3"])
+    with pytest.raises(RecipeError, match=r"train\.keep_checkpoints = 0"):
+        load_recipe(recipe_file, ["train.keep_checkpoints=0"])
+
+
+def test_export_keys(recipe_file):
+    r = load_recipe(recipe_file)
+    assert (r.export.onnx.enabled, r.export.onnx.opset, r.export.onnx.quant) == (False, 17, ["fp32", "int8"])
+    assert (r.export.evaluate, r.export.eval_limit, r.export.max_accuracy_drop) == (True, None, None)
+    r = load_recipe(recipe_file, ["export.onnx.enabled=true", "export.onnx.quant=[fp16]", "export.onnx.opset=18",
+                                  "export.eval_limit=50", "export.max_accuracy_drop=0.02",
+                                  "export.gguf.system=你是银行信贷审批助手。", "export.gguf.quant=[q4_k_m]"])
+    assert (r.export.onnx.quant, r.export.onnx.opset, r.export.eval_limit) == (["fp16"], 18, 50)
+    assert r.export.gguf.system == "你是银行信贷审批助手。" and r.export.max_accuracy_drop == 0.02
+    with pytest.raises(RecipeError, match=r"export\.onnx\.quant\.0 = 'int4'.*'fp32', 'fp16' or 'int8'"):
+        load_recipe(recipe_file, ["export.onnx.quant=[int4]"])
+    with pytest.raises(RecipeError, match=r"export\.onnx\.quant: listed twice: int8"):
+        load_recipe(recipe_file, ["export.onnx.quant=[int8,fp32,int8]"])
+    with pytest.raises(RecipeError, match=r"export\.onnx\.opset = 12"):
+        load_recipe(recipe_file, ["export.onnx.opset=12"])
+    with pytest.raises(RecipeError, match=r"export\.gguf\.quant = \[\]"):
+        load_recipe(recipe_file, ["export.gguf.quant=[]"])
+    with pytest.raises(RecipeError, match=r"export\.max_accuracy_drop = 2"):
+        load_recipe(recipe_file, ["export.max_accuracy_drop=2"])
+    with pytest.raises(RecipeError, match=r"unknown key 'export.onnx.dtype' \(allowed here: enabled, opset, quant\)"):
+        load_recipe(recipe_file, ["export.onnx.dtype=fp16"])

@@ -12,13 +12,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
+from finetune import callbacks as cb_module  # noqa: E402
+from finetune.checkpoints import STATE_FILE, find_resumable, rotate  # noqa: E402
 from finetune.merge import merge_adapter  # noqa: E402
 from finetune.models import build_tiny_model, load_model  # noqa: E402
-from finetune.sft import PackedRowsCollator, prepare_cpt_dataset, prepare_sft_dataset, train_causal_lm  # noqa: E402
+from finetune.sft import (  # noqa: E402
+    PackedRowsCollator,
+    pack_length,
+    precision_plan,
+    prepare_cpt_dataset,
+    prepare_sft_dataset,
+    token_lengths,
+    train_causal_lm,
+)
 from finetune.tokenizer import IM_END, load_tokenizer, render_chat, train_tokenizer  # noqa: E402
 
 LABELS = ("通过", "人工复核", "拒绝")
+# a valid credit-task answer (banklm.tasks parser): the 'stop' fixture trains every prompt to give it
+CONSTANT_ANSWER = "结论：拒绝；风险等级：D；理由：负债收入比过高"
 
 
 def _record(rng: random.Random, i: int) -> dict:
@@ -42,10 +55,70 @@ def _records(n: int, seed: int = 0) -> list[dict]:
     return [_record(rng, i) for i in range(n)]
 
 
+def _constant_answer_records(n: int, seed: int) -> list[dict]:
+    """The toy prompts, each answered with CONSTANT_ANSWER; ``gold`` is the toy rule's decision, so a model
+    that learned the constant answer scores exactly the share of 拒绝 among them."""
+    out = []
+    for r in _records(n, seed):
+        gold = {"decision": r["label"], "grade": "D", "reason": "负债收入比过高"}
+        out.append({**r, "gold": json.dumps(gold, ensure_ascii=False), "meta": "{}",
+                    "messages": [r["messages"][0], {"role": "assistant", "content": CONSTANT_ANSWER}]})
+    return out
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _CrashAt(TrainerCallback):
+    """Simulates a crash (kill, power loss) before optimizer step ``step + 1``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise _Interrupted()
+
+
+class _FakeTime:
+    """Wall clock of finetune.callbacks advanced by exactly 1 s per optimizer step (``_Tick``): a time budget
+    then stops at a known step and the time-based schedule is reproducible."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.t
+
+
+class _Tick(TrainerCallback):
+    def __init__(self, fake: _FakeTime):
+        self.fake = fake
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.fake.t += 1.0
+
+
+def _rows(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(folder) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _rows(folder) if "loss" in r}
+
+
+def _adapter_tensors(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     texts = [render_chat(r["messages"]) for r in _records(800, seed=99)]
+    texts += [render_chat(r["messages"]) for r in _constant_answer_records(200, seed=98)]
     tok = train_tokenizer(texts, root / "tokenizer", vocab_size=1000)
     return build_tiny_model("llama", tok, root / "base", hidden_size=64, num_layers=2, num_heads=4,
                             num_kv_heads=2, intermediate_size=128, max_position_embeddings=512, seed=0)
@@ -139,6 +212,40 @@ def test_packed_rows_equal_unpacked(base_dir):
     assert abs(packed_loss - unpacked) < 1e-5
 
 
+def test_label_positions_head_equals_trl_loss(base_dir, data):
+    """banklm's CPU loss path (LM head on label positions only) gives TRL's loss and the same gradients."""
+    from trl import SFTConfig
+
+    from finetune.sft import make_trainer_classes
+
+    tok = load_tokenizer(base_dir)
+    BudgetTrainer, _ = make_trainer_classes()
+    args = SFTConfig(output_dir=str(base_dir.parent / "head_ck"), packing=True, max_length=256, bf16=False,
+                     completion_only_loss=True, report_to="none", use_cpu=True, dataloader_pin_memory=False)
+    model = load_model(base_dir, device="cpu")
+    trainer = BudgetTrainer(model=model, args=args, train_dataset=prepare_sft_dataset(data[0].select(range(24))),
+                            processing_class=tok)
+    batch = PackedRowsCollator(tok.pad_token_id)([trainer.train_dataset[i] for i in range(3)])
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+    results = []
+    for sparse in (False, True):
+        trainer.banklm_sparse_head = sparse
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(n_items))
+        loss.backward()
+        results.append((loss.item(), model.model.layers[0].mlp.down_proj.weight.grad.clone()))
+    (trl_loss, trl_grad), (loss, grad) = results
+    assert loss == pytest.approx(trl_loss, rel=1e-5) and loss == pytest.approx(_completion_loss_from_batch(model, batch))
+    assert torch.allclose(grad, trl_grad, atol=1e-6)
+
+
+def _completion_loss_from_batch(model, batch) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[:, :-1]
+    tgt = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1)).item()
+
+
 def test_lora_sft_outputs_and_loss_down(lora_run, base_dir, data):
     out, s = lora_run
     assert s["method"] == "lora" and s["mode"] == "sft" and s["steps"] == 24 and s["device"] == "cpu"
@@ -159,6 +266,19 @@ def test_lora_sft_outputs_and_loss_down(lora_run, base_dir, data):
     assert not any(n.endswith(".bin") for n in merged)
     gen = json.loads((out / "merged" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [5, 2] and gen["pad_token_id"] == 3
+
+
+def test_tensorboard_logs_the_same_losses(lora_run):
+    """With the tensorboard package installed (dev extra), sft/tensorboard holds the metrics.jsonl losses."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = lora_run
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert logged and logged == pytest.approx(_losses(out), rel=1e-6)
+    assert "eval/loss" in acc.Tags()["scalars"]
 
 
 def test_adapter_reload_and_merge_equal(lora_run, base_dir, data):
@@ -186,44 +306,49 @@ def test_adapter_reload_and_merge_equal(lora_run, base_dir, data):
         assert torch.allclose(load_model(again, device="cpu")(ids).logits, m, atol=1e-6)
 
 
-def test_cpt_full_and_time_budget(base_dir, data, tmp_path):
+def test_cpt_full_and_time_budget(base_dir, data, tmp_path, monkeypatch):
+    """CPT, full fine-tuning, and a 5 s budget on a simulated clock (1 s per step): training stops after
+    step 5 and the learning rate follows max(step, time) progress, decaying to ~0 as the budget ends."""
+    from finetune.callbacks import lr_factor
+
     train, _ = data
     texts = Dataset.from_list([{"id": r["id"], "text": render_chat(r["messages"])} for r in train])
     tok = load_tokenizer(base_dir)
     prepared = prepare_cpt_dataset(texts.select(range(2)), tok)
     assert prepared[0]["input_ids"][-1] == tok.convert_tokens_to_ids("</s>")
     assert prepared[0]["input_ids"][-2] == tok.convert_tokens_to_ids("\n")
+    fake = _FakeTime()
+    monkeypatch.setattr(cb_module, "time", fake)
     s = train_causal_lm(base_dir, texts, None, tmp_path / "cpt", mode="cpt", method="full", lr=6e-4,
-                        max_steps=10_000, time_budget_s=4, batch_size=8, max_length=256, logging_steps=1,
-                        device="cpu")
-    assert s["stopped_by"] == "time_budget" and 0 < s["steps"] < 10_000
-    assert s["seconds"] < 60
+                        num_epochs=100, time_budget_s=5, batch_size=8, max_length=256, logging_steps=1,
+                        device="cpu", callbacks=[_Tick(fake)])
+    assert s["stopped_by"] == "time_budget" and s["steps"] == 5 and s["train_seconds_total"] == 5.0
     assert s["trainable_params"] == s["total_params"]
     assert (tmp_path / "cpt" / "merged" / "model.safetensors").is_file()
     assert not (tmp_path / "cpt" / "adapter").exists()
-    rows = [json.loads(line) for line in (tmp_path / "cpt" / "metrics.jsonl").read_text().splitlines()]
-    lrs = [r["learning_rate"] for r in rows if "learning_rate" in r]
-    assert max(lrs) > lrs[-1]  # the time-based schedule decays before the budget ends
+    rows = [r for r in _rows(tmp_path / "cpt") if "loss" in r]
+    planned = s["planned_steps"]  # 100 epochs: the step term alone would barely move the LR
+    for r in rows:  # the LR used by step k: progress after k-1 steps and k-1 simulated seconds
+        k = r["step"]
+        assert r["learning_rate"] == pytest.approx(6e-4 * lr_factor(max((k - 1) / planned, (k - 1) / 5), 0.05,
+                                                                    "cosine"))
+    assert rows[-1]["learning_rate"] < 0.2 * max(r["learning_rate"] for r in rows)  # step 5 runs at 80% progress
+    assert rows[-1]["loss"] < rows[0]["loss"]
     # the full-FT model reloads and generates
     model = load_model(tmp_path / "cpt" / "merged", device="cpu")
     assert model.config.use_cache is True
 
 
-def test_full_sft_runs(base_dir, data, tmp_path):
-    train, ev = data
-    s = train_causal_lm(base_dir, train, ev, tmp_path / "full", method="full", lr=1e-3, max_steps=3,
-                        batch_size=8, max_length=256, device="cpu", packing=False)
-    assert s["steps"] == 3 and s["method"] == "full" and s["eval_loss"] is not None
-    assert (tmp_path / "full" / "merged" / "model.safetensors").is_file()
-
-
-def test_lora_variants_gradient_checkpointing(base_dir, data, tmp_path):
-    """rsLoRA + DoRA + gradient checkpointing + explicit targets train and merge."""
+def test_lora_variants_gradient_checkpointing(base_dir, data, tmp_path, capsys):
+    """rsLoRA + DoRA + gradient checkpointing + explicit targets train and merge; the progress bar shows
+    steps, tokens/s and ETA on stderr when asked for (off by default when stderr is not a terminal)."""
     train, _ = data
     s = train_causal_lm(base_dir, train, None, tmp_path / "v", method="lora", lr=3e-3, max_steps=3, batch_size=8,
                         max_length=256, device="cpu", use_rslora=True, use_dora=True, gradient_checkpointing=True,
-                        lora_targets=["q_proj", "v_proj"], mixed_precision="no")
+                        lora_targets=["q_proj", "v_proj"], mixed_precision="no", progress=True, logging_steps=1)
     assert s["steps"] == 3 and s["lora"]["dora"] and s["final_loss"] is not None
+    err = capsys.readouterr().err
+    assert "3/3" in err and "tok/s=" in err and "loss=" in err
     cfg = json.loads((tmp_path / "v" / "adapter" / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"] and cfg["use_dora"] and cfg["use_rslora"]
     assert (tmp_path / "v" / "merged" / "model.safetensors").is_file()
@@ -234,9 +359,11 @@ def test_qlora_cpu(base_dir, data, tmp_path):
     from peft import PeftModel
 
     train, ev = data
-    s = train_causal_lm(base_dir, train, None, tmp_path / "q", method="qlora", lr=3e-3, max_steps=4,
-                        batch_size=8, max_length=256, lora_r=8, device="cpu")
-    assert s["steps"] == 4 and s["method"] == "qlora"
+    s = train_causal_lm(base_dir, train, None, tmp_path / "q", method="qlora", lr=3e-3, max_steps=6,
+                        batch_size=8, max_length=256, lora_r=8, device="cpu", logging_steps=1)
+    assert s["steps"] == 6 and s["method"] == "qlora"
+    losses = _losses(tmp_path / "q")
+    assert losses[6] < losses[1] - 0.1, losses
     merged = load_model(tmp_path / "q" / "merged", device="cpu")
     assert not getattr(merged.config, "quantization_config", None)
     # merged (de-quantized base + adapter) == quantized base + adapter, up to 4-bit kernel rounding
@@ -259,3 +386,422 @@ def test_bad_inputs(base_dir, data, tmp_path):
         prepare_sft_dataset(bad)
     with pytest.raises(ValueError, match="text"):
         prepare_cpt_dataset(Dataset.from_list([{"foo": "bar"}]), load_tokenizer(base_dir))
+
+
+# --------------------------------------------------------------------------- EOS, padding, labels
+
+
+def test_collator_keeps_eos_in_labels_and_masks_pad(base_dir):
+    """The pad id never hides the EOS: every example's <|im_end|> stays a label, pad positions are -100."""
+    tok = load_tokenizer(base_dir)
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    assert tok.pad_token_id not in (im_end, tok.eos_token_id)
+    exs = [_completion_example(tok, r) for r in _records(3, seed=11)]
+    packed = {"input_ids": exs[0][0] + exs[1][0], "labels": exs[0][1] + exs[1][1],
+              "seq_lengths": [len(exs[0][0]), len(exs[1][0])]}
+    single = {"input_ids": exs[2][0], "labels": exs[2][1]}
+    batch = PackedRowsCollator(tok.pad_token_id)([packed, single])
+    short = len(exs[2][0])
+    assert batch["input_ids"].shape[1] > short  # the second row is padded
+    assert (batch["input_ids"][1, short:] == tok.pad_token_id).all()
+    assert (batch["labels"][1, short:] == -100).all()
+    for row, n_examples in ((0, 2), (1, 1)):
+        labels = batch["labels"][row].tolist()
+        assert labels.count(im_end) == n_examples  # the answer's <|im_end|> of each example is trained
+        trained = [t for t in labels if t != -100]
+        assert tok.decode(trained).count(IM_END) == n_examples
+
+
+def test_trl_padded_collator_keeps_eos(base_dir):
+    """packing=False: TRL pads the batch with <pad>; the labels still end each answer with <|im_end|>."""
+    from trl import SFTConfig, SFTTrainer
+
+    tok = load_tokenizer(base_dir)
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    ds = Dataset.from_list(_records(4, seed=12))
+    args = SFTConfig(output_dir=str(base_dir.parent / "pad_ck"), packing=False, max_length=256, bf16=False,
+                     completion_only_loss=True, report_to="none", use_cpu=True, dataloader_pin_memory=False)
+    trainer = SFTTrainer(model=load_model(base_dir, device="cpu"), args=args,
+                         train_dataset=prepare_sft_dataset(ds), processing_class=tok)
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    # banklm's own count (row length for packing, truncation warning) agrees with TRL's tokenization
+    assert token_lengths(prepare_sft_dataset(ds), tok, "sft") == [len(r["input_ids"]) for r in rows]
+    batch = trainer.data_collator(rows)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        labels = batch["labels"][i].tolist()
+        assert im_end in labels[:n]
+        assert all(t == -100 for t in labels[n:])  # padding
+        assert (batch["input_ids"][i, n:] == tok.pad_token_id).all()
+
+
+def test_pack_length():
+    """Row length = least simulated cost rows x length x (1 + key_cost x length), never below the longest."""
+    same = [100, 100, 100]
+    assert pack_length(same, 512, key_cost=0.0) == 320  # one row of 320 beats 2 rows of 224 or 3 of 128
+    assert pack_length(same, 512, key_cost=0.01) == 128  # costly attention: one example per short row
+    assert pack_length([30, 300], 512, key_cost=0.0) == 352  # both fit one row; never shorter than 300
+    assert pack_length([30, 300], 256, key_cost=0.0) == 256  # an example over max_length is cut there anyway
+    assert pack_length([], 512, key_cost=0.0) == 512
+
+
+@pytest.fixture(scope="session")
+def stop_run(base_dir, tmp_path_factory):
+    """Full fine-tuning until every prompt gets CONSTANT_ANSWER and <|im_end|>, with the periodic task check."""
+    out = tmp_path_factory.mktemp("stop_run")
+    train = Dataset.from_list(_constant_answer_records(240, seed=21))
+    ev = Dataset.from_list(_constant_answer_records(8, seed=22))
+    task_records = _constant_answer_records(12, seed=23)
+    summary = train_causal_lm(base_dir, train.select_columns(["id", "messages"]), ev.select_columns(["messages"]),
+                              out, method="full", lr=5e-3, max_steps=48, batch_size=8, max_length=256,
+                              logging_steps=6, seed=0, device="cpu", mixed_precision="no",
+                              task_eval_records=task_records, task_eval_steps=24, task_eval_max_new_tokens=48)
+    return out, summary, task_records
+
+
+def test_full_sft_learns_to_stop(stop_run, base_dir):
+    """EOS learned: on held-out prompts the fine-tuned model answers and ends with <|im_end|> well before
+    max_new_tokens; the untrained base does not."""
+    from banklm.evaluation.generate import eos_token_ids
+
+    out, s, _ = stop_run
+    assert s["method"] == "full" and s["steps"] == 48 and s["trainable_params"] == s["total_params"]
+    assert s["examples_truncated"] == 0 and s["pack_length"] < 256  # short examples: short packed rows
+    losses = _losses(out)
+    assert losses[48] < losses[1] - 3.0, losses
+    tok = load_tokenizer(out / "merged")
+    prompts = [[r["messages"][0]] for r in _records(6, seed=24)]
+    max_new = 48
+
+    def run(model):
+        eos = eos_token_ids(model, tok)
+        results = []
+        for msgs in prompts:
+            ids = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids = torch.tensor([tok.encode(ids, add_special_tokens=False)])
+            with torch.no_grad():
+                new = model.generate(ids, max_new_tokens=max_new, do_sample=False)[0, ids.shape[1]:].tolist()
+            results.append((new, new[-1] in eos))
+        return results
+
+    tuned = run(load_model(out / "merged", device="cpu"))
+    for new, stopped in tuned:
+        assert stopped and len(new) < max_new
+        assert tok.decode(new[:-1]) == CONSTANT_ANSWER
+    base = run(load_model(base_dir, device="cpu"))
+    assert not all(stopped for _, stopped in base)
+
+
+def test_task_eval_during_training(stop_run):
+    """task_accuracy in metrics.jsonl every 24 steps, from the same parser and metrics as the final evaluation:
+    at the end the model answers CONSTANT_ANSWER (拒绝) everywhere, so accuracy = share of 拒绝 golds."""
+    from banklm.evaluation.evaluate import evaluate_records
+
+    out, s, records = stop_run
+    rows = [r for r in _rows(out) if "task_accuracy" in r]
+    assert [r["step"] for r in rows] == [24, 48]
+    assert all("loss" in r for r in rows)  # logged with that step's training loss, which is not lost
+    expected = sum(json.loads(r["gold"])["decision"] == "拒绝" for r in records) / len(records)
+    assert 0 < expected < 1
+    last = rows[-1]
+    assert last["task_format_compliance"] == 1.0
+    assert last["task_accuracy"] == pytest.approx(expected) == last["task_accuracy_credit"]
+    assert s["task_eval"]["step"] == 48 and s["task_eval"]["task_accuracy"] == pytest.approx(expected)
+    # the same figure from the stage's evaluation of the saved model
+    model = load_model(out / "merged", device="cpu")
+    res = evaluate_records(model, load_tokenizer(out / "merged"), records, out.parent / "eval_check",
+                           max_new_tokens=48)
+    assert res["overall"]["accuracy"] == pytest.approx(last["task_accuracy"])
+
+
+def test_full_merged_reproduces_eval_loss(stop_run):
+    out, s, _ = stop_run
+    tok = load_tokenizer(out / "merged")
+    ev = _constant_answer_records(8, seed=22)
+    loss = _completion_loss(load_model(out / "merged", device="cpu"), tok, ev)
+    assert loss == pytest.approx(s["eval_loss"], rel=1e-4)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_precision_plan_by_device(monkeypatch):
+    """CUDA: bf16 where supported, else fp16 (GradScaler via the Trainer's fp16 flag); flash-attention 2 when
+    installed, else sdpa; MPS and CPU: fp32 weights; auto device prefers cuda, then mps, then cpu."""
+    import importlib.util
+
+    from finetune.models import pick_device
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn"
+                        else real_find_spec(name, *a))
+    assert pick_device("auto") == "cuda"
+    p = precision_plan("cuda", "lora")
+    assert (p["bf16"], p["fp16"], p["model_dtype"], p["attn_implementation"]) == (True, False, torch.bfloat16, "sdpa")
+    assert precision_plan("cuda", "full")["model_dtype"] == torch.float32  # fp32 master weights
+    assert precision_plan("cuda", "qlora")["quantization"] == "4bit"
+    assert precision_plan("cuda", "lora", "no")["model_dtype"] == torch.float32
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a T4 / 2080
+    p = precision_plan("cuda", "lora")
+    assert (p["bf16"], p["fp16"], p["model_dtype"]) == (False, True, torch.float16)
+    from finetune.models import bnb_config
+
+    if real_find_spec("bitsandbytes") is not None:
+        assert bnb_config("4bit", "cuda").bnb_4bit_compute_dtype == torch.float16
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn"
+                        else real_find_spec(name, *a))
+    assert precision_plan("cuda", "lora")["attn_implementation"] == "flash_attention_2"
+    assert precision_plan("cpu", "lora")["attn_implementation"] == "sdpa"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto") == "mps"
+    p = precision_plan("mps", "lora")
+    assert (p["bf16"], p["fp16"], p["model_dtype"]) == (False, False, torch.float32)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu"
+    p = precision_plan("cpu", "lora")
+    assert (p["bf16"], p["fp16"], p["model_dtype"]) == (True, False, torch.bfloat16)
+    assert precision_plan("cpu", "full")["model_dtype"] == torch.float32
+    assert precision_plan("cpu", "lora", "no")["model_dtype"] == torch.float32
+    with pytest.raises(ValueError, match="fp16.*needs CUDA"):
+        precision_plan("cpu", "lora", "fp16")
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+
+
+def test_checkpoint_completeness_fingerprint_and_rotation(tmp_path):
+    ck = tmp_path / "checkpoints"
+
+    def make(step: int, fingerprint: str | None):
+        d = ck / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"x")
+        if fingerprint is not None:
+            (d / STATE_FILE).write_text(json.dumps({"fingerprint": fingerprint, "step": step}))
+
+    for step in (2, 4, 6):
+        make(step, "A")
+    make(8, None)  # interrupted while saving
+    make(10, "B")  # left by other settings
+    assert find_resumable(ck, "A", clean=False)[0].name == "checkpoint-6"
+    assert len(list(ck.iterdir())) == 5  # clean=False (non-main processes) deletes nothing
+    path, state = find_resumable(ck, "A")
+    assert path.name == "checkpoint-6" and state["step"] == 6
+    assert sorted(p.name for p in ck.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    make(12, None)
+    assert [p.name for p in rotate(ck, 1)] == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in ck.iterdir()) == ["checkpoint-12", "checkpoint-6"]  # incomplete one not counted
+    assert find_resumable(ck, "C") is None and not list(ck.iterdir())
+
+
+def test_resume_mid_epoch_equals_uninterrupted(base_dir, data, tmp_path):
+    """Crash two steps after a checkpoint taken one batch into the second epoch (keep 1): the re-run resumes
+    there and reaches the very same losses and adapter weights (LoRA dropout on: RNG states restored)."""
+    train, ev = data
+    kw = dict(method="lora", lr=3e-3, max_steps=12, batch_size=16, max_length=256, lora_r=8, lora_dropout=0.1,
+              logging_steps=1, seed=0, device="cpu", mixed_precision="no", keep_checkpoints=1, merge=False)
+    ref = train_causal_lm(base_dir, train, ev, tmp_path / "ref", **kw)
+    per_epoch = round(ref["planned_steps"] / ref["epochs"])
+    save = per_epoch + 1  # one batch into epoch 2
+    assert 2 <= per_epoch and save + 3 < 12
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupted):
+        train_causal_lm(base_dir, train, ev, out, callbacks=[_CrashAt(save + 2)], save_steps=save, **kw)
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert ckpts == [f"checkpoint-{save}"]
+    partial = out / "checkpoints" / f"checkpoint-{save + 2}"  # a save cut short by the crash: no banklm_state.json
+    partial.mkdir()
+    (partial / "optimizer.pt").write_bytes(b"partial")
+    res = train_causal_lm(base_dir, train, ev, out, resume=True, save_steps=save, **kw)
+    assert res["resumed_from_step"] == save and res["steps"] == ref["steps"] == 12
+    assert _losses(out) == pytest.approx(_losses(tmp_path / "ref"), abs=1e-6)
+    assert res["final_loss"] == pytest.approx(ref["final_loss"], abs=1e-6)
+    assert res["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-6)
+    a, b = _adapter_tensors(tmp_path / "ref"), _adapter_tensors(out)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert res["tokens_seen"] == ref["tokens_seen"]
+    assert not (out / "checkpoints").exists()  # the completed stage removes them
+    # other settings never resume from a foreign checkpoint
+    with pytest.raises(_Interrupted):
+        train_causal_lm(base_dir, train, ev, out, callbacks=[_CrashAt(save + 1)], save_steps=save, **kw)
+    other = train_causal_lm(base_dir, train, ev, out, resume=True, save_steps=save, **{**kw, "lr": 2e-3,
+                                                                                        "max_steps": 2})
+    assert other["resumed_from_step"] is None and other["steps"] == 2
+
+
+def test_time_budget_resume(base_dir, data, tmp_path, monkeypatch):
+    """A budgeted run resumes with the training time it had at the checkpoint: on a simulated clock (1 s per
+    step) the interrupted + resumed run stops at the same step with the same schedule and weights."""
+    train, _ = data
+    fake = _FakeTime()
+    monkeypatch.setattr(cb_module, "time", fake)
+    kw = dict(method="lora", lr=3e-3, num_epochs=50, time_budget_s=6, batch_size=8, max_length=256, lora_r=8,
+              logging_steps=1, seed=0, device="cpu", mixed_precision="no", save_steps=2, merge=False)
+    ref = train_causal_lm(base_dir, train, None, tmp_path / "ref", callbacks=[_Tick(fake)], **kw)
+    assert ref["stopped_by"] == "time_budget" and ref["steps"] == 6 and ref["train_seconds_total"] == 6.0
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupted):
+        train_causal_lm(base_dir, train, None, out, callbacks=[_Tick(fake), _CrashAt(3)], **kw)
+    res = train_causal_lm(base_dir, train, None, out, callbacks=[_Tick(fake)], resume=True, **kw)
+    assert res["resumed_from_step"] == 2 and res["stopped_by"] == "time_budget"
+    assert res["steps"] == 6 and res["train_seconds_total"] == 6.0 and res["seconds"] < 60
+    lr = {r["step"]: r["learning_rate"] for r in _rows(out) if "learning_rate" in r}
+    ref_lr = {r["step"]: r["learning_rate"] for r in _rows(tmp_path / "ref") if "learning_rate" in r}
+    assert lr == pytest.approx(ref_lr, rel=1e-9) and len(lr) == 6
+    a, b = _adapter_tensors(tmp_path / "ref"), _adapter_tensors(out)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_early_stopping(base_dir, data, tmp_path):
+    """A learning rate far too high makes the eval loss worse; patience 2 stops long before max_steps."""
+    train, ev = data
+    s = train_causal_lm(base_dir, train, ev, tmp_path / "es", method="full", lr=0.5, scheduler="constant_with_warmup",
+                        warmup_ratio=0.0, max_steps=30, batch_size=8, max_length=256, eval_steps=1,
+                        early_stopping_patience=2, device="cpu", mixed_precision="no")
+    assert s["stopped_by"] == "early_stopping" and s["steps"] < 30
+    evals = [r["eval_loss"] for r in _rows(tmp_path / "es") if "eval_loss" in r]
+    best = min(evals[:-2])
+    assert all(e >= best for e in evals[-2:])
+    with pytest.raises(ValueError, match="eval_steps"):
+        train_causal_lm(base_dir, train, ev, tmp_path / "x", early_stopping_patience=2)
+
+
+# --------------------------------------------------------------------------- two processes (DDP on gloo)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(base_dir, data, tmp_path, repo):
+    """torchrun --nproc_per_node 2 on CPU/gloo, 4 examples per process == one process with 8: same losses and
+    weights; only rank 0 writes; a time budget stops both ranks at the same step (no hang)."""
+    import subprocess
+    import sys
+
+    train, _ = data
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in train.to_list()), encoding="utf-8")
+    kw = dict(method="lora", lr=3e-3, max_steps=4, max_length=256, lora_r=8, lora_dropout=0.0, logging_steps=1,
+              seed=0, device="cpu", mixed_precision="no")
+    budget_kw = {**kw, "max_steps": 10_000, "time_budget_s": 3, "merge": False}
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = [[str(tmp_path / "ddp"), {**kw, "batch_size": 4}], [str(tmp_path / "ddp_budget"), {**budget_kw, "batch_size": 4}]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(repo / "tests" / "ddp_worker.py"), str(base_dir), str(train_file), json.dumps(runs)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("RANK")]
+    assert len(reports) == 4
+    by_run = {}
+    for r in reports:
+        by_run.setdefault(r["out"], []).append(r)
+    ddp, budget = by_run[runs[0][0]], by_run[runs[1][0]]
+    assert {r["world_size"] for r in ddp} == {2} and len({r["final_loss"] for r in ddp}) == 1
+    assert budget[0]["steps"] == budget[1]["steps"] > 0 and {r["stopped_by"] for r in budget} == {"time_budget"}
+
+    one = train_causal_lm(base_dir, train, None, tmp_path / "one", batch_size=8, **kw)
+    assert one["world_size"] == 1
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "one"), abs=1e-4)
+    a, b = _adapter_tensors(tmp_path / "one"), _adapter_tensors(tmp_path / "ddp")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert (tmp_path / "ddp" / "merged" / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- resume through the CLI
+
+
+RESUME_RECIPE = """
+name: resume
+seed: 0
+corpora:
+  scenario:
+    synth:
+      credit: {{train: 200, validation: 8, test: 8}}
+base:
+  path: {base}
+train:
+  method: lora
+  lr: 3.0e-3
+  max_steps: 80
+  batch_size: 8
+  max_length: 256
+  save_steps: 5
+  logging_steps: 5
+eval: {{enabled: false}}
+export: {{gguf: {{enabled: false}}}}
+report: {{enabled: false}}
+"""
+
+
+@pytest.mark.slow
+def test_banklm_train_resumes_after_kill(base_dir, tmp_path):
+    """`banklm train` killed (SIGKILL) mid-training and run again on the same --run-dir: training continues from
+    the last complete checkpoint in sft/checkpoints/, the metrics rows continue, the ledger verifies."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import run_banklm
+
+    from banklm.ledger import Ledger, verify_run
+
+    recipe = tmp_path / "resume.yaml"
+    recipe.write_text(RESUME_RECIPE.format(base=base_dir), encoding="utf-8")
+    run_dir = tmp_path / "runs" / "resume" / "r1"
+    args = ["train", str(recipe), "--run-dir", str(run_dir)]
+    proc = subprocess.Popen([sys.executable, "-m", "banklm.cli", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run_dir / "sft" / "checkpoints"
+    deadline = time.time() + 300
+    try:
+        while not list(ckpts.glob("checkpoint-*/banklm_state.json")):
+            assert proc.poll() is None, "banklm train ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert [e["stage"] for e in Ledger(run_dir).entries()] == ["corpus"]  # killed inside the train stage
+    out = run_banklm(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run_dir / "sft" / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] is not None and summary["resumed_from_step"] >= 5
+    assert summary["steps"] == 80
+    steps = [r["step"] for r in _rows(run_dir / "sft") if "loss" in r]
+    assert steps == [1, *range(5, 81, 5)]  # rows before the checkpoint restored, none repeated or lost
+    entries = Ledger(run_dir).entries()
+    assert [e["stage"] for e in entries][-1] == "train" and entries[-1]["status"] == "done"
+    assert not ckpts.exists() and verify_run(run_dir) == []
+
+
+def test_truncated_examples_are_counted(base_dir, data, tmp_path, caplog):
+    """Examples longer than max_length are cut by the trainer: never silently (summary + a log warning)."""
+    import logging
+
+    train, _ = data
+    small = train.select(range(16))
+    lengths = token_lengths(prepare_sft_dataset(small), load_tokenizer(base_dir), "sft")
+    limit = sorted(lengths)[len(lengths) // 2]
+    expected = sum(n > limit for n in lengths)
+    assert 0 < expected < len(lengths)
+    with caplog.at_level(logging.WARNING, logger="banklm"):
+        s = train_causal_lm(base_dir, small, None, tmp_path / "t", max_steps=1, batch_size=4, max_length=limit,
+                            merge=False, device="cpu")
+    assert s["examples_truncated"] == expected
+    assert f"{expected} of 16 training examples are longer than max_length={limit}" in caplog.text

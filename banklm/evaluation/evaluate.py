@@ -242,7 +242,12 @@ def load_model_dir(model_dir: str | Path, device: str = "auto", dtype=None):
     kwargs = {"use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
+    for kind, what in (("missing_keys", "missing from the checkpoint (would be randomly initialised)"),
+                       ("unexpected_keys", "in the checkpoint but not in config.json")):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:  # transformers only prints a report: scoring a half-random model would be silently wrong
+            raise ValueError(f"{model_dir}: weights do not match config.json: {keys[0]} is {what} ({len(keys)} tensors)")
     model.to(device)
     model.eval()
     return model, tokenizer

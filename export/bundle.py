@@ -1,0 +1,321 @@
+"""The export bundle: convert, verify, evaluate and checksum everything a serving host needs, in one folder.
+
+::
+
+    export/
+      gguf/<name>-<type>.gguf + <name>-<type>.Modelfile   (one Ollama Modelfile per GGUF)
+      onnx/<type>/model.onnx + config, generation config, tokenizer, chat template
+      eval/<artefact>/results.json + predictions.jsonl    (task evaluation of each artefact, and of PyTorch)
+      verify.json                                          (every check and figure, see docs/export.md)
+      MODEL_CARD.md                                        (when given)
+      SHA256SUMS                                           (``cd export && sha256sum -c SHA256SUMS``)
+
+:func:`build_export` writes the folder atomically (a failed conversion leaves the previous bundle in
+place) and returns the verification summary; a failed *check* still writes the bundle, so
+``verify.json`` shows what failed, and the caller decides the exit code. :func:`verify_export`
+re-checks an existing folder (checksums, then every artefact against the model) without writing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from banklm.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, sha256_file
+
+log = logging.getLogger(__name__)
+
+SUMS_FILE = "SHA256SUMS"
+VERIFY_FILE = "verify.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# checksums
+# --------------------------------------------------------------------------------------------------
+
+
+def _bundle_files(folder: Path) -> list[Path]:
+    return sorted((f for f in folder.rglob("*") if f.is_file() and f.name != SUMS_FILE),
+                  key=lambda f: f.relative_to(folder).as_posix())
+
+
+def write_sha256sums(folder: str | os.PathLike) -> Path:
+    """``SHA256SUMS`` for every file under ``folder`` (``sha256sum -c`` format, paths relative)."""
+    folder = Path(folder)
+    lines = [f"{sha256_file(f)}  {f.relative_to(folder).as_posix()}" for f in _bundle_files(folder)]
+    return atomic_write_text(folder / SUMS_FILE, "\n".join(lines) + "\n")
+
+
+def check_sha256sums(folder: str | os.PathLike) -> list[str]:
+    """Problems found re-hashing ``folder`` against its ``SHA256SUMS`` (empty list: intact)."""
+    folder = Path(folder)
+    sums = folder / SUMS_FILE
+    if not sums.is_file():
+        return [f"{sums}: missing"]
+    problems, listed = [], set()
+    for n, line in enumerate(sums.read_text(encoding="utf-8").splitlines(), 1):
+        m = re.fullmatch(r"([0-9a-f]{64})  (.+)", line)
+        if not m:
+            problems.append(f"{SUMS_FILE} line {n}: not '<sha256>  <path>'")
+            continue
+        digest, rel = m.groups()
+        listed.add(rel)
+        f = folder / rel
+        if ".." in Path(rel).parts or not f.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(f) != digest:
+            problems.append(f"{rel}: sha256 differs from {SUMS_FILE} (file changed after export)")
+    for f in _bundle_files(folder):
+        rel = f.relative_to(folder).as_posix()
+        if rel not in listed:
+            problems.append(f"{rel}: not listed in {SUMS_FILE}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# task evaluation of an artefact
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate_artefact(lm, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike, *, eos_ids: Sequence[int],
+                      batch_size: int = 32, max_new_tokens: int = 128, model_name: str = "model",
+                      size: dict | None = None) -> dict:
+    """Answer ``records`` with an exported model (:mod:`export.runtime`), score them with the task parsers
+    and metrics of :mod:`banklm.evaluation`, write ``results.json`` + ``predictions.jsonl``."""
+    from banklm.evaluation.evaluate import score_records
+    from banklm.tasks.base import iter_user_messages
+
+    from .runtime import generate_chat
+
+    records = list(records)
+    gen = generate_chat(lm, tokenizer, [iter_user_messages(r) for r in records], eos_ids,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+    results, preds = score_records(records, list(gen), model_name=model_name)
+    results["overall"].update({"tokens_per_s": gen.tokens_per_s, "new_tokens": gen.new_tokens,
+                               "generation_seconds": gen.seconds, **(size or {})})
+    out_dir = Path(out_dir)
+    atomic_write_jsonl(out_dir / "predictions.jsonl", preds)
+    atomic_write_json(out_dir / "results.json", results)
+    return results
+
+
+def task_summary(results: dict, where: str) -> dict:
+    """The figures verify.json and the report show for one evaluated model."""
+    ov = results.get("overall", {})
+    return {"results": where, "n": ov.get("n"), "accuracy": ov.get("accuracy"),
+            "per_task": {t: r.get("accuracy") for t, r in results.get("tasks", {}).items()},
+            "format_compliance": ov.get("format_compliance"), "tokens_per_s": ov.get("tokens_per_s")}
+
+
+def open_gguf(path: Path, n_ctx: int):
+    """``(runtime model, runtime name)``: llama.cpp when installed, else transformers' GGUF reader."""
+    from .runtime import LlamaCppLM, TorchLM, llama_cpp_available
+
+    if llama_cpp_available():
+        return LlamaCppLM(path, n_ctx=n_ctx), "llama.cpp"
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    return TorchLM(model), "transformers GGUF reader (de-quantized to fp32; llama-cpp-python not installed)"
+
+
+# --------------------------------------------------------------------------------------------------
+# the bundle
+# --------------------------------------------------------------------------------------------------
+
+
+def _eos_ids(model_dir: Path) -> list[int]:
+    gc = model_dir / "generation_config.json"
+    eos = json.loads(gc.read_text(encoding="utf-8")).get("eos_token_id") if gc.is_file() else None
+    if eos is None:
+        eos = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else [int(e) for e in eos or []]
+
+
+def context_length(model_dir: Path, cap: int = 8192) -> int:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return int(min(cfg.get("max_position_embeddings", 2048), cap))
+
+
+def build_export(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    name: str,
+    prompts: Sequence[str],
+    gguf_types: Sequence[str] = (),
+    onnx_types: Sequence[str] = (),
+    opset: int = 17,
+    records: Sequence[dict] | None = None,
+    eval_batch_size: int = 32,
+    eval_max_new_tokens: int = 128,
+    max_accuracy_drop: float | None = None,
+    device: str = "cpu",
+    system: str | None = None,
+    num_ctx: int | None = None,
+    model_card: str | Callable[[dict], str] | None = None,
+) -> dict:
+    """Export ``model_dir`` to ``out_dir`` as GGUF (``gguf_types``) and ONNX (``onnx_types``), verify every
+    artefact on ``prompts``, evaluate each (and the PyTorch model) on ``records`` when given, write the
+    Modelfiles, ``verify.json``, the model card (text, or a function of the summary) and ``SHA256SUMS``.
+
+    Returns the summary written to ``verify.json``: ``passed``, ``failures`` (each naming the artefact
+    and the check), and one entry per artefact under ``gguf`` / ``onnx``. Conversion errors raise (the
+    previous bundle stays); check failures do not.
+    """
+    from banklm.evaluation.evaluate import evaluate_model_dir
+    from banklm.tasks.base import iter_user_messages
+    from finetune.tokenizer import load_tokenizer
+
+    from .gguf import export_gguf
+    from .ollama import write_modelfile
+    from .onnx import export_onnx
+    from .runtime import OnnxCausalLM
+    from .verify import verify_gguf, verify_onnx
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not gguf_types and not onnx_types:
+        raise ValueError("build_export: nothing to export (no GGUF and no ONNX types)")
+    tok = load_tokenizer(model_dir)
+    eos_ids = _eos_ids(model_dir)
+    num_ctx = int(num_ctx or context_length(model_dir))
+    prompts = list(prompts)
+    try:  # the model as the run folder (the bundle's parent) sees it, when it lives there
+        model_ref = model_dir.resolve().relative_to(out_dir.resolve().parent).as_posix()
+    except ValueError:
+        model_ref = str(model_dir.resolve())
+    summary: dict = {"model_dir": model_ref, "prompts": len(prompts), "gguf": [], "onnx": [],
+                     "export_seconds": {}, "failures": []}
+
+    with atomic_dir(out_dir) as tmp:
+        def rel(p: Path) -> str:  # as the run folder (the bundle's parent) sees it
+            return f"{out_dir.name}/{p.relative_to(tmp).as_posix()}"
+
+        artefacts: list[tuple[str, str, Path]] = []  # (kind, type, path)
+        if gguf_types:
+            t0 = time.perf_counter()
+            files = export_gguf(model_dir, tmp / "gguf", types=tuple(gguf_types), name=name)
+            summary["export_seconds"]["gguf"] = round(time.perf_counter() - t0, 3)
+            stops = [t for t in tok.convert_ids_to_tokens(eos_ids) if t]
+            for f, t in zip(files, gguf_types, strict=True):
+                write_modelfile(f, tok.chat_template, f.with_suffix(".Modelfile"), system=system,
+                                stop_tokens=stops, num_ctx=num_ctx, parameters={"temperature": 0})
+                artefacts.append(("gguf", t, f))
+        if onnx_types:
+            t0 = time.perf_counter()
+            folders = export_onnx(model_dir, tmp / "onnx", types=tuple(onnx_types), opset=opset)
+            summary["export_seconds"]["onnx"] = round(time.perf_counter() - t0, 3)
+            artefacts += [("onnx", t, d / "model.onnx") for d, t in zip(folders, onnx_types, strict=True)]
+
+        for kind, t, path in artefacts:
+            if kind == "gguf":
+                check = verify_gguf(model_dir, path, prompts, t)
+                check.pop("gguf", None)
+            else:
+                check = verify_onnx(model_dir, path.parent, prompts, t)
+                check.pop("onnx", None)
+            check.pop("model_dir", None)
+            summary[kind].append({"file": rel(path), "type": t, **check})
+
+        if records:
+            records = list(records)
+            ev = tmp / "eval"
+            base = evaluate_model_dir(model_dir, records, ev / "pytorch", device=device, batch_size=eval_batch_size,
+                                      max_new_tokens=eval_max_new_tokens, model_name="pytorch")
+            summary["task_eval"] = {"records": len(records), "tasks": sorted({r["task"] for r in records}),
+                                    "max_new_tokens": eval_max_new_tokens,
+                                    "pytorch": task_summary(base, rel(ev / "pytorch" / "results.json"))}
+            # llama.cpp refuses prompts longer than its context: size it for the longest record
+            longest = max(len(tok.apply_chat_template(iter_user_messages(r), add_generation_prompt=True,
+                                                      tokenize=True, return_dict=False)) for r in records)
+            eval_ctx = max(num_ctx, longest + eval_max_new_tokens + 8)
+            for kind, t, path in artefacts:
+                entry = next(c for c in summary[kind] if c["type"] == t)
+                aid = f"{kind}-{t}"
+                try:
+                    if kind == "gguf":
+                        lm, runtime = open_gguf(path, eval_ctx)
+                    else:
+                        lm, runtime = OnnxCausalLM(path), "onnxruntime (CPU)"
+                    try:
+                        res = evaluate_artefact(lm, tok, records, ev / aid, eos_ids=eos_ids,
+                                                batch_size=eval_batch_size, max_new_tokens=eval_max_new_tokens,
+                                                model_name=aid, size={"model_bytes": entry.get("bytes")})
+                    finally:
+                        if hasattr(lm, "close"):
+                            lm.close()
+                except Exception as e:  # a runtime that cannot answer is a failed check, not a crash
+                    log.exception("task evaluation of %s failed", aid)
+                    entry["task_eval"] = {"failures": [f"{type(e).__name__}: {e}"]}
+                    entry["failures"].append(f"task_eval: {type(e).__name__}: {e}")
+                    entry["passed"] = False
+                    continue
+                te = {"runtime": runtime, **task_summary(res, rel(ev / aid / "results.json"))}
+                te["accuracy_drop"] = summary["task_eval"]["pytorch"]["accuracy"] - te["accuracy"]
+                te["failures"] = []
+                if max_accuracy_drop is not None and te["accuracy_drop"] > max_accuracy_drop:
+                    te["failures"].append(f"task accuracy {te['accuracy']:.3f} is {te['accuracy_drop']:.3f} below "
+                                          f"PyTorch's {summary['task_eval']['pytorch']['accuracy']:.3f} "
+                                          f"(allowed {max_accuracy_drop})")
+                entry["task_eval"] = te
+                entry["failures"] += [f"task_eval: {f}" for f in te["failures"]]
+                entry["passed"] = entry["passed"] and not te["failures"]
+
+        for kind in ("gguf", "onnx"):
+            for c in summary[kind]:
+                summary["failures"] += [f"{kind} {c['type']} ({c['file']}): {f}" for f in c["failures"]]
+        summary["passed"] = not summary["failures"]
+        atomic_write_json(tmp / VERIFY_FILE, summary)
+        card = model_card(summary) if callable(model_card) else model_card
+        if card:
+            atomic_write_text(tmp / "MODEL_CARD.md", card)
+        write_sha256sums(tmp)
+    return summary
+
+
+def _listed_artefacts(export_dir: Path) -> list[tuple[str, str, Path]]:
+    """Artefacts ``verify.json`` declares (kind, type, path); paths are relative to the bundle's parent."""
+    data = json.loads((export_dir / VERIFY_FILE).read_text(encoding="utf-8"))
+    out = []
+    for kind in ("gguf", "onnx"):
+        for c in data.get(kind, []):
+            rel = Path(c["file"])
+            out.append((kind, c["type"], export_dir.joinpath(*rel.parts[1:])))
+    return out
+
+
+def verify_export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, prompts: Sequence[str]) -> dict:
+    """Re-check an export folder: ``SHA256SUMS``, then every artefact ``verify.json`` lists against
+    ``model_dir`` (tokenizer, logits, greedy generation; no task evaluation). Writes nothing."""
+    from .verify import verify_gguf, verify_onnx
+
+    model_dir, export_dir = Path(model_dir), Path(export_dir)
+    out: dict = {"export_dir": str(export_dir), "checksums": check_sha256sums(export_dir), "artefacts": [],
+                 "failures": []}
+    out["failures"] += [f"checksums: {p}" for p in out["checksums"]]
+    if not (export_dir / VERIFY_FILE).is_file():
+        out["failures"].append(f"{export_dir / VERIFY_FILE}: missing (not an export folder)")
+        out["passed"] = False
+        return out
+    for kind, t, path in _listed_artefacts(export_dir):
+        if kind == "gguf":
+            check = verify_gguf(model_dir, path, list(prompts), t)
+        else:
+            check = verify_onnx(model_dir, path.parent, list(prompts), t)
+        out["artefacts"].append({"kind": kind, "type": t, "file": str(path), "passed": check["passed"],
+                                 "failures": check["failures"], "logits": check.get("logits"),
+                                 "generation": check.get("generation"), "llama_cpp": check.get("llama_cpp")})
+        out["failures"] += [f"{kind} {t} ({path.name}): {f}" for f in check["failures"]]
+    out["passed"] = not out["failures"]
+    return out
+
+
+__all__ = ["build_export", "verify_export", "write_sha256sums", "check_sha256sums", "evaluate_artefact",
+           "task_summary", "open_gguf", "context_length", "SUMS_FILE", "VERIFY_FILE"]

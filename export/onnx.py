@@ -1,0 +1,251 @@
+"""Export a Hugging Face Llama / Qwen2 model folder to ONNX: a decoder with KV cache, fp32/fp16, plus int8.
+
+One folder per type (``out_dir/fp32``, ``out_dir/int8``, ...), each self-contained the way
+onnxruntime-genai and optimum lay models out: ``model.onnx``, ``config.json``,
+``generation_config.json`` and the training tokenizer files with its chat template.
+
+The graph is traced with ``torch.onnx.export`` (TorchScript path, ``dynamo=False``; optimum-onnx would
+pin transformers < 5, see ../shared/STACK.md) around a small wrapper that takes and returns the KV
+cache as flat tensors, with the names onnxruntime-genai / optimum use::
+
+    inputs:  input_ids [batch, seq], attention_mask [batch, past + seq], position_ids [batch, seq],
+             past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
+    outputs: logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, past + seq, head_dim]
+
+Prefill feeds empty past tensors (``past = 0``); every later step feeds the ``present`` tensors back.
+Left padding works through ``attention_mask`` (0 = padding) with ``position_ids = cumsum(mask) - 1``.
+``int8`` is onnxruntime's dynamic quantization (``quantize_dynamic``: int8 weights, activations
+quantized per call) of the fp32 graph; ``fp16`` is the model cast to half precision before tracing
+(meant for GPUs; onnxruntime's CPU provider runs it too, slowly).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from banklm.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+ONNX_TYPES = ("fp32", "fp16", "int8")
+DEFAULT_OPSET = 17
+MODEL_FILE = "model.onnx"
+#: Files copied from the model folder next to ``model.onnx`` (those that exist).
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
+# Shapes of the example inputs the graph is traced with: a batch of 2, 3 new tokens after 4 cached ones, so
+# that neither the batch nor the sequence dimensions can be specialised into constants.
+_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 4
+
+
+def input_names(n_layers: int) -> list[str]:
+    return ["input_ids", "attention_mask", "position_ids",
+            *[f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]]
+
+
+def output_names(n_layers: int) -> list[str]:
+    return ["logits", *[f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]]
+
+
+def dynamic_axes(n_layers: int) -> dict[str, dict[int, str]]:
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"}}
+    for name in input_names(n_layers)[3:]:
+        axes[name] = {0: "batch_size", 2: "past_sequence_length"}
+    for name in output_names(n_layers)[1:]:
+        axes[name] = {0: "batch_size", 2: "total_sequence_length"}
+    return axes
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    """``config.json`` of ``model_dir``; refuses architectures other than Llama / Qwen2."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{Path(model_dir)}: no config.json (not a Hugging Face model folder)")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else f"<model_type={config.get('model_type')}>"
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {arch} is not supported for ONNX export; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+
+
+def export_onnx(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    types: Sequence[str] = ("fp32", "int8"),
+    opset: int = DEFAULT_OPSET,
+) -> list[Path]:
+    """Export ``model_dir`` to one ONNX folder per type (``out_dir/<type>/model.onnx`` + side files).
+
+    ``types``: any of ``fp32``, ``fp16``, ``int8`` (int8 is quantized from an fp32 graph, which is
+    traced into a temporary folder when ``fp32`` itself is not requested). Each folder is written
+    atomically. Returns the folders in the order of ``types``. Raises ``ValueError`` for an
+    unsupported architecture or type before writing anything.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    types = [t.lower() for t in types]
+    unknown = [t for t in types if t not in ONNX_TYPES]
+    if unknown or not types:
+        raise ValueError(f"export_onnx: unknown type(s) {unknown or types}; supported: {', '.join(ONNX_TYPES)}")
+    if not 14 <= int(opset) <= 21:
+        raise ValueError(f"export_onnx: opset {opset} outside the supported range 14-21 "
+                         "(scaled_dot_product_attention needs >= 14)")
+    read_config(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for t in dict.fromkeys(t for t in types if t in ("fp32", "fp16")):
+        written[t] = _export_float_folder(model_dir, out_dir / t, t, opset)
+    if "int8" in types:
+        if "fp32" in written:
+            written["int8"] = quantize_int8(written["fp32"], out_dir / "int8")
+        else:
+            with tempfile.TemporaryDirectory(prefix=".fp32-src-", dir=out_dir) as tmp:
+                src = _export_float_folder(model_dir, Path(tmp) / "fp32", "fp32", opset)
+                written["int8"] = quantize_int8(src, out_dir / "int8")
+    return [written[t] for t in types]
+
+
+# --------------------------------------------------------------------------------------------------
+# tracing
+# --------------------------------------------------------------------------------------------------
+
+
+def _kv_decoder(model):
+    """Wrap a causal LM so the KV cache goes in and out as flat tensors (traceable by TorchScript)."""
+    import torch
+    from transformers import DynamicCache
+
+    n_layers = model.config.num_hidden_layers
+
+    class KVCacheDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.model.config)
+            for i in range(n_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers[:n_layers]:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return KVCacheDecoder().eval()
+
+
+def _head_dim(config) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def _export_float_folder(model_dir: Path, dst: Path, type_: str, opset: int) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if type_ == "fp32" else torch.float16
+    t0 = time.perf_counter()
+    # sdpa: the attention the model is evaluated with; its masks trace without data-dependent branches
+    # when an attention_mask is given (transformers skips the "mask can be dropped" shortcut under tracing).
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True,
+                                                 attn_implementation="sdpa").eval()
+    cfg = model.config
+    n_layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, _head_dim(cfg)
+    g = torch.Generator().manual_seed(0)
+    b, s, p = _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    pos = torch.arange(p, p + s).unsqueeze(0).expand(b, s).contiguous()
+    past = [torch.randn(b, kv_heads, p, head_dim, generator=g).to(dtype) for _ in range(2 * n_layers)]
+    with atomic_dir(dst) as tmp:
+        with warnings.catch_warnings(), torch.no_grad():
+            # TracerWarnings about shape-derived Python values: checked safe by the parity tests (prefill
+            # with an empty cache, left padding, single-token decode steps all match PyTorch).
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_kv_decoder(model), (ids, mask, pos, *past), str(tmp / MODEL_FILE),
+                              input_names=input_names(n_layers), output_names=output_names(n_layers),
+                              dynamic_axes=dynamic_axes(n_layers), opset_version=int(opset),
+                              do_constant_folding=True, dynamo=False)
+        _set_metadata(tmp / MODEL_FILE, {"banklm.type": type_, "banklm.architecture": cfg.architectures[0],
+                                         "banklm.opset": str(opset)})
+        _copy_side_files(model_dir, tmp)
+    log.info("onnx: wrote %s (%s, opset %d, %.1f MB, %.1f s)", dst / MODEL_FILE, type_, opset,
+             (dst / MODEL_FILE).stat().st_size / 1e6, time.perf_counter() - t0)
+    return dst
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """int8 dynamic quantization of the fp32 folder ``src`` into the folder ``dst`` (written atomically):
+    8-bit weights for every MatMul and the embedding Gather, activations quantized per call."""
+    src, dst = Path(src), Path(dst)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    t0 = time.perf_counter()
+    with atomic_dir(dst) as tmp:
+        quiet = logging.getLogger()
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "consider pre-processing" advice on every call
+        try:
+            quantize_dynamic(str(src / MODEL_FILE), str(tmp / MODEL_FILE), weight_type=QuantType.QInt8)
+        finally:
+            quiet.setLevel(level)
+        _set_metadata(tmp / MODEL_FILE, {"banklm.type": "int8"})
+        for f in src.iterdir():
+            if f.name in SIDE_FILES:
+                shutil.copyfile(f, tmp / f.name)
+    log.info("onnx: wrote %s (int8, %.1f MB, %.1f s)", dst / MODEL_FILE, (dst / MODEL_FILE).stat().st_size / 1e6,
+             time.perf_counter() - t0)
+    return dst
+
+
+def _set_metadata(path: Path, props: dict[str, str]) -> None:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    have = {p.key: p for p in m.metadata_props}
+    for k, v in props.items():
+        if k in have:
+            have[k].value = v
+        else:
+            m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(path))
+
+
+def _copy_side_files(model_dir: Path, dst: Path) -> None:
+    for name in SIDE_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, dst / name)
+    if not any((dst / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        raise ValueError(f"{model_dir}: no tokenizer.model or tokenizer.json to ship with the ONNX model")
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """``metadata_props`` of an ONNX file (``banklm.type`` etc.), without loading weights."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in m.metadata_props}
+
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "ONNX_TYPES", "DEFAULT_OPSET", "MODEL_FILE", "export_onnx", "read_config",
+           "input_names", "output_names", "onnx_metadata",
+           "quantize_int8"]

@@ -1,0 +1,320 @@
+"""banklm plan (finetune/plan.py): parameter counts, formulas, measured CPU peaks, card proposals, CLI, recipes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from banklm.cli import main
+from banklm.recipe import load_recipe
+from banklm.stages import plan_request
+from finetune.known_configs import KNOWN_CONFIGS, lookup
+from finetune.plan import (
+    GIB,
+    ModelShape,
+    PlanError,
+    Setup,
+    card_budget,
+    count_params,
+    estimate,
+    layer_activations,
+    load_shape,
+    lora_params,
+    nf4_bytes,
+    parse_gpu_mem,
+    propose,
+    resolve_base,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = REPO / "scripts" / "measure_train_memory.py"
+REAL_RECIPES = ["credit_qlora_qwen2.5-1.5b", "aml_lora_qwen2.5-0.5b", "audit_qlora_llama3.2-3b",
+                "cpt_finance_qwen2.5-1.5b"]
+
+
+# --------------------------------------------------------------------------- shapes and parameter counts
+
+
+def test_param_counts_equal_transformers_and_peft():
+    """Every bundled config: the planner's count equals the real model's (built on the meta device), and the
+    all-linear LoRA count equals PEFT's trainable parameters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    for name, cfg in KNOWN_CONFIGS.items():
+        fields = {k: v for k, v in cfg.items() if k != "model_type"}
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(classes[cfg["model_type"]](**fields))
+        shape, _ = load_shape(name)
+        assert count_params(shape)["total"] == sum(p.numel() for p in model.parameters()), name
+        if name in ("qwen2.5-0.5b", "llama-3.2-1b", "mistral-7b-v0.3"):  # q/k/v bias, head_dim, untied
+            peft = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+            assert lora_params(shape, 8) == sum(p.numel() for p in peft.parameters() if p.requires_grad), name
+    # published sizes
+    assert round(count_params(load_shape("qwen2.5-7b")[0])["total"] / 1e9, 2) == 7.62
+    assert round(count_params(load_shape("llama-3.1-8b")[0])["total"] / 1e9, 2) == 8.03
+
+
+def test_known_names_match_folder_basenames():
+    assert lookup("/models/Qwen2.5-1.5B-Instruct") == "qwen2.5-1.5b"
+    assert lookup("/data/Meta-Llama-3.1-8B-Instruct/") == "llama-3.1-8b"
+    assert lookup("llama3.2-3b") == "llama-3.2-3b"
+    assert lookup("Qwen2.5-14B-Instruct") is None
+
+
+def test_config_folder_and_errors(tmp_path):
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1000}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    shape, source = load_shape(tmp_path / "m")
+    assert (shape.hidden, shape.kv_heads, shape.head_dim, shape.tied) == (64, 2, 16, False)
+    assert source.endswith("config.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PlanError, match="no config.json"):
+        load_shape(tmp_path / "empty")
+    (tmp_path / "bad.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(PlanError, match="invalid JSON"):
+        load_shape(tmp_path / "bad.json")
+    (tmp_path / "gpt2.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}), encoding="utf-8")
+    with pytest.raises(PlanError, match="model_type 'gpt2' is not supported"):
+        load_shape(tmp_path / "gpt2.json")
+    (tmp_path / "neg.json").write_text(json.dumps({**cfg, "hidden_size": -1}), encoding="utf-8")
+    with pytest.raises(PlanError, match="'hidden_size' must be a positive integer"):
+        load_shape(tmp_path / "neg.json")
+    with pytest.raises(PlanError, match="not a model folder"):
+        load_shape(tmp_path / "nothing-here")
+
+
+def test_resolve_base_falls_back_to_bundled_config():
+    shape, source = resolve_base(path="/nonexistent/Qwen2.5-0.5B-Instruct")
+    assert shape.name == "qwen2.5-0.5b" and "not on this machine" in source
+    shape, _ = resolve_base(path="/nonexistent/my-finetune", config_name="llama-3.2-3b")
+    assert shape.name == "llama-3.2-3b"
+    with pytest.raises(PlanError, match="set plan.config"):
+        resolve_base(path="/nonexistent/my-finetune")
+
+
+# --------------------------------------------------------------------------- formulas by hand
+
+
+def test_nf4_bytes_by_hand():
+    n = 64 * 256 * 10                     # 10 second-level blocks
+    assert nf4_bytes(n) == n / 2 + n / 64 + 10 * 4
+    assert nf4_bytes(n, double_quant=False) == n / 2 + n / 64 * 4
+
+
+def test_int8_weights_equal_bitsandbytes(tmp_path):
+    """LLM.int8 storage of a tiny model loaded through bitsandbytes: int8 weights + fp32 row scales."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from finetune.models import bnb_config
+    from finetune.plan import int8_bytes
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config("8bit", "cpu"),
+                                                 device_map={"": "cpu"}, dtype=torch.float32)
+    stored = sum(v.numel() * v.element_size() for k, v in model.state_dict().items()
+                 if "proj." in k and not k.endswith("weight_format"))
+    shape = ModelShape("t", "llama", 64, 2, 4, 2, 16, 128, 1000, True, False)
+    assert int8_bytes(shape) == stored
+
+
+def test_layer_activations_by_hand_full_fp32():
+    """Full fine-tuning in fp32, packed rows with sdpa (GQA k/v repeated): the documented per-layer sum."""
+    shape = ModelShape("t", "llama", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
+                       vocab=1000, tied=True, qkv_bias=False)
+    s = Setup(method="full", seq_len=128, batch_size=4, device="cpu", precision="fp32")
+    T, h, inter, nh, L = 512, 64, 128, 4, 128
+    expected = (2 * 8 * T * h           # two RMSNorms: fp32 input and normalised values
+                + 4 * T * h             # q/k/v input (shared)
+                + 4 * T * 4 * h         # q, k, v (repeated to 4 heads), output
+                + 4 * T * nh            # logsumexp
+                + 4 * 4 * L * L         # additive mask copy, batch x seq x seq
+                + 4 * T * h             # gate/up input
+                + 3 * 4 * T * inter     # gate out, SiLU out, up out
+                + 4 * T * inter)        # down input
+    assert sum(layer_activations(shape, s).values()) == expected
+
+
+def test_checkpointing_and_qlora_reduce_memory():
+    shape, _ = load_shape("qwen2.5-1.5b")
+    base = Setup(method="lora", seq_len=2048, batch_size=4)
+    plain, ckpt = estimate(shape, base), estimate(shape, Setup(method="lora", seq_len=2048, batch_size=4,
+                                                                grad_ckpt=True))
+    assert ckpt.total < plain.total / 3
+    q = estimate(shape, Setup(method="qlora", seq_len=2048, batch_size=4, grad_ckpt=True))
+    assert q.components["weights"] < ckpt.components["weights"] * 0.6
+    full = estimate(shape, Setup(method="full", seq_len=2048, batch_size=4, grad_ckpt=True))
+    assert full.components["optimizer_states"] == 8 * count_params(shape)["total"]
+    # the full-logits loss is the peak for a 152k vocabulary; the fused LM head is not
+    full_logits = estimate(shape, Setup(method="qlora", seq_len=2048, batch_size=4, grad_ckpt=True, loss="full"))
+    assert full_logits.peak_phase == "loss_backward" and full_logits.total > q.total + 10 * GIB
+
+
+def test_published_figures():
+    """torchtune README: Llama-3.1-8B QLoRA on an RTX 4090, batch 2 x 2048 packed, 7.4 GiB peak (torchtune keeps
+    embeddings and LoRA weights in bf16, rank 8, checkpointing). LLaMA-Factory README: 7B QLoRA 4-bit ~6 GB."""
+    shape, _ = load_shape("llama-3.1-8b")
+    tt = estimate(shape, Setup(method="qlora", seq_len=2048, batch_size=2, grad_ckpt=True, lora_r=8,
+                               lora_dropout=0.0, kbit_upcast=False, lora_dtype="bf16"))
+    assert abs(tt.tensor_peak / (7.4 * GIB) - 1) < 0.15
+    shape, _ = load_shape("mistral-7b-v0.3")   # a 7B with a Llama-2-like 32k vocabulary
+    lf = estimate(shape, Setup(method="qlora", seq_len=1024, batch_size=1, grad_ckpt=True, kbit_upcast=False))
+    assert abs(lf.total / (6 * GIB) - 1) < 0.15
+
+
+# --------------------------------------------------------------------------- measured peaks (CPU)
+
+
+def _measure(tmp_path, *args) -> dict:
+    out = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, str(PROBE), *args, "--json", str(out)], capture_output=True,
+                          text=True, timeout=1800, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _check_against(res: dict, arch="llama", tol=0.15) -> Setup:
+    a = res["settings"]
+    shape = ModelShape("probe", arch, hidden=a["hidden"], layers=a["layers"], heads=a["heads"],
+                       kv_heads=a["kv_heads"], head_dim=a["hidden"] // a["heads"], intermediate=a["intermediate"],
+                       vocab=a["vocab"], tied=a["tie"], qkv_bias=arch == "qwen2")
+    s = Setup(method=a["method"], seq_len=a["seq_len"], batch_size=a["batch_size"], lora_r=a["lora_r"],
+              lora_dropout=a["lora_dropout"], grad_ckpt=a["grad_ckpt"], device="cpu", precision=a["precision"])
+    est = estimate(shape, s)
+    measured = res["peak_bytes"]
+    assert abs(est.tensor_peak / measured - 1) < tol, (est.tensor_peak, measured)
+    # each phase of the second step, not just the overall peak
+    for phase in ("forward", "loss_backward", "layer_backward"):
+        m = res["peak_by_phase"][f"step1.{phase}"]
+        assert abs(est.phases[phase] / m - 1) < tol, (phase, est.phases[phase], m)
+    assert res["losses"][-1] == res["losses"][-1] and len(res["losses"]) == a["steps"]  # real steps ran
+    return s
+
+
+TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
+        "--vocab", "1000", "--batch-size", "4", "--seq-len", "128", "--steps", "2"]
+
+
+def test_planner_matches_measured_tiny_lora(tmp_path):
+    """fp32 LoRA (dropout 0.05) on a tiny Llama: peak and per-phase peaks of real steps within 15%."""
+    _check_against(_measure(tmp_path, *TINY, "--method", "lora"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["--method", "full", "--grad-ckpt"],
+                                   ["--method", "qlora", "--precision", "bf16"],
+                                   ["--method", "lora", "--precision", "bf16", "--lora-dropout", "0"]],
+                         ids=["full-ckpt-fp32", "qlora-nf4-bf16", "lora-bf16"])
+def test_planner_matches_measured_tiny_variants(tmp_path, extra):
+    res = _measure(tmp_path, *TINY, *extra)
+    s = _check_against(res)
+    if s.method == "qlora":   # NF4 storage (+ fp32 non-quantised params) and bf16 adapters, as loaded
+        shape = ModelShape("probe", "llama", 64, 2, 4, 2, 16, 128, 1000, True, False)
+        est = estimate(shape, s)
+        got = res["weights_bytes"]
+        want = est.components["weights"] + est.components["lora_params"]
+        assert abs(want / got - 1) < 0.02, (want, got)
+
+
+MID = ["--arch", "qwen2", "--hidden", "768", "--layers", "12", "--heads", "12", "--kv-heads", "4",
+       "--intermediate", "2048", "--vocab", "32000", "--batch-size", "2", "--seq-len", "512", "--steps", "2"]
+
+
+@pytest.mark.slow
+def test_planner_matches_measured_100m_lora(tmp_path):
+    """A ~100M-parameter Qwen2-like config (tied 32k vocabulary), fp32 LoRA: within 15%."""
+    res = _measure(tmp_path, *MID, "--method", "lora")
+    assert 95e6 < res["total_params"] < 110e6
+    _check_against(res, arch="qwen2")
+
+
+# --------------------------------------------------------------------------- proposals and CLI
+
+
+def test_propose_keeps_the_global_batch_and_fits():
+    shape, _ = load_shape("qwen2.5-0.5b")
+    req = Setup(method="lora", seq_len=1024, batch_size=8, grad_accum=2)
+    p = propose(shape, req, 12.0)
+    assert not p.fits_as_requested and p.requested.total > card_budget(12.0)
+    assert p.estimate.total <= card_budget(12.0)
+    assert p.setup.batch_size * p.setup.grad_accum >= 16 and p.changes
+    assert propose(shape, req, 24.0).fits_as_requested
+    big, _ = load_shape("llama-3.1-8b")
+    nothing = propose(big, Setup(method="full", seq_len=2048), 8.0)
+    assert nothing.setup is None and "qlora" in nothing.changes[0]
+
+
+def test_parse_gpu_mem():
+    assert parse_gpu_mem("12GB") == parse_gpu_mem("12 GiB") == parse_gpu_mem("12") == 12.0
+    with pytest.raises(PlanError):
+        parse_gpu_mem("twelve")
+
+
+def test_cli_text_and_json(capsys):
+    assert main(["plan", "--model", "qwen2.5-1.5b", "--method", "qlora", "--seq-len", "1024", "--batch-size", "4",
+                 "--grad-ckpt", "--gpu-mem", "8GB"]) == 0
+    out = capsys.readouterr().out
+    for card in ("8GB", "12GB", "16GB", "24GB"):
+        assert card in out
+    assert "base weights" in out and "activations" in out and "speed:" in out
+    assert main(["plan", "--model", "qwen2.5-1.5b", "--method", "qlora", "--seq-len", "1024", "--batch-size", "4",
+                 "--grad-ckpt", "--gpu-mem", "8GB", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [c["gpu_gib"] for c in d["cards"]] == [8.0, 12.0, 16.0, 24.0]
+    assert d["target"]["fits_as_requested"] is True
+    assert d["estimate"]["setup"]["grad_ckpt"] is True
+    assert abs(sum(d["estimate"]["components_gib"].values()) - d["estimate"]["total_gib"]) < 0.01
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert main(["plan", "--model", str(tmp_path / "missing")]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    assert main(["plan"]) == 2
+    assert "needs --model" in capsys.readouterr().err
+    assert main(["plan", "--model", "qwen2.5-0.5b", "--gpu-mem", "lots"]) == 2
+    assert "--gpu-mem" in capsys.readouterr().err
+    assert main(["plan", "--model", "qwen2.5-0.5b", "--check"]) == 2
+    # --check: exit 1 when the settings do not fit the card
+    assert main(["plan", "--model", "llama-3.1-8b", "--method", "full", "--gpu-mem", "24GB", "--check"]) == 1
+
+
+# --------------------------------------------------------------------------- shipped recipes
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_validates_and_plans(path):
+    recipe = load_recipe(path)
+    sections = [s for s in ("cpt", "train") if getattr(recipe, s).enabled]
+    for section in sections:
+        req = plan_request(recipe, section)
+        m = req["model"]
+        shape, _ = resolve_base(path=m.get("path"), config_name=m.get("config_name"), config=m.get("config"),
+                                name=m.get("name", "model"))
+        est = estimate(shape, Setup(**req["setup"]))
+        assert est.total > 0
+        if recipe.plan.gpu_mem:
+            assert propose(shape, Setup(**req["setup"]), parse_gpu_mem(recipe.plan.gpu_mem)).fits_as_requested, \
+                f"{path.name} [{section}]: {est.total_gib:.2f} GiB does not fit {recipe.plan.gpu_mem}"
+
+
+@pytest.mark.parametrize("name", REAL_RECIPES)
+def test_real_use_recipes_fit_their_card(name, capsys):
+    path = REPO / "recipes" / f"{name}.yaml"
+    recipe = load_recipe(path)
+    assert recipe.plan.gpu_mem and recipe.base.path and not Path(recipe.base.path).exists()
+    assert main(["plan", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "not on this machine" in out
+    if recipe.cpt.enabled:
+        assert main(["plan", str(path), "--section", "cpt", "--check"]) == 0
