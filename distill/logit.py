@@ -86,7 +86,9 @@ def kd_trainer_class():
                 if self.teacher is None:
                     raise RuntimeError("a training batch has no cached teacher logits and there is no live "
                                        "teacher (the teacher cache does not match the training rows)")
-                with torch.no_grad():
+                # the student's forward is wrapped in autocast by accelerate; the teacher is not prepared, so
+                # give it the same mixed precision explicitly (bf16 on CPU: ~2x faster than fp32)
+                with torch.no_grad(), self.accelerator.autocast():
                     t_dev = next(self.teacher.parameters()).device
                     t_out = self.teacher(**{k: x.to(t_dev) for k, x in fwd.items()}, use_cache=False)
                     teacher_logits = t_out.logits[..., :v] if v else t_out.logits

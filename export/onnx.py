@@ -39,6 +39,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 ONNX_TYPES = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
+EXTERNAL_DATA = "model.onnx.data"  # weights of graphs over protobuf's 2 GB limit
+_INLINE_LIMIT = 1_800_000_000
 #: Files copied from the model folder next to ``model.onnx`` (those that exist).
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
@@ -177,19 +179,23 @@ def _export_float_folder(model_dir: Path, dst: Path, type_: str, opset: int) -> 
     pos = torch.arange(p, p + s).unsqueeze(0).expand(b, s).contiguous()
     past = [torch.randn(b, kv_heads, p, head_dim, generator=g).to(dtype) for _ in range(2 * n_layers)]
     with atomic_dir(dst) as tmp:
+        trace = tmp / ".trace"  # torch writes graphs over 2 GB as one external file per tensor: regroup them
+        trace.mkdir()
         with warnings.catch_warnings(), torch.no_grad():
             # TracerWarnings about shape-derived Python values: checked safe by the parity tests (prefill
             # with an empty cache, left padding, single-token decode steps all match PyTorch).
             warnings.simplefilter("ignore")
-            torch.onnx.export(_kv_decoder(model), (ids, mask, pos, *past), str(tmp / MODEL_FILE),
+            torch.onnx.export(_kv_decoder(model), (ids, mask, pos, *past), str(trace / MODEL_FILE),
                               input_names=input_names(n_layers), output_names=output_names(n_layers),
                               dynamic_axes=dynamic_axes(n_layers), opset_version=int(opset),
                               do_constant_folding=True, dynamo=False)
-        _set_metadata(tmp / MODEL_FILE, {"banklm.type": type_, "banklm.architecture": cfg.architectures[0],
-                                         "banklm.opset": str(opset)})
+        del model
+        _resave(trace / MODEL_FILE, tmp / MODEL_FILE, {"banklm.type": type_, "banklm.architecture":
+                                                       cfg.architectures[0], "banklm.opset": str(opset)})
+        shutil.rmtree(trace)
         _copy_side_files(model_dir, tmp)
     log.info("onnx: wrote %s (%s, opset %d, %.1f MB, %.1f s)", dst / MODEL_FILE, type_, opset,
-             (dst / MODEL_FILE).stat().st_size / 1e6, time.perf_counter() - t0)
+             onnx_file_bytes(dst / MODEL_FILE) / 1e6, time.perf_counter() - t0)
     return dst
 
 
@@ -205,16 +211,43 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # "consider pre-processing" advice on every call
         try:
-            quantize_dynamic(str(src / MODEL_FILE), str(tmp / MODEL_FILE), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(src / MODEL_FILE), str(tmp / MODEL_FILE), weight_type=QuantType.QInt8,
+                             use_external_data_format=(src / EXTERNAL_DATA).is_file())
         finally:
             quiet.setLevel(level)
         _set_metadata(tmp / MODEL_FILE, {"banklm.type": "int8"})
         for f in src.iterdir():
             if f.name in SIDE_FILES:
                 shutil.copyfile(f, tmp / f.name)
-    log.info("onnx: wrote %s (int8, %.1f MB, %.1f s)", dst / MODEL_FILE, (dst / MODEL_FILE).stat().st_size / 1e6,
+    log.info("onnx: wrote %s (int8, %.1f MB, %.1f s)", dst / MODEL_FILE, onnx_file_bytes(dst / MODEL_FILE) / 1e6,
              time.perf_counter() - t0)
     return dst
+
+
+def _resave(src: Path, dst: Path, props: dict[str, str]) -> None:
+    """Save the traced graph as ``model.onnx`` with ``props`` as metadata: weights inline, or in one
+    ``model.onnx.data`` file beside it when they exceed protobuf's 2 GB limit (the optimum layout)."""
+    import onnx
+
+    m = onnx.load(str(src))  # with any external data torch wrote
+    for k, v in props.items():
+        m.metadata_props.add(key=k, value=v)
+    if sum(len(t.raw_data) for t in m.graph.initializer) > _INLINE_LIMIT:
+        onnx.save_model(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA, size_threshold=1024)
+    else:
+        onnx.save_model(m, str(dst))
+
+
+def onnx_file_bytes(path: str | os.PathLike) -> int:
+    """Size of an ONNX model: the graph file plus every external data file it references."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    path = Path(path)
+    m = onnx.load(str(path), load_external_data=False)
+    files = {ExternalDataInfo(t).location for t in m.graph.initializer if uses_external_data(t)}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
 
 
 def _set_metadata(path: Path, props: dict[str, str]) -> None:
@@ -248,4 +281,4 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ONNX_TYPES", "DEFAULT_OPSET", "MODEL_FILE", "export_onnx", "read_config",
            "input_names", "output_names", "onnx_metadata",
-           "quantize_int8"]
+           "quantize_int8", "onnx_file_bytes", "EXTERNAL_DATA"]

@@ -164,7 +164,7 @@ def verify_onnx(
         "onnx": str(path),
         "model_dir": str(model_dir),
         "qtype": qtype,
-        "bytes": _onnx_bytes(path) if path.is_file() else None,
+        "bytes": None,
         "threshold": ONNX_LOGIT_THRESHOLDS.get(qtype),
         "failures": [],
     }
@@ -175,6 +175,9 @@ def verify_onnx(
         fails.append(f"ONNX model not found: {path}")
         res["passed"] = False
         return res
+    from .onnx import onnx_file_bytes
+
+    res["bytes"] = _section(res, "bytes", lambda: onnx_file_bytes(path))
     if not prompts:
         fails.append("no prompts given")
     ref = _section(res, "reference", lambda: reference_outputs(model_dir, prompts))
@@ -193,12 +196,6 @@ def verify_onnx(
         fails.extend(f"{part}: {f}" for f in (res.get(part) or {}).get("failures", []))
     res["passed"] = not fails
     return res
-
-
-def _onnx_bytes(path: Path) -> int:
-    """``model.onnx`` plus any external-data files beside it."""
-    return sum(f.stat().st_size for f in path.parent.iterdir()
-               if f.is_file() and (f.name == path.name or f.suffix in (".data", ".onnx_data")))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def bench_model(model_dir: Path, name: str, work: Path, records: list[dict] | No
     from banklm.evaluation.evaluate import evaluate_model_dir
     from export.bundle import evaluate_artefact
     from export.gguf import export_gguf, requantize_with_llamacpp
-    from export.onnx import export_onnx, quantize_int8
+    from export.onnx import export_onnx, onnx_file_bytes, quantize_int8
     from export.runtime import LlamaCppLM, OnnxCausalLM, llama_cpp_available
     from finetune.tokenizer import load_tokenizer
 
@@ -187,7 +187,7 @@ def bench_model(model_dir: Path, name: str, work: Path, records: list[dict] | No
     t_int8 = time.perf_counter() - t0
     for folder, fmt, t in ((fp32, "ONNX fp32", t_fp32), (int8, "ONNX int8", t_int8)):
         lm = OnnxCausalLM(folder, threads=args.threads)
-        row("onnxruntime", fmt, (folder / "model.onnx").stat().st_size, round(t, 2),
+        row("onnxruntime", fmt, onnx_file_bytes(folder / "model.onnx"), round(t, 2),
             decode_onnx(lm, ids, args.new_tokens), accuracy(lm, f"onnx-{folder.name}"))
         del lm
 

@@ -472,8 +472,10 @@ def test_kd_refuses_different_vocabularies(tiny, tmp_path):
 # steps or data (ties at 15 and 40 steps, alpha 0.5 and 1, T 1 and 2, narrower MLPs, 105 examples); and a
 # scratch student given the teacher's full labelled data matches the teacher without it (0.83 vs 0.84).
 # Distillation pays when the teacher knows more than the student's labelled data can teach: here the bank
-# has 15 labelled claims and 1000 unlabelled ones; the teacher (trained on 1500) answers them, the checker
+# has 10 labelled claims and 1000 unlabelled ones; the teacher (trained on 1500) answers them, the checker
 # keeps what parses and agrees with the gold where there is one, and the student learns from that.
+# Checked over seeds 0, 1, 2: teacher 0.475 / 0.650 / 0.592, student 0.467 / 0.483 / 0.517, baseline
+# 0.267 / 0.217 / 0.233 (margins 0.20-0.30; the test asks for 0.15).
 E2E_RECIPE = """
 name: distill-e2e
 seed: {seed}
@@ -485,17 +487,17 @@ tokenizer: {{train: true, vocab_size: 800}}
 base:
   build: {{arch: llama, hidden_size: 128, num_layers: 4, num_heads: 4, num_kv_heads: 4, intermediate_size: 384,
           max_position_embeddings: 512}}
-train: {{method: full, lr: 1.5e-3, max_steps: 200, batch_size: 16, max_length: 256, logging_steps: 50}}
+train: {{method: full, lr: 1.0e-3, max_steps: 300, batch_size: 8, max_length: 256, logging_steps: 50}}
 distill:
   enabled: true
   method: seq
-  limit: 15
+  limit: 10
   student:
     from: build
     build: {{arch: llama, hidden_size: 96, num_layers: 2, num_heads: 4, num_kv_heads: 4, intermediate_size: 288,
             max_position_embeddings: 512}}
   seq: {{extra_prompts: [{prompts}], max_new_tokens: 64, batch_size: 128}}
-  train: {{method: full, lr: 1.5e-3, max_steps: 200, batch_size: 16, max_length: 256, logging_steps: 50}}
+  train: {{method: full, lr: 1.5e-3, max_steps: 300, batch_size: 8, max_length: 256, logging_steps: 50}}
 eval: {{tasks: [audit], batch_size: 120, max_new_tokens: 64, retention: false}}
 export: {{gguf: {{enabled: false}}}}
 """
@@ -529,17 +531,17 @@ def test_e2e_distilled_student_beats_the_baseline(e2e_run):
     assert stages == ["corpus", "tokenizer", "base", "train", "distill", "eval", "report"]
     assert verify_run(run_dir) == []
     stats = json.loads((run_dir / "distill" / "stats.json").read_text())
-    assert stats["baseline"]["steps"] == stats["student"]["steps"] == 200
+    assert stats["baseline"]["steps"] == stats["student"]["steps"] == 300
     seq = stats["seqkd"]
     kept = (run_dir / "distill" / "seqkd" / "kept.jsonl").read_text(encoding="utf-8").splitlines()
     rejected = (run_dir / "distill" / "seqkd" / "rejected.jsonl").read_text(encoding="utf-8").splitlines()
-    assert seq["prompts"] == 1015 and seq["kept"] == len(kept) and len(kept) + len(rejected) == 1015
-    assert seq["yield"] == pytest.approx(len(kept) / 1015) and sum(seq["rejected"].values()) == len(rejected)
+    assert seq["prompts"] == 1010 and seq["kept"] == len(kept) and len(kept) + len(rejected) == 1010
+    assert seq["yield"] == pytest.approx(len(kept) / 1010) and sum(seq["rejected"].values()) == len(rejected)
     audit = get_task("audit")
     for line in kept:
         answer = json.loads(line)["messages"][-1]["content"]
         assert audit.parse(answer, strict=True) is not None
-    assert stats["student"]["train_examples"] == len(kept) and stats["baseline"]["train_examples"] == 15
+    assert stats["student"]["train_examples"] == len(kept) and stats["baseline"]["train_examples"] == 10
     res = {m: json.loads((run_dir / "eval" / m / "results.json").read_text()) for m in ("sft", "student", "baseline")}
     acc = {m: r["tasks"]["audit"]["accuracy"] for m, r in res.items()}
     assert res["student"]["overall"]["parameters"] < 0.5 * res["sft"]["overall"]["parameters"]
@@ -548,7 +550,7 @@ def test_e2e_distilled_student_beats_the_baseline(e2e_run):
     section = page.split("<h2>Distillation</h2>")[1].split("<h2>")[0]
     assert f"<td>audit</td><td>student</td><td>{acc['student']:.3f}</td>" in section
     assert f"<td>audit</td><td>baseline (no teacher)</td><td>{acc['baseline']:.3f}</td>" in section
-    assert 'src="data:image/png;base64,' in section and "<td>1015</td>" in section
+    assert 'src="data:image/png;base64,' in section and "<td>1010</td>" in section
     card = (run_dir / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "## 蒸馏 Distillation" in card and f"| audit | student | {acc['student']:.3f} |" in card
 

@@ -366,3 +366,20 @@ def test_verify_only_of_a_run_folder(quickstart_run, repo, tmp_path):
     r = run_banklm(*args, cwd=tmp_path)
     assert r.returncode == 1
     assert "gguf/quickstart-q8_0.gguf: sha256 differs from SHA256SUMS" in r.stderr
+
+
+def test_weights_over_the_protobuf_limit_go_to_one_external_file(work, models, monkeypatch):
+    """Graphs over 2 GB (e.g. Qwen2.5-0.5B in fp32 with its tied 152k vocabulary) keep their weights in
+    model.onnx.data; the limit is lowered here so a tiny model takes that path."""
+    from export import onnx as eo
+
+    monkeypatch.setattr(eo, "_INLINE_LIMIT", 10_000)
+    fp32, int8 = export_onnx(models["qwen2"], work / "onnx_external", types=("fp32", "int8"))
+    assert sorted(f.name for f in fp32.iterdir() if f.name.startswith("model.")) == ["model.onnx", "model.onnx.data"]
+    assert not (fp32 / ".trace").exists()
+    graph, data = (fp32 / "model.onnx").stat().st_size, (fp32 / "model.onnx.data").stat().st_size
+    assert data > 3 * graph and eo.onnx_file_bytes(fp32 / "model.onnx") == graph + data
+    for folder, t in ((fp32, "fp32"), (int8, "int8")):
+        res = verify_onnx(models["qwen2"], folder, PROMPTS[:2], t)
+        assert res["passed"], res["failures"]
+        assert res["bytes"] == eo.onnx_file_bytes(folder / "model.onnx")
