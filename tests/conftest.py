@@ -46,3 +46,8 @@ def quickstart_run(tmp_path_factory, repo):
                      cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     return root, run_dir, out
+
+
+# Test modules import this file's helpers as `banklm_tests_conftest`: the bare name `conftest` is ambiguous
+# once tests/reliability/conftest.py is loaded too.
+sys.modules["banklm_tests_conftest"] = sys.modules[__name__]

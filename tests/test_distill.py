@@ -507,7 +507,7 @@ export: {{gguf: {{enabled: false}}}}
 def e2e_run(tmp_path_factory):
     """One tiny pipeline run: audit data, a 4-layer teacher trained from scratch, a 2-layer student distilled
     from the teacher's checked answers, and the same student trained on the labelled records alone."""
-    from conftest import run_banklm
+    from banklm_tests_conftest import run_banklm
 
     root = tmp_path_factory.mktemp("distill_e2e")
     prompts = root / "unlabelled.jsonl"
@@ -558,7 +558,7 @@ def test_e2e_distilled_student_beats_the_baseline(e2e_run):
 @pytest.mark.slow
 def test_e2e_logit_distillation_with_a_teacher_cache(e2e_run):
     """`banklm distill` in a new run folder reuses the teacher from the first run and distils its logits."""
-    from conftest import run_banklm
+    from banklm_tests_conftest import run_banklm
 
     from banklm.ledger import Ledger, verify_run
 

@@ -331,7 +331,7 @@ def _copy_run(quickstart_run, dst: Path) -> Path:
 
 @pytest.mark.slow
 def test_failed_check_makes_export_exit_1_naming_it(quickstart_run, repo, tmp_path, monkeypatch, capsys):
-    from conftest import QUICKSTART_SMALL
+    from banklm_tests_conftest import QUICKSTART_SMALL
 
     from banklm.cli import main
     from export import verify
@@ -351,7 +351,7 @@ def test_failed_check_makes_export_exit_1_naming_it(quickstart_run, repo, tmp_pa
 
 @pytest.mark.slow
 def test_verify_only_of_a_run_folder(quickstart_run, repo, tmp_path):
-    from conftest import QUICKSTART_SMALL, run_banklm
+    from banklm_tests_conftest import QUICKSTART_SMALL, run_banklm
 
     run = _copy_run(quickstart_run, tmp_path / "runs" / "quickstart" / "v1")
     args = ["export", str(repo / "recipes" / "quickstart.yaml"), *QUICKSTART_SMALL, "--run-dir", str(run),

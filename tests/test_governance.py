@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import QUICKSTART_SMALL, run_banklm
+from banklm_tests_conftest import QUICKSTART_SMALL, run_banklm
 from headless import check_page, find_chromium, non_blank_fraction
 
 from banklm.compare import compare_runs, format_comparison

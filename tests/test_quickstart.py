@@ -10,8 +10,8 @@ import json
 import subprocess
 
 import pytest
-from conftest import QUICKSTART_SMALL as SMALL
-from conftest import run_banklm as _banklm
+from banklm_tests_conftest import QUICKSTART_SMALL as SMALL
+from banklm_tests_conftest import run_banklm as _banklm
 
 from banklm.ledger import Ledger, verify_run
 

@@ -757,7 +757,7 @@ def test_banklm_train_resumes_after_kill(base_dir, tmp_path):
     import sys
     import time
 
-    from conftest import run_banklm
+    from banklm_tests_conftest import run_banklm
 
     from banklm.ledger import Ledger, verify_run
 
