@@ -211,10 +211,9 @@ class ModelSource:
             return f.get_tensor(hf_name).float().numpy()
 
 
-def read_model(model_dir: str | os.PathLike) -> ModelSource:
-    """Read ``config.json`` and the safetensors index of ``model_dir`` (no weights loaded yet)."""
-    from safetensors import safe_open
-
+def read_export_config(model_dir: str | os.PathLike, target: str = "GGUF") -> dict:
+    """``config.json`` of ``model_dir``; refuses architectures the exporters do not handle (GGUF and ONNX
+    support the same two)."""
     folder = Path(model_dir)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -224,9 +223,19 @@ def read_model(model_dir: str | os.PathLike) -> ModelSource:
     hf_arch = archs[0] if archs else f"<model_type={config.get('model_type')}>"
     if hf_arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"{cfg_path}: architecture {hf_arch} is not supported for GGUF export; "
+            f"{cfg_path}: architecture {hf_arch} is not supported for {target} export; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    return config
+
+
+def read_model(model_dir: str | os.PathLike) -> ModelSource:
+    """Read ``config.json`` and the safetensors index of ``model_dir`` (no weights loaded yet)."""
+    from safetensors import safe_open
+
+    folder = Path(model_dir)
+    config = read_export_config(folder)
+    hf_arch = config["architectures"][0]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights (save with safe_serialization)")

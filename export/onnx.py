@@ -21,7 +21,6 @@ quantized per call) of the fp32 graph; ``fp16`` is the model cast to half precis
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -35,7 +34,6 @@ from banklm.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 ONNX_TYPES = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
@@ -72,16 +70,9 @@ def dynamic_axes(n_layers: int) -> dict[str, dict[int, str]]:
 
 def read_config(model_dir: str | os.PathLike) -> dict:
     """``config.json`` of ``model_dir``; refuses architectures other than Llama / Qwen2."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{Path(model_dir)}: no config.json (not a Hugging Face model folder)")
-    config = json.loads(path.read_text(encoding="utf-8"))
-    archs = config.get("architectures") or []
-    arch = archs[0] if archs else f"<model_type={config.get('model_type')}>"
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{path}: architecture {arch} is not supported for ONNX export; "
-                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return config
+    from .gguf import read_export_config
+
+    return read_export_config(model_dir, "ONNX")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,6 +270,6 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {p.key: p.value for p in m.metadata_props}
 
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "ONNX_TYPES", "DEFAULT_OPSET", "MODEL_FILE", "export_onnx", "read_config",
+__all__ = ["ONNX_TYPES", "DEFAULT_OPSET", "MODEL_FILE", "export_onnx", "read_config",
            "input_names", "output_names", "onnx_metadata",
            "quantize_int8", "onnx_file_bytes", "EXTERNAL_DATA"]
