@@ -46,6 +46,8 @@ def _run_pipeline(args, upto: str | None = None, only: set[str] | None = None) -
     if only != {"corpus"}:
         check_models(recipe)  # bad model folders are refused before anything runs
     run_dir = run_stages(recipe, STAGES, run_dir=args.run_dir, upto=upto, only=only)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return EXIT_OK  # one process of a multi-process launch: rank 0 reports the run
     report = run_dir / "report" / "index.html"
     print(f"run folder: {run_dir}")
     if report.exists():
@@ -482,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch-size", type=int, help="micro-batch (default 1, or the recipe's)")
     pl.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1, or the recipe's)")
     pl.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
-    pl.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    pl.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.0, as the recipe)")
     pl.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
                     help="activation (gradient) checkpointing")
     pl.add_argument("--bits", type=int, choices=[4, 8], help="qlora base: 4 (NF4, default) or 8 (LLM.int8)")
@@ -523,18 +525,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from banklm.ledger import LedgerError
-    from banklm.pipeline import CheckFailed, RunDirError, RunLocked, StageError
+    from banklm.pipeline import CheckFailed, FollowerStopped, LaunchError, RunDirError, RunLocked, StageError
     from banklm.recipe import RecipeError
 
     try:
         return int(args.func(args))
-    except (UsageError, RecipeError, RunLocked, RunDirError) as e:
+    except (UsageError, RecipeError, RunLocked, RunDirError, LaunchError) as e:
         print(f"banklm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except CheckFailed as e:
         print(f"banklm: check failed: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except (StageError, LedgerError) as e:
+    except (StageError, LedgerError, FollowerStopped) as e:
         print(f"banklm: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as e:  # outside a stage (e.g. a read-only --out folder): name the path, no traceback

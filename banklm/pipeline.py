@@ -67,6 +67,7 @@ class Stage:
     inputs: Callable[[RunContext], list[Path]]
     run: Callable[[RunContext], list[Path]]
     cacheable: bool = True
+    distributed: bool = False   # under a multi-process launch every rank runs it (training); else rank 0 only
 
 
 # ----------------------------------------------------------------------------------------- run folder
@@ -267,8 +268,10 @@ def _setup_file_log(run_dir: Path) -> logging.Handler:
 
 def run_stages(recipe: Recipe, stages: list[Stage], run_dir: Path | None = None, upto: str | None = None,
                only: set[str] | None = None) -> Path:
-    """Run the enabled stages (all, up to and including ``upto``, or just ``only``) into ``run_dir``."""
-    run_dir = prepare_run_dir(Path(run_dir) if run_dir else default_run_dir(recipe))
+    """Run the enabled stages (all, up to and including ``upto``, or just ``only``) into ``run_dir``.
+
+    Under ``accelerate launch``/``torchrun`` (``WORLD_SIZE`` > 1) rank 0 runs the pipeline and keeps the
+    ledger; the other ranks join only the ``distributed`` stages (see :class:`RankChannel`)."""
     selected = []
     for st in stages:
         if only is not None and st.name not in only:
@@ -277,6 +280,13 @@ def run_stages(recipe: Recipe, stages: list[Stage], run_dir: Path | None = None,
             selected.append(st)
         if upto is not None and st.name == upto:
             break
+    if launched_world_size() > 1:
+        return _run_stages_launched(recipe, selected, run_dir)
+    return _run_stages_here(recipe, selected, prepare_run_dir(Path(run_dir) if run_dir else default_run_dir(recipe)))
+
+
+def _run_stages_here(recipe: Recipe, selected: list[Stage], run_dir: Path,
+                     on_stage_run: Callable[[Stage, bool], None] | None = None) -> Path:
     handler = _setup_file_log(run_dir)
     _quiet_libraries()
     try:
@@ -288,11 +298,129 @@ def run_stages(recipe: Recipe, stages: list[Stage], run_dir: Path | None = None,
             ctx = RunContext(recipe, run_dir)
             log.info("run folder: %s", run_dir)
             for st in selected:
-                _run_one(ctx, st)
+                _run_one(ctx, st, on_stage_run)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
     return run_dir
+
+
+# ----------------------------------------------------------------------------------------- several processes
+
+DIST_TIMEOUT_ENV = "BANKLM_DIST_TIMEOUT_MIN"
+DIST_TIMEOUT_MIN = 720   # the other ranks wait while rank 0 builds corpora, evaluates and exports: hours
+
+
+def launched_world_size() -> int:
+    """Processes started together by ``accelerate launch`` or ``torchrun`` (1 for a plain ``banklm run``)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+class LaunchError(RuntimeError):
+    """The recipe cannot run under a multi-process launch as it stands; the message says what to do."""
+
+
+class FollowerStopped(RuntimeError):
+    """Rank 0 stopped the run (its own error is reported there); this rank exits with code 1."""
+
+
+class RankChannel:
+    """Rank 0 tells the other ranks what to do next, over accelerate's process group.
+
+    Messages: ``{"run_dir": str}`` first, then ``{"stage": name}`` before each distributed stage that must
+    run (not reused), then ``{"done": True}`` or ``{"failed": reason}``. A waiting rank blocks in a
+    broadcast, so the group's timeout (``BANKLM_DIST_TIMEOUT_MIN``, default 12 h) bounds how long rank 0
+    may spend on the single-process stages (corpus, eval, export) between two messages.
+    """
+
+    def __init__(self):
+        from datetime import timedelta
+
+        from accelerate import PartialState
+
+        minutes = float(os.environ.get(DIST_TIMEOUT_ENV, DIST_TIMEOUT_MIN))
+        self.state = PartialState(timeout=timedelta(minutes=minutes))
+        self.rank = self.state.process_index
+
+    def send(self, msg: dict) -> None:
+        self._broadcast([msg])
+
+    def receive(self) -> dict:
+        box = [None]
+        self._broadcast(box)
+        return box[0]
+
+    @staticmethod
+    def _broadcast(box: list) -> None:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(box, from_process=0)
+
+
+def _run_stages_launched(recipe: Recipe, selected: list[Stage], run_dir: Path | None) -> Path:
+    """Rank 0 runs the pipeline as usual and keeps the only ledger; every rank trains together.
+
+    Stages that train with ``accelerate`` (``distributed=True``: cpt, train) run on every rank: each rank
+    reads the inputs rank 0 wrote (one machine, or a shared filesystem) and only rank 0 writes outputs.
+    The rest (corpus, tokenizer, eval, export, report) run on rank 0 while the others wait for its word.
+    A stage that trains but is not distributed (distillation) is refused before anything runs.
+    """
+    refused = [st.name for st in selected if st.name == "distill"]
+    if refused:
+        raise LaunchError("distillation runs in one process: launch the training with accelerate "
+                          "(banklm train RECIPE, or distill.enabled=false), then run `banklm distill RECIPE "
+                          "--run-dir <that run folder>` without a launcher; finished stages are reused")
+    channel = RankChannel()
+    if channel.rank != 0:
+        return _follow(recipe, selected, channel)
+    try:
+        run_dir = prepare_run_dir(Path(run_dir) if run_dir else default_run_dir(recipe))
+    except Exception as e:
+        channel.send({"failed": f"{type(e).__name__}: {e}"})
+        raise
+    channel.send({"run_dir": str(run_dir)})
+    in_distributed_stage = False
+
+    def on_stage_run(st: Stage, starting: bool) -> None:
+        nonlocal in_distributed_stage
+        if st.distributed:
+            if starting:
+                channel.send({"stage": st.name})
+            in_distributed_stage = starting
+
+    try:
+        _run_stages_here(recipe, selected, run_dir, on_stage_run=on_stage_run)
+    except BaseException as e:
+        # inside a distributed stage the other ranks are in training collectives, not listening: the
+        # launcher stops them when this process exits; elsewhere they wait for this word
+        if not in_distributed_stage:
+            channel.send({"failed": f"{type(e).__name__}"})
+        raise
+    channel.send({"done": True})
+    return run_dir
+
+
+def _follow(recipe: Recipe, selected: list[Stage], channel: RankChannel) -> Path:
+    """A rank other than 0: run the distributed stages rank 0 announces, nothing else, write nothing."""
+    _quiet_libraries()
+    by_name = {st.name: st for st in selected}
+    first = channel.receive()
+    if "failed" in first:
+        raise FollowerStopped(f"rank 0 could not start the run ({first['failed']})")
+    ctx = RunContext(recipe, Path(first["run_dir"]))
+    while True:
+        msg = channel.receive()
+        if "done" in msg:
+            return ctx.run_dir
+        if "failed" in msg:
+            raise FollowerStopped(f"rank 0 stopped the run ({msg['failed']}); its log: "
+                                  f"{ctx.run_dir / 'logs' / 'banklm.log'}")
+        st = by_name[msg["stage"]]
+        log.info("[%s] rank %d joins", st.name, channel.rank)
+        st.run(ctx)
 
 
 def _quiet_libraries() -> None:
@@ -317,7 +445,9 @@ def _update_latest_link(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _run_one(ctx: RunContext, st: Stage) -> None:
+def _run_one(ctx: RunContext, st: Stage, on_stage_run: Callable[[Stage, bool], None] | None = None) -> None:
+    """Reuse or run one stage and append its ledger entry. ``on_stage_run(stage, starting)`` is called just
+    before and just after the stage's own work when it really runs (rank 0 uses it to lead the others)."""
     params = st.params(ctx.recipe)
     inputs = file_records(st.inputs(ctx), ctx.run_dir)
     key = stage_key(st.name, params, inputs)
@@ -339,10 +469,14 @@ def _run_one(ctx: RunContext, st: Stage) -> None:
             _say(f"[{st.name}] unchanged: reused (run {src_dir.name}, entry {entry['seq']})")
             return
     _say(f"[{st.name}] running ...")
+    if on_stage_run is not None:
+        on_stage_run(st, True)
     ctx.notes.pop("device", None)  # each stage records the device it used itself (none: CPU only)
     t0, started = time.perf_counter(), now_iso()
     try:
         produced = st.run(ctx)
+        if on_stage_run is not None:
+            on_stage_run(st, False)
     except (CheckFailed, RunLocked):
         raise
     except OSError as e:  # disk full, read-only or permission denied: say which path

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from banklm.io import atomic_write_json
 from banklm.ledger import run_relative
-from banklm.pipeline import CheckFailed, RunContext, Stage
+from banklm.pipeline import CheckFailed, RunContext, Stage, launched_world_size
 from banklm.recipe import CorpusKind, Recipe, section_params
 
 SCENARIO = Path("corpora") / "scenario"
@@ -659,10 +659,13 @@ STAGES: list[Stage] = [
     Stage("base", lambda r: r.base.build is not None or converts_pickle(r.base),
           lambda r: {**section_params(r, "base"), "seed": r.seed},
           _base_inputs, run_base),
-    Stage("cpt", lambda r: r.cpt.enabled, lambda r: {**section_params(r, "cpt", "device"), "seed": r.seed},
-          lambda ctx: [model_dir_after(ctx, "cpt"), *_corpus_dirs(ctx, ctx.recipe.cpt.corpora)], run_cpt),
-    Stage("train", lambda r: r.train.enabled, lambda r: {**section_params(r, "train", "device"), "seed": r.seed},
-          _model_and_corpus_inputs("train"), run_train),
+    Stage("cpt", lambda r: r.cpt.enabled, lambda r: {**section_params(r, "cpt", "device"), "seed": r.seed,
+                                                     "processes": launched_world_size()},
+          lambda ctx: [model_dir_after(ctx, "cpt"), *_corpus_dirs(ctx, ctx.recipe.cpt.corpora)], run_cpt,
+          distributed=True),
+    Stage("train", lambda r: r.train.enabled, lambda r: {**section_params(r, "train", "device"), "seed": r.seed,
+                                                         "processes": launched_world_size()},
+          _model_and_corpus_inputs("train"), run_train, distributed=True),
     Stage("distill", lambda r: r.distill.enabled, lambda r: {**section_params(r, "distill", "device"), "seed": r.seed},
           _distill_inputs, run_distill),
     Stage("eval", lambda r: r.eval.enabled, lambda r: section_params(r, "eval", "device"),

@@ -216,7 +216,7 @@ class Setup:
     batch_size: int = 1
     grad_accum: int = 1
     lora_r: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0         # the recipe default (banklm/recipe.py), as PEFT and torchtune
     dora: bool = False
     grad_ckpt: bool = False
     packing: bool = True

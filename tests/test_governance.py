@@ -272,7 +272,8 @@ def test_model_card_has_every_section_with_the_runs_numbers(quickstart_run):
     train = _card_section(card, "Training method and hyper-parameters")
     s = _json(run_dir / "sft" / "train_summary.json")
     row = _row(train, "sft")
-    assert row[1:3] == ["lora", "0.003"] and row[9] == "r=16, alpha=32, dropout=0.05"
+    lora = s["lora"]
+    assert row[1:3] == ["lora", "0.003"] and row[9] == f"r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}"
     assert row[10:13] == [str(s["steps"]), str(s["tokens_seen"]), f"{s['final_loss']:.3f}"]
 
     quant = _card_section(card, "Before/after quantization")

@@ -140,3 +140,106 @@ def test_stage_key_changes_with_the_source_code(monkeypatch, tmp_path):
     assert len(pipeline.source_digest()) == 64
     monkeypatch.setattr(pipeline, "source_digest", lambda: "0" * 64)
     assert pipeline.stage_key("corpus", {"a": 1}, []) != before
+
+
+# ----------------------------------------------------------------------------------------- multi-process launch
+
+class FakeChannel:
+    """Stands in for RankChannel: rank 0 records what it sends; another rank reads a scripted list."""
+
+    sent: list = []
+    script: list = []
+    rank = 0
+
+    def __init__(self):
+        self.rank = FakeChannel.rank
+
+    def send(self, msg):
+        FakeChannel.sent.append(msg)
+
+    def receive(self):
+        return FakeChannel.script.pop(0)
+
+
+def _dist_stage(name, fail=False):
+    def run(ctx):
+        CALLS.append(name)
+        if fail:
+            raise RuntimeError("boom")
+        out = ctx.path(name)
+        out.mkdir(exist_ok=True)
+        (out / "out.txt").write_text(name, encoding="utf-8")
+        return [out]
+    return Stage(name, lambda r: True, lambda r: {"seed": r.seed}, lambda ctx: [], run, distributed=True)
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    import banklm.pipeline as pipeline
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(pipeline, "RankChannel", FakeChannel)
+    FakeChannel.sent, FakeChannel.script, FakeChannel.rank = [], [], 0
+    return FakeChannel
+
+
+def test_rank0_leads_the_others_into_distributed_stages_only(tmp_path, launched):
+    stages = [STAGES[0], _dist_stage("t"), STAGES[1]]
+    rd = run_stages(_recipe(), stages, run_dir=tmp_path / "fake" / "r1")
+    assert CALLS == ["a", "t", "b"]
+    assert launched.sent == [{"run_dir": str(rd)}, {"stage": "t"}, {"done": True}]
+    assert [e["stage"] for e in Ledger(rd).entries()] == ["a", "t", "b"]
+    # a reused distributed stage needs nobody: the others hear only the run folder and "done"
+    launched.sent.clear()
+    CALLS.clear()
+    rd2 = run_stages(_recipe(), stages, run_dir=tmp_path / "fake" / "r2")
+    assert CALLS == [] and launched.sent == [{"run_dir": str(rd2)}, {"done": True}]
+
+
+def test_rank0_failure_outside_training_releases_the_waiting_ranks(tmp_path, launched):
+    bad = _write_stage("c", lambda ctx: 1 / 0)
+    with pytest.raises(StageError):
+        run_stages(_recipe(), [STAGES[0], _dist_stage("t"), bad], run_dir=tmp_path / "fake" / "r1")
+    assert launched.sent[1:] == [{"stage": "t"}, {"failed": "StageError"}]
+
+
+def test_rank0_failure_inside_training_sends_nothing_more(tmp_path, launched):
+    """The other ranks are inside training collectives then; the launcher stops them when rank 0 exits."""
+    with pytest.raises(StageError):
+        run_stages(_recipe(), [STAGES[0], _dist_stage("t", fail=True)], run_dir=tmp_path / "fake" / "r1")
+    assert launched.sent[1:] == [{"stage": "t"}]
+
+
+def test_rank0_bad_run_folder_stops_the_others(tmp_path, launched):
+    from banklm.pipeline import RunDirError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError):
+        run_stages(_recipe(), STAGES, run_dir=tmp_path / "file")
+    assert list(launched.sent[0]) == ["failed"]
+
+
+def test_other_rank_runs_what_rank0_announces_and_writes_no_ledger(tmp_path, launched):
+    from banklm.pipeline import FollowerStopped
+
+    rd = tmp_path / "fake" / "r1"
+    rd.mkdir(parents=True)
+    launched.rank = 1
+    launched.script = [{"run_dir": str(rd)}, {"stage": "t"}, {"done": True}]
+    assert run_stages(_recipe(), [STAGES[0], _dist_stage("t"), STAGES[1]], run_dir=None) == rd
+    assert CALLS == ["t"] and not (rd / "ledger.jsonl").exists() and not (rd / "recipe.yaml").exists()
+    launched.script = [{"run_dir": str(rd)}, {"failed": "StageError"}]
+    with pytest.raises(FollowerStopped, match="rank 0 stopped the run"):
+        run_stages(_recipe(), [STAGES[0], _dist_stage("t")])
+    launched.script = [{"failed": "RunDirError: x"}]
+    with pytest.raises(FollowerStopped, match="could not start"):
+        run_stages(_recipe(), STAGES)
+
+
+def test_distillation_is_refused_under_a_launch_before_anything_runs(tmp_path, launched):
+    from banklm.pipeline import LaunchError
+
+    distill = _write_stage("distill", lambda ctx: "x")
+    with pytest.raises(LaunchError, match="banklm distill RECIPE"):
+        run_stages(_recipe(), [STAGES[0], distill], run_dir=tmp_path / "r")
+    assert CALLS == [] and launched.sent == [] and not (tmp_path / "r").exists()

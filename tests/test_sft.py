@@ -700,10 +700,10 @@ def test_two_process_ddp_matches_one_process(base_dir, data, tmp_path, repo):
                PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     runs = [[str(tmp_path / "ddp"), {**kw, "batch_size": 4}], [str(tmp_path / "ddp_budget"), {**budget_kw, "batch_size": 4}]]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(repo / "tests" / "ddp_worker.py"), str(base_dir), str(train_file), json.dumps(runs)]
+           str(repo / "tests" / "ddp_worker.py"), str(base_dir), str(train_file), json.dumps(runs), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("RANK")]
+    reports = [json.loads(line) for rank in (0, 1) for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()]
     assert len(reports) == 4
     by_run = {}
     for r in reports:
