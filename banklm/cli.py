@@ -108,8 +108,10 @@ def cmd_plan(args) -> int:
     from dataclasses import replace
 
     from finetune.plan import (
+        GIB,
         PlanError,
         Setup,
+        card_budget,
         estimate,
         format_plan,
         load_shape,
@@ -125,12 +127,13 @@ def cmd_plan(args) -> int:
     setup = Setup()
     try:
         if args.recipe:
-            from banklm.stages import plan_request
+            from banklm.stages import plan_request, plan_shape, plan_teacher
 
-            req = plan_request(_load(args), args.section)
-            m = req["model"]
-            shape, source = resolve_base(path=m.get("path"), config_name=m.get("config_name"),
-                                         config=m.get("config"), name=m.get("name", "model"))
+            try:
+                req = plan_request(_load(args), args.section)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            shape, source = plan_shape(req)
             source += f", {req['section']} section"
             setup = Setup(**req["setup"])
             gpu = gpu or req["gpu_mem"]
@@ -142,6 +145,9 @@ def cmd_plan(args) -> int:
                  "bits": args.bits,
                  "precision": args.precision or ("fp32" if args.device == "cpu" else None)}
         setup = replace(setup, **{k: v for k, v in flags.items() if v is not None})
+        teacher_pass = None
+        if args.recipe and req.get("teacher"):
+            setup, teacher_pass = plan_teacher(req["teacher"], setup)
         gpu_gib = parse_gpu_mem(gpu) if gpu else None
         if args.check and gpu_gib is None:
             raise UsageError("--check needs --gpu-mem (or plan.gpu_mem in the recipe)")
@@ -154,13 +160,23 @@ def cmd_plan(args) -> int:
         cards = sorted([*cards, target], key=lambda c: c.gpu_gib)
     if args.json:
         print(json.dumps({"source": source, "estimate": est.to_dict(), "cards": [c.to_dict() for c in cards],
-                          "target": target.to_dict() if target else None}, ensure_ascii=False, indent=1))
+                          "target": target.to_dict() if target else None,
+                          "teacher_pass_gib": round(teacher_pass[0] / GIB, 4) if teacher_pass else None},
+                         ensure_ascii=False, indent=1))
     else:
         print(format_plan(est, cards, source, gpu_gib))
+        if teacher_pass:
+            print(f"teacher pass before the student trains ({teacher_pass[1]}): {teacher_pass[0] / GIB:.2f} GiB "
+                  "(the teacher alone on the card; then freed)")
     if args.check:
         if not target.fits_as_requested:
             print(f"banklm: check failed: {est.total_gib:.2f} GiB does not fit a {gpu_gib:g} GB card as set",
                   file=sys.stderr)
+            return EXIT_FAILED
+        if teacher_pass and teacher_pass[0] > card_budget(gpu_gib):
+            print(f"banklm: check failed: the teacher pass needs {teacher_pass[0] / GIB:.2f} GiB, more than a "
+                  f"{gpu_gib:g} GB card holds (lower distill.train.batch_size / distill.seq.batch_size or "
+                  "quantize the teacher)", file=sys.stderr)
             return EXIT_FAILED
     return EXIT_OK
 
@@ -478,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     pl.add_argument("--model", help="model folder, config.json, or a bundled name (qwen2.5-0.5b/1.5b/3b/7b, "
                                     "llama-3.2-1b/3b, llama-3.1-8b, mistral-7b-v0.3)")
-    pl.add_argument("--section", choices=["train", "cpt"], help="recipe section to plan (default train)")
+    pl.add_argument("--section", choices=["train", "cpt", "distill"],
+                    help="recipe section to plan (default train; distill: the student's training and the teacher)")
     pl.add_argument("--method", choices=["lora", "qlora", "full", "cpt"], help="default qlora (or the recipe's)")
     pl.add_argument("--seq-len", type=int, help="tokens per packed row (default 2048, or the recipe's max_length)")
     pl.add_argument("--batch-size", type=int, help="micro-batch (default 1, or the recipe's)")

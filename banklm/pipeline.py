@@ -336,14 +336,18 @@ class RankChannel:
     may spend on the single-process stages (corpus, eval, export) between two messages.
     """
 
-    def __init__(self):
+    def __init__(self, cpu: bool = False):
         from datetime import timedelta
 
         from accelerate import PartialState
 
         minutes = float(os.environ.get(DIST_TIMEOUT_ENV, DIST_TIMEOUT_MIN))
-        self.state = PartialState(timeout=timedelta(minutes=minutes))
+        # the process group the trainer joins later (PartialState is shared): gloo on CPU, NCCL on GPUs
+        self.state = PartialState(cpu=cpu, timeout=timedelta(minutes=minutes))
         self.rank = self.state.process_index
+        if self.state.num_processes != launched_world_size():
+            raise LaunchError(f"{launched_world_size()} processes were launched but accelerate joined "
+                              f"{self.state.num_processes}: is there a GPU for each process?")
 
     def send(self, msg: dict) -> None:
         self._broadcast([msg])
@@ -373,7 +377,9 @@ def _run_stages_launched(recipe: Recipe, selected: list[Stage], run_dir: Path | 
         raise LaunchError("distillation runs in one process: launch the training with accelerate "
                           "(banklm train RECIPE, or distill.enabled=false), then run `banklm distill RECIPE "
                           "--run-dir <that run folder>` without a launcher; finished stages are reused")
-    channel = RankChannel()
+    from finetune.models import pick_device
+
+    channel = RankChannel(cpu=pick_device(recipe.device) == "cpu")
     if channel.rank != 0:
         return _follow(recipe, selected, channel)
     try:

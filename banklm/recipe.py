@@ -559,6 +559,7 @@ class PlanSection(Section):
 
     gpu_mem: str | None = Field(None, pattern=r"^\d+(\.\d+)?\s*(GB|GiB|G)?$")  # e.g. 12GB
     config: str | None = None  # a name from finetune/known_configs.py, e.g. qwen2.5-1.5b
+    student_config: str | None = None  # the same for distill.student.path (from: path), e.g. qwen2.5-0.5b
 
 
 class Recipe(Section):

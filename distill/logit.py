@@ -34,7 +34,7 @@ from finetune.sft import PackedRowsCollator, make_trainer_classes, train_causal_
 from finetune.tokenizer import load_tokenizer
 
 from .losses import DIVERGENCES, TAILS, kd_loss
-from .teacher_cache import build_teacher_cache, data_fingerprint, open_teacher_cache
+from .teacher_cache import CACHE_BATCH_ROWS, build_teacher_cache, data_fingerprint, open_teacher_cache
 
 TEACHER_KEYS = ("teacher_values", "teacher_indices", "teacher_lse")
 
@@ -174,7 +174,7 @@ def train_logit_kd(
     teacher_quantization: str | None = None,
     teacher_dtype: str = "auto",
     cache_dir: str | os.PathLike | None = None,
-    cache_batch_rows: int = 8,
+    cache_batch_rows: int = CACHE_BATCH_ROWS,
     device: str = "auto",
     **train_kwargs,
 ) -> dict:

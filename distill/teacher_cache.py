@@ -32,6 +32,7 @@ from banklm.io import atomic_dir
 
 CACHE_VERSION = 1
 CACHE_FILE = "cache.json"
+CACHE_BATCH_ROWS = 8   # packed rows per teacher forward while filling the cache (banklm plan counts its logits)
 
 
 def row_key(row: dict) -> bytes:
@@ -113,7 +114,7 @@ def open_teacher_cache(folder: str | Path, key: dict, fingerprint: str) -> Teach
 
 
 def build_teacher_cache(teacher, rows: Sequence[dict], out_dir: str | Path, *, pad_token_id: int, top_k: int,
-                        temperature: float = 1.0, key: dict | None = None, batch_rows: int = 8,
+                        temperature: float = 1.0, key: dict | None = None, batch_rows: int = CACHE_BATCH_ROWS,
                         shard_rows: int = 4096, fingerprint: str | None = None,
                         vocab_size: int | None = None) -> TeacherCache:
     """Run ``teacher`` over ``rows`` (dicts with ``input_ids``, ``labels``, optional ``seq_lengths``) in

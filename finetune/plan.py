@@ -227,6 +227,11 @@ class Setup:
     bits: int = 4               # QLoRA base: 4 (NF4, double quantisation) or 8 (LLM.int8; weights only, see docs)
     kbit_upcast: bool = True    # QLoRA: prepare_model_for_kbit_training casts embeddings/norms/LM head to fp32
     lora_dtype: str | None = None  # adapter dtype; None: fp32 for LoRA (PEFT), bf16 for QLoRA (TRL)
+    # distillation with a live teacher (distill.kd.top_k null): its frozen weights share the card, and its
+    # logits for every micro-batch token (compute dtype, then fp32 log-probs) live from its forward through
+    # the loss's backward
+    teacher_weight_bytes: float = 0.0
+    teacher_vocab: int = 0
 
     def check(self) -> None:
         for name, allowed in (("method", METHODS), ("attn", ("sdpa", "flash", "eager")), ("device", ("cuda", "cpu")),
@@ -419,6 +424,9 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
             notes.append("QLoRA: prepare_model_for_kbit_training keeps embeddings, norms and LM head in fp32")
     else:
         comp["weights"] = P * d.base
+    if s.teacher_weight_bytes:
+        comp["teacher_weights"] = s.teacher_weight_bytes
+    teacher_logits = T * s.teacher_vocab * (d.compute + 4)
     casts = 0.0
     if s.kind == "full":
         trainable = P
@@ -463,8 +471,8 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
 
     held = acts + shared + final_norm
     phases_c = {
-        "forward": phase(accumulated, held, loss_saved + loss_fwd, cast=casts),
-        "loss_backward": phase(accumulated, held, loss_saved + loss_bwd, cast=casts_kept),
+        "forward": phase(accumulated, held, loss_saved + loss_fwd + teacher_logits, cast=casts),
+        "loss_backward": phase(accumulated, held, loss_saved + loss_bwd + teacher_logits, cast=casts_kept),
         # top layer: its activations still held (recomputed with checkpointing), its gradient buffers
         "layer_backward": phase(accumulated + lm_grad + layer_grads, acts + shared + recompute, 0.0, transient,
                                 cast=casts_kept),
@@ -495,6 +503,40 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
                      "--loss full); TRL's fused LM head computes it in 4096 x 32768 tiles instead")
     return Estimate(shape=shape, setup=s, params=params, trainable_params=int(trainable), components=comp,
                     phases=phases, peak_phase=peak_phase, tensor_peak=tensor_peak, overhead=overhead, notes=notes)
+
+
+# --------------------------------------------------------------------------- distillation's teacher
+
+
+def teacher_weight_bytes(shape: ModelShape, bits: int | None, device: str = "cuda") -> float:
+    """A frozen teacher's weights: NF4 (4) or LLM.int8 (8) linears with 16-bit embeddings, norms and LM head,
+    else 16-bit on CUDA (fp32 on CPU)."""
+    params = count_params(shape)
+    P, linear = params["total"], params["linear"]
+    if bits == 4:
+        return nf4_bytes(linear) + (P - linear) * 2
+    if bits == 8:
+        return int8_bytes(shape) + (P - linear) * 2
+    return P * (2 if device == "cuda" else 4)
+
+
+def teacher_pass_bytes(shape: ModelShape, bits: int | None, batch_size: int, seq_len: int,
+                       device: str = "cuda", generate: bool = False) -> float:
+    """Peak of the teacher's own pass before the student trains: weights, one layer's inference temporaries
+    and either every position's logits (top-k cache fill; compute dtype + fp32 log-softmax) or, when it
+    ``generate``s sequence-level answers, the KV cache and the last position's logits; plus the CUDA context
+    and allocator slack on CUDA."""
+    T = batch_size * seq_len
+    width = 2 if device == "cuda" else 4
+    if generate:
+        logits = batch_size * shape.vocab * (width + 4) + 2 * shape.layers * T * shape.kv_dim * width
+    else:
+        logits = T * shape.vocab * (width + 4)
+    tensors = (teacher_weight_bytes(shape, bits, device) + logits
+               + T * (4 * shape.hidden + 3 * shape.intermediate) * width)
+    if device == "cuda":
+        tensors += tensors * ALLOCATOR_OVERHEAD + CUDA_CONTEXT_GIB * GIB
+    return tensors
 
 
 # --------------------------------------------------------------------------- fitting a card
@@ -639,6 +681,7 @@ COMPONENT_LABELS = {
     "activations": "activations",
     "logits_loss": "LM head + loss",
     "backward_buffers": "backward buffers",
+    "teacher_weights": "teacher weights (live KD)",
     "cuda_context_allocator": "CUDA context + allocator",
 }
 

@@ -571,6 +571,8 @@ def train_causal_lm(
         completion_only_loss=completion_only_loss if mode == "sft" else None,
         dataset_num_proc=None,
         remove_unused_columns=True,
+        # every trainable parameter takes part in each forward (LoRA, full): skip DDP's extra graph walk
+        ddp_find_unused_parameters=False,
         disable_tqdm=True,
         save_only_model=False,
         **{ckpt_field: gradient_checkpointing},

@@ -77,3 +77,55 @@ def test_run_recipe_without_launch_is_unchanged(tmp_path):
 def test_run_recipe_bad_usage_exit_2(argv, message):
     out = _script(*argv, cwd=REPO)
     assert out.returncode == 2 and message in out.stderr
+
+
+SMALL_RUN = ["corpora.scenario.synth.credit.train=200", "corpora.scenario.synth.aml.train=200",
+             "corpora.scenario.synth.audit.train=200", "corpora.scenario.synth.credit.test=4",
+             "corpora.scenario.synth.aml.test=4", "corpora.scenario.synth.audit.test=4", "tokenizer.vocab_size=1500",
+             "cpt.enabled=false", "train.method=lora", "train.lr=3e-3", "train.max_steps=4",
+             "train.time_budget_s=null", "distill.enabled=false", "eval.limit=4", "eval.robustness=[]",
+             "eval.compare=[]", "export.gguf.enabled=false", "export.onnx.enabled=false"]
+
+
+def _launch(tmp_path, *overrides):
+    """The command run_recipe.sh builds for recipes/accelerate/ddp.yaml, run with this venv's accelerate."""
+    dry = _script("--launch", "accelerate", "--config", str(REPO / "recipes" / "accelerate" / "ddp.yaml"),
+                  "--dry-run", str(REPO / "recipes" / "quickstart.yaml"), *overrides, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    cmd = shlex.split(dry.stdout.strip())
+    assert cmd[0] == "accelerate"
+    cmd[0] = str(Path(sys.executable).parent / "accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_banklm_run_under_accelerate_launch_trains_on_every_rank_and_records_once(tmp_path):
+    """Two processes (gloo on CPU; NCCL on GPUs): rank 0 builds, evaluates and reports; both train."""
+    import json
+
+    from banklm.ledger import Ledger, verify_run
+
+    out = _launch(tmp_path, *SMALL_RUN)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("run folder: ") == 1      # rank 0 speaks for the run
+    run_dir = Path(out.stdout.split("run folder: ")[1].split()[0])
+    assert run_dir.parent == tmp_path / "runs" / "quickstart"
+    entries = Ledger(run_dir).entries()
+    assert [(e["stage"], e["status"]) for e in entries] == [
+        ("corpus", "done"), ("tokenizer", "done"), ("base", "done"), ("train", "done"), ("eval", "done"),
+        ("report", "done")]
+    assert entries[3]["params"]["processes"] == 2 and entries[0]["params"].get("processes") is None
+    summary = json.loads((run_dir / "sft" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert "[train] rank 1 joins" in out.stderr and out.stderr.count("[eval] running") == 1
+    assert (run_dir / "eval" / "sft" / "results.json").is_file() and verify_run(run_dir, check_unrecorded=True) == []
+
+
+@pytest.mark.slow
+def test_a_failure_on_rank_0_stops_every_rank(tmp_path):
+    """The tokenizer stage fails on rank 0 (vocabulary too small): rank 1, waiting for its word, exits too."""
+    out = _launch(tmp_path, *SMALL_RUN, "tokenizer.vocab_size=1000")
+    assert out.returncode != 0
+    assert "raise tokenizer.vocab_size" in out.stderr and "rank 0 stopped the run (StageError)" in out.stderr

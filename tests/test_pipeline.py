@@ -151,7 +151,7 @@ class FakeChannel:
     script: list = []
     rank = 0
 
-    def __init__(self):
+    def __init__(self, cpu=False):
         self.rank = FakeChannel.rank
 
     def send(self, msg):

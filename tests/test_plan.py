@@ -28,6 +28,8 @@ from finetune.plan import (
     parse_gpu_mem,
     propose,
     resolve_base,
+    teacher_pass_bytes,
+    teacher_weight_bytes,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -295,17 +297,22 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_recipe_validates_and_plans(path):
     recipe = load_recipe(path)
-    sections = [s for s in ("cpt", "train") if getattr(recipe, s).enabled]
+    from banklm.stages import plan_shape, plan_teacher
+
+    sections = [s for s in ("cpt", "train", "distill") if getattr(recipe, s).enabled]
     for section in sections:
         req = plan_request(recipe, section)
-        m = req["model"]
-        shape, _ = resolve_base(path=m.get("path"), config_name=m.get("config_name"), config=m.get("config"),
-                                name=m.get("name", "model"))
-        est = estimate(shape, Setup(**req["setup"]))
+        shape, _ = plan_shape(req)
+        setup, teacher_pass = Setup(**req["setup"]), None
+        if section == "distill":
+            setup, teacher_pass = plan_teacher(req["teacher"], setup)
+        est = estimate(shape, setup)
         assert est.total > 0
         if recipe.plan.gpu_mem:
-            assert propose(shape, Setup(**req["setup"]), parse_gpu_mem(recipe.plan.gpu_mem)).fits_as_requested, \
+            gpu = parse_gpu_mem(recipe.plan.gpu_mem)
+            assert propose(shape, setup, gpu).fits_as_requested, \
                 f"{path.name} [{section}]: {est.total_gib:.2f} GiB does not fit {recipe.plan.gpu_mem}"
+            assert teacher_pass is None or teacher_pass[0] <= card_budget(gpu), (path.name, teacher_pass)
 
 
 @pytest.mark.parametrize("name", REAL_RECIPES)
@@ -318,3 +325,65 @@ def test_real_use_recipes_fit_their_card(name, capsys):
     assert "not on this machine" in out
     if recipe.cpt.enabled:
         assert main(["plan", str(path), "--section", "cpt", "--check"]) == 0
+
+
+# --------------------------------------------------------------------------- distillation (--section distill)
+
+DISTILL_RECIPES = ["aml_distill_qwen2.5-7b_to_0.5b", "credit_seqkd_qwen2.5-3b_to_0.5b"]
+
+
+def test_teacher_weights_and_pass_by_hand():
+    shape, _ = load_shape("qwen2.5-7b")
+    p = count_params(shape)
+    assert teacher_weight_bytes(shape, None) == 2 * p["total"] and teacher_weight_bytes(shape, None, "cpu") == 4 * p["total"]
+    assert teacher_weight_bytes(shape, 4) == nf4_bytes(p["linear"]) + 2 * (p["total"] - p["linear"])
+    b, t = 8, 768
+    cache = teacher_pass_bytes(shape, 4, b, t, "cpu")
+    assert cache == teacher_weight_bytes(shape, 4, "cpu") + b * t * shape.vocab * 8 + b * t * (
+        4 * shape.hidden + 3 * shape.intermediate) * 4
+    gen = teacher_pass_bytes(shape, 4, b, t, "cpu", generate=True)   # KV cache + last-position logits only
+    assert gen == teacher_weight_bytes(shape, 4, "cpu") + b * shape.vocab * 8 + 2 * shape.layers * b * t * \
+        shape.kv_dim * 4 + b * t * (4 * shape.hidden + 3 * shape.intermediate) * 4
+
+
+@pytest.mark.parametrize("name", DISTILL_RECIPES)
+def test_distill_recipes_fit_their_card(name, capsys):
+    path = REPO / "recipes" / f"{name}.yaml"
+    assert load_recipe(path).plan.gpu_mem
+    assert main(["plan", str(path), "--section", "distill", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "distill section" in out and "qwen2.5-0.5b" in out
+    what = "top-k cache fill" if "aml" in name else "sequence-level answers"
+    assert f"teacher pass before the student trains ({what})" in out
+    assert main(["plan", str(path), "--section", "distill", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # logit KD needs the student's full logits; sequence-level KD is plain SFT (TRL's fused head)
+    assert plan["estimate"]["setup"]["loss"] == ("full" if "aml" in name else "fused") and plan["teacher_pass_gib"] > 0
+    assert "teacher_weights" not in plan["estimate"]["components_gib"]
+
+
+def test_a_live_teacher_shares_the_card_with_the_student(capsys):
+    """Logit KD without a top-k cache: the 4-bit 7B teacher's weights and logits join the student's step."""
+    path = str(REPO / "recipes" / "aml_distill_qwen2.5-7b_to_0.5b.yaml")
+    assert main(["plan", path, "--section", "distill", "--json"]) == 0
+    cached = json.loads(capsys.readouterr().out)
+    assert main(["plan", path, "distill.kd.top_k=null", "--section", "distill", "--json"]) == 0
+    live = json.loads(capsys.readouterr().out)
+    teacher, _ = load_shape("qwen2.5-7b")
+    assert live["teacher_pass_gib"] is None
+    assert live["estimate"]["components_gib"]["teacher_weights"] == pytest.approx(
+        teacher_weight_bytes(teacher, 4) / 2**30, abs=1e-4)
+    s = live["estimate"]["setup"]
+    extra_logits = s["batch_size"] * s["seq_len"] * teacher.vocab * (2 + 4) / 2**30
+    assert live["estimate"]["tensor_peak_gib"] >= cached["estimate"]["tensor_peak_gib"] + teacher_weight_bytes(
+        teacher, 4) / 2**30 + extra_logits - 1e-3
+
+
+def test_student_from_teacher_layers_is_planned_from_the_teacher(capsys):
+    assert main(["plan", str(REPO / "recipes" / "quickstart.yaml"), "--section", "distill", "--device", "cpu",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["estimate"]["model"] == "student: 2 of quickstart base.build's 4 layers"
+    assert main(["plan", str(REPO / "recipes" / "quickstart.yaml"), "distill.enabled=false", "--section",
+                 "distill"]) == 2
+    assert "distill.enabled is false" in capsys.readouterr().err

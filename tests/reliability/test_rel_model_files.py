@@ -135,6 +135,30 @@ def test_allowed_pickle_is_converted_once_with_the_risk_stated(tiny_model, tmp_p
     assert set(converted) == set(pickled) and all(torch.equal(converted[k], pickled[k]) for k in pickled)
 
 
+@pytest.mark.slow
+def test_allowed_pickled_student_is_converted_once_into_distill_init(tiny_model, tmp_path):
+    """``distill.student.from: path`` with pickled weights and ``allow_pickle``: converted to safetensors in
+    distill/init (the risk stated in the ledger), and the student trains from that copy."""
+    student = _copy(tiny_model, tmp_path / "student")
+    _pickled(student)
+    recipe = base_path_recipe(tmp_path / "r.yaml", tiny_model, train={"max_steps": 2, "save_steps": None},
+                              distill={"enabled": True, "method": "logit", "baseline": False,
+                                       "student": {"from": "path", "path": str(student), "allow_pickle": True},
+                                       "train": {"method": "full", "max_steps": 2, "lr": 1e-3}},
+                              eval={"enabled": False}, export={"gguf": {"enabled": False}}, report={"enabled": False})
+    run_dir = tmp_path / "run"
+    out = banklm("run", recipe, "--run-dir", run_dir, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "arbitrary code" in out.stderr
+    assert ledger_stages(run_dir) == [("corpus", "done"), ("train", "done"), ("distill", "done")]
+    stats = json.loads((run_dir / "distill" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["student_init"]["converted_from_pickle"] == str(student) and "arbitrary code" in stats[
+        "student_init"]["risk"]
+    assert (run_dir / "distill" / "init" / "model.safetensors").is_file()
+    assert not list((run_dir / "distill" / "init").glob("*.bin"))
+    assert json.loads((run_dir / "distill" / "student_train" / "train_summary.json").read_text())["steps"] == 2
+
+
 def test_eval_of_a_mismatched_model_folder_is_refused(tiny_model, tmp_path, capsys):
     """``banklm eval --model`` scores any folder: one whose config describes layers the weights lack would be
     scored with those layers random (transformers only prints a load report)."""
