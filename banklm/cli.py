@@ -118,7 +118,6 @@ def cmd_plan(args) -> int:
         parse_gpu_mem,
         plan_cards,
         propose,
-        resolve_base,
     )
 
     if bool(args.recipe) == bool(args.model):
@@ -188,23 +187,85 @@ def cmd_eval(args) -> int:
         return _run_pipeline(args, upto="eval")
     if not args.model:
         raise UsageError("banklm eval needs RECIPE.yaml or --model DIR")
-    from banklm.evaluation.evaluate import evaluate_model_dir
+    tasks = _tasks_arg(args.tasks)
+    models = _eval_models_arg(args.model)  # every model checked before any is scored
+    records = _eval_records(args.data, tasks, args.limit, args.seed)
+    if len(models) == 1:
+        name, path, kind = models[0]
+        out = Path(args.out) if args.out else Path("eval") / name
+        results = _evaluate_one(args, name, path, kind, records, out)
+        for task, res in results.get("tasks", {}).items():
+            print(f"{task}: accuracy {res['accuracy']:.3f}  macro-F1 {res['macro_f1']:.3f}  n={res['n']}")
+        print(f"results: {out / 'results.json'}")
+        return EXIT_OK
+    from banklm.evaluation.comparison import write_comparison
+
+    root = Path(args.out) if args.out else Path("eval")
+    all_results = {}
+    for name, path, kind in models:  # the same records for every model
+        all_results[name] = _evaluate_one(args, name, path, kind, records, root / name)
+        print(f"{name}: results: {root / name / 'results.json'}", flush=True)
+    md, png, table = write_comparison(all_results, root, sources={n: str(p) for n, p, _ in models})
+    print(table, end="")
+    print(f"comparison: {md}" + (f"; chart: {png}" if png else ""))
+    return EXIT_OK
+
+
+_MODEL_NAME_RE = r"[^\s/\\=]+"  # a display name becomes a folder name under --out
+
+
+def _eval_models_arg(specs: list[str]) -> list[tuple[str, Path, str]]:
+    """``(name, path, kind)`` per ``--model [NAME=]PATH``; kind is ``folder``, ``gguf`` or ``onnx``.
+
+    A path that exists is taken whole (it may contain ``=``); otherwise ``NAME=PATH`` names the model.
+    Checked up front so a bad fourth model does not surface after three have been scored."""
+    import re
+
+    from banklm.evaluation.evaluate import export_kind
     from finetune.models import ModelFolderError, check_model_folder
 
-    tasks = _tasks_arg(args.tasks)
-    model = Path(args.model)
+    out: list[tuple[str, Path, str]] = []
+    seen: dict[str, Path] = {}
+    for spec in specs:
+        name, path = None, Path(spec)
+        if not path.exists() and "=" in spec:
+            name, rest = spec.split("=", 1)
+            if not re.fullmatch(_MODEL_NAME_RE, name) or name in (".", ".."):
+                raise UsageError(f"--model {spec}: {name!r} is not a usable model name (no spaces, '/' or '=')")
+            path = Path(rest)
+        kind = export_kind(path) or "folder"
+        if name is None:
+            name = path.stem if kind == "gguf" else path.resolve().name
+        if name in seen:
+            raise UsageError(f"--model: two models are named {name!r} ({seen[name]} and {path}); "
+                             "name them with --model NAME=PATH")
+        seen[name] = path
+        out.append((name, path, kind))
+    for _, path, kind in out:
+        if kind != "folder":
+            continue
+        if path.is_file():
+            raise UsageError(f"--model {path}: a file must be a .gguf export (or give a model folder, "
+                             "or an ONNX export folder holding model.onnx)")
+        try:
+            check_model_folder(path)  # a truncated or mismatched folder would be scored half random
+        except ModelFolderError as e:
+            raise UsageError(f"--model {e}") from None
+    return out
+
+
+def _evaluate_one(args, name: str, path: Path, kind: str, records: list[dict], out: Path) -> dict:
+    """Score one model folder (PyTorch) or exported artefact (llama.cpp / onnxruntime) into ``out``."""
+    from banklm.evaluation.evaluate import evaluate_export, evaluate_model_dir
+
+    if kind == "folder":
+        return evaluate_model_dir(path, records, out, device=args.device, batch_size=args.batch_size,
+                                  max_new_tokens=args.max_new_tokens, model_name=name)
     try:
-        check_model_folder(model)  # a truncated or mismatched folder would be scored half random
-    except ModelFolderError as e:
-        raise UsageError(f"--model {e}") from None
-    records = _eval_records(args.data, tasks, args.limit, args.seed)
-    out = Path(args.out) if args.out else Path("eval") / model.resolve().name
-    results = evaluate_model_dir(model, records, out, device=args.device, batch_size=args.batch_size,
-                                 max_new_tokens=args.max_new_tokens, model_name=model.resolve().name)
-    for task, res in results.get("tasks", {}).items():
-        print(f"{task}: accuracy {res['accuracy']:.3f}  macro-F1 {res['macro_f1']:.3f}  n={res['n']}")
-    print(f"results: {out / 'results.json'}")
-    return EXIT_OK
+        return evaluate_export(path, records, out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                               model_name=name)
+    except (ValueError, FileNotFoundError) as e:  # an artefact without tokenizer, template or EOS
+        raise UsageError(f"--model {path}: {e}") from None
 
 
 def _tasks_arg(value: str | None) -> list[str]:
@@ -448,16 +509,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a model on the credit / aml / audit tasks",
                         description="evaluate a model on the credit / aml / audit tasks: from a recipe (runs the "
-                                    "stages up to eval) or a model folder")
+                                    "stages up to eval), a model folder or a GGUF / ONNX export; several --model "
+                                    "are scored on the same records and compared side by side")
     ev.add_argument("recipe", nargs="?", metavar="RECIPE.yaml")
     ev.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    ev.add_argument("--model", help="a model folder (safetensors) instead of a recipe")
+    ev.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                    help="a model folder (safetensors), a .gguf file or an ONNX export folder, instead of a "
+                         "recipe; repeat it to compare models on the same records (each into OUT/NAME/, plus "
+                         "OUT/comparison.md and OUT/comparison.png); NAME defaults to the folder or file name")
     ev.add_argument("--tasks", help="comma-separated: credit,aml,audit (default all)")
     ev.add_argument("--data", help="test records: a JSONL file, a built corpus folder or a run folder "
                                    "(default: freshly generated test records)")
     ev.add_argument("--limit", type=int, help="at most N records per task")
-    ev.add_argument("--out", help="output folder (default eval/<model folder name>)")
-    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    ev.add_argument("--out", help="output folder (default eval/<model name>; with several --model: eval, "
+                                  "one sub-folder per model)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                    help="device of model folders (GGUF and ONNX exports run on CPU)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--seed", type=int, default=12345, help="seed for generated test records")

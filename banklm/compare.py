@@ -1,7 +1,12 @@
-"""What changed between two runs: recipe keys, data counts and scores, read from the run folders.
+"""What changed between two runs: recorded parameters, data counts and scores, read from the run folders.
 
 Used by ``banklm compare RUN_A RUN_B`` (printed as tables) and by the model card's change log
 (this run against the previous run of the same recipe).
+
+Parameters come from the ledger, not from ``recipe.yaml``: every call (also a partial one, or one with
+overrides) rewrites ``recipe.yaml``, anyone can edit it and ``banklm verify`` does not check it, so it may
+describe the last call rather than what made the scores. The newest ledger entry of each stage records
+the parameters its current outputs were made with, under the chain's hashes.
 """
 
 from __future__ import annotations
@@ -13,15 +18,21 @@ from typing import Any
 
 import yaml
 
-from banklm.ledger import LEDGER_NAME, Ledger, LedgerError
+from banklm.io import sha256_file
+from banklm.ledger import LEDGER_NAME, Ledger, LedgerError, entry_hash
 
 # the scores a change log follows: per task, then AML-specific ones, then run-level ones
 TASK_METRICS = ("accuracy", "macro_f1", "mcc", "format_compliance", "hallucination_rate")
 AML_METRICS = ("suspicious_recall", "false_positive_rate")
 
+# the "recorded by" of a key only recipe.yaml has (no stage records it: report.*, name, disabled sections)
+FROM_RECIPE_FILE = "recipe.yaml (not recorded)"
+RAN, NOT_RUN = "ran", "not run"
+CHECK_FAILED = "ledger check failed"
+
 
 class NotARun(ValueError):
-    """A folder that is not a banklm run folder (no recipe.yaml or no ledger)."""
+    """A folder that is not a banklm run folder (no ledger, or a ledger that is not JSON lines)."""
 
 
 def _read_json(path: Path) -> Any:
@@ -46,23 +57,119 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def load_run(run_dir: str | Path) -> dict:
-    """The parts of a run folder a comparison reads: resolved recipe, data counts, scores, ledger."""
+    """The parts of a run folder a comparison reads: per-stage recorded parameters, data counts, scores,
+    the ledger, and warnings (a ledger check that fails, a stage whose inputs were rewritten after it ran).
+
+    ``recipe.yaml`` is optional and read only for the keys no stage records (see :data:`FROM_RECIPE_FILE`).
+    """
     run_dir = Path(run_dir)
-    recipe_path = run_dir / "recipe.yaml"
-    if not recipe_path.is_file() or not (run_dir / LEDGER_NAME).is_file():
-        raise NotARun(f"{run_dir}: not a banklm run folder (needs recipe.yaml and {LEDGER_NAME})")
+    if not (run_dir / LEDGER_NAME).is_file():
+        raise NotARun(f"{run_dir}: not a banklm run folder (no {LEDGER_NAME})")
     try:
-        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}
         entries = Ledger(run_dir).entries()
-    except (yaml.YAMLError, LedgerError, UnicodeDecodeError) as e:
-        raise NotARun(f"{run_dir}: unreadable run folder ({e})") from None
+    except (LedgerError, UnicodeDecodeError) as e:
+        raise NotARun(f"{run_dir}: unreadable ledger ({e})") from None
+    recipe: Any = {}
+    if (run_dir / "recipe.yaml").is_file():
+        try:
+            recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            recipe = {}  # only the unrecorded keys come from it: an unreadable one loses just those rows
     data: dict[str, dict[str, Any]] = {}
     for stats_path in sorted((run_dir / "corpora").glob("*/stats.json")):
         st = _read_json(stats_path) or {}
         splits = st.get("splits") or {}
         data[stats_path.parent.name] = {s: (v.get("total") if isinstance(v, dict) else v) for s, v in splits.items()}
     return {"dir": run_dir, "name": run_dir.name, "recipe": recipe if isinstance(recipe, dict) else {},
-            "entries": entries, "data": data, "data_hash": _data_hashes(entries), "scores": scores(run_dir)}
+            "params": stage_params(entries), "entries": entries, "data": data, "data_hash": _data_hashes(entries),
+            "scores": scores(run_dir),
+            "warnings": [f"{CHECK_FAILED}: {p}" for p in read_problems(run_dir, entries)] + stale_stages(entries)}
+
+
+def stage_params(entries: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per stage (in the order stages first ran), the flattened params of its newest entry: the settings
+    its current outputs were made with. Keys read like recipe keys (``train.lr``, ``seed``) because a stage's
+    params are whole recipe sections (``banklm.recipe.section_params``) plus a few top-level keys."""
+    newest: dict[str, dict] = {}
+    for e in entries:
+        if isinstance(e.get("stage"), str):
+            newest[e["stage"]] = e
+    return {stage: flatten(e.get("params") or {}) for stage, e in newest.items()}
+
+
+# ----------------------------------------------------------------------------------------- trust checks
+
+def _score_files(rel: str) -> bool:
+    """The files whose numbers a comparison shows (scores and data counts)."""
+    parts = rel.split("/")
+    return (len(parts) == 3 and parts[0] == "eval" and parts[2] == "results.json") or rel == "eval/retention.json" \
+        or (len(parts) == 3 and parts[0] == "corpora" and parts[2] == "stats.json")
+
+
+def read_problems(run_dir: Path, entries: list[dict]) -> list[str]:
+    """The ledger chain, and the files a comparison reads against the ledger's records of them.
+
+    The same checks as :func:`banklm.ledger.verify_run` on the chain and on these few small files, so a
+    comparison stays cheap on a run with gigabytes of weights: ``banklm verify`` re-hashes everything.
+    """
+    problems, prev = [], None
+    for i, e in enumerate(entries, 1):
+        where = f"entry {e.get('seq')} ({e.get('stage')})"
+        if e.get("seq") != i:
+            problems.append(f"{where}: is at position {i}: entries were deleted or reordered")
+        if e.get("prev") != prev:
+            problems.append(f"{where}: prev does not match the previous entry's hash: an entry before it was "
+                            "deleted, reordered or edited")
+        if e.get("hash") != entry_hash(e):
+            problems.append(f"{where}: content was edited: its hash does not match")
+        prev = e.get("hash")
+    latest: dict[str, tuple[dict, dict]] = {}
+    produced: set[str] = set()
+    for e in entries:
+        for rec in e.get("inputs") or []:
+            if rec.get("path") not in produced:
+                latest[rec.get("path")] = (e, rec)
+        for rec in e.get("outputs") or []:
+            latest[rec.get("path")] = (e, rec)
+            produced.add(rec.get("path"))
+    on_disk = {p.relative_to(run_dir).as_posix() for pattern in ("eval/*/results.json", "eval/retention.json",
+                                                                  "corpora/*/stats.json") for p in run_dir.glob(pattern)}
+    for rel in sorted(on_disk | {p for p in latest if isinstance(p, str) and _score_files(p)}):
+        if rel not in latest:
+            problems.append(f"{rel}: not recorded by any ledger entry (added or replaced after its stage ran)")
+            continue
+        e, rec = latest[rel]
+        path = run_dir / rel
+        if not path.is_file():
+            problems.append(f"entry {e.get('seq')} ({e.get('stage')}): {rel}: file is missing")
+        elif path.stat().st_size != rec.get("bytes") or sha256_file(path) != rec.get("sha256"):
+            problems.append(f"entry {e.get('seq')} ({e.get('stage')}): {rel}: file changed since it was recorded "
+                            "(sha256 differs)")
+    return problems
+
+
+def stale_stages(entries: list[dict]) -> list[str]:
+    """Stages whose newest entry read a file that a later entry rewrote with other content.
+
+    E.g. ``banklm train`` with a new ``train.lr`` after the eval: the train entry records the new lr, but
+    the scores on disk still come from the model trained before; a comparison must not credit them to it.
+    """
+    out = []
+    newest = {e.get("stage"): i for i, e in enumerate(entries)}
+    for stage, i in newest.items():
+        rewritten: dict[str, tuple[dict, dict]] = {}
+        for later in entries[i + 1:]:
+            for rec in later.get("outputs") or []:
+                rewritten[rec.get("path")] = (later, rec)
+        changed = sorted(rec.get("path") for rec in entries[i].get("inputs") or []
+                         if rec.get("path") in rewritten and rewritten[rec.get("path")][1].get("sha256") != rec.get("sha256"))
+        if changed:
+            by = rewritten[changed[0]][0]
+            more = f" (and {len(changed) - 1} more files)" if len(changed) > 1 else ""
+            out.append(f"{stage} (entry {entries[i].get('seq')}) read {changed[0]}{more}, which {by.get('stage')} "
+                       f"(entry {by.get('seq')}) rewrote afterwards: {stage}'s outputs were made from the earlier "
+                       f"version, not with the newest {by.get('stage')} parameters shown here")
+    return out
 
 
 def _data_hashes(entries: list[dict]) -> dict[str, str]:
@@ -104,13 +211,13 @@ def scores(run_dir: Path) -> dict[str, float]:
 def compare_runs(a: str | Path | dict, b: str | Path | dict) -> dict:
     """The differences from run ``a`` to run ``b``.
 
-    ``recipe``: changed keys only; ``data``: every corpus kind and split with
-    both counts, plus a row per kind whose files changed; ``scores``: every score either run has.
+    ``recipe``: changed parameters as ``(key, a, b, recorded by)`` (:func:`param_diff`); ``data``: every
+    corpus kind and split with both counts, plus a row per kind whose files changed; ``scores``: every score
+    either run has; ``warnings``: per run, what makes its numbers doubtful (empty: nothing found).
+    A run that fails the checks is still compared (a reviewer may need to see what differs), but said so.
     """
     ra = a if isinstance(a, dict) else load_run(a)
     rb = b if isinstance(b, dict) else load_run(b)
-    fa, fb = flatten(ra["recipe"]), flatten(rb["recipe"])
-    recipe = [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
     data = []
     for kind in sorted(set(ra["data"]) | set(rb["data"])):
         da, db = ra["data"].get(kind, {}), rb["data"].get(kind, {})
@@ -122,7 +229,49 @@ def compare_runs(a: str | Path | dict, b: str | Path | dict) -> dict:
     sa, sb = ra["scores"], rb["scores"]
     score_rows = [(k, sa.get(k), sb.get(k)) for k in sorted(set(sa) | set(sb), key=_score_order)]
     return {"a": ra["name"], "b": rb["name"], "a_dir": str(ra["dir"]), "b_dir": str(rb["dir"]),
-            "recipe": recipe, "data": data, "data_content_changed": content, "scores": score_rows}
+            "warnings": {"a": ra["warnings"], "b": rb["warnings"]},
+            "recipe": param_diff(ra, rb), "data": data, "data_content_changed": content, "scores": score_rows}
+
+
+def _same(x: Any, y: Any) -> bool:
+    return json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)
+
+
+def param_diff(ra: dict, rb: dict) -> list[tuple[str, Any, Any, str]]:
+    """Changed parameters, ``(key, value in a, value in b, recorded by)``.
+
+    A key is compared stage by stage (the newest entry of each stage in both runs); stages that changed it
+    the same way share one row (``seed`` recorded by ``corpus, train``), else each stage has its own row. A
+    stage only one run has is one row ``<stage> stage``: ran / not run (none for a stage that records no
+    parameters, like ``report``). Keys of ``recipe.yaml`` that no stage of either run records (``name``,
+    ``report.*``, sections of stages neither run ran) come last, marked :data:`FROM_RECIPE_FILE`.
+    """
+    pa, pb = ra["params"], rb["params"]
+    changed: dict[tuple[str, str, str], tuple[Any, Any, list[str]]] = {}
+    presence: list[tuple[str, Any, Any, str]] = []
+    for stage in dict.fromkeys([*pa, *pb]):
+        if stage not in pa or stage not in pb:
+            if pa.get(stage) or pb.get(stage):
+                presence.append((f"{stage} stage", RAN if stage in pa else NOT_RUN,
+                                 RAN if stage in pb else NOT_RUN, stage))
+            continue
+        for key in sorted(set(pa[stage]) | set(pb[stage])):
+            va, vb = pa[stage].get(key), pb[stage].get(key)
+            if not _same(va, vb):
+                ident = (key, json.dumps(va, sort_keys=True), json.dumps(vb, sort_keys=True))
+                changed.setdefault(ident, (va, vb, []))[2].append(stage)
+    rows = sorted(((key, va, vb, ", ".join(stages)) for (key, _, _), (va, vb, stages) in changed.items()),
+                  key=lambda r: r[0]) + presence
+    if not (ra.get("recipe") and rb.get("recipe")):
+        return rows  # a run without recipe.yaml: every one of its keys would look changed
+    recorded = {k for params in (pa, pb) for flat in params.values() for k in flat}
+    fa, fb = flatten(ra["recipe"]), flatten(rb["recipe"])
+    for key in sorted(set(fa) | set(fb)):
+        if key in recorded or any(key.startswith(k + ".") or k.startswith(key + ".") for k in recorded):
+            continue
+        if not _same(fa.get(key), fb.get(key)):
+            rows.append((key, fa.get(key), fb.get(key), FROM_RECIPE_FILE))
+    return rows
 
 
 def _score_order(key: str) -> tuple:
@@ -161,7 +310,12 @@ def text_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def recipe_rows(diff: dict) -> list[list[str]]:
-    return [[k, _cell(va), _cell(vb)] for k, va, vb in diff["recipe"]]
+    return [[k, _cell(va), _cell(vb), by] for k, va, vb, by in diff["recipe"]]
+
+
+def warning_lines(diff: dict) -> list[str]:
+    """One line per warning, naming the run (A or B) it is about."""
+    return [f"{side.upper()} ({diff[side]}): {w}" for side in ("a", "b") for w in diff["warnings"][side]]
 
 
 def data_rows(diff: dict) -> list[list[str]]:
@@ -175,10 +329,20 @@ def score_rows(diff: dict) -> list[list[str]]:
 
 
 def format_comparison(diff: dict) -> str:
-    """The three tables ``banklm compare`` prints."""
+    """What ``banklm compare`` prints: warnings (if any), then the three tables."""
     a, b = diff["a"], diff["b"]
-    parts = [f"A = {diff['a_dir']}", f"B = {diff['b_dir']}", "", "recipe (changed keys)"]
-    parts.append(text_table(["key", a, b], recipe_rows(diff)) if diff["recipe"] else "  no recipe key changed")
+    parts = [f"A = {diff['a_dir']}", f"B = {diff['b_dir']}", ""]
+    warnings = warning_lines(diff)
+    if warnings:
+        parts += ["WARNING: the tables below may not show what made these runs' outputs",
+                  *(f"  {w}" for w in warnings)]
+        for side in ("a", "b"):
+            if any(w.startswith(CHECK_FAILED) for w in diff["warnings"][side]):
+                parts.append(f"  `banklm verify {diff[side + '_dir']}` re-checks every file of run {side.upper()}")
+        parts.append("")
+    parts.append("parameters (changed; from each stage's newest ledger entry)")
+    parts.append(text_table(["key", a, b, "recorded by"], recipe_rows(diff)) if diff["recipe"]
+                 else "  no recorded parameter changed")
     parts += ["", "data (records per corpus and split)"]
     parts.append(text_table(["corpus", "split", a, b, "change"], data_rows(diff)) if diff["data"]
                  else "  no corpora in either run")
@@ -193,13 +357,18 @@ def format_comparison(diff: dict) -> str:
 def _started(run_dir: Path) -> str | None:
     try:
         entries = Ledger(run_dir).entries()
-    except LedgerError:
+    except (LedgerError, OSError, UnicodeDecodeError):
         return None
     return entries[0].get("started_at") if entries else None
 
 
 def previous_run(run_dir: str | Path, recipe_name: str) -> Path | None:
-    """The newest sibling run folder of the same recipe that started before this one (None: first run)."""
+    """The newest sibling run folder of the same recipe that started before this one (None: first run).
+
+    "Started" is the first ledger entry's ``started_at``; the recipe name is read from each sibling's
+    ``recipe.yaml`` (no ledger entry records it). Siblings without a readable ledger are skipped, as is the
+    ``latest`` link (it points at a run that is also a sibling).
+    """
     run_dir = Path(run_dir).resolve()
     mine = _started(run_dir)
     best: tuple[str, Path] | None = None

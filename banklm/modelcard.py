@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from banklm.compare import compare_runs, data_rows, previous_run, recipe_rows, score_rows
+from banklm.compare import NotARun, compare_runs, data_rows, previous_run, recipe_rows, score_rows
 from banklm.ledger import card_artefacts_section, file_records
 from banklm.recipe import TO_BE_FILLED
 
@@ -449,25 +449,39 @@ def _limitations(d: dict, recipe, t: _Lang, mask_pii) -> list[str]:
 
 
 def _change_log(d: dict, recipe, t: _Lang) -> list[str]:
+    """This run against the previous run of the recipe; parameters from the ledgers (banklm.compare)."""
     lines = ["## 变更记录 Change log", ""]
     prev = previous_run(d["run_dir"], recipe.name)
     if prev is None:
         return lines + [t(f"本配方的首次运行（{d['run_dir'].parent} 中没有更早的 {recipe.name} 运行）。",
                           f"First run of this recipe (no earlier {recipe.name} run in {d['run_dir'].parent}).")]
-    diff = compare_runs(prev, d["run_dir"])
+    try:
+        diff = compare_runs(prev, d["run_dir"])
+    except NotARun as e:
+        return lines + [t(f"无法与上一次运行比较：{e}", f"Cannot compare with the previous run: {e}")]
+    this = t("本次 this run", "this run")
     lines += [t(f"与上一次运行 `{prev.name}` 相比（`banklm compare {prev} {d['run_dir']}`）：",
-                f"Compared with the previous run `{prev.name}` (`banklm compare {prev} {d['run_dir']}`):"), "",
-              f"### {t('参数 Parameters', 'Parameters')}", ""]
+                f"Compared with the previous run `{prev.name}` (`banklm compare {prev} {d['run_dir']}`):"), ""]
+    for side, name in (("a", f"`{prev.name}`"), ("b", t("本次运行", "this run"))):
+        lines += [f"- **{t('警告', 'Warning')}** {name}: {w}" for w in diff["warnings"][side]]
+    if any(diff["warnings"].values()):
+        lines.append("")
+    lines += [f"### {t('参数 Parameters', 'Parameters')}", "",
+              t("各阶段最新台账记录中的参数（即产生当前输出所用的参数）；标为 recipe.yaml (not recorded) 的键只见于 "
+                "recipe.yaml：每次调用都会重写该文件，台账不记录这些键，其值未必是产生输出时所用的值。",
+                "The parameters each stage's newest ledger entry recorded (what its current outputs were made "
+                "with); keys marked recipe.yaml (not recorded) are only in recipe.yaml, which every call rewrites "
+                "and no ledger entry records: they may not be the values the outputs were made with."), ""]
     rows = recipe_rows(diff)
-    lines.append(md_table(["key", prev.name, t("本次 this run", "this run")], rows) if rows
-                 else t("配方无变化。", "No recipe key changed."))
+    lines.append(md_table(["key", prev.name, this, t("记录于 recorded by", "recorded by")], rows) if rows
+                 else t("已记录的参数无变化。", "No recorded parameter changed."))
     lines += ["", f"### {t('数据 Data', 'Data')}", ""]
     rows = [r for r in data_rows(diff) if r[4] not in ("0", "–")]
-    lines.append(md_table(["corpus", "split", prev.name, t("本次 this run", "this run"), t("变化 change", "change")], rows)
+    lines.append(md_table(["corpus", "split", prev.name, this, t("变化 change", "change")], rows)
                  if rows else t("各语料各划分的记录数与内容均无变化。", "Records per corpus and split unchanged (counts and content)."))
     lines += ["", f"### {t('分数 Scores', 'Scores')}", ""]
     rows = [r for r in score_rows(diff) if r[3] not in ("0", "–")]
-    lines.append(md_table(["model/task/metric", prev.name, t("本次 this run", "this run"), t("变化 change", "change")], rows)
+    lines.append(md_table(["model/task/metric", prev.name, this, t("变化 change", "change")], rows)
                  if rows else t("分数无变化。", "No score changed."))
     return lines
 

@@ -101,7 +101,7 @@ def eval_rows(results: dict) -> list[list[Any]]:
     rows = []
     for task, r in (results or {}).get("tasks", {}).items():
         rows.append([task, r.get("n"), r.get("accuracy"), r.get("macro_f1"), r.get("mcc"),
-                     r.get("format_compliance"), r.get("hallucination_rate")])
+                     r.get("format_compliance"), r.get("hallucination_rate"), r.get("unsupported_number_rate")])
     return rows
 
 
@@ -116,7 +116,10 @@ def comparison(evals: dict[str, dict]) -> tuple[list[str], list[list[Any]]]:
     return ["model", *tasks, "overall", "format compliance", "tokens/s", "bytes on disk"], rows
 
 
-EVAL_HEADERS = ["task", "n", "accuracy", "macro-F1", "MCC", "format compliance", "unsupported-number rate"]
+# hallucination_rate: share of answers citing >= 1 number absent from the prompt; unsupported_number_rate:
+# share of cited numbers absent from it (the column used to show the former under the latter's name)
+EVAL_HEADERS = ["task", "n", "accuracy", "macro-F1", "MCC", "format compliance", "answers with unsupported numbers",
+                "unsupported-number rate"]
 
 
 # ----------------------------------------------------------------------------------------- plots
@@ -471,8 +474,10 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
                 parts.append(_table(["task", "protected attribute", "approval-rate ratio", "accuracy gap",
                                      "flag (<0.8)"], rows))
             if res.get("robustness"):
-                parts.append(_table(["perturbation", "accuracy", "drop vs clean"],
-                                    [[k, v.get("accuracy"), v.get("drop")] for k, v in res["robustness"].items()]))
+                parts.append(_table(["perturbation", "records", "skipped (cannot perturb)", "accuracy",
+                                     "clean accuracy (same records)", "drop vs clean"],
+                                    [[k, v.get("n"), v.get("skipped"), v.get("accuracy"), v.get("clean_accuracy"),
+                                      v.get("drop")] for k, v in res["robustness"].items()]))
             ov = res.get("overall", {})
             if ov.get("tokens_per_s") is not None:
                 parts.append(f"<p>generation: {_fmt(ov.get('tokens_per_s'), 1)} new tokens/s, "

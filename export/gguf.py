@@ -13,7 +13,8 @@ What a file holds (see docs/export.md for the full list):
   graph applies rope to (Qwen2 runs with the NeoX/rotate-half rope in llama.cpp: no permutation);
 * the tokenizer (SentencePiece ``tokenizer.model`` -> ``tokenizer.ggml.model = "llama"``; byte-level
   BPE ``tokenizer.json`` -> ``"gpt2"`` with a ``tokenizer.ggml.pre`` derived from its pre-tokenizer
-  regex), special token ids, ``add_bos_token`` and the training chat template.
+  regex), special token ids, ``add_bos_token`` (false when the chat template renders BOS itself, so
+  llama.cpp does not add a second one) and the training chat template.
 
 Every file is streamed into a temporary sibling (``banklm.io.atomic_open``) and renamed only once
 complete: a conversion that fails half-way leaves no ``*.gguf`` behind.
@@ -543,7 +544,39 @@ def read_tokenizer(folder: str | os.PathLike, n_vocab: int | None = None) -> Tok
                 tok.scores.append(-1000.0)
     tok.chat_template = _chat_template(folder, cfg)
     _set_special_ids(tok, cfg, folder)
+    bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else None
+    if tok.add_bos and chat_template_renders_bos(tok.chat_template, bos):
+        # training tokenized the rendered template without adding specials: its one BOS came from the
+        # template, and llama.cpp would put a second one in front of it
+        log.info("gguf: %s: the chat template renders the BOS token itself; writing add_bos_token=false",
+                 folder)
+        tok.add_bos = False
     return tok
+
+
+def chat_template_renders_bos(template: str | list | dict | None, bos_token: str | None) -> bool:
+    """Whether ``template`` (the default one of a named list) starts its output with ``bos_token``, as
+    Llama-3 templates do (``{{ bos_token }}...``): llama.cpp must then not add BOS again.
+
+    Rendered (sandboxed, as transformers does) for a one-user-message conversation; raises ``ValueError``
+    when the template cannot render that, since the GGUF's readers could not render it either.
+    """
+    from .ollama import render_jinja_chat
+
+    if isinstance(template, dict):
+        template = template.get("default")
+    elif isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if not template or not bos_token:
+        return False
+    try:
+        text = render_jinja_chat(template, [{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                 bos_token=bos_token, eos_token="", unk_token="", pad_token="")
+    except Exception as e:  # noqa: BLE001  (any Jinja error: say which template)
+        raise ValueError(f"chat template does not render a one-user-message conversation "
+                         f"({type(e).__name__}: {e}); cannot tell whether it emits the BOS token") from e
+    return text.startswith(bos_token)
 
 
 def _chat_template(folder: Path, cfg: dict) -> str | list | None:
@@ -787,5 +820,6 @@ def gguf_summary(path: str | os.PathLike) -> dict:
 __all__ = [
     "SUPPORTED_ARCHITECTURES", "NATIVE_TYPES", "KQUANT_TYPES", "KNOWN_PRE_TOKENIZERS",
     "export_gguf", "requantize_with_llamacpp", "MissingDependency", "read_model", "read_tokenizer", "derive_bpe_pre",
+    "chat_template_renders_bos",
     "permute_rope_rows", "choose_type", "write_gguf", "gguf_summary", "TokenizerData", "ModelSource",
 ]

@@ -2,7 +2,8 @@
 
 One folder per type (``out_dir/fp32``, ``out_dir/int8``, ...), each self-contained the way
 onnxruntime-genai and optimum lay models out: ``model.onnx``, ``config.json``,
-``generation_config.json`` and the training tokenizer files with its chat template.
+``generation_config.json`` and the training tokenizer files with its chat template. A chat template that
+reaches Python internals is refused before anything is written (:func:`check_templates`), as for GGUF.
 
 The graph is traced with ``torch.onnx.export`` (TorchScript path, ``dynamo=False``; optimum-onnx would
 pin transformers < 5, see ../shared/STACK.md) around a small wrapper that takes and returns the KV
@@ -21,6 +22,7 @@ quantized per call) of the fp32 graph; ``fp16`` is the model cast to half precis
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -102,6 +104,7 @@ def export_onnx(
         raise ValueError(f"export_onnx: opset {opset} outside the supported range 14-21 "
                          "(scaled_dot_product_attention needs >= 14)")
     read_config(model_dir)
+    check_templates(model_dir)  # before tracing: refused up front, nothing written
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for t in dict.fromkeys(t for t in types if t in ("fp32", "fp16")):
@@ -194,6 +197,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """int8 dynamic quantization of the fp32 folder ``src`` into the folder ``dst`` (written atomically):
     8-bit weights for every MatMul and the embedding Gather, activations quantized per call."""
     src, dst = Path(src), Path(dst)
+    check_templates(src)  # its side files are copied into dst
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     t0 = time.perf_counter()
@@ -254,7 +258,36 @@ def _set_metadata(path: Path, props: dict[str, str]) -> None:
     onnx.save(m, str(path))
 
 
+def check_templates(folder: str | os.PathLike) -> None:
+    """Refuse a folder whose chat template reaches Python internals (``finetune.tokenizer.UnsafeTemplate``,
+    naming the file): the ONNX folders ship ``chat_template.jinja`` and ``tokenizer_config.json`` to runtimes
+    that render the template, not all in a sandbox. Both files are checked, since a runtime may read either."""
+    from finetune.tokenizer import check_chat_template
+
+    folder = Path(folder)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        check_chat_template(_read_text(jinja), jinja)
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(_read_text(cfg_path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+        check_chat_template(cfg.get("chat_template"), cfg_path)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+
+
 def _copy_side_files(model_dir: Path, dst: Path) -> None:
+    check_templates(model_dir)  # also for callers that skip export_onnx's check up front
     for name in SIDE_FILES:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, dst / name)
@@ -270,6 +303,6 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {p.key: p.value for p in m.metadata_props}
 
 
-__all__ = ["ONNX_TYPES", "DEFAULT_OPSET", "MODEL_FILE", "export_onnx", "read_config",
+__all__ = ["ONNX_TYPES", "DEFAULT_OPSET", "MODEL_FILE", "export_onnx", "read_config", "check_templates",
            "input_names", "output_names", "onnx_metadata",
            "quantize_int8", "onnx_file_bytes", "EXTERNAL_DATA"]

@@ -171,9 +171,11 @@ class LlamaCppLM:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def tokenize(self, text: str) -> list[int]:
-        """llama.cpp's tokenization of ``text``: special tokens parsed, no BOS added."""
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """llama.cpp's tokenization of ``text``, special tokens parsed. ``add_special=True`` is what a
+        server does with a rendered chat prompt: BOS (EOS) added only if the file's ``add_bos_token``
+        (``add_eos_token``) says so; False adds nothing."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """llama.cpp's own detokenizer (``llama_detokenize``), special tokens not rendered.

@@ -7,7 +7,9 @@ A GGUF is read back by readers that share no code with :mod:`export.gguf`:
 * ``transformers`` GGUF loading (de-quantizes every tensor to fp32 and undoes llama.cpp's q/k row
   order) for the tokenizer and the weights: token ids on the prompts must equal the training
   tokenizer's, next-token logits must stay within a per-type threshold of the PyTorch model's, and
-  for lossless-ish types (f32/f16) a few greedy tokens must be identical;
+  for lossless-ish types (f32/f16) a few greedy tokens must be identical; a rendered chat prompt,
+  tokenized as llama.cpp does (BOS/EOS added per the file's ``add_bos_token``/``add_eos_token``), must
+  give the ids training saw (``apply_chat_template(tokenize=True)``), in particular never two BOS;
 * llama.cpp itself (``llama-cpp-python``, when installed): its tokenizer, its next-token logits and
   its greedy continuation, with their own thresholds (llama.cpp also quantizes activations).
 
@@ -62,6 +64,8 @@ GREEDY_TOKENS = 8
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 #: User turns checked when no test split is at hand (``banklm export --model DIR``).
 DEFAULT_PROMPTS = ("请审核这笔贷款申请。", "账户近7日有多笔现金存入。", "报销单金额超过标准。")
+#: Conversation of the chat-prompt check (template rendered, then tokenized as a server does).
+CHAT_CHECK = ({"role": "user", "content": DEFAULT_PROMPTS[0]},)
 
 #: ONNX (onnxruntime vs PyTorch), same normalisation. Measured (docs/export.md), sharpened tiny
 #: models / trained quickstart model: fp32 1.4e-6 / 5.4e-6, fp16 3.1e-3 / 3.8e-3, int8 (dynamic
@@ -123,7 +127,8 @@ def verify_gguf(
     ref_tok = ref.tokenizer if ref is not None else None
     res["metadata"] = _section(res, "metadata", lambda: _check_metadata(model_dir, gguf_path, qtype, ref_tok)) or {}
     gguf_tok = _section(res, "gguf_tokenizer", lambda: _load_gguf_tokenizer(gguf_path, res))
-    res["tokenizer"] = _section(res, "tokenizer", lambda: _compare_tokenizers(ref_tok, gguf_tok, prompts)) or {}
+    res["tokenizer"] = _section(res, "tokenizer", lambda: _compare_tokenizers(
+        ref_tok, gguf_tok, prompts, server_encode=_llama_cpp_style(gguf_tok, gguf_path))) or {}
     if ref is not None and prompts:
         out = _section(res, "model", lambda: _compare_lm(ref, _gguf_in_transformers(gguf_path), qtype,
                                                            LOGIT_THRESHOLDS, GREEDY_EXACT_TYPES))
@@ -294,6 +299,7 @@ def _check_metadata(model_dir: Path, gguf_path: Path, qtype: str, ref_tok) -> di
     ids = {k: f.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "unknown", "padding")}
     out["special_ids"] = ids
     out["add_bos_token"] = f.get("tokenizer.ggml.add_bos_token")
+    out["add_eos_token"] = f.get("tokenizer.ggml.add_eos_token")
     out["chat_token_types"] = {}
     index = {t: i for i, t in enumerate(tokens)}
     for t in CHAT_TOKENS:
@@ -311,9 +317,12 @@ def _check_metadata(model_dir: Path, gguf_path: Path, qtype: str, ref_tok) -> di
         for k, v in want.items():
             if v is not None and ids.get(k) != v:
                 fails.append(f"tokenizer.ggml.{k}_token_id {ids.get(k)} != training tokenizer's {v}")
-        want_bos = bool(getattr(ref_tok, "add_bos_token", False))
+        # a template that renders BOS itself already puts it in the prompt: the file must then say false
+        renders_bos = _template_renders_bos(ref_tok)
+        want_bos = bool(getattr(ref_tok, "add_bos_token", False)) and not renders_bos
         if out["add_bos_token"] is not None and bool(out["add_bos_token"]) != want_bos:
-            fails.append(f"add_bos_token {out['add_bos_token']} != training tokenizer's {want_bos}")
+            why = "the chat template renders BOS itself" if renders_bos else "training tokenizer's"
+            fails.append(f"add_bos_token {out['add_bos_token']} != {want_bos} ({why})")
         for t in CHAT_TOKENS:
             if t in ref_tok.get_vocab() and index.get(t) != ref_tok.convert_tokens_to_ids(t):
                 fails.append(f"{t} id {index.get(t)} != training id {ref_tok.convert_tokens_to_ids(t)}")
@@ -323,7 +332,9 @@ def _check_metadata(model_dir: Path, gguf_path: Path, qtype: str, ref_tok) -> di
     return out
 
 
-def _compare_tokenizers(ref_tok, gguf_tok, prompts: list[str]) -> dict:
+def _compare_tokenizers(ref_tok, gguf_tok, prompts: list[str], server_encode=None) -> dict:
+    """Same ids on every prompt; with ``server_encode`` (text -> ids as the runtime tokenizes a rendered
+    chat prompt) also the :func:`_check_chat_prompt` check, reported under ``chat_prompt``."""
     per = []
     for p in prompts:
         a = ref_tok.encode(p, add_special_tokens=False)
@@ -331,7 +342,65 @@ def _compare_tokenizers(ref_tok, gguf_tok, prompts: list[str]) -> dict:
         per.append({"n_tokens": len(a), "equal": a == b, **({} if a == b else {"training": a, "gguf": b})})
     eq = all(x["equal"] for x in per)
     fails = [] if eq else [f"token ids differ on {sum(not x['equal'] for x in per)} of {len(per)} prompts"]
-    return {"ids_equal": eq, "per_prompt": per, "failures": fails}
+    out = {"ids_equal": eq, "per_prompt": per, "failures": fails}
+    if server_encode is not None:
+        out["chat_prompt"] = _check_chat_prompt(ref_tok, server_encode)
+        fails += out["chat_prompt"].pop("failures")
+    return out
+
+
+def _llama_cpp_style(gguf_tok, gguf_path: Path):
+    """``text -> ids`` the way llama.cpp tokenizes a rendered chat prompt (``llama_tokenize`` with
+    ``add_special``): the text's own special tokens parsed, then BOS in front and EOS after exactly when
+    the file's ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` say so (absent: llama.cpp's default,
+    BOS for SentencePiece and Llama-3 BPE vocabularies)."""
+    f = _fields(gguf_path)
+    bos_default = f.get("tokenizer.ggml.model") == "llama" or f.get("tokenizer.ggml.pre") == "llama-bpe"
+    bos, eos = f.get("tokenizer.ggml.bos_token_id"), f.get("tokenizer.ggml.eos_token_id")
+    head = [int(bos)] if bos is not None and f.get("tokenizer.ggml.add_bos_token", bos_default) else []
+    tail = [int(eos)] if eos is not None and f.get("tokenizer.ggml.add_eos_token", False) else []
+    return lambda text: head + list(gguf_tok.encode(text, add_special_tokens=False)) + tail
+
+
+def _template_renders_bos(ref_tok) -> bool:
+    """Whether the training chat template (as transformers renders it) starts with the BOS token."""
+    bos = ref_tok.bos_token
+    if not bos or not ref_tok.chat_template:
+        return False
+    text = ref_tok.apply_chat_template(list(CHAT_CHECK), add_generation_prompt=True, tokenize=False)
+    return text.startswith(bos)
+
+
+def _leading(ids: Sequence[int], tok_id: int | None) -> int:
+    n = 0
+    while tok_id is not None and n < len(ids) and ids[n] == tok_id:
+        n += 1
+    return n
+
+
+def _check_chat_prompt(ref_tok, server_encode) -> dict:
+    """The ids a server feeds the model for a chat prompt (template rendered to text, then tokenized
+    with the file's BOS/EOS rule) vs the ids training saw (``apply_chat_template(tokenize=True)``).
+
+    Two leading BOS (a template that renders ``bos_token`` plus ``add_bos_token=true``) fail, as does
+    any difference after the leading BOS; one BOS the training prompts lacked (a BOS-free template with
+    ``add_bos_token=true``, which the exporter keeps) is only reported in ``leading_bos``.
+    """
+    msgs = list(CHAT_CHECK)
+    text = ref_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    want = ref_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    got = list(server_encode(text))
+    bos = ref_tok.bos_token_id
+    nb_want, nb_got = _leading(want, bos), _leading(got, bos)
+    out: dict = {"equal": got == want, "leading_bos": {"training": nb_want, "served": nb_got}, "failures": []}
+    if nb_got > 1:
+        out["failures"].append(f"chat prompt starts with {nb_got} BOS tokens (training: {nb_want}): "
+                               "the template renders bos_token and add_bos_token=true adds another")
+    elif got[nb_got:] != want[nb_want:]:
+        out["failures"].append(f"chat prompt token ids differ from apply_chat_template(tokenize=True): "
+                               f"{got[:12]}... vs {want[:12]}...")
+    return out
 
 
 @dataclass
@@ -434,6 +503,7 @@ def _check_llama_cpp(gguf_path: Path, ref: Reference, qtype: str) -> dict:
     n_ctx = max(len(ids) for ids in ref.encoded) + GREEDY_TOKENS + 16
     with LlamaCppLM(gguf_path, n_ctx=max(128, n_ctx)) as lm:
         prompts_ids = [lm.tokenize(p) for p in ref.prompts]
+        chat = _check_chat_prompt(ref.tokenizer, lambda text: lm.tokenize(text, add_special=True))
         tok_equal = [a == b for a, b in zip(ref.encoded, prompts_ids, strict=True)]
         # the text a server returns: llama.cpp's detokenizer on the prompts and the reference answers (those
         # that are valid UTF-8: random models emit lone bytes, whose replacement characters differ by library)
@@ -445,6 +515,8 @@ def _check_llama_cpp(gguf_path: Path, ref: Reference, qtype: str) -> dict:
                                                     "text_equal": all(text_equal)}, "failures": []}
         if not all(tok_equal):
             out["failures"].append(f"llama.cpp token ids differ on {tok_equal.count(False)} of {len(tok_equal)} prompts")
+        out["failures"] += [f"llama.cpp {f}" for f in chat.pop("failures")]
+        out["tokenizer"]["chat_prompt"] = chat
         if not all(text_equal):
             out["failures"].append(f"llama.cpp detokenized text differs on {text_equal.count(False)} of "
                                    f"{len(text_equal)} token sequences")

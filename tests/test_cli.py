@@ -70,3 +70,28 @@ def test_export_usage_errors_exit_2(argv, msg, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("models,msg", [
+    (["runs/a/merged", "runs/b/merged"], "two models are named 'merged' (runs/a/merged and runs/b/merged); "
+                                         "name them with --model NAME=PATH"),
+    (["x=one", "x=two"], "two models are named 'x'"),
+    (["my model=m"], "'my model' is not a usable model name"),
+    (["notes.txt"], "--model notes.txt: a file must be a .gguf export"),
+    (["base=nope", "lora=m"], "--model nope: model folder not found"),
+])
+def test_eval_model_list_usage_errors_exit_2(models, msg, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("x", encoding="utf-8")
+    argv = ["eval"] + [a for m in models for a in ("--model", m)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("banklm: error: ") and msg in err[0]
+    assert not (tmp_path / "eval").exists()  # refused before anything was scored or written
+
+
+def test_eval_help_documents_model_comparison(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model [NAME=]PATH" in out and "comparison.md" in out and ".gguf" in out

@@ -216,3 +216,104 @@ def test_prompts_are_folded_like_the_training_corpora():
     assert normalize_text(text) == fold_fullwidth(text)
     plain = "资金回流比例81.5%，转入对手方12个"
     assert fold_fullwidth(to_fullwidth_digits(plain)) == plain
+
+
+def _bank_prompt_only(tmp_path):
+    """A bank's own AML table in prompt mode: free-text prompts, so no input fields to re-render."""
+    from banklm.tasks.base import from_table
+
+    p = tmp_path / "bank_aml.csv"
+    p.write_text("prompt,conclusion,typology\n"
+                 "客户近7日存入现金3笔，每笔4.9万元，均低于5万元,可疑,拆分交易\n"
+                 "账户当日转入80万元，当日转出79.5万元,可疑,快进快出\n"
+                 "工资入账8500元，日常消费12笔,正常,无\n"
+                 "与高风险地区往来2笔，合计36万元,可疑,与高风险地区往来\n", encoding="utf-8")
+    return from_table("aml", p)
+
+
+def test_perturb_names_records_it_cannot_rerender(tmp_path):
+    import random
+
+    from banklm.tasks.base import CannotPerturb, can_perturb, perturb
+
+    bank = _bank_prompt_only(tmp_path)
+    gen = generate_records("aml", 1, seed=0, split="test")[0]
+    for kind in ("shuffle_fields", "distractor"):
+        assert not can_perturb("aml", bank[0], kind) and can_perturb("aml", gen, kind)
+        with pytest.raises(CannotPerturb, match="aml-bank-000000: meta has no input fields"):
+            perturb("aml", bank[0], random.Random(0), kind)
+    assert can_perturb("aml", bank[0], "fullwidth_digits")
+    with pytest.raises(ValueError, match="unknown perturbation 'typo'"):
+        can_perturb("aml", gen, "typo")
+
+
+def test_robustness_skips_prompt_only_records_and_compares_the_same_subset(tmp_path, monkeypatch):
+    """A mix of generated and prompt-only records: re-rendering kinds skip (and count) the prompt-only ones,
+    and the drop is measured against the clean accuracy of the records actually perturbed."""
+    import banklm.evaluation.evaluate as E
+    from banklm.evaluation.generate import GenerationResult
+    from banklm.tasks.base import fold_fullwidth
+
+    generated = generate_all(2, seed=3, split="test")  # 2 per task, fields in meta
+    bank = _bank_prompt_only(tmp_path)
+    records = generated + bank
+    assert len(generated) == 6 and len(bank) == 4
+    # an oracle that knows some clean prompts: right on every bank row and on half of the generated records,
+    # unparseable on anything else (every re-rendered prompt is new to it)
+    known = {fold_fullwidth(r["messages"][0]["content"]): r["messages"][1]["content"] for r in bank + generated[::2]}
+    calls = []
+
+    def oracle(model, tokenizer, convs, max_new_tokens, batch_size):
+        calls.append(len(convs))
+        return GenerationResult([known.get(c[-1]["content"], "不知道") for c in convs], seconds=1.0,
+                                new_tokens=len(convs))
+
+    monkeypatch.setattr(E, "generate", oracle)
+    res = E.evaluate_records(None, None, records, tmp_path / "ev", model_name="oracle",
+                             robustness=["shuffle_fields", "distractor", "fullwidth_digits"])
+    assert res["overall"]["accuracy"] == pytest.approx(7 / 10)
+    for kind in ("shuffle_fields", "distractor"):
+        rb = res["robustness"][kind]
+        assert rb["n"] == 6 and rb["skipped"] == 4
+        assert rb["accuracy"] == 0.0
+        assert rb["clean_accuracy"] == pytest.approx(3 / 6)  # the same six records, not 7/10 over all ten
+        assert rb["drop"] == pytest.approx(0.5)
+        assert set(rb["per_task"]) == {"credit", "aml", "audit"}
+    fw = res["robustness"]["fullwidth_digits"]  # needs no fields: every record, and serving folds it back
+    assert fw["n"] == 10 and fw["skipped"] == 0 and fw["drop"] == pytest.approx(0.0)
+    assert calls == [10, 6, 6, 10]
+    on_disk = json.loads((tmp_path / "ev" / "results.json").read_text(encoding="utf-8"))
+    assert on_disk["robustness"]["distractor"]["skipped"] == 4
+
+    # nothing perturbable: no generation, no made-up score
+    calls.clear()
+    res = E.evaluate_records(None, None, bank, tmp_path / "ev2", robustness=["distractor"])
+    assert res["robustness"]["distractor"] == {"n": 0, "skipped": 4, "accuracy": None, "clean_accuracy": None,
+                                               "drop": None, "per_task": {}}
+    assert calls == [4]
+
+
+def test_comparison_table_and_chart(tmp_path):
+    from banklm.evaluation.comparison import write_comparison
+
+    recs = generate_all(3, seed=2, split="test")
+    gold = _gold_answers(recs)
+    good, _ = score_records(recs, gold, model_name="good")
+    bad, _ = score_records(recs, ["?"] * 3 + gold[3:], model_name="bad")  # credit comes first: all wrong
+    good["overall"].update({"tokens_per_s": 123.45, "model_bytes": 2_500_000})
+    bad["overall"].update({"tokens_per_s": 9.0, "model_bytes": 700_000, "runtime": "llama.cpp"})
+    md, png, table = write_comparison({"lora": good, "q4": bad}, tmp_path / "cmp",
+                                      sources={"lora": "runs/x/sft/merged", "q4": "x-q4_0.gguf"})
+    assert md == tmp_path / "cmp" / "comparison.md" and md.read_text(encoding="utf-8").endswith(table)
+    lines = table.splitlines()
+    assert lines[0] == ("| task | model | n | accuracy | macro-F1 | MCC | format compliance | unsupported-number rate "
+                        "| tokens/s | size (MB) |")
+    c = bad["tasks"]["credit"]
+    assert (f"| credit | q4 | 3 | {c['accuracy']:.3f} | {c['macro_f1']:.3f} | {c['mcc']:.3f} | "
+            f"{c['format_compliance']:.3f} | {c['unsupported_number_rate']:.3f} | 9.0 | 0.70 |") in lines
+    assert c["accuracy"] == 0.0
+    # models side by side within each task
+    i = lines.index("| aml | lora | 3 | 1.000 | 1.000 | 1.000 | 1.000 | 0.000 | 123.5 | 2.50 |")
+    assert lines[i + 1] == "| aml | q4 | 3 | 1.000 | 1.000 | 1.000 | 1.000 | 0.000 | 9.0 | 0.70 |"
+    assert "| q4 | 0.667 | 9 | x-q4_0.gguf (llama.cpp) |" in lines
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

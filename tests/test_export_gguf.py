@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -143,6 +144,8 @@ def test_verify_roundtrip(arch, idx, qtype, exported, models):
     assert res["tokenizer"]["ids_equal"]
     assert res["metadata"]["chat_template_present"]
     assert res["metadata"]["chat_token_types"] == {"<|im_start|>": "CONTROL", "<|im_end|>": "CONTROL"}
+    # ChatML renders no BOS and the file adds none: the served chat prompt is exactly the training one
+    assert res["tokenizer"]["chat_prompt"] == {"equal": True, "leading_bos": {"training": 0, "served": 0}}
     lg = res["logits"]
     assert lg["max_abs"] <= LOGIT_THRESHOLDS[qtype] * lg["logit_scale"]
     assert lg["max_abs"] > 0  # really quantized
@@ -153,6 +156,7 @@ def test_verify_roundtrip(arch, idx, qtype, exported, models):
     assert lc["checked"] is HAVE_LLAMA_CPP
     if HAVE_LLAMA_CPP:  # the runtime banks serve with: same tokens, logits within its threshold
         assert lc["tokenizer"]["ids_equal"]
+        assert lc["tokenizer"]["chat_prompt"]["equal"]
         assert lc["logits"]["normalized_max_abs"] <= LLAMACPP_LOGIT_THRESHOLDS[qtype]
         assert lc["logits"]["max_abs"] > 0
         if qtype == "f16":
@@ -169,6 +173,104 @@ def test_f32_is_exact_and_transformers_reads_config(work, models):
     assert res["logits"]["max_abs"] < 1e-5
     cfg = transformers.AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
     assert (cfg.num_key_value_heads, cfg.num_attention_heads, cfg.tie_word_embeddings) == (2, 4, True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_roundtrip(arch, work, models):
+    """bf16 files hold torch's bf16 rounding of every matrix (1-D tensors stay F32) and pass verification
+    within the bf16 thresholds, in transformers' reader and in llama.cpp."""
+    (p,) = eg.export_gguf(models[arch], work / f"bf16_{arch}", types=("bf16",), name=f"tiny-{arch}")
+    assert p.name == f"tiny-{arch}-bf16.gguf"
+    r = gguf.GGUFReader(str(p))
+    assert r.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_BF16) == 32
+    tensors = {t.name: t for t in r.tensors}
+    for name, t in tensors.items():
+        want = gguf.GGMLQuantizationType.BF16 if len(t.shape) == 2 else gguf.GGMLQuantizationType.F32
+        assert t.tensor_type == want, name
+    # the stored bits, decoded by hand (bf16 = top half of an fp32), equal torch's round-to-nearest-even
+    # bf16 of the PyTorch weight (ffn_down: no rope permutation, so rows are in HF order)
+    from safetensors.torch import load_file
+
+    hf = load_file(str(models[arch] / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
+    raw = np.asarray(tensors["blk.0.ffn_down.weight"].data).view(np.uint16)
+    got = (raw.astype(np.uint32) << 16).view(np.float32)
+    assert got.shape == tuple(hf.shape)
+    np.testing.assert_array_equal(got, hf.to(torch.bfloat16).float().numpy())
+    assert not np.array_equal(got, hf.numpy())  # really rounded, not fp32 bits in disguise
+    res = verify_gguf(models[arch], p, PROMPTS, "bf16")
+    assert res["passed"], res["failures"]
+    assert res["metadata"]["tensor_types"]["BF16"] == sum(len(t.shape) == 2 for t in r.tensors)
+    assert 0 < res["logits"]["normalized_max_abs"] <= LOGIT_THRESHOLDS["bf16"]
+    if HAVE_LLAMA_CPP:  # llama.cpp runs BF16 tensors on CPU
+        assert 0 < res["llama_cpp"]["logits"]["normalized_max_abs"] <= LLAMACPP_LOGIT_THRESHOLDS["bf16"]
+
+
+# ------------------------------------------------------------------------------ BOS rendered by the template
+
+BOS_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE  # Llama-3 style: the template itself starts with BOS
+
+
+@pytest.fixture(scope="module")
+def bos_model(work, spm_tok):
+    """A tiny Llama whose chat template renders BOS and whose tokenizer config says add_bos_token=true."""
+    d = Path(build_tiny_model("llama", spm_tok, work / "m_bos", hidden_size=64, num_layers=1, num_heads=4,
+                              num_kv_heads=2, intermediate_size=128, max_position_embeddings=256, seed=5))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(chat_template=BOS_TEMPLATE, add_bos_token=True)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "chat_template.jinja").write_text(BOS_TEMPLATE)
+    return d
+
+
+def test_chat_template_renders_bos():
+    assert eg.chat_template_renders_bos(BOS_TEMPLATE, "<s>")
+    assert not eg.chat_template_renders_bos(CHAT_TEMPLATE, "<s>")
+    assert not eg.chat_template_renders_bos(CHAT_TEMPLATE + "{{ bos_token }}", "<s>")  # not at the start
+    assert not eg.chat_template_renders_bos(BOS_TEMPLATE, None)
+    assert eg.chat_template_renders_bos([{"name": "tool_use", "template": CHAT_TEMPLATE},
+                                         {"name": "default", "template": BOS_TEMPLATE}], "<s>")
+    with pytest.raises(ValueError, match="does not render a one-user-message conversation"):
+        eg.chat_template_renders_bos("{{ raise_exception('system message required') }}", "<s>")
+
+
+def test_template_bos_is_not_doubled(work, bos_model):
+    """The template's BOS is the only one: the GGUF says add_bos_token=false, and verification catches a
+    file that would make llama.cpp put a second BOS in front of the rendered chat prompt."""
+    tok = load_tokenizer(bos_model)
+    assert tok.add_bos_token  # the premise: the training config asks for BOS...
+    ids = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids[0] == tok.bos_token_id != ids[1]  # ...and training saw exactly one, from the template
+    (p,) = eg.export_gguf(bos_model, work / "bos_out", types=("f16",))
+    f = {k: v.contents() for k, v in gguf.GGUFReader(str(p)).fields.items()}
+    assert f["tokenizer.ggml.add_bos_token"] is False
+    assert f["tokenizer.ggml.bos_token_id"] == tok.bos_token_id == 1
+    assert f["tokenizer.chat_template"] == BOS_TEMPLATE
+    one = {"equal": True, "leading_bos": {"training": 1, "served": 1}}
+    res = verify_gguf(bos_model, p, PROMPTS[:1], "f16")
+    assert res["passed"], res["failures"]
+    assert res["metadata"]["add_bos_token"] is False and res["tokenizer"]["chat_prompt"] == one
+    if HAVE_LLAMA_CPP:
+        from export.runtime import LlamaCppLM
+
+        assert res["llama_cpp"]["tokenizer"]["chat_prompt"] == one
+        text = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+        with LlamaCppLM(p, n_ctx=128) as lm:
+            assert lm.tokenize(text, add_special=True) == ids  # what llama-server feeds the model
+
+    # planted: the same model written with add_bos_token=true (what the exporter did before)
+    m = eg.read_model(bos_model)
+    t = eg.read_tokenizer(bos_model, m.n_vocab)
+    t.add_bos = True
+    bad = eg.write_gguf(m, t, work / "bos_out" / "planted-f16.gguf", "f16")
+    res = verify_gguf(bos_model, bad, PROMPTS[:1], "f16")
+    assert res["passed"] is False
+    assert res["tokenizer"]["chat_prompt"] == {"equal": False, "leading_bos": {"training": 1, "served": 2}}
+    fails = res["failures"]
+    assert any(x.startswith("tokenizer: chat prompt starts with 2 BOS tokens") for x in fails), fails
+    assert "metadata: add_bos_token True != False (the chat template renders BOS itself)" in fails
+    if HAVE_LLAMA_CPP:  # llama.cpp itself, not only our emulation of it, doubles the BOS
+        assert res["llama_cpp"]["tokenizer"]["chat_prompt"]["leading_bos"] == {"training": 1, "served": 2}
+        assert any(x.startswith("llama_cpp: llama.cpp chat prompt starts with 2 BOS") for x in fails), fails
 
 
 def test_verify_reports_mismatch_without_raising(work, models, exported):

@@ -5,6 +5,7 @@ The slow tests read the session's small quickstart run (tests/conftest.py: `quic
 modify it: tamper tests work on copies.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import yaml
 from banklm_tests_conftest import QUICKSTART_SMALL, run_banklm
 from headless import check_page, find_chromium, non_blank_fraction
 
-from banklm.compare import compare_runs, format_comparison
+from banklm.compare import FROM_RECIPE_FILE, compare_runs, format_comparison, previous_run
 from banklm.io import sha256_file
 from banklm.ledger import (
     Ledger,
@@ -26,6 +27,11 @@ from banklm.ledger import (
     read_card_artefacts,
     verify_run,
 )
+from banklm.modelcard import render_model_card
+from banklm.pipeline import run_stages
+from banklm.recipe import validate_recipe
+from banklm.report import collect
+from banklm.stages import STAGES
 
 SECTIONS = ["Intended use", "Out-of-scope use", "Responsible entity and contact", "Base model and licence",
             "Training data", "De-identification", "Training method and hyper-parameters", "Evaluation results",
@@ -136,33 +142,50 @@ def test_data_lineage_keeps_counts_never_values():
     assert mix["counts"]["splits"] == {"train": 100, "validation": "no validation split in general"}
 
 
-def _fake_run(root, name, lr, acc, n_train):
+def _fake_run(root, name, lr, acc, n_train, started=None, recipe_name="demo"):
+    """A run folder whose ledger records corpus, train and eval like the pipeline does (params are recipe
+    sections plus top-level keys), with aml accuracy ``acc`` and a credit accuracy that does not change."""
     rd = root / name
     (rd / "corpora" / "scenario").mkdir(parents=True)
     (rd / "eval" / "sft").mkdir(parents=True)
-    (rd / "recipe.yaml").write_text(yaml.safe_dump({"name": "demo", "train": {"lr": lr, "epochs": 1}}), encoding="utf-8")
+    (rd / "sft").mkdir()
+    (rd / "recipe.yaml").write_text(yaml.safe_dump({"name": recipe_name, "train": {"lr": lr, "epochs": 1},
+                                                    "eval": {"limit": 20}, "report": {"owner": "risk dept."}}),
+                                    encoding="utf-8")
     (rd / "corpora" / "scenario" / "stats.json").write_text(json.dumps({"splits": {"train": n_train, "test": 5}}))
+    (rd / "sft" / "model.bin").write_text(f"weights trained with lr={lr}")
     (rd / "eval" / "sft" / "results.json").write_text(json.dumps(
-        {"tasks": {"aml": {"accuracy": acc, "suspicious_recall": 0.5}}, "overall": {"accuracy": acc}}))
-    Ledger(rd).append("corpus", params={}, inputs=[], outputs=file_records([rd / "corpora"], rd), started_at=name,
-                      finished_at=name)
+        {"tasks": {"aml": {"accuracy": acc, "suspicious_recall": 0.5}, "credit": {"accuracy": 0.6}},
+         "overall": {"accuracy": acc}}))
+    led, t = Ledger(rd), started or name
+    corpus = led.append("corpus", params={"corpora": {"scenario": {"synth": {"aml": {"train": n_train}}}}, "seed": 0},
+                        inputs=[], outputs=file_records([rd / "corpora"], rd), started_at=t, finished_at=t)
+    train = led.append("train", params={"train": {"lr": lr, "epochs": 1}, "device": "cpu", "seed": 0, "processes": 1},
+                       inputs=corpus["outputs"], outputs=file_records([rd / "sft"], rd), started_at=t, finished_at=t)
+    led.append("eval", params={"eval": {"limit": 20}, "device": "cpu"}, inputs=train["outputs"],
+               outputs=file_records([rd / "eval"], rd), started_at=t, finished_at=t)
     return rd
 
 
-def test_compare_tables_on_two_small_folders(tmp_path, capsys):
+def test_compare_tables_on_two_small_folders(tmp_path):
     a = _fake_run(tmp_path, "a", 1e-3, 0.5, 10)
     b = _fake_run(tmp_path, "b", 3e-3, 0.75, 12)
     diff = compare_runs(a, b)
-    assert diff["recipe"] == [("train.lr", 1e-3, 3e-3)]
+    assert diff["recipe"] == [("corpora.scenario.synth.aml.train", 10, 12, "corpus"), ("train.lr", 1e-3, 3e-3, "train")]
+    assert diff["warnings"] == {"a": [], "b": []}
     assert diff["data"] == [("scenario", "train", 10, 12), ("scenario", "test", 5, 5)]
     assert diff["data_content_changed"] == ["scenario"]
     assert ("sft/aml/accuracy", 0.5, 0.75) in diff["scores"] and ("sft/overall/accuracy", 0.5, 0.75) in diff["scores"]
     text = format_comparison(diff)
-    assert re.search(r"train\.lr\s+0\.001\s+0\.003", text)
-    assert re.search(r"scenario\s+train\s+10\s+12\s+\+2", text)
-    assert re.search(r"sft/aml/accuracy\s+0\.5\s+0\.75\s+\+0\.25", text)
+    assert "WARNING" not in text
+    assert re.search(r"^train\.lr\s+0\.001\s+0\.003\s+train$", text, flags=re.M)
+    assert re.search(r"^scenario\s+train\s+10\s+12\s+\+2$", text, flags=re.M)
+    scores = text.split("\nscores\n")[1]
+    assert re.match(r"model/task/metric\s+a\s+b\s+B - A\n", scores)
+    assert re.search(r"^sft/aml/accuracy\s+0\.5\s+0\.75\s+\+0\.25$", scores, flags=re.M)  # both values, the delta
+    assert re.search(r"^sft/credit/accuracy\s+0\.6\s+0\.6\s+0$", scores, flags=re.M)
     out = run_banklm("compare", "--json", str(a), str(b), cwd=tmp_path)
-    assert out.returncode == 0 and json.loads(out.stdout)["recipe"] == [["train.lr", 1e-3, 3e-3]]
+    assert out.returncode == 0 and ["train.lr", 1e-3, 3e-3, "train"] in json.loads(out.stdout)["recipe"]
     out = run_banklm("compare", str(a), str(b), cwd=tmp_path)
     assert out.returncode == 0 and out.stdout == text
     out = run_banklm("compare", str(a), str(tmp_path / "nope"), cwd=tmp_path)
@@ -170,6 +193,170 @@ def test_compare_tables_on_two_small_folders(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     out = run_banklm("compare", str(a), str(tmp_path / "empty"), cwd=tmp_path)
     assert out.returncode == 2 and "not a banklm run folder" in out.stderr
+
+
+def _en_recipe(name="demo"):
+    return validate_recipe({"name": name, "base": {"path": "/nowhere"}, "report": {"language": "en"}})
+
+
+def test_change_log_in_the_model_card_shows_changed_parameters_and_scores(tmp_path):
+    runs = tmp_path / "runs" / "demo"
+    a = _fake_run(runs, "a", 1e-3, 0.5, 10, started="2026-01-01T10:00:00")
+    b = _fake_run(runs, "b", 3e-3, 0.75, 10, started="2026-01-02T10:00:00")
+    log = _card_section(render_model_card(collect(b), _en_recipe()), "Change log")
+    assert f"Compared with the previous run `a` (`banklm compare {a.resolve()} {b}`)" in log
+    assert "Warning" not in log
+    params = log.split("### Parameters")[1].split("### Data")[0]
+    assert _row(params, "key") == ["key", "a", "this run", "recorded by"]
+    assert _row(params, "train.lr") == ["train.lr", "0.001", "0.003", "train"]
+    assert len(re.findall(r"^\| (?!key |---)", params, flags=re.M)) == 1  # corpus and eval params are equal
+    assert "Records per corpus and split unchanged (counts and content)." in log
+    scores = log.split("### Scores")[1]
+    assert _row(scores, "model/task/metric") == ["model/task/metric", "a", "this run", "change"]
+    assert _row(scores, "sft/aml/accuracy") == ["sft/aml/accuracy", "0.5", "0.75", "+0.25"]
+    assert _row(scores, "sft/overall/accuracy") == ["sft/overall/accuracy", "0.5", "0.75", "+0.25"]
+    assert "sft/credit/accuracy" not in scores and "suspicious_recall" not in scores  # unchanged: left out
+    first = _card_section(render_model_card(collect(a), _en_recipe()), "Change log")
+    assert "First run of this recipe" in first
+
+
+def test_previous_run_is_the_newest_earlier_run_of_the_same_recipe(tmp_path):
+    runs = tmp_path / "runs" / "demo"
+    older = _fake_run(runs, "r1", 1e-3, 0.5, 10, started="2026-01-01T10:00:00")
+    prev = _fake_run(runs, "r2", 1e-3, 0.5, 10, started="2026-01-02T10:00:00")
+    _fake_run(runs, "other", 1e-3, 0.5, 10, started="2026-01-02T12:00:00", recipe_name="other")
+    mine = _fake_run(runs, "r3", 1e-3, 0.5, 10, started="2026-01-03T10:00:00")
+    later = _fake_run(runs, "r4", 1e-3, 0.5, 10, started="2026-01-04T10:00:00")
+    (runs / "latest").symlink_to("r4")
+    unreadable = runs / "r2b"
+    unreadable.mkdir()
+    (unreadable / "recipe.yaml").write_text("name: demo\n", encoding="utf-8")
+    (unreadable / "ledger.jsonl").write_text("not json\n", encoding="utf-8")
+    (runs / "recipe-only").mkdir()
+    (runs / "recipe-only" / "recipe.yaml").write_text("name: demo\n", encoding="utf-8")
+    assert previous_run(mine, "demo") == prev.resolve()  # not r4 (later), other (another recipe), r1 (older)
+    assert previous_run(later, "demo") == mine.resolve()  # nor the `latest` link to itself
+    assert previous_run(prev, "demo") == older.resolve()
+    assert previous_run(older, "demo") is None
+    assert previous_run(runs / "other", "other") is None
+
+
+def test_a_hand_edited_recipe_yaml_does_not_change_the_reported_parameters(tmp_path):
+    a = _fake_run(tmp_path, "a", 1e-3, 0.5, 10)
+    b = _fake_run(tmp_path, "b", 3e-3, 0.75, 10)
+    before = compare_runs(a, b)
+    edited = yaml.safe_load((b / "recipe.yaml").read_text(encoding="utf-8"))
+    edited["train"]["lr"] = 1e-3       # as if b had trained with a's lr
+    edited["eval"]["limit"] = 5
+    edited["seed"] = 7
+    (b / "recipe.yaml").write_text(yaml.safe_dump(edited), encoding="utf-8")
+    assert verify_run(b, check_unrecorded=True) == []  # banklm verify does not read recipe.yaml
+    assert compare_runs(a, b) == before
+    edited["report"]["owner"] = "someone else"  # a key no stage records: shown, but marked as such
+    (b / "recipe.yaml").write_text(yaml.safe_dump(edited), encoding="utf-8")
+    after = compare_runs(a, b)
+    assert after["recipe"] == before["recipe"] + [("report.owner", "risk dept.", "someone else", FROM_RECIPE_FILE)]
+    assert re.search(r"^report\.owner\s+risk dept\.\s+someone else\s+recipe\.yaml \(not recorded\)$",
+                     format_comparison(after), flags=re.M)
+    (b / "recipe.yaml").unlink()  # not needed: the ledger has what a comparison shows
+    assert compare_runs(a, b) == before
+
+
+def test_compare_says_when_a_ledger_or_a_score_file_was_tampered_with(tmp_path):
+    a = _fake_run(tmp_path, "a", 1e-3, 0.5, 10)
+    b = _fake_run(tmp_path, "b", 1e-3, 0.5, 10)
+    ledger = b / "ledger.jsonl"
+    ledger.write_text(ledger.read_text(encoding="utf-8").replace('"lr":0.001', '"lr":0.0003', 1), encoding="utf-8")
+    results = a / "eval" / "sft" / "results.json"
+    results.write_text(results.read_text().replace('"accuracy": 0.6', '"accuracy": 0.9'))
+    diff = compare_runs(a, b)
+    assert diff["recipe"] == [("train.lr", 1e-3, 3e-4, "train")]  # compared all the same, but:
+    assert diff["warnings"] == {
+        "a": ["ledger check failed: entry 3 (eval): eval/sft/results.json: file changed since it was recorded "
+              "(sha256 differs)"],
+        "b": ["ledger check failed: entry 2 (train): content was edited: its hash does not match"]}
+    text = format_comparison(diff)
+    assert text.split("\n")[3] == "WARNING: the tables below may not show what made these runs' outputs"
+    assert "  A (a): ledger check failed: entry 3 (eval): eval/sft/results.json: file changed" in text
+    assert "  B (b): ledger check failed: entry 2 (train): content was edited" in text
+    assert f"`banklm verify {a}` re-checks every file of run A" in text
+    (a / "eval" / "extra").mkdir()
+    (a / "eval" / "extra" / "results.json").write_text(json.dumps({"tasks": {"aml": {"accuracy": 1.0}}}))
+    assert "ledger check failed: eval/extra/results.json: not recorded by any ledger entry (added or replaced " \
+           "after its stage ran)" in compare_runs(a, b)["warnings"]["a"]
+    card = render_model_card(collect(b), _en_recipe())  # previous_run needs siblings: a is one here
+    assert "- **Warning** this run: ledger check failed: entry 2 (train): content was edited" in card
+
+
+def _stand_in_stages():
+    """The real corpus, train and eval stages (their params: the ledger keys the pipeline really writes)
+    doing stand-in work: the "model" is its lr, and its score depends on the lr it was trained with."""
+    def corpus(ctx):
+        d = ctx.path("corpora", "scenario")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "stats.json").write_text(json.dumps({"splits": {"train": 10, "test": 4}}))
+        return [d]
+
+    def train(ctx):
+        ctx.path("sft").mkdir(exist_ok=True)
+        (ctx.path("sft", "model.json")).write_text(json.dumps({"lr": ctx.recipe.train.lr}))
+        return [ctx.path("sft")]
+
+    def evaluate(ctx):
+        lr = json.loads(ctx.path("sft", "model.json").read_text())["lr"]
+        ctx.path("eval", "sft").mkdir(parents=True, exist_ok=True)
+        acc = 0.5 if lr < 2e-3 else 0.75
+        ctx.path("eval", "sft", "results.json").write_text(json.dumps({"tasks": {"credit": {"accuracy": acc}}}))
+        return [ctx.path("eval")]
+
+    by_name = {st.name: st for st in STAGES}
+    return [dataclasses.replace(by_name["corpus"], inputs=lambda ctx: [], run=corpus),
+            dataclasses.replace(by_name["train"], inputs=lambda ctx: [ctx.path("corpora")], run=train),
+            dataclasses.replace(by_name["eval"], inputs=lambda ctx: [ctx.path("sft")], run=evaluate)]
+
+
+def test_a_partial_rerun_with_an_override_is_not_taken_for_a_training_change(tmp_path):
+    """`banklm corpus build RECIPE train.lr=3e-3` runs one stage but rewrites recipe.yaml with the override."""
+    def recipe(*over):
+        data = {"name": "demo", "base": {"path": "/nowhere"}, "train": {"lr": 1e-3}, "eval": {"limit": 20},
+                "corpora": {"scenario": {"synth": {"credit": {"train": 10, "test": 4}}}}}
+        for o in over:
+            key, value = o.split("=")
+            section, name = key.split(".")
+            data[section][name] = json.loads(value)
+        return validate_recipe(data)
+
+    stages, runs = _stand_in_stages(), tmp_path / "runs" / "demo"
+    a = run_stages(recipe(), stages, run_dir=runs / "a")
+    b = run_stages(recipe(), stages, run_dir=runs / "b")
+    assert compare_runs(a, b)["recipe"] == []
+
+    run_stages(recipe("train.lr=3e-3"), stages, run_dir=b, only={"corpus"})
+    assert yaml.safe_load((b / "recipe.yaml").read_text(encoding="utf-8"))["train"]["lr"] == 3e-3  # what misled
+    diff = compare_runs(a, b)
+    assert diff["recipe"] == [] and diff["warnings"] == {"a": [], "b": []}
+
+    run_stages(recipe("train.lr=3e-3", "eval.limit=5"), stages, run_dir=b, only={"eval"})
+    diff = compare_runs(a, b)
+    assert diff["recipe"] == [("eval.limit", 20, 5, "eval")] and diff["warnings"]["b"] == []
+    assert ("sft/credit/accuracy", 0.5, 0.5) in diff["scores"]  # still the model trained with lr 1e-3
+    log = _card_section(render_model_card(collect(b), _en_recipe()), "Change log")
+    assert "train.lr" not in log and _row(log, "eval.limit") == ["eval.limit", "20", "5", "eval"]
+    assert "No score changed." in log
+
+    # the train stage alone with the new lr: now the ledger does record it, but the scores on disk are
+    # from the eval of the old model, and the comparison says so
+    run_stages(recipe("train.lr=3e-3"), stages, run_dir=b, only={"train"})
+    diff = compare_runs(a, b)
+    assert diff["recipe"] == [("eval.limit", 20, 5, "eval"), ("train.lr", 1e-3, 3e-3, "train")]
+    seq = {e["stage"]: e["seq"] for e in Ledger(b).entries()}
+    assert diff["warnings"]["b"] == [f"eval (entry {seq['eval']}) read sft/model.json, which train (entry "
+                                     f"{seq['train']}) rewrote afterwards: eval's outputs were made from the earlier "
+                                     "version, not with the newest train parameters shown here"]
+    assert ("sft/credit/accuracy", 0.5, 0.5) in diff["scores"]
+    assert verify_run(b, check_unrecorded=True) == []  # nothing was tampered with: the run is just stale
+    log = _card_section(render_model_card(collect(b), _en_recipe()), "Change log")
+    assert "- **Warning** this run: eval (entry" in log
 
 
 def _chromium():
@@ -433,14 +620,17 @@ def test_compare_two_runs_with_a_changed_learning_rate(quickstart_run, repo, tmp
 
     out = run_banklm("compare", str(first), str(second), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    recipe_table = out.stdout.split("recipe (changed keys)\n")[1].split("\n\ndata (records")[0].splitlines()
-    assert re.match(r"key\s+r1\s+r_lr$", recipe_table[0])
-    # only train.lr, unless the schema's defaults moved between the two runs (code edited meanwhile)
-    changed = sorted(k for k, va, vb in _leaves(yaml.safe_load((first / "recipe.yaml").read_text(encoding="utf-8")),
-                                                 yaml.safe_load((second / "recipe.yaml").read_text(encoding="utf-8")))
-                     if va != vb)
-    assert "train.lr" in changed and [line.split()[0] for line in recipe_table[2:]] == changed
-    assert any(re.match(r"train\.lr\s+0\.003\s+0\.001$", line) for line in recipe_table)
+    assert "WARNING" not in out.stdout
+    table = out.stdout.split("parameters (changed; from each stage's newest ledger entry)\n")[1]
+    table = table.split("\n\ndata (records")[0].splitlines()
+    assert re.match(r"key\s+r1\s+r_lr\s+recorded by$", table[0])
+    # the keys the newest entries of each stage recorded differently: only train.lr, unless the schema's
+    # defaults moved between the two runs (code edited meanwhile)
+    newest = [{e["stage"]: e["params"] for e in Ledger(d).entries()} for d in (first, second)]
+    changed = sorted({k for st in set(newest[0]) & set(newest[1])
+                      for k, va, vb in _leaves(newest[0][st], newest[1][st]) if va != vb})
+    assert "train.lr" in changed and sorted({line.split()[0] for line in table[2:]}) == changed
+    assert any(re.match(r"train\.lr\s+0\.003\s+0\.001\s+train$", line) for line in table)
     for kind in ("scenario", "private"):
         n = _json(first / "corpora" / kind / "stats.json")["splits"]["train"]
         assert re.search(rf"^{kind}\s+train\s+{n}\s+{n}\s+0$", out.stdout, flags=re.M)
@@ -450,10 +640,21 @@ def test_compare_two_runs_with_a_changed_learning_rate(quickstart_run, repo, tmp
         m = re.search(rf"^sft/{task}/accuracy\s+(\S+)\s+(\S+)\s+(\S+)$", out.stdout, flags=re.M)
         assert m and float(m.group(1)) == pytest.approx(va, abs=1e-4) and float(m.group(2)) == pytest.approx(vb, abs=1e-4)
     as_json = json.loads(run_banklm("compare", "--json", str(first), str(second), cwd=tmp_path).stdout)
-    assert ["train.lr", 0.003, 0.001] in as_json["recipe"] and len(as_json["recipe"]) == len(changed)
+    assert ["train.lr", 0.003, 0.001, "train"] in as_json["recipe"] and {r[0] for r in as_json["recipe"]} == set(changed)
+    assert as_json["warnings"] == {"a": [], "b": []}
 
     log = _card_section((second / "MODEL_CARD.md").read_text(encoding="utf-8"), "Change log")
-    assert "`r1`" in log and _row(log, "train.lr") == ["train.lr", "0.003", "0.001"]
+    assert "`r1`" in log and _row(log, "train.lr") == ["train.lr", "0.003", "0.001", "train"]
+    assert "Warning" not in log and "警告" not in log
+    scores = log.split("### 分数 Scores")[1]
+    for task in ("credit", "aml", "audit"):  # the card lists a score only when it changed
+        va, vb = a["tasks"][task]["accuracy"], b["tasks"][task]["accuracy"]
+        if va != vb:
+            row = _row(scores, f"sft/{task}/accuracy")
+            assert [float(x) for x in row[1:4]] == [pytest.approx(va, abs=1e-4), pytest.approx(vb, abs=1e-4),
+                                                    pytest.approx(vb - va, abs=1e-4)]
+        else:
+            assert f"sft/{task}/accuracy" not in scores
     if status["corpus"] == "reused":  # else the corpus code changed in between: its rows say "content changed"
         assert "各语料各划分的记录数与内容均无变化" in log
     assert run_banklm("verify", str(second), cwd=tmp_path).returncode == 0

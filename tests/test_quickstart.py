@@ -81,13 +81,81 @@ def test_export_verified(first_run):
     assert "export/onnx/int8/model.onnx" in page and "Task accuracy before and after export" in page
 
 
+def _cells(*values) -> str:
+    """A report table row as report.py renders it: floats to 3 decimals, None as '–'."""
+    return "<tr>" + "".join(f"<td>{'–' if v is None else f'{v:.3f}' if isinstance(v, float) else v}</td>"
+                            for v in values) + "</tr>"
+
+
+def _model_section(page: str, name: str) -> str:
+    """The report's block for one evaluated model: from its heading to the next heading."""
+    start = page.index(f"<h3>model: {name}</h3>")
+    ends = [i for i in (page.find("<h3>", start + 1), page.find("<h2>", start + 1)) if i != -1]
+    return page[start:min(ends)]
+
+
 def test_report_shows_real_numbers(first_run):
+    """Every headline figure of the final model, exactly as eval/sft/results.json and retention.json hold it,
+    in the row and column the report labels it with."""
     _, run_dir, _ = first_run
     page = (run_dir / "report" / "index.html").read_text(encoding="utf-8")
     res = json.loads((run_dir / "eval" / "sft" / "results.json").read_text(encoding="utf-8"))
-    assert f"{res['tasks']['credit']['accuracy']:.3f}" in page
+    sft = _model_section(page, "sft")
+    assert ("<tr><th>task</th><th>n</th><th>accuracy</th><th>macro-F1</th><th>MCC</th><th>format compliance</th>"
+            "<th>answers with unsupported numbers</th><th>unsupported-number rate</th></tr>") in sft
+    for task in ("credit", "aml", "audit"):  # accuracy, macro-F1, MCC, ..., unsupported-number rate per task
+        r = res["tasks"][task]
+        assert _cells(task, r["n"], r["accuracy"], r["macro_f1"], r["mcc"], r["format_compliance"],
+                      r["hallucination_rate"], r["unsupported_number_rate"]) in sft, task
+    assert _cells("aml", "suspicious_recall", res["tasks"]["aml"]["suspicious_recall"]) in sft
+    fairness = {a: f for a, f in res["tasks"]["credit"]["fairness"].items() if isinstance(f, dict)}
+    assert fairness, "credit fairness missing from results.json"
+    for attr, f in fairness.items():  # the four-fifths flag follows the ratio shown next to it
+        assert _cells("credit", attr, f["ratio"], f["accuracy_gap"], "FLAG" if f["ratio"] < 0.8 else "ok") in sft
+    assert ("FLAG" in sft) == any(f["ratio"] < 0.8 for f in fairness.values())
+    rb = res["robustness"]["distractor"]
+    assert rb["skipped"] == 0 and rb["n"] == res["n"]  # generated test records: every one re-rendered
+    assert _cells("distractor", rb["n"], rb["skipped"], rb["accuracy"], rb["clean_accuracy"], rb["drop"]) in sft
+    rt = json.loads((run_dir / "eval" / "retention.json").read_text(encoding="utf-8"))
+    assert _cells("before fine-tuning", rt["before"]["model"], rt["before"]["perplexity"], rt["before"]["tokens"]) in page
+    assert _cells("after fine-tuning", rt["after"]["model"], rt["after"]["perplexity"], rt["after"]["tokens"]) in page
+    assert f"perplexity change {rt['change_pct']:+.1f}% on" in page
     assert "data:image/png;base64," in page
     assert "ledger intact" in page
+
+
+def test_eval_cli_compares_models_and_exports_side_by_side(first_run, tmp_path):
+    """base vs LoRA vs the GGUF and ONNX exports on the same records, one table and one chart."""
+    _, run_dir, _ = first_run
+    onnx = run_dir / "export" / "onnx" / "fp32"
+    out = _banklm("eval", "--model", f"base={run_dir / 'cpt' / 'merged'}", "--model", f"lora={run_dir / 'sft' / 'merged'}",
+                  "--model", str(run_dir / "export" / "gguf" / "quickstart-q8_0.gguf"), "--model", f"onnx-fp32={onnx}",
+                  "--data", str(run_dir), "--tasks", "credit,aml", "--limit", "4", "--out", str(tmp_path / "cmp"),
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = ["base", "lora", "quickstart-q8_0", "onnx-fp32"]  # a .gguf is named after its file by default
+    res, preds = {}, {}
+    for n in names:
+        res[n] = json.loads((tmp_path / "cmp" / n / "results.json").read_text(encoding="utf-8"))
+        preds[n] = [json.loads(x) for x in (tmp_path / "cmp" / n / "predictions.jsonl").read_text().splitlines()]
+        assert list(res[n]["tasks"]) == ["credit", "aml"] and res[n]["n"] == 8
+        assert res[n]["overall"]["model_bytes"] > 0 and res[n]["overall"]["tokens_per_s"] > 0
+        assert [p["id"] for p in preds[n]] == [p["id"] for p in preds["base"]]  # the same records for every model
+    assert res["quickstart-q8_0"]["overall"]["format"] == "gguf"
+    # the fp32 ONNX export answers exactly as the PyTorch model it was exported from
+    assert [p["output"] for p in preds["onnx-fp32"]] == [p["output"] for p in preds["lora"]]
+    table = (tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8")
+    for task in ("credit", "aml"):
+        rows = [line for line in table.splitlines() if line.startswith(f"| {task} |")]
+        assert [r.split(" | ")[1] for r in rows] == names
+        for n, row in zip(names, rows, strict=True):
+            r, ov = res[n]["tasks"][task], res[n]["overall"]
+            assert row == (f"| {task} | {n} | 4 | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['mcc']:.3f} | "
+                           f"{r['format_compliance']:.3f} | {r['unsupported_number_rate']:.3f} | "
+                           f"{ov['tokens_per_s']:.1f} | {ov['model_bytes'] / 1e6:.2f} |")
+            assert row in out.stdout
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"comparison: {tmp_path / 'cmp' / 'comparison.md'}; chart: {tmp_path / 'cmp' / 'comparison.png'}" in out.stdout
 
 
 def test_second_run_reuses_every_stage(first_run, repo):

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from corpora.sources import detect_encoding, html_to_text, markdown_to_text, read_sources
+from corpora.sources import Bad, detect_encoding, html_to_text, markdown_to_text, read_sources
 
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "corpora" / "samples"
 
@@ -124,6 +124,86 @@ def test_encodings_detected_per_file(tmp_path):
     assert [n["file"].rsplit("/", 1)[1] for n in st["encoding_notes"]] == ["b.txt", "c.txt", "d.txt"]
 
 
+# one file, several encodings: exports of different systems concatenated
+UNDECODABLE = b"\x80\xff\x80 not UTF-8 nor GB18030\n"  # 0x80 and 0xFF start no character in either
+
+
+def _mixed(path, lines):
+    """Write ``[(encoding | None, text | raw bytes)]`` as one file."""
+    path.write_bytes(b"".join(t if enc is None else t.encode(enc) for enc, t in lines))
+    return path
+
+
+def test_one_file_mixing_utf8_and_gbk_lines_keeps_every_decodable_line(tmp_path):
+    # "实时" in GBK is also valid UTF-8 (as "ʵʱ"): such a line must still be read as GBK
+    assert "实时".encode("gbk").decode("utf-8") == "ʵʱ"
+    p = _mixed(tmp_path / "m.jsonl", [
+        ("utf-8", '{"id": "u1", "text": "第一条 利率调整通知"}\n'),
+        ("gbk", '{"id": "g1", "text": "第二条 客户经理应当如实记录"}\n'),
+        (None, UNDECODABLE),
+        ("utf-8", '{"id": "u2", "text": "第三条 贷后检查制度"}\n'),
+        ("gbk", '{"id": "g2", "text": "实时"}\n')])
+    assert detect_encoding(p) == "mixed"
+    ds, st, q = _read(p)
+    assert ds["id"] == ["u1", "g1", "u2", "g2"]
+    assert ds["text"] == ["第一条 利率调整通知", "第二条 客户经理应当如实记录", "第三条 贷后检查制度", "实时"]
+    assert q == [{"file": str(p), "line": 3, "reason": "undecodable_line: not valid UTF-8 nor GB18030"}]
+    assert (st["records_read"], st["valid"], st["quarantined_records"], st["bad_files"]) == (5, 4, 1, 0)
+    assert st["encodings"] == {"mixed": 1} and st["lines_gb18030"] == 2
+    (note,) = st["encoding_notes"]
+    assert (note["encoding"], note["lines_utf8"], note["lines_gb18030"], note["lines_undecodable"]) == ("mixed", 2, 2, 1)
+    with pytest.raises(ValueError, match=r"m\.jsonl:3: undecodable_line"):
+        read_sources([{"path": str(p)}], on_error="raise")
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv"])
+def test_mixed_text_and_csv_files_keep_their_line_numbers(tmp_path, fmt):
+    head = [("utf-8", "id,text\n")] if fmt == "csv" else []
+    rows = [("utf-8", "第一条 利率调整通知"), ("gbk", "第二条 客户经理应当如实记录"), (None, UNDECODABLE),
+            ("utf-8", "第三条 贷后检查制度"), ("gbk", "实时")]
+    lines = [(enc, t if enc is None else (f"r{i},{t}\n" if fmt == "csv" else t + "\n")) for i, (enc, t) in enumerate(rows)]
+    p = _mixed(tmp_path / f"m.{fmt}", head + lines)
+    ds, st, q = _read(p, **({"unit": "block"} if fmt == "txt" else {}))
+    bad_line = len(head) + 3
+    assert q == [{"file": str(p), "line": bad_line,
+                  "reason": "undecodable_line: not valid UTF-8 nor GB18030 (left out of the text)"}]
+    if fmt == "csv":
+        assert ds["id"] == ["r0", "r1", "r3", "r4"]
+        assert ds["text"] == ["第一条 利率调整通知", "第二条 客户经理应当如实记录", "第三条 贷后检查制度", "实时"]
+    else:  # the left-out line ends a block; the next block starts on the next line
+        assert ds["id"] == [f"{tmp_path.name}/m.txt:1", f"{tmp_path.name}/m.txt:4"]
+        assert ds["text"] == ["第一条 利率调整通知\n第二条 客户经理应当如实记录", "第三条 贷后检查制度\n实时"]
+    assert st["lines_gb18030"] == 2 and st["records_read"] == st["valid"] + 1 and st["bad_files"] == 0
+
+
+def test_gbk_file_with_utf8_lines_that_are_also_valid_gb18030_is_not_mojibake(tmp_path):
+    utf8 = "利率调整通知\n".encode()
+    assert utf8.decode("gb18030") != "利率调整通知\n"  # valid GB18030 too, as mojibake: the whole file passes
+    p = _mixed(tmp_path / "a.txt", [("gbk", "客户经理应当如实记录调查情况\n实时\n"), (None, utf8)])
+    assert p.read_bytes().decode("gb18030")  # the whole file is valid GB18030 (it would raise otherwise)
+    assert detect_encoding(p) == "mixed"
+    ds, st, q = _read(p)
+    assert ds["text"] == ["客户经理应当如实记录调查情况\n实时\n利率调整通知\n"] and q == []
+    # a GBK file whose short lines happen to be valid UTF-8 is still read as one GB18030 file
+    g = _mixed(tmp_path / "g.txt", [("gbk", "实时\n实录\n营通\n客户经理\n")])
+    assert all(w.encode("gbk").decode("utf-8") for w in ("实时", "实录", "营通"))
+    assert detect_encoding(g) == "gb18030"
+    assert _read(g)[0]["text"] == ["实时\n实录\n营通\n客户经理\n"]
+
+
+def test_file_mostly_in_another_encoding_is_still_quarantined_whole(tmp_path):
+    p = _mixed(tmp_path / "cp1252.txt", [("cp1252", "Price: 5€\nFee: 2€\nTotal: 7€\n"), ("utf-8", "利率调整通知\n")])
+    with pytest.raises(Bad, match="undecodable"):
+        detect_encoding(p)
+    d = tmp_path / "d"
+    d.mkdir()
+    p.rename(d / "cp1252.txt")
+    (d / "ok.txt").write_text("正常文本", encoding="utf-8")
+    ds, st, q = _read(d)
+    assert ds["text"] == ["正常文本"] and st["bad_files"] == 1
+    assert [(x["line"], x["reason"].split(":")[0]) for x in q] == [(0, "undecodable")]
+
+
 def test_samples_read(tmp_path):
     ds, st, q = read_sources([{"path": str(SAMPLES / "general")}])
     assert st["kind"] == "messages" and len(ds) == 320 and q == []
@@ -230,13 +310,19 @@ def test_weights_sample_and_upsample_deterministically(tmp_path):
     specs = [{"path": str(a), "weight": 0.3}, {"path": str(b), "weight": 2.5}]
     ds, st, _ = read_sources(specs, seed=3)
     by_src = Counter(i[0] for i in ds["id"])
-    assert 250 <= by_src["a"] <= 350 and 20 <= by_src["b"] <= 30
+    assert by_src["a"] == 300 and by_src["b"] == 25   # 0.3 x 1000; 2 x 10 + 0.5 x 10
     assert "b0#2" in ds["id"] and len(set(ds["id"])) == len(ds)
     assert [s["sampled"] for s in st["sources"]] == [by_src["a"], by_src["b"]]
     again, _, _ = read_sources(specs, seed=3)
     assert again["id"] == ds["id"]
     other, _, _ = read_sources(specs, seed=4)
     assert other["id"] != ds["id"]
+    # the sample does not depend on where the files live
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    specs_moved = [{"path": str(a.rename(moved / "a.jsonl")), "weight": 0.3},
+                   {"path": str(b.rename(moved / "b.jsonl")), "weight": 2.5}]
+    assert read_sources(specs_moved, seed=3)[0]["id"] == ds["id"]
 
 
 def test_spec_errors(tmp_path):

@@ -12,7 +12,7 @@ and returns the results dict::
                       }},
      "overall": {"n", "accuracy", "macro_accuracy", "format_compliance", "tokens_per_s",
                  "seconds", "new_tokens"},
-     "robustness": {kind: {"accuracy", "drop"}}   # only when requested}
+     "robustness": {kind: {"n", "skipped", "accuracy", "clean_accuracy", "drop", "per_task"}}}  # if asked
 
 ``accuracy`` is primary-label accuracy (credit decision, aml typology, audit category); an
 unparseable output is wrong. ``exact_match`` additionally needs every categorical field (grade,
@@ -31,9 +31,10 @@ from banklm.evaluation import metrics as M
 from banklm.evaluation.generate import GenerationResult, generate
 from banklm.io import atomic_write_json, atomic_write_jsonl
 from banklm.tasks import get_task
-from banklm.tasks.base import PERTURBATIONS, fold_fullwidth, iter_user_messages, perturb
+from banklm.tasks.base import PERTURBATIONS, can_perturb, fold_fullwidth, iter_user_messages, perturb
 
-__all__ = ["score_records", "evaluate_records", "evaluate_model_dir", "load_model_dir"]
+__all__ = ["score_records", "evaluate_records", "evaluate_model_dir", "load_model_dir", "export_kind",
+           "evaluate_export"]
 
 
 def _loads(x) -> dict:
@@ -177,7 +178,10 @@ def evaluate_records(
 
     ``robustness`` lists perturbation kinds (``shuffle_fields``, ``fullwidth_digits``,
     ``distractor``); for each the records are perturbed (gold kept), re-generated and scored, and
-    ``results["robustness"][kind] = {"accuracy", "drop"}`` (drop = clean accuracy - perturbed).
+    ``results["robustness"][kind] = {"n", "skipped", "accuracy", "clean_accuracy", "drop", "per_task"}``.
+    Records the kind cannot perturb (prompt-only rows have no fields to re-render) are skipped and
+    counted; ``drop`` = clean accuracy on the perturbed subset - perturbed accuracy (None when every
+    record was skipped).
     ``size`` (model bytes on disk, parameter count) is copied into ``results["overall"]``.
     """
     records = list(records)
@@ -196,15 +200,21 @@ def evaluate_records(
             if kind not in PERTURBATIONS:
                 raise ValueError(f"unknown perturbation {kind!r}; allowed: {', '.join(PERTURBATIONS)}")
             rng = random.Random(f"robustness|{kind}|{robustness_seed}")
-            pert = [perturb(r["task"], r, rng, kind) for r in records]
-            out = generate(model, tokenizer, _messages(pert, fold_inputs), max_new_tokens, batch_size)
-            res_k, _ = score_records(pert, list(out), model_name=model_name)
-            acc = res_k["overall"]["accuracy"]
-            rob[kind] = {
-                "accuracy": acc,
-                "drop": results["overall"]["accuracy"] - acc,
-                "per_task": {t: v["accuracy"] for t, v in res_k["tasks"].items()},
-            }
+            # prompt-only records (a bank's table in prompt mode) have no fields to re-render: skipped, and
+            # the drop compares like with like (clean accuracy on the same perturbable subset)
+            ok = [i for i, r in enumerate(records) if can_perturb(r["task"], r, kind)]
+            entry: dict = {"n": len(ok), "skipped": len(records) - len(ok)}
+            if ok:
+                pert = [perturb(records[i]["task"], records[i], rng, kind) for i in ok]
+                out = generate(model, tokenizer, _messages(pert, fold_inputs), max_new_tokens, batch_size)
+                res_k, _ = score_records(pert, list(out), model_name=model_name)
+                acc = res_k["overall"]["accuracy"]
+                clean = sum(preds[i]["correct"] for i in ok) / len(ok)
+                entry.update({"accuracy": acc, "clean_accuracy": clean, "drop": clean - acc,
+                              "per_task": {t: v["accuracy"] for t, v in res_k["tasks"].items()}})
+            else:  # nothing to perturb: no score rather than a made-up 0
+                entry.update({"accuracy": None, "clean_accuracy": None, "drop": None, "per_task": {}})
+            rob[kind] = entry
         results["robustness"] = rob
     results["overall"]["inputs_folded"] = bool(fold_inputs)
     results["overall"]["seconds"] = time.perf_counter() - t0
@@ -213,6 +223,19 @@ def evaluate_records(
     atomic_write_jsonl(out_dir / "predictions.jsonl", preds)
     atomic_write_json(out_dir / "results.json", results)
     return results
+
+
+def _load_tokenizer(folder: Path):
+    """The project's tokenizer loader when importable (safe for SentencePiece vocabularies), else AutoTokenizer."""
+    try:
+        from finetune.tokenizer import load_tokenizer  # type: ignore[import-not-found]
+    except ImportError:
+        load_tokenizer = None
+    if load_tokenizer is not None:
+        return load_tokenizer(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def load_model_dir(model_dir: str | Path, device: str = "auto", dtype=None):
@@ -227,16 +250,7 @@ def load_model_dir(model_dir: str | Path, device: str = "auto", dtype=None):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model folder not found")
-    try:
-        from finetune.tokenizer import load_tokenizer  # type: ignore[import-not-found]
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        tokenizer = load_tokenizer(model_dir)
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = _load_tokenizer(model_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"use_safetensors": True}
@@ -279,4 +293,76 @@ def evaluate_model_dir(
         size={"model_bytes": sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")),
               "parameters": sum(p.numel() for p in model.parameters())},
     )
+    return results
+
+
+def export_kind(path: str | Path) -> str | None:
+    """``"gguf"`` for a ``.gguf`` file, ``"onnx"`` for a folder holding ``model.onnx``, else None."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return "onnx"
+    return None
+
+
+def evaluate_export(
+    path: str | Path,
+    records: Iterable[dict],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 128,
+    model_name: str | None = None,
+    fold_inputs: bool = True,
+) -> dict:
+    """:func:`evaluate_records` for an exported artefact: a GGUF file (llama.cpp, else transformers' GGUF
+    reader) or an ONNX export folder (onnxruntime, CPU), run through :func:`export.bundle.evaluate_artefact`.
+
+    A GGUF file carries its own tokenizer and chat template (read by transformers) and stops at the
+    EOS/EOT ids it declares, as a llama.cpp or Ollama server would; an ONNX folder is read like a model
+    folder (tokenizer files, ``generation_config.json``). Prompts are folded like :func:`evaluate_records`
+    folds them, so the scores compare with the PyTorch models'. Robustness is not run here.
+    """
+    from export.bundle import _eos_ids, evaluate_artefact, open_gguf
+    from export.onnx import onnx_file_bytes
+    from export.runtime import OnnxCausalLM
+
+    path = Path(path)
+    kind = export_kind(path)
+    if kind is None:
+        raise ValueError(f"{path}: not a .gguf file or an ONNX export folder (a folder with model.onnx)")
+    records = list(records)
+    for r in records:
+        get_task(r.get("task"))
+    convs = _messages(records, fold_inputs)
+    shown = [{**r, "messages": c} for r, c in zip(records, convs, strict=True)]  # user turns as the model sees them
+    if kind == "gguf":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        if not tok.chat_template:
+            raise ValueError(f"{path}: the GGUF file has no tokenizer.chat_template; cannot render the prompts")
+        longest = max((len(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
+                       for c in convs), default=0)
+        lm, runtime = open_gguf(path, max(512, longest + max_new_tokens + 8))  # llama.cpp refuses over-long prompts
+        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        meta = getattr(getattr(lm, "llm", None), "metadata", None) or {}
+        eos |= {int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta}
+        size = {"model_bytes": path.stat().st_size}
+    else:
+        tok = _load_tokenizer(path)
+        lm, runtime = OnnxCausalLM(path), "onnxruntime (CPU)"
+        eos = set(_eos_ids(path))
+        size = {"model_bytes": onnx_file_bytes(path / "model.onnx")}
+    try:
+        if not eos:
+            raise ValueError(f"{path}: no EOS token id found; generation would never stop")
+        results = evaluate_artefact(lm, tok, shown, out_dir, eos_ids=sorted(eos), batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens, model_name=model_name or path.stem,
+                                    size={**size, "format": kind, "runtime": runtime,
+                                          "inputs_folded": bool(fold_inputs)})
+    finally:
+        if hasattr(lm, "close"):
+            lm.close()
     return results

@@ -23,8 +23,19 @@ from __future__ import annotations
 
 import random
 
-from banklm.tasks.base import (AnswerField, Fields, Rule, Task, fmt_num, fmt_pct, fmt_yuan, gap, int_gap, r1,
-                               red_flag)
+from banklm.tasks.base import (
+    AnswerField,
+    Fields,
+    Rule,
+    Task,
+    fmt_num,
+    fmt_pct,
+    fmt_yuan,
+    gap,
+    int_gap,
+    r1,
+    red_flag,
+)
 
 TYPOLOGIES = [
     "拆分交易",

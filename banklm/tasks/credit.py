@@ -24,8 +24,19 @@ from __future__ import annotations
 
 import random
 
-from banklm.tasks.base import (AnswerField, Fields, Rule, Task, fmt_pct, fmt_wan, fmt_yuan, gap, int_gap, r1,
-                               red_flag)
+from banklm.tasks.base import (
+    AnswerField,
+    Fields,
+    Rule,
+    Task,
+    fmt_pct,
+    fmt_wan,
+    fmt_yuan,
+    gap,
+    int_gap,
+    r1,
+    red_flag,
+)
 
 DECISIONS = ["通过", "拒绝", "人工复核"]
 GRADES = ["A", "B", "C", "D", "E"]

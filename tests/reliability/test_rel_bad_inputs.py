@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from relutil import banklm, tiny_recipe
 
 from banklm.cli import main
 
@@ -122,6 +123,38 @@ def test_every_bad_file_and_record_is_quarantined_with_its_reason(tmp_path, caps
                                                                 "big_array.json"}
 
 
+def test_one_file_mixing_utf8_and_gbk_lines_keeps_its_good_lines(tmp_path, capsys):
+    """Exports of two systems (UTF-8 and GBK) concatenated into one file, plus one line in neither encoding: the
+    good lines are kept, the bad one is quarantined by file and line (never its content), the GBK lines counted."""
+    d = tmp_path / "in" / "docs"
+    d.mkdir(parents=True)
+    marker = "ACCT-6222021234567890"  # stands for customer data on the broken line: must not leak
+    with open(d / "export.jsonl", "wb") as fh:
+        for i in range(3):
+            fh.write((json.dumps({"id": f"u{i}", "text": _doc(i)}, ensure_ascii=False) + "\n").encode("utf-8"))
+        fh.write(b"\x80\xff " + marker.encode() + b" \xfe\xff\n")  # 0x80/0xFF: neither UTF-8 nor GB18030
+        for i in range(3):
+            fh.write((json.dumps({"id": f"g{i}", "text": _doc(10 + i)}, ensure_ascii=False) + "\n").encode("gbk"))
+    rc, err = _build(tmp_path, capsys)
+    assert rc == 0, err
+    stats = _check_accounting(tmp_path)
+    assert _quarantine(tmp_path) == {"export.jsonl": ["undecodable_line"]}
+    (entry,) = [json.loads(x) for x in (_out(tmp_path) / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert set(entry) == {"stage", "file", "line", "reason"} and entry["line"] == 4
+    assert stats["bad_files"] == 0 and stats["steps"][0]["in"] == 7 and stats["steps"][0]["quarantined"] == 1
+    assert stats["encodings"] == {"mixed": 1} and stats["sources"][0]["lines_gb18030"] == 3
+    from datasets import load_from_disk
+
+    texts = {r["id"]: r["text"] for split in load_from_disk(str(_out(tmp_path) / "data")).values() for r in split}
+    assert texts == {**{f"u{i}": _doc(i) for i in range(3)}, **{f"g{i}": _doc(10 + i) for i in range(3)}}
+    card = (_out(tmp_path) / "card.md").read_text(encoding="utf-8")
+    assert "mixed, read line by line" in card and "3 GB18030, 1 undecodable" in card
+    for f in _out(tmp_path).rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".jsonl", ".md"):
+            assert marker not in f.read_text(encoding="utf-8"), f
+    assert marker not in err
+
+
 def test_glob_through_a_link_loop_reads_each_file_once(tmp_path, capsys):
     d = tmp_path / "in" / "docs"
     _jsonl(d / "a.jsonl", [{"text": _doc(i)} for i in range(6)])  # no ids: a second path would be a new record
@@ -192,6 +225,23 @@ def test_huge_override_values_are_clear_errors(tmp_path, capsys, override, messa
     rc, err = _run(["run", str(p), override, "--run-dir", str(tmp_path / "run")], capsys)
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", "../../../banklm-escape"])
+def test_recipe_name_with_path_traversal_is_refused(tmp_path, name):
+    """The recipe name becomes the default run folder (``runs/<name>/…``): a name that is not one plain folder
+    name is refused by the schema before anything is written. From ``work/runs`` the names reach up to
+    the folder holding this test's temporary folder, which is compared before and after."""
+    work = tmp_path / "work"
+    work.mkdir()
+    recipe = tiny_recipe(tmp_path / "r.yaml", name=name)
+    before = sorted(p.relative_to(tmp_path.parent).as_posix() for p in tmp_path.parent.rglob("*"))
+    out = banklm("run", recipe, cwd=work)  # no --run-dir: the name decides where the run would go
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1, out.stderr[-2000:]
+    assert f"name = {name!r}" in err[0] and str(recipe) in err[0]
+    assert sorted(p.relative_to(tmp_path.parent).as_posix() for p in tmp_path.parent.rglob("*")) == before
+    assert not any(work.iterdir())
 
 
 @pytest.mark.parametrize("path", ["../../etc/passwd", "samples:../../../../etc/passwd", "docs/*/../../../etc"])

@@ -97,3 +97,30 @@ def test_export_never_writes_a_poisoned_template(tiny_model, tmp_path):
     (f16,) = export_gguf(tiny_model, tmp_path / "clean", types=("f16",))
     field = gguf.GGUFReader(f16).get_field("tokenizer.chat_template")
     assert bytes(field.parts[field.data[0]]).decode("utf-8") == CHAT_TEMPLATE
+
+
+def test_onnx_export_never_ships_a_poisoned_template(tiny_model, tmp_path):
+    """The ONNX folders carry ``chat_template.jinja`` and ``tokenizer_config.json`` to runtimes that render the
+    template (onnxruntime-genai, optimum): a poisoned template in either file is refused, naming the file,
+    before anything is written; the int8 quantizer, which copies an fp32 folder's side files, refuses too."""
+    pytest.importorskip("onnxruntime")
+    from export.onnx import export_onnx, quantize_int8
+
+    payload = _payloads(tmp_path)[1]
+    folder = _poisoned(tiny_model, tmp_path / "model", payload)
+    with pytest.raises(UnsafeTemplate, match=r"chat_template\.jinja: chat template .*__globals__"):
+        export_onnx(folder, tmp_path / "onnx", types=("fp32", "int8"))
+    assert not (tmp_path / "onnx").exists()
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")  # only the config is poisoned now
+    with pytest.raises(UnsafeTemplate, match=r"tokenizer_config\.json: chat template .*__globals__"):
+        export_onnx(folder, tmp_path / "onnx", types=("int8",))
+    assert not (tmp_path / "onnx").exists()
+    # a clean folder exports with its template; a poisoned copy of that fp32 folder is not quantized
+    (fp32,) = export_onnx(tiny_model, tmp_path / "clean", types=("fp32",))
+    assert (fp32 / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
+    bad_fp32 = tmp_path / "bad_fp32"
+    shutil.copytree(fp32, bad_fp32)
+    (bad_fp32 / "chat_template.jinja").write_text(payload, encoding="utf-8")
+    with pytest.raises(UnsafeTemplate, match=r"chat_template\.jinja: chat template .*__globals__"):
+        quantize_int8(bad_fp32, tmp_path / "int8")
+    assert not (tmp_path / "int8").exists() and not (tmp_path / "PWNED").exists()
