@@ -17,6 +17,8 @@ What is modelled (one micro-step, steady state: optimizer states exist):
   score matrices;
 * the loss: TRL's fused LM head (tiles of 4096 tokens x 32768 vocabulary; never the full logits) or the full
   logits plus their fp32 upcast (``loss="full"``: plain transformers ``Trainer``, LLaMA-Factory);
+* logit distillation with a live teacher (``teacher_weight_bytes``/``teacher_vocab``): the teacher's frozen
+  weights, both models' logits and ``kd_loss``'s fp32 temporaries (forward KL, every position scored);
 * on CUDA: CUDA context and caching-allocator overhead.
 
 ``device="cpu", precision="fp32"`` gives the same formulas for an fp32 CPU run, without CUDA overheads:
@@ -227,9 +229,8 @@ class Setup:
     bits: int = 4               # QLoRA base: 4 (NF4, double quantisation) or 8 (LLM.int8; weights only, see docs)
     kbit_upcast: bool = True    # QLoRA: prepare_model_for_kbit_training casts embeddings/norms/LM head to fp32
     lora_dtype: str | None = None  # adapter dtype; None: fp32 for LoRA (PEFT), bf16 for QLoRA (TRL)
-    # distillation with a live teacher (distill.kd.top_k null): its frozen weights share the card, and its
-    # logits for every micro-batch token (compute dtype, then fp32 log-probs) live from its forward through
-    # the loss's backward
+    # distillation with a live teacher (distill.kd.top_k null): its frozen weights share the card, and the
+    # loss is distill.losses.kd_loss on both models' full logits (_kd_loss_workspace, measured on CPU)
     teacher_weight_bytes: float = 0.0
     teacher_vocab: int = 0
 
@@ -404,6 +405,32 @@ def _loss_workspace(shape: ModelShape, s: Setup, d: _Dtypes, lm_trainable: bool)
     return saved, fwd, bwd
 
 
+def _kd_loss_workspace(shape: ModelShape, s: Setup, d: _Dtypes, lm_trainable: bool) -> tuple[float, float, float]:
+    """(saved, forward workspace, backward workspace) of logit KD with a live teacher: the student's and the
+    teacher's full logits (``distill.logit`` ``compute_loss``) and ``distill.losses.kd_loss`` (forward KL,
+    0 < alpha).
+
+    Measured on CPU (scripts/measure_train_memory.py --kd-teacher-layers, docs/memory.md): both models'
+    logits ``[B, s, V]`` in compute dtype live until compute_loss returns; kd_loss gathers the scored positions
+    (planned as all ``N = B*(s-1)``; completion-only labels score fewer) and at its forward peak (``_kl``'s
+    ``torch.where``) holds per position x vocabulary: the student's fp32 logits, the cross-entropy's
+    log-softmax, the teacher's gathered logits (compute dtype), student and teacher fp32 log-probs, the
+    teacher's probabilities, the ``p > 0`` mask (1 byte), ``t - s``, ``zeros_like`` and the result:
+    ``33 + c`` bytes. Autograd keeps 13 (CE log-softmax, student log-probs, teacher probabilities, mask); the
+    teacher's logits are gone before the backward, which adds one fp32 gradient (17 in all), and later the
+    student logits' gradient (index + slice backward: two ``[B, s, V]`` in compute dtype) with the LM head's
+    weight gradient.
+    """
+    b, L, h = s.batch_size, s.seq_len, shape.hidden
+    T, N = b * L, b * (L - 1)
+    vs, vt = shape.vocab, s.teacher_vocab
+    v, c = min(vs, vt), d.compute
+    saved = N * v * 13
+    fwd = T * (vs + vt) * c + N * v * (20 + c)
+    bwd = max(N * v * 4, 2 * T * vs * c + (vs * h * 4 if lm_trainable else 0) - saved)
+    return saved, fwd, bwd
+
+
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """Peak allocator bytes of one training step of ``setup`` on ``shape`` (see the module docstring)."""
     setup.check()
@@ -426,7 +453,6 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
         comp["weights"] = P * d.base
     if s.teacher_weight_bytes:
         comp["teacher_weights"] = s.teacher_weight_bytes
-    teacher_logits = T * s.teacher_vocab * (d.compute + 4)
     casts = 0.0
     if s.kind == "full":
         trainable = P
@@ -449,7 +475,10 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     # rotary cos/sin (batch, seq, head_dim) x2, the boolean block-diagonal mask
     shared = 2 * T * shape.head_dim * d.resid + (s.batch_size * s.seq_len**2 if s.packing and s.attn != "flash" else 0)
     final_norm = T * shape.hidden * (4 + (4 if s.kind == "full" else 0))
-    loss_saved, loss_fwd, loss_bwd = _loss_workspace(shape, s, d, lm_trainable)
+    if s.teacher_vocab:   # live-teacher KD: distill.losses.kd_loss instead of the Trainer's loss
+        loss_saved, loss_fwd, loss_bwd = _kd_loss_workspace(shape, s, d, lm_trainable)
+    else:
+        loss_saved, loss_fwd, loss_bwd = _loss_workspace(shape, s, d, lm_trainable)
     if s.grad_ckpt:
         acts = Lyr * T * shape.hidden * d.resid   # each layer keeps only its input; backward recomputes one layer
         recompute = layer
@@ -471,8 +500,8 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
 
     held = acts + shared + final_norm
     phases_c = {
-        "forward": phase(accumulated, held, loss_saved + loss_fwd + teacher_logits, cast=casts),
-        "loss_backward": phase(accumulated, held, loss_saved + loss_bwd + teacher_logits, cast=casts_kept),
+        "forward": phase(accumulated, held, loss_saved + loss_fwd, cast=casts),
+        "loss_backward": phase(accumulated, held, loss_saved + loss_bwd, cast=casts_kept),
         # top layer: its activations still held (recomputed with checkpointing), its gradient buffers
         "layer_backward": phase(accumulated + lm_grad + layer_grads, acts + shared + recompute, 0.0, transient,
                                 cast=casts_kept),

@@ -11,6 +11,13 @@ LM head (``add_fused_lm_head``, what ``SFTTrainer`` computes the loss with), row
 transformers' activation checkpointing, and ``torch.optim.AdamW(fused=True)`` (the Trainer's default
 ``adamw_torch_fused``). It runs ``--steps`` optimizer steps of forward, backward, step, ``zero_grad``.
 
+``--kd-teacher-layers N`` measures logit distillation with a live teacher instead (distill/logit.py,
+``kd_trainer_class().compute_loss``): a frozen teacher (the student's config with ``N`` layers, optionally
+wider; fp32, or bf16 with ``--precision bf16``; eval mode) is built next to the student; each step runs the
+student's forward with its full logits (no fused LM head: KD compares whole distributions), the teacher's
+forward under ``no_grad`` in the same autocast, ``distill.losses.kd_loss`` (``--kd-alpha``,
+``--kd-divergence``, ``--kd-temperature``), backward, AdamW step. ``--prompt-fraction 0`` scores every token.
+
 Memory is read from PyTorch's CPU allocator through the profiler: with ``profile_memory=True`` every
 allocation event carries the allocator's running total of live tensor bytes (``total_allocated``), so the
 peak is exact (the CPU analogue of ``torch.cuda.max_memory_allocated``) and free of malloc/RSS noise.
@@ -76,8 +83,33 @@ def build_model(args, tmp: Path):
     return model
 
 
+def build_teacher(args):
+    """The live KD teacher: the student's config (same vocabulary and heads) with ``--kd-teacher-layers`` layers
+    and optionally a wider ``--kd-teacher-hidden`` / ``--kd-teacher-intermediate``; fp32 (bf16 for
+    ``--precision bf16``), frozen, eval mode (what ``distill.logit.load_teacher`` returns)."""
+    import torch
+
+    keys = ("layers", "hidden", "intermediate", "method")
+    saved = {k: getattr(args, k) for k in keys}
+    args.layers, args.method = args.kd_teacher_layers, "full"
+    args.hidden = args.kd_teacher_hidden or args.hidden
+    args.intermediate = args.kd_teacher_intermediate or args.intermediate
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            teacher = build_model(args, Path(tmp))
+    finally:
+        for k, v in saved.items():
+            setattr(args, k, v)
+    if args.precision == "bf16":   # the CUDA regime: load_teacher(dtype="auto") gives a bf16 teacher
+        teacher = teacher.to(torch.bfloat16)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
 def make_batches(args, n: int):
-    """Packed rows of ``seq_len`` tokens: examples of 40-120 tokens, the first 60% of each a prompt (label -100)."""
+    """Packed rows of ``seq_len`` tokens: examples of 40-120 tokens, the first ``--prompt-fraction`` (60%) of each
+    a prompt (label -100)."""
     import torch
 
     from finetune.sft import PackedRowsCollator
@@ -92,7 +124,7 @@ def make_batches(args, n: int):
             while len(ids) < args.seq_len:
                 k = min(rng.randint(40, 120), args.seq_len - len(ids))
                 toks = [rng.randrange(4, args.vocab) for _ in range(k)]
-                cut = int(0.6 * k)
+                cut = int(args.prompt_fraction * k)
                 ids += toks
                 labels += [-100] * cut + toks[cut:]
                 lengths.append(k)
@@ -119,7 +151,10 @@ def run(args) -> dict:
             profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         marks["build"] = time.time_ns()
         model = build_model(args, Path(tmp))
-        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does, before PEFT
+        kd = args.kd_teacher_layers > 0
+        teacher = build_teacher(args) if kd else None
+        if not kd:   # KD's compute_loss calls the model without fused_lm_head: plain full logits
+            add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does, before PEFT
         peft = args.method in ("lora", "qlora")
         if peft:
             from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -148,16 +183,21 @@ def run(args) -> dict:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         weights += sum(b.numel() * b.element_size() for b in model.buffers())
         trainable = sum(p.numel() for p in params)
+        teacher_bytes = 0 if teacher is None else sum(
+            t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()])
         marks["train"] = time.time_ns()
         losses = []
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
         for i, batch in enumerate(batches):
-            with autocast:   # the Trainer autocasts forward and loss (bf16=True), not the backward
-                out = model(**batch, fused_lm_head=True)
-                n = out.label_mask.sum().clamp(min=1)
-                loss = -out.log_probs.sum() / n
-            _ = (out.entropy.detach().sum() / n).item(), out.is_top1.sum().item()  # the trainer's metrics
-            del out
+            if kd:
+                loss = _kd_step(args, model, teacher, batch, autocast)
+            else:
+                with autocast:   # the Trainer autocasts forward and loss (bf16=True), not the backward
+                    out = model(**batch, fused_lm_head=True)
+                    n = out.label_mask.sum().clamp(min=1)
+                    loss = -out.log_probs.sum() / n
+                _ = (out.entropy.detach().sum() / n).item(), out.is_top1.sum().item()  # the trainer's metrics
+                del out
             phases.append((f"step{i}.forward", time.time_ns()))
             loss.backward()
             phases.append((f"step{i}.loss_backward", head_done[-1]))
@@ -198,6 +238,9 @@ def run(args) -> dict:
         "weights_bytes": int(weights),
         "trainable_params": int(trainable),
         "total_params": int(sum(p.numel() for p in model.parameters())),
+        "teacher_params": 0 if teacher is None else int(sum(p.numel() for p in teacher.parameters())),
+        "teacher_bytes": int(teacher_bytes),
+        "scored_positions": [int((b["labels"][:, 1:] != -100).sum()) for b in batches],   # kd_loss's rows
         "peak_by_phase": by_phase,
         "activation_bytes": activations[-1],
         "peak_rss_delta_bytes": int(peak_rss - rss0) if hwm_reset else None,
@@ -205,6 +248,27 @@ def run(args) -> dict:
         "seconds": round((marks["end"] - marks["train"]) / 1e9, 2),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
     }
+
+
+def _kd_step(args, model, teacher, batch, autocast):
+    """One KD loss as ``distill.logit.kd_trainer_class().compute_loss`` computes it (live teacher): the
+    student's and the teacher's outputs (with their full logits) live until the loss is built, then only
+    what autograd saved is left for the backward."""
+    import torch
+
+    from distill.losses import kd_loss
+
+    fwd = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    num_items = (batch["labels"][:, 1:] != -100).sum()   # the Trainer's num_items_in_batch (shifted labels)
+    with autocast:   # accelerate's autocast around compute_loss
+        outputs = model(**fwd, use_cache=False)
+        with torch.no_grad():   # compute_loss enters the same autocast again (already active here)
+            t_out = teacher(**fwd, use_cache=False)
+            teacher_logits = t_out.logits
+        parts = kd_loss(outputs.logits, batch["labels"], teacher_logits=teacher_logits, num_items=num_items,
+                        kind=args.kd_divergence, temperature=args.kd_temperature, alpha=args.kd_alpha)
+    _ = float(parts["kd"].detach()), float(parts["ce"].detach())   # the trainer's kd_loss / ce_loss metrics
+    return parts["loss"]
 
 
 def parse_args(argv=None):
@@ -227,6 +291,16 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--prompt-fraction", type=float, default=0.6,
+                   help="share of each packed example that is prompt (label -100); 0: every token is scored")
+    p.add_argument("--kd-teacher-layers", type=int, default=0,
+                   help="> 0: logit distillation from a live frozen teacher with this many layers")
+    p.add_argument("--kd-teacher-hidden", type=int, default=0, help="teacher hidden size (default: the student's)")
+    p.add_argument("--kd-teacher-intermediate", type=int, default=0,
+                   help="teacher MLP width (default: the student's)")
+    p.add_argument("--kd-alpha", type=float, default=0.5)
+    p.add_argument("--kd-divergence", choices=["forward", "reverse", "jsd"], default="forward")
+    p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="write the result here too")
