@@ -39,14 +39,14 @@ def _load(args) -> tuple:
 
 
 def _run_pipeline(args, upto: str | None = None, only: set[str] | None = None) -> int:
-    from banklm.pipeline import run_stages
+    from banklm.pipeline import launched_rank, run_stages
     from banklm.stages import STAGES, check_models
 
     recipe = _load(args)
     if only != {"corpus"}:
         check_models(recipe)  # bad model folders are refused before anything runs
     run_dir = run_stages(recipe, STAGES, run_dir=args.run_dir, upto=upto, only=only)
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if launched_rank() != 0:
         return EXIT_OK  # one process of a multi-process launch: rank 0 reports the run
     report = run_dir / "report" / "index.html"
     print(f"run folder: {run_dir}")

@@ -18,8 +18,7 @@ from typing import Any
 
 import yaml
 
-from banklm.io import sha256_file
-from banklm.ledger import LEDGER_NAME, Ledger, LedgerError, entry_hash
+from banklm.ledger import LEDGER_NAME, Ledger, LedgerError, chain_problems, file_problem, latest_records
 
 # the scores a change log follows: per task, then AML-specific ones, then run-level ones
 TASK_METRICS = ("accuracy", "macro_f1", "mcc", "format_compliance", "hallucination_rate")
@@ -112,39 +111,17 @@ def read_problems(run_dir: Path, entries: list[dict]) -> list[str]:
     The same checks as :func:`banklm.ledger.verify_run` on the chain and on these few small files, so a
     comparison stays cheap on a run with gigabytes of weights: ``banklm verify`` re-hashes everything.
     """
-    problems, prev = [], None
-    for i, e in enumerate(entries, 1):
-        where = f"entry {e.get('seq')} ({e.get('stage')})"
-        if e.get("seq") != i:
-            problems.append(f"{where}: is at position {i}: entries were deleted or reordered")
-        if e.get("prev") != prev:
-            problems.append(f"{where}: prev does not match the previous entry's hash: an entry before it was "
-                            "deleted, reordered or edited")
-        if e.get("hash") != entry_hash(e):
-            problems.append(f"{where}: content was edited: its hash does not match")
-        prev = e.get("hash")
-    latest: dict[str, tuple[dict, dict]] = {}
-    produced: set[str] = set()
-    for e in entries:
-        for rec in e.get("inputs") or []:
-            if rec.get("path") not in produced:
-                latest[rec.get("path")] = (e, rec)
-        for rec in e.get("outputs") or []:
-            latest[rec.get("path")] = (e, rec)
-            produced.add(rec.get("path"))
+    problems = [str(p) for p in chain_problems(entries)]
+    latest, _ = latest_records(entries)
     on_disk = {p.relative_to(run_dir).as_posix() for pattern in ("eval/*/results.json", "eval/retention.json",
                                                                   "corpora/*/stats.json") for p in run_dir.glob(pattern)}
     for rel in sorted(on_disk | {p for p in latest if isinstance(p, str) and _score_files(p)}):
         if rel not in latest:
             problems.append(f"{rel}: not recorded by any ledger entry (added or replaced after its stage ran)")
             continue
-        e, rec = latest[rel]
-        path = run_dir / rel
-        if not path.is_file():
-            problems.append(f"entry {e.get('seq')} ({e.get('stage')}): {rel}: file is missing")
-        elif path.stat().st_size != rec.get("bytes") or sha256_file(path) != rec.get("sha256"):
-            problems.append(f"entry {e.get('seq')} ({e.get('stage')}): {rel}: file changed since it was recorded "
-                            "(sha256 differs)")
+        problem = file_problem(run_dir, rel, *latest[rel])
+        if problem is not None:
+            problems.append(str(problem))
     return problems
 
 

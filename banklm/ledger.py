@@ -296,11 +296,29 @@ def verify_run(run_dir: str | os.PathLike, check_external: bool = False, check_c
         entries = ledger.entries()
     except LedgerError as e:
         return [Problem(None, None, LEDGER_NAME, str(e))]
-    problems: list[Problem] = []
-    prev_hash = None
-    latest: dict[str, tuple[dict, dict]] = {}
-    produced: set[str] = set()
+    problems = chain_problems(entries)
+    latest, produced = latest_records(entries)
     changed: set[str] = set()
+    for path, (entry, rec) in sorted(latest.items(), key=lambda kv: (kv[1][0].get("seq", 0), kv[0])):
+        if Path(path).is_absolute() and not check_external:
+            continue
+        problem = file_problem(run_dir, path, entry, rec)
+        if problem is not None:
+            problems.append(problem)
+            changed.add(path)
+    if check_card and (run_dir / CARD_NAME).is_file():
+        problems += _check_card(run_dir, latest, produced, changed)
+    problems.sort(key=lambda pr: (pr.seq if pr.seq is not None else 0))
+    if check_unrecorded:
+        problems += [Problem(None, None, rel, "not recorded by any ledger entry (added after its stage ran, the "
+                             "ledger was cut short, or an interrupted stage left it)")
+                     for rel in unrecorded_files(run_dir, entries)]
+    return problems
+
+
+def chain_problems(entries: list[dict]) -> list[Problem]:
+    """The hash chain: positions, ``prev`` links and each entry's own hash."""
+    problems, prev_hash = [], None
     for i, entry in enumerate(entries, 1):
         seq, stage = entry.get("seq"), entry.get("stage")
         if seq != i:
@@ -311,34 +329,32 @@ def verify_run(run_dir: str | os.PathLike, check_external: bool = False, check_c
         if entry.get("hash") != entry_hash(entry):
             problems.append(Problem(seq, stage, None, "content was edited: its hash does not match"))
         prev_hash = entry.get("hash")
+    return problems
+
+
+def latest_records(entries: list[dict]) -> tuple[dict[str, tuple[dict, dict]], set[str]]:
+    """``({path: (entry, record)}, produced paths)``: each file's record in the newest entry that wrote it, or,
+    for a file no entry wrote, in the newest entry that read it."""
+    latest: dict[str, tuple[dict, dict]] = {}
+    produced: set[str] = set()
+    for entry in entries:
         for rec in entry.get("inputs", []):
             if rec["path"] not in produced:
                 latest[rec["path"]] = (entry, rec)
         for rec in entry.get("outputs", []):
             latest[rec["path"]] = (entry, rec)
             produced.add(rec["path"])
-    for path, (entry, rec) in sorted(latest.items(), key=lambda kv: (kv[1][0].get("seq", 0), kv[0])):
-        p = Path(path)
-        if p.is_absolute():
-            if not check_external:
-                continue
-        else:
-            p = run_dir / p
-        if not p.exists():
-            problems.append(Problem(entry.get("seq"), entry.get("stage"), path, "file is missing"))
-            changed.add(path)
-        elif p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
-            problems.append(Problem(entry.get("seq"), entry.get("stage"), path,
-                                    "file changed since it was recorded (sha256 differs)"))
-            changed.add(path)
-    if check_card and (run_dir / CARD_NAME).is_file():
-        problems += _check_card(run_dir, latest, produced, changed)
-    problems.sort(key=lambda pr: (pr.seq if pr.seq is not None else 0))
-    if check_unrecorded:
-        problems += [Problem(None, None, rel, "not recorded by any ledger entry (added after its stage ran, the "
-                             "ledger was cut short, or an interrupted stage left it)")
-                     for rel in unrecorded_files(run_dir, entries)]
-    return problems
+    return latest, produced
+
+
+def file_problem(run_dir: Path, path: str, entry: dict, rec: dict) -> Problem | None:
+    """A recorded file against its record (``path`` relative to ``run_dir``, or absolute): missing or changed."""
+    p = Path(path) if Path(path).is_absolute() else run_dir / path
+    if not p.exists():
+        return Problem(entry.get("seq"), entry.get("stage"), path, "file is missing")
+    if p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
+        return Problem(entry.get("seq"), entry.get("stage"), path, "file changed since it was recorded (sha256 differs)")
+    return None
 
 
 def _check_card(run_dir: Path, latest: dict[str, tuple[dict, dict]], produced: set[str],

@@ -319,6 +319,14 @@ def launched_world_size() -> int:
         return 1
 
 
+def launched_rank() -> int:
+    """This process's rank under ``accelerate launch`` or ``torchrun`` (0 for a plain ``banklm run``)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
 class LaunchError(RuntimeError):
     """The recipe cannot run under a multi-process launch as it stands; the message says what to do."""
 

@@ -736,20 +736,25 @@ def plan_request(r: Recipe, section: str | None = None) -> dict:
     return req
 
 
+def _resolve_model(spec: dict, name: str):
+    """``finetune.plan.resolve_base`` of a model spec from :func:`plan_request` -> (shape, source)."""
+    from finetune.plan import resolve_base
+
+    return resolve_base(path=spec.get("path"), config_name=spec.get("config_name"), config=spec.get("config"),
+                        name=spec.get("name", name))
+
+
 def plan_shape(req: dict):
     """The shape ``banklm plan`` plans for a recipe section: the base, or for ``distill`` the student."""
     from dataclasses import replace
 
-    from finetune.plan import PlanError, resolve_base
+    from finetune.plan import PlanError
 
     m = req["model"]
     teacher = req.get("teacher")
     if teacher is None:
-        return resolve_base(path=m.get("path"), config_name=m.get("config_name"), config=m.get("config"),
-                            name=m.get("name", "model"))
-    t = teacher["model"]
-    t_shape, t_source = resolve_base(path=t.get("path"), config_name=t.get("config_name"), config=t.get("config"),
-                                     name=t.get("name", "teacher"))
+        return _resolve_model(m, "model")
+    t_shape, t_source = _resolve_model(teacher["model"], "teacher")
     if "from_teacher" in m:
         from distill.student import pick_layers
 
@@ -763,8 +768,7 @@ def plan_shape(req: dict):
         return shape, f"teacher {t_source}"
     if m.get("vocab_from_teacher"):
         m = {**m, "config": {**m["config"], "vocab_size": t_shape.vocab}}
-    shape, source = resolve_base(path=m.get("path"), config_name=m.get("config_name"), config=m.get("config"),
-                                 name=m.get("name", "student"))
+    shape, source = _resolve_model(m, "student")
     return replace(shape, name=f"student {shape.name}"), source
 
 
@@ -772,11 +776,9 @@ def plan_teacher(teacher: dict, setup):
     """(setup with a live teacher's weights and logits, or the teacher's own pass: (bytes, what it is))."""
     from dataclasses import replace
 
-    from finetune.plan import resolve_base, teacher_pass_bytes, teacher_weight_bytes
+    from finetune.plan import teacher_pass_bytes, teacher_weight_bytes
 
-    t = teacher["model"]
-    shape, _ = resolve_base(path=t.get("path"), config_name=t.get("config_name"), config=t.get("config"),
-                            name=t.get("name", "teacher"))
+    shape, _ = _resolve_model(teacher["model"], "teacher")
     if teacher["live"]:
         return replace(setup, teacher_weight_bytes=teacher_weight_bytes(shape, teacher["bits"], setup.device),
                        teacher_vocab=shape.vocab), None

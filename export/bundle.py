@@ -131,7 +131,8 @@ def open_gguf(path: Path, n_ctx: int):
 # --------------------------------------------------------------------------------------------------
 
 
-def _eos_ids(model_dir: Path) -> list[int]:
+def stop_token_ids(model_dir: Path) -> list[int]:
+    """The ids generation stops at: ``generation_config.json``'s ``eos_token_id`` (one or a list), else config's."""
     gc = model_dir / "generation_config.json"
     eos = json.loads(gc.read_text(encoding="utf-8")).get("eos_token_id") if gc.is_file() else None
     if eos is None:
@@ -184,7 +185,7 @@ def build_export(
     if not gguf_types and not onnx_types:
         raise ValueError("build_export: nothing to export (no GGUF and no ONNX types)")
     tok = load_tokenizer(model_dir)
-    eos_ids = _eos_ids(model_dir)
+    eos_ids = stop_token_ids(model_dir)
     num_ctx = int(num_ctx or context_length(model_dir))
     prompts = list(prompts)
     try:  # the model as the run folder (the bundle's parent) sees it, when it lives there
@@ -318,4 +319,4 @@ def verify_export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, p
 
 
 __all__ = ["build_export", "verify_export", "write_sha256sums", "check_sha256sums", "evaluate_artefact",
-           "task_summary", "open_gguf", "context_length", "SUMS_FILE", "VERIFY_FILE"]
+           "task_summary", "open_gguf", "context_length", "stop_token_ids", "SUMS_FILE", "VERIFY_FILE"]

@@ -287,7 +287,7 @@ def _read_text(path: Path) -> str:
 
 
 def _copy_side_files(model_dir: Path, dst: Path) -> None:
-    check_templates(model_dir)  # also for callers that skip export_onnx's check up front
+    """The tokenizer files and chat template next to the graph (callers ran :func:`check_templates` first)."""
     for name in SIDE_FILES:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, dst / name)

@@ -431,6 +431,11 @@ def _kd_loss_workspace(shape: ModelShape, s: Setup, d: _Dtypes, lm_trainable: bo
     return saved, fwd, bwd
 
 
+def cuda_overhead(tensor_bytes: float) -> float:
+    """The caching allocator's slack on top of ``tensor_bytes``, plus the CUDA context and workspaces."""
+    return tensor_bytes * ALLOCATOR_OVERHEAD + CUDA_CONTEXT_GIB * GIB
+
+
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """Peak allocator bytes of one training step of ``setup`` on ``shape`` (see the module docstring)."""
     setup.check()
@@ -523,7 +528,7 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
 
     overhead = 0.0
     if s.device == "cuda":
-        overhead = tensor_peak * ALLOCATOR_OVERHEAD + CUDA_CONTEXT_GIB * GIB
+        overhead = cuda_overhead(tensor_peak)
         comp["cuda_context_allocator"] = overhead
     if s.loss == "fused" and shape.vocab > 100_000:
         n_scored = s.batch_size * (s.seq_len - 1)
@@ -563,9 +568,7 @@ def teacher_pass_bytes(shape: ModelShape, bits: int | None, batch_size: int, seq
         logits = T * shape.vocab * (width + 4)
     tensors = (teacher_weight_bytes(shape, bits, device) + logits
                + T * (4 * shape.hidden + 3 * shape.intermediate) * width)
-    if device == "cuda":
-        tensors += tensors * ALLOCATOR_OVERHEAD + CUDA_CONTEXT_GIB * GIB
-    return tensors
+    return tensors + (cuda_overhead(tensors) if device == "cuda" else 0.0)
 
 
 # --------------------------------------------------------------------------- fitting a card

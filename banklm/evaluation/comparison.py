@@ -33,13 +33,15 @@ def _size_mb(ov: dict) -> float | None:
     return b / 1e6 if isinstance(b, (int, float)) and b else None
 
 
+def _tasks(results: dict[str, dict]) -> list[str]:
+    """Every task any model was scored on, in first-seen order."""
+    return list(dict.fromkeys(t for r in results.values() for t in r.get("tasks", {})))
+
+
 def comparison_rows(results: dict[str, dict]) -> list[list[Any]]:
     """One row per (task, model), tasks in first-seen order, models in the given order."""
-    tasks: list[str] = []
-    for r in results.values():
-        tasks += [t for t in r.get("tasks", {}) if t not in tasks]
     rows = []
-    for task in tasks:
+    for task in _tasks(results):
         for name, r in results.items():
             t = r.get("tasks", {}).get(task)
             if t is None:
@@ -69,10 +71,8 @@ def comparison_markdown(results: dict[str, dict], sources: dict[str, str] | None
 
 def plot_comparison(results: dict[str, dict], path: str | Path) -> Path | None:
     """Grouped bars: per-task label accuracy, one bar per model (PNG, Agg backend; None without tasks)."""
-    tasks: list[str] = []
-    for r in results.values():
-        tasks += [t for t in r.get("tasks", {}) if t not in tasks]
-    if not tasks or not results:
+    tasks = _tasks(results)
+    if not tasks:
         return None
     import io
 

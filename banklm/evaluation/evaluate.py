@@ -324,7 +324,7 @@ def evaluate_export(
     folder (tokenizer files, ``generation_config.json``). Prompts are folded like :func:`evaluate_records`
     folds them, so the scores compare with the PyTorch models'. Robustness is not run here.
     """
-    from export.bundle import _eos_ids, evaluate_artefact, open_gguf
+    from export.bundle import evaluate_artefact, open_gguf, stop_token_ids
     from export.onnx import onnx_file_bytes
     from export.runtime import OnnxCausalLM
 
@@ -353,7 +353,7 @@ def evaluate_export(
     else:
         tok = _load_tokenizer(path)
         lm, runtime = OnnxCausalLM(path), "onnxruntime (CPU)"
-        eos = set(_eos_ids(path))
+        eos = set(stop_token_ids(path))
         size = {"model_bytes": onnx_file_bytes(path / "model.onnx")}
     try:
         if not eos:
