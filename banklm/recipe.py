@@ -384,9 +384,17 @@ class TrainHyper(Section):
     scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    packing: bool = True
+    # auto: packed with flash-attention 2 (varlen, free) and for CPT; otherwise SFT batches of examples in
+    # random order, no mask (finetune.sft.batch_layout); true: always packed rows; false: never packed
+    packing: Literal[True, False, "auto"] = "auto"
+    # unpacked batches of similar-length examples: less padding, but where length goes with the task (the
+    # scenario mix) it cost the quickstart 0.81 -> 0.59 accuracy (finetune.sft.length_grouped_sampler)
+    group_by_length: bool = False
     completion_only_loss: bool = True
     gradient_checkpointing: bool = False
+    # torch.compile each decoder layer: +32% / +11% tokens/s on CPU (quickstart size / 100M) after a 20-30 s
+    # compile; pays for runs of several minutes (BENCHMARKS.md, "Fine-tuning throughput")
+    compile: bool = False
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)  # validation loss every N steps (default: each epoch end)
     early_stopping_patience: int | None = Field(None, ge=1)  # stop after N evaluations without a lower loss

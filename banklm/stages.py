@@ -97,8 +97,9 @@ def _train_kwargs(p, seed: int, device: str) -> dict:
                 max_length=p.max_length, warmup_ratio=p.warmup_ratio, scheduler=p.scheduler,
                 weight_decay=p.weight_decay, lora_r=p.lora.r, lora_alpha=p.lora.alpha,
                 lora_dropout=p.lora.dropout, lora_targets=p.lora.targets, use_rslora=p.lora.rslora,
-                use_dora=p.lora.dora, packing=p.packing, completion_only_loss=p.completion_only_loss,
-                gradient_checkpointing=p.gradient_checkpointing, seed=seed, device=device,
+                use_dora=p.lora.dora, packing=p.packing, group_by_length=p.group_by_length,
+                completion_only_loss=p.completion_only_loss,
+                gradient_checkpointing=p.gradient_checkpointing, compile=p.compile, seed=seed, device=device,
                 logging_steps=p.logging_steps, eval_steps=p.eval_steps,
                 early_stopping_patience=p.early_stopping_patience, save_steps=p.save_steps,
                 keep_checkpoints=p.keep_checkpoints, resume=True)  # resume: only a matching checkpoint
@@ -710,7 +711,9 @@ def plan_request(r: Recipe, section: str | None = None) -> dict:
         model = {"path": r.base.path, "config_name": r.plan.config}
     setup = {"method": p.method, "seq_len": p.max_length, "batch_size": p.batch_size, "grad_accum": p.grad_accum,
              "lora_r": p.lora.r, "lora_dropout": p.lora.dropout, "dora": p.lora.dora,
-             "grad_ckpt": p.gradient_checkpointing, "packing": p.packing}
+             "grad_ckpt": p.gradient_checkpointing,
+             # packed rows carry a block-diagonal mask; unpacked batches (packing auto for SFT) none
+             "packing": p.packing is True or (p.packing == "auto" and section == "cpt")}
     req = {"section": section, "model": model, "setup": setup, "gpu_mem": r.plan.gpu_mem}
     if section == "distill":
         d = r.distill

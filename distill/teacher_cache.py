@@ -121,7 +121,8 @@ def build_teacher_cache(teacher, rows: Sequence[dict], out_dir: str | Path, *, p
     chunks of ``batch_rows`` and write the top-k cache atomically into ``out_dir``.
 
     Rows are batched with the trainer's own collator (:class:`finetune.sft.PackedRowsCollator`: position
-    ids restart per packed example, no attention mask, first token of each example unlabelled), so the
+    ids restart per packed example, no attention mask, first token of each example unlabelled; rows of one
+    example each, as in the ``grouped`` layout, go without position ids), so the
     stored positions are exactly those the student's loss uses. ``vocab_size`` keeps only the first logit
     columns (a teacher whose embedding matrix is padded beyond the shared vocabulary).
     """
@@ -170,8 +171,8 @@ def build_teacher_cache(teacher, rows: Sequence[dict], out_dir: str | Path, *, p
             for start in range(0, len(rows), batch_rows):
                 chunk = [rows[i] for i in range(start, min(start + batch_rows, len(rows)))]
                 batch = collate(chunk)
-                logits = teacher(input_ids=batch["input_ids"].to(device),
-                                 position_ids=batch["position_ids"].to(device), use_cache=False).logits
+                fwd = {k: batch[k].to(device) for k in ("input_ids", "position_ids") if k in batch}
+                logits = teacher(**fwd, use_cache=False).logits
                 if vocab_size:
                     logits = logits[..., :vocab_size]
                 mask = completion_positions(batch["labels"]).to(device)

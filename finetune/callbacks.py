@@ -316,7 +316,10 @@ class TaskEvalCallback(TrainerCallback):
         model = self.trainer.model
         convs = [[{**m, "content": fold_fullwidth(m["content"])} if m["role"] == "user" else m
                   for m in iter_user_messages(r)] for r in self.records]
-        texts = generate(model, self.tokenizer, convs, self.max_new_tokens, self.batch_size)
+        import torch
+
+        with torch.compiler.set_stance("force_eager"):  # compiled layers (compile=True) run eagerly here
+            texts = generate(model, self.tokenizer, convs, self.max_new_tokens, self.batch_size)
         results, _ = score_records(self.records, list(texts))
         logs = {"task_accuracy": results["overall"]["accuracy"],
                 "task_format_compliance": results["overall"]["format_compliance"]}

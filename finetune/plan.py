@@ -221,7 +221,7 @@ class Setup:
     lora_dropout: float = 0.0         # the recipe default (banklm/recipe.py), as PEFT and torchtune
     dora: bool = False
     grad_ckpt: bool = False
-    packing: bool = True
+    packing: bool = True        # packed rows (a block-diagonal mask with sdpa); False: grouped batches, no mask
     attn: str = "sdpa"          # sdpa | flash (flash_attention_2: no mask, GQA native) | eager
     device: str = "cuda"        # cuda | cpu
     precision: str = "bf16"     # bf16 | fp16 (autocast) | fp32
@@ -350,7 +350,7 @@ def layer_activations(shape: ModelShape, s: Setup) -> dict[str, float]:
     b, L = s.batch_size, s.seq_len
     T = b * L
     h, qd, inter = shape.hidden, shape.q_dim, shape.intermediate
-    mask = s.packing and s.attn != "flash"   # packed rows: a block-diagonal mask (padded batches: a padding mask)
+    mask = s.packing and s.attn != "flash"   # packed rows: a block-diagonal mask (grouped batches: none)
     kv = shape.kv_dim if (s.attn == "flash" or shape.kv_heads == shape.heads or not mask) else qd  # repeat_kv
     a = d.compute                            # sdpa inputs (autocast casts q/k/v to 16-bit)
     full = s.kind == "full"

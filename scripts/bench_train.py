@@ -1,6 +1,7 @@
 """Benchmark LoRA SFT throughput: banklm's defaults against a plain transformers ``Trainer`` + PEFT baseline.
 
-    python scripts/bench_train.py [--models quickstart 100m] [--configs banklm baseline ...] [--json out.json]
+    python scripts/bench_train.py [--models quickstart 100m] [--configs banklm baseline ...] [--repeats 3]
+                                  [--json out.json]
 
 1. Builds the scenario mix (credit, AML and audit records from ``corpora.synth``, the generators behind the
    scenario corpus and ``banklm.tasks``' rules), trains a SentencePiece tokenizer on it (vocab 2000, as the
@@ -10,14 +11,23 @@
 2. Times a large ``torch.matmul`` (fp32 and bf16, n=2048, best of 5) for this CPU's dense-matmul peak.
 3. Runs every (model, configuration) in a fresh child process (clean peak memory, same threads):
    - ``banklm``: ``finetune.sft.train_causal_lm`` with the recipe defaults: LoRA r=16, alpha 32, dropout 0
-     on all linear layers, completion-only loss (LM head on the label positions), packing without
-     cross-attention into rows sized by ``finetune.sft.pack_length`` (max_length 512), bf16 autocast with
-     the frozen base in bf16 (CPU ``mixed_precision: auto``);
-   - ``banklm-fp32``: the same with ``mixed_precision: no`` (fp32 base, no autocast);
+     on all linear layers, completion-only loss (LM head on the label positions), ``packing: auto`` (on CPU
+     for SFT: batches of similar-length examples, right-padded, no attention mask; max_length 512), eager
+     attention for rows up to 256 tokens, bf16 autocast with the frozen base in bf16 (CPU
+     ``mixed_precision: auto``);
+   - ``banklm-compile``: the same with ``compile: true`` (each decoder layer through ``torch.compile``; the
+     compiling happens in the warm-up steps, whose time the table shows);
+   - ``banklm-packed``: the same as ``banklm`` with ``packing: true`` (examples packed without cross-attention into rows
+     sized by ``finetune.sft.pack_length``: batch = rows);
+   - ``banklm-fp32``: the same as ``banklm`` with ``mixed_precision: no`` (fp32 base, no autocast, sdpa);
    - ``baseline``: ``transformers.Trainer`` + PEFT (the same LoRA), each example padded to the longest in its
      batch, no packing, the Trainer's default fp32, the same completion-only labels;
    - ``baseline-bf16``: the baseline with bf16 autocast (fp32 weights, as ``Trainer(bf16=True)`` does).
-   Same per-device batch size for all (examples for the baseline, packed rows for banklm), AdamW, LR 2e-4.
+   Same per-device batch size for all (examples; packed rows for ``banklm-packed``), AdamW, LR 2e-4; every
+   configuration logs every step.
+   With ``--repeats N`` the whole set runs N times, round-robin (a slow spell of a shared machine hits every
+   configuration alike), and each figure is the median over the N runs; the speed-up is the median of
+   the per-round ratios to ``baseline`` in the same round, with its range.
 4. Reports real (non-pad) tokens per second in the steady state (from the end of the warm-up steps to the
    last step), the speed-up over ``baseline`` measured in the same run, peak resident memory, and model
    FLOPs utilisation: useful FLOPs per real token = 4 x matmul weights (forward + input gradients; frozen
@@ -48,7 +58,7 @@ MODELS = {
     "100m": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, intermediate_size=2560),
     "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64),  # smoke test
 }
-CONFIGS = ("banklm", "banklm-fp32", "baseline", "baseline-bf16")
+CONFIGS = ("banklm", "banklm-compile", "banklm-packed", "banklm-fp32", "baseline", "baseline-bf16")
 LORA = dict(r=16, alpha=32, dropout=0.0)  # banklm.recipe.LoraSpec defaults (--lora-dropout to change)
 LR = 2e-4
 MAX_LENGTH = 512
@@ -113,7 +123,8 @@ def _completion_rows(tok, records: list[dict]) -> list[dict]:
     return rows
 
 
-def run_banklm(model_dir: str, records: list[dict], out: Path, steps: int, batch: int, bf16: bool, probe) -> list:
+def run_banklm(model_dir: str, records: list[dict], out: Path, steps: int, batch: int, bf16: bool, probe,
+               packing: bool | str = "auto", compile: bool = False) -> list:
     from datasets import Dataset
 
     from finetune.sft import train_causal_lm
@@ -121,7 +132,8 @@ def run_banklm(model_dir: str, records: list[dict], out: Path, steps: int, batch
     train_causal_lm(model_dir, Dataset.from_list(records), None, out, method="lora", lr=LR, max_steps=steps,
                     batch_size=batch, max_length=MAX_LENGTH, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                     lora_dropout=LORA["dropout"], logging_steps=1, device="cpu", merge=False, progress=False,
-                    tensorboard=False, mixed_precision="auto" if bf16 else "no", callbacks=[probe])
+                    tensorboard=False, mixed_precision="auto" if bf16 else "no", callbacks=[probe], packing=packing,
+                    compile=compile)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     return [(r["step"], r["seconds"], r["tokens_seen"]) for r in rows if "tokens_seen" in r]
 
@@ -165,7 +177,7 @@ def run_baseline(model_dir: str, records: list[dict], out: Path, steps: int, bat
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=LR,
-                             warmup_steps=0.05, lr_scheduler_type="cosine", logging_steps=10, save_strategy="no",
+                             warmup_steps=0.05, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no",
                              report_to="none", use_cpu=True, bf16=bf16, dataloader_pin_memory=False,
                              remove_unused_columns=False, disable_tqdm=True, seed=0)
     Trainer(model=model, args=args, train_dataset=ds, data_collator=pad_to_longest,
@@ -187,15 +199,19 @@ def child(spec: dict) -> dict:
         def on_train_begin(self, args, state, control, **kw):
             rss_train_begin["mb"] = _rss_mb()
 
-    bf16 = spec["config"] in ("banklm", "baseline-bf16")
-    run = run_banklm if spec["config"].startswith("banklm") else run_baseline
-    marks = run(spec["model_dir"], records, Path(spec["out"]), spec["steps"], spec["batch"], bf16, Probe())
+    bf16 = spec["config"] in ("banklm", "banklm-compile", "banklm-packed", "baseline-bf16")
+    args = (spec["model_dir"], records, Path(spec["out"]), spec["steps"], spec["batch"], bf16, Probe())
+    if spec["config"].startswith("banklm"):
+        marks = run_banklm(*args, packing=True if spec["config"] == "banklm-packed" else "auto",
+                           compile=spec["config"] == "banklm-compile")
+    else:
+        marks = run_baseline(*args)
     (s0, t0, k0), (s1, t1, k1) = next(m for m in marks if m[0] == spec["warmup"]), marks[-1]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     model = load_model(spec["model_dir"], device="cpu")
     _, total = count_parameters(model)
     return {"model": spec["model"], "config": spec["config"], "batch": spec["batch"], "steps": s1,
-            "timed_steps": s1 - s0, "seconds": t1 - t0, "real_tokens": k1 - k0, "tokens_per_s": (k1 - k0) / (t1 - t0),
+            "timed_steps": s1 - s0, "seconds": t1 - t0, "warmup_seconds": t0, "real_tokens": k1 - k0, "tokens_per_s": (k1 - k0) / (t1 - t0),
             "tokens_per_step": (k1 - k0) / (s1 - s0), "params": total, "peak_rss_mb": peak_mb,
             "rss_at_train_begin_mb": rss_train_begin.get("mb"), "compute_dtype": "bf16" if bf16 else "fp32",
             "threads": torch.get_num_threads()}
@@ -222,6 +238,28 @@ def flops_per_token(model_dir: str, data: str) -> float:
     return 4 * matmul + 6 * lora + 12 * L * d * context
 
 
+# --------------------------------------------------------------------------- summary
+
+
+def summarise(runs: list[dict], peak: dict) -> dict:
+    """One (model, config) over its rounds: medians, the speed-up's range, the largest peak memory."""
+    from statistics import median
+
+    out = dict(runs[0])
+    for key in ("tokens_per_s", "tokens_per_step", "seconds", "warmup_seconds", "rss_at_train_begin_mb"):
+        vals = [r[key] for r in runs if r[key] is not None]
+        out[key] = median(vals) if vals else None
+    out["mfu"] = out["tokens_per_s"] * out["flops_per_token"] / peak[out["compute_dtype"]]
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    out["load_avg_1min_after"] = max(r["load_avg_1min_after"] for r in runs)
+    speedups = [r["speedup_vs_baseline"] for r in runs if r["speedup_vs_baseline"] is not None]
+    out["speedup_vs_baseline"] = median(speedups) if speedups else None
+    out["speedup_range"] = [min(speedups), max(speedups)] if speedups else None
+    out["rounds"] = [r["tokens_per_s"] for r in runs]
+    out.pop("round", None)
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -234,6 +272,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[16, 4], help="per-device batch per model (in order)")
     ap.add_argument("--per-task", type=int, default=600, help="generated training records per task")
     ap.add_argument("--lora-dropout", type=float, default=LORA["dropout"], help="for banklm and the baseline")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over all configurations; medians reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -253,48 +292,58 @@ def main() -> None:
     import psutil
 
     load_before = os.getloadavg()
-    results = []
-    for i, name in enumerate(args.models):
-        steps = args.steps[min(i, len(args.steps) - 1)]
-        batch = args.batch[min(i, len(args.batch) - 1)]
-        fpt = flops_per_token(inputs["models"][name], inputs["data"])
-        for config in args.configs:
-            spec = {"model": name, "config": config, "model_dir": inputs["models"][name], "data": inputs["data"],
-                    "out": str(workdir / f"out-{name}-{config}"), "steps": steps, "batch": batch,
-                    "warmup": min(args.warmup, steps - 1), "lora_dropout": args.lora_dropout}
-            cpu0 = psutil.cpu_times()
-            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                  text=True, cwd=workdir)
-            if proc.returncode != 0:
-                sys.exit(f"{name}/{config} failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-            res["flops_per_token"] = fpt
-            res["mfu"] = res["tokens_per_s"] * fpt / peak[res["compute_dtype"]]
-            busy = psutil.cpu_times()
-            res["load_avg_1min_after"] = os.getloadavg()[0]
-            res["cpu_busy_share"] = 1 - (busy.idle - cpu0.idle) / max(1e-9, sum(busy) - sum(cpu0))
-            results.append(res)
-            print(f"{name:>10} {config:<14} {res['tokens_per_s']:9.0f} real tok/s  MFU {100 * res['mfu']:.1f}%  "
-                  f"peak {res['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-    for r in results:
-        base = next((b for b in results if b["model"] == r["model"] and b["config"] == "baseline"), None)
+    runs = []  # one per (round, model, config)
+    for rnd in range(args.repeats):
+        for i, name in enumerate(args.models):
+            steps = args.steps[min(i, len(args.steps) - 1)]
+            batch = args.batch[min(i, len(args.batch) - 1)]
+            fpt = flops_per_token(inputs["models"][name], inputs["data"])
+            for config in args.configs:
+                spec = {"model": name, "config": config, "model_dir": inputs["models"][name], "data": inputs["data"],
+                        "out": str(workdir / f"out-{name}-{config}-{rnd}"), "steps": steps, "batch": batch,
+                        "warmup": min(args.warmup, steps - 1), "lora_dropout": args.lora_dropout}
+                cpu0 = psutil.cpu_times()
+                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                      text=True, cwd=workdir)
+                if proc.returncode != 0:
+                    sys.exit(f"{name}/{config} failed:\n{proc.stderr[-3000:]}")
+                res = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+                res["round"] = rnd
+                res["flops_per_token"] = fpt
+                res["mfu"] = res["tokens_per_s"] * fpt / peak[res["compute_dtype"]]
+                busy = psutil.cpu_times()
+                res["load_avg_1min_after"] = os.getloadavg()[0]
+                res["cpu_busy_share"] = 1 - (busy.idle - cpu0.idle) / max(1e-9, sum(busy) - sum(cpu0))
+                runs.append(res)
+                print(f"round {rnd + 1}/{args.repeats} {name:>10} {config:<14} {res['tokens_per_s']:9.0f} real tok/s  "
+                      f"MFU {100 * res['mfu']:.1f}%  peak {res['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    for r in runs:
+        base = next((b for b in runs if b["model"] == r["model"] and b["round"] == r["round"]
+                     and b["config"] == "baseline"), None)
         r["speedup_vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+    results = [summarise([r for r in runs if r["model"] == m and r["config"] == c], peak)
+               for m in args.models for c in args.configs]
 
     print(f"\nmatmul peak (n=2048): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s; "
           f"{psutil.cpu_count()} CPUs, load average before {load_before[0]:.2f}; LoRA r={LORA['r']} "
-          f"alpha={LORA['alpha']} dropout={LORA['dropout']}\n")
-    print("| model | params | config | batch | real tokens/step | real tokens/s | vs baseline | MFU | peak RSS (MB) "
-          "| RSS at train start (MB) | load avg after |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"alpha={LORA['alpha']} dropout={LORA['dropout']}; {args.repeats} round(s), medians\n")
+    print("| model | params | config | batch | real tokens/step | real tokens/s | vs baseline (range) | MFU "
+          "| warm-up (s) | peak RSS (MB) | RSS at train start (MB) | load avg after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        sp = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"
+        sp = "-"
+        if r["speedup_vs_baseline"] is not None:
+            lo, hi = r["speedup_range"]
+            sp = f"{r['speedup_vs_baseline']:.2f}x" + (f" ({lo:.2f}-{hi:.2f})" if len(r["rounds"]) > 1 else "")
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['config']} | {r['batch']} | {r['tokens_per_step']:,.0f} "
-              f"| {r['tokens_per_s']:,.0f} | {sp} | {100 * r['mfu']:.1f}% | {r['peak_rss_mb']:,.0f} "
+              f"| {r['tokens_per_s']:,.0f} | {sp} | {100 * r['mfu']:.1f}% | {r['warmup_seconds']:.1f} "
+              f"| {r['peak_rss_mb']:,.0f} "
               f"| {r['rss_at_train_begin_mb'] or 0:,.0f} | {r['load_avg_1min_after']:.2f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"peak_flops": peak, "inputs": inputs, "load_avg_before": load_before,
-                                         "results": results}, indent=2), encoding="utf-8")
+                                         "repeats": args.repeats, "results": results, "runs": runs}, indent=2),
+                             encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -48,16 +48,18 @@ def test_bench_export_smoke(repo, tmp_path):
 def test_bench_train_smoke(repo, tmp_path):
     out = tmp_path / "t.json"
     proc = subprocess.run([sys.executable, str(repo / "scripts" / "bench_train.py"), "--models", "tiny", "--configs",
-                           "banklm", "baseline", "--steps", "4", "--warmup", "1", "--batch", "4", "--per-task", "20",
-                           "--workdir", str(tmp_path / "w"), "--json", str(out)],
+                           "banklm", "banklm-packed", "baseline", "--steps", "4", "--warmup", "1", "--batch", "4",
+                           "--per-task", "20", "--repeats", "2", "--workdir", str(tmp_path / "w"), "--json", str(out)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text(encoding="utf-8"))
     rows = {r["config"]: r for r in res["results"]}
-    assert set(rows) == {"banklm", "baseline"} and rows["baseline"]["speedup_vs_baseline"] == 1.0
+    assert set(rows) == {"banklm", "banklm-packed", "baseline"} and rows["baseline"]["speedup_vs_baseline"] == 1.0
+    assert len(res["runs"]) == 6 and all(len(r["rounds"]) == 2 for r in rows.values())  # 2 rounds, medians
     assert res["peak_flops"]["fp32"] > 0 and res["inputs"]["records"] == 60
     for r in rows.values():
         assert r["timed_steps"] == 3 and r["real_tokens"] > 0 and 0 < r["mfu"] < 1 and r["peak_rss_mb"] > 0
     # packed rows carry several examples: more real tokens per step than 4 padded examples
-    assert rows["banklm"]["tokens_per_step"] > rows["baseline"]["tokens_per_step"]
+    assert rows["banklm-packed"]["tokens_per_step"] > rows["baseline"]["tokens_per_step"]
+    assert rows["banklm"]["warmup_seconds"] > 0
     assert "| tiny | " in proc.stdout and "matmul peak" in proc.stdout

@@ -20,6 +20,9 @@ from finetune.merge import merge_adapter  # noqa: E402
 from finetune.models import build_tiny_model, load_model  # noqa: E402
 from finetune.sft import (  # noqa: E402
     PackedRowsCollator,
+    batch_layout,
+    cpu_attention,
+    length_grouped_sampler,
     pack_length,
     precision_plan,
     prepare_cpt_dataset,
@@ -210,6 +213,108 @@ def test_packed_rows_equal_unpacked(base_dir):
         packed_loss = model(**batch).loss.item()
         unpacked = _completion_loss(model, tok, recs)
     assert abs(packed_loss - unpacked) < 1e-5
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padded_batch_without_mask_equals_unpadded(base_dir, attn):
+    """The padded layout: one example per row, right-padded, no attention mask and no position ids. Causal
+    attention never reaches the pads after a token, so every real position's logits equal the example run
+    alone, and the batch loss is the per-example completion loss."""
+    tok = load_tokenizer(base_dir)
+    model = load_model(base_dir, device="cpu", attn_implementation=attn)
+    model.config.use_cache = False
+    recs = _records(4, seed=11)
+    exs = [_completion_example(tok, r) for r in recs]
+    assert len({len(ids) for ids, _ in exs}) > 1  # the shorter rows are padded
+    batch = PackedRowsCollator(tok.pad_token_id)([{"input_ids": ids, "labels": lab} for ids, lab in exs])
+    assert set(batch) == {"input_ids", "labels"}  # no mask, no position ids: plain causal attention
+    assert (batch["input_ids"] == tok.pad_token_id).any()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+        for i, (ids, _) in enumerate(exs):
+            alone = model(torch.tensor([ids])).logits[0]
+            assert torch.allclose(logits[i, : len(ids)], alone, atol=1e-5)
+        loss = model(**batch).loss.item()
+    assert loss == pytest.approx(_completion_loss(model, tok, recs), abs=1e-5)
+
+
+def test_batch_layout_and_cpu_attention():
+    assert batch_layout("auto", "sft", flash=False) == "padded"
+    assert batch_layout("auto", "sft", flash=False, group_by_length=True) == "grouped"
+    assert batch_layout("auto", "cpt", flash=False) == "packed"  # raw documents: full rows
+    assert batch_layout("auto", "sft", flash=True) == "padding_free"
+    assert batch_layout(True, "sft", flash=False) == "packed"
+    assert batch_layout(True, "cpt", flash=True) == "padding_free"
+    assert batch_layout(False, "cpt", flash=True) == "padded"
+    with pytest.raises(ValueError, match="'auto'"):
+        batch_layout("yes", "sft", flash=False)
+    bf16 = {"bf16": True, "attn_implementation": "sdpa"}
+    assert cpu_attention("cpu", bf16, 256) == "eager"
+    assert cpu_attention("cpu", bf16, 257) == "sdpa"  # long rows: the flash kernel wins
+    assert cpu_attention("cpu", {**bf16, "bf16": False}, 128) == "sdpa"  # fp32: sdpa as fast or faster
+    assert cpu_attention("cuda", bf16, 128) == "sdpa"
+    assert cpu_attention("cuda", {**bf16, "attn_implementation": "flash_attention_2"}, 128) == "flash_attention_2"
+
+
+def test_length_grouped_sampler_is_seeded_per_epoch_and_groups_lengths():
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 200) for _ in range(400)]
+    s = length_grouped_sampler(lengths, 8, seed=3)
+    e0 = list(s)
+    assert sorted(e0) == list(range(400))
+    s.set_epoch(1)
+    e1 = list(s)
+    assert e1 != e0 and sorted(e1) == sorted(e0)
+    s.set_epoch(0)
+    assert list(s) == e0
+    resumed = length_grouped_sampler(lengths, 8, seed=3)  # a new process (resume) in epoch 1
+    resumed.set_epoch(1)
+    assert list(resumed) == e1
+    assert list(length_grouped_sampler(lengths, 8, seed=4)) != e0
+
+    def padding(order):
+        batches = [order[k:k + 8] for k in range(0, len(order), 8)]
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+    shuffled = torch.randperm(400, generator=torch.Generator().manual_seed(0)).tolist()
+    assert padding(e0) < 0.2 * padding(shuffled)
+
+
+def test_bf16_lora_step_skips_the_fp32_round_trip_exactly(base_dir, data):
+    """LoRA on a bf16 base under autocast: the training step turns off PEFT's cast of each adapter input to
+    fp32 (autocast casts it straight back); loss and gradients are bit-identical either way."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from trl import SFTConfig
+
+    from finetune.sft import make_trainer_classes
+
+    tok = load_tokenizer(base_dir)
+    BudgetTrainer, _ = make_trainer_classes()
+    model = get_peft_model(load_model(base_dir, device="cpu", dtype=torch.bfloat16),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    args = SFTConfig(output_dir=str(base_dir.parent / "bf16_ck"), packing=False, max_length=256, bf16=True,
+                     completion_only_loss=True, report_to="none", use_cpu=True, dataloader_pin_memory=False)
+    trainer = BudgetTrainer(model=model, args=args, train_dataset=prepare_sft_dataset(data[0].select(range(8))),
+                            processing_class=tok)
+    trainer.banklm_sparse_head = True
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); this test calls training_step alone
+    batch = PackedRowsCollator(tok.pad_token_id)([trainer.train_dataset[i] for i in range(4)])
+    layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+    seen = []
+    layer.register_forward_pre_hook(lambda m, a: seen.append(m.cast_input_dtype_enabled))
+    results = []
+    for skip in (False, True):
+        trainer.banklm_autocast_lora = skip
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate wraps the prepared forward in
+            loss = trainer.training_step(model, dict(batch))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+    assert seen == [True, False] and layer.cast_input_dtype_enabled  # restored after the step
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == loss_b
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
 
 
 def test_label_positions_head_equals_trl_loss(base_dir, data):
@@ -454,7 +559,7 @@ def stop_run(base_dir, tmp_path_factory):
     task_records = _constant_answer_records(12, seed=23)
     summary = train_causal_lm(base_dir, train.select_columns(["id", "messages"]), ev.select_columns(["messages"]),
                               out, method="full", lr=5e-3, max_steps=48, batch_size=8, max_length=256,
-                              logging_steps=6, seed=0, device="cpu", mixed_precision="no",
+                              logging_steps=6, seed=0, device="cpu", mixed_precision="no", packing=True,
                               task_eval_records=task_records, task_eval_steps=24, task_eval_max_new_tokens=48)
     return out, summary, task_records
 
@@ -466,6 +571,7 @@ def test_full_sft_learns_to_stop(stop_run, base_dir):
 
     out, s, _ = stop_run
     assert s["method"] == "full" and s["steps"] == 48 and s["trainable_params"] == s["total_params"]
+    assert s["batch_layout"] == "packed"  # packing=True: rows of several examples, position ids restarting
     assert s["examples_truncated"] == 0 and s["pack_length"] < 256  # short examples: short packed rows
     losses = _losses(out)
     assert losses[48] < losses[1] - 3.0, losses
@@ -600,12 +706,15 @@ def test_checkpoint_completeness_fingerprint_and_rotation(tmp_path):
     assert find_resumable(ck, "C") is None and not list(ck.iterdir())
 
 
-def test_resume_mid_epoch_equals_uninterrupted(base_dir, data, tmp_path):
+@pytest.mark.parametrize("packing,group_by_length", [("auto", False), ("auto", True), (True, False)])
+def test_resume_mid_epoch_equals_uninterrupted(base_dir, data, tmp_path, packing, group_by_length):
     """Crash two steps after a checkpoint taken one batch into the second epoch (keep 1): the re-run resumes
-    there and reaches the very same losses and adapter weights (LoRA dropout on: RNG states restored)."""
+    there and reaches the very same losses and adapter weights (LoRA dropout on: RNG states restored), in
+    every layout: padded examples, grouped by length (the sampler's order is seeded per epoch), packed rows."""
     train, ev = data
-    kw = dict(method="lora", lr=3e-3, max_steps=12, batch_size=16, max_length=256, lora_r=8, lora_dropout=0.1,
-              logging_steps=1, seed=0, device="cpu", mixed_precision="no", keep_checkpoints=1, merge=False)
+    kw = dict(method="lora", lr=3e-3, max_steps=12, batch_size=16 if packing is True else 40, max_length=256,
+              lora_r=8, lora_dropout=0.1, logging_steps=1, seed=0, device="cpu", mixed_precision="no",
+              keep_checkpoints=1, merge=False, packing=packing, group_by_length=group_by_length)
     ref = train_causal_lm(base_dir, train, ev, tmp_path / "ref", **kw)
     per_epoch = round(ref["planned_steps"] / ref["epochs"])
     save = per_epoch + 1  # one batch into epoch 2
@@ -686,7 +795,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(base_dir, data, tmp_path, repo):
     """torchrun --nproc_per_node 2 on CPU/gloo, 4 examples per process == one process with 8: same losses and
-    weights; only rank 0 writes; a time budget stops both ranks at the same step (no hang)."""
+    weights, in each layout (padded examples, the CPU default; grouped by length; packed rows); only rank 0
+    writes; a time budget stops both ranks at the same step (no hang)."""
     import subprocess
     import sys
 
@@ -698,13 +808,15 @@ def test_two_process_ddp_matches_one_process(base_dir, data, tmp_path, repo):
     budget_kw = {**kw, "max_steps": 10_000, "time_budget_s": 3, "merge": False}
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    runs = [[str(tmp_path / "ddp"), {**kw, "batch_size": 4}], [str(tmp_path / "ddp_budget"), {**budget_kw, "batch_size": 4}]]
+    runs = [[str(tmp_path / "ddp"), {**kw, "batch_size": 4}], [str(tmp_path / "ddp_budget"), {**budget_kw, "batch_size": 4}],
+            [str(tmp_path / "ddp_packed"), {**kw, "batch_size": 2, "packing": True, "merge": False}],
+            [str(tmp_path / "ddp_grouped"), {**kw, "batch_size": 4, "group_by_length": True, "merge": False}]]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(repo / "tests" / "ddp_worker.py"), str(base_dir), str(train_file), json.dumps(runs), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for rank in (0, 1) for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()]
-    assert len(reports) == 4
+    assert len(reports) == 8
     by_run = {}
     for r in reports:
         by_run.setdefault(r["out"], []).append(r)
@@ -718,7 +830,14 @@ def test_two_process_ddp_matches_one_process(base_dir, data, tmp_path, repo):
     a, b = _adapter_tensors(tmp_path / "one"), _adapter_tensors(tmp_path / "ddp")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["world_size"] == 2 and summary["steps"] == 4 and summary["batch_layout"] == "padded"
+    for name, layout, extra in (("packed", "packed", {"batch_size": 4, "packing": True}),
+                                ("grouped", "grouped", {"batch_size": 8, "group_by_length": True})):
+        one_run = train_causal_lm(base_dir, train, None, tmp_path / f"one_{name}", **{**kw, **extra, "merge": False})
+        assert one_run["batch_layout"] == layout
+        assert _losses(tmp_path / f"ddp_{name}") == pytest.approx(_losses(tmp_path / f"one_{name}"), abs=1e-4)
+        a, b = _adapter_tensors(tmp_path / f"one_{name}"), _adapter_tensors(tmp_path / f"ddp_{name}")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert (tmp_path / "ddp" / "merged" / "model.safetensors").is_file()
 
 
@@ -739,7 +858,7 @@ train:
   lr: 3.0e-3
   max_steps: 80
   batch_size: 8
-  max_length: 256
+  max_length: 512       # this test tokenizer (395 pieces) makes credit examples 300-480 tokens long
   save_steps: 5
   logging_steps: 5
 eval: {{enabled: false}}
@@ -805,3 +924,61 @@ def test_truncated_examples_are_counted(base_dir, data, tmp_path, caplog):
                             merge=False, device="cpu")
     assert s["examples_truncated"] == expected
     assert f"{expected} of 16 training examples are longer than max_length={limit}" in caplog.text
+
+
+@pytest.mark.parametrize("packing", ["auto", True])
+def test_examples_that_lose_their_answer_are_counted(base_dir, data, tmp_path, caplog, packing):
+    """An example whose prompt alone fills max_length has no answer token left after the cut (TRL leaves it
+    out of unpacked data; packed, it stays fully masked). banklm counts it (summary + warning), and stops
+    with a clear error when no example is left to learn from."""
+    import logging
+
+    train, _ = data
+    small = train.select(range(16))
+    tok = load_tokenizer(base_dir)
+    prompt_lengths = [_completion_example(tok, r)[1].count(-100) for r in small.to_list()]
+    limit = sorted(prompt_lengths)[len(prompt_lengths) // 2]
+    expected = sum(n >= limit for n in prompt_lengths)
+    assert 0 < expected < len(prompt_lengths)
+    with caplog.at_level(logging.WARNING, logger="banklm"):
+        s = train_causal_lm(base_dir, small, None, tmp_path / "t", max_steps=1, batch_size=4, max_length=limit,
+                            merge=False, device="cpu", packing=packing)
+    assert s["examples_without_answer"] == expected
+    assert f"{expected} of 16 training examples lose their whole answer at max_length={limit}" in caplog.text
+    with pytest.raises(ValueError, match="no training example is left: all 16"):
+        train_causal_lm(base_dir, small, None, tmp_path / "u", max_steps=1, batch_size=4,
+                        max_length=min(prompt_lengths), merge=False, device="cpu", packing=packing)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_train_like_eager(base_dir, data, tmp_path):
+    """compile=True: every decoder layer runs through inductor; the losses equal the eager run's within float
+    tolerance, and the merged model keeps the eager run's tensor names (nothing of the compiled wrappers)."""
+    from safetensors.torch import load_file
+
+    train, _ = data
+    kw = dict(method="lora", lr=3e-3, max_steps=3, batch_size=8, max_length=256, lora_r=8, logging_steps=1,
+              seed=0, device="cpu", mixed_precision="no")
+    ref = train_causal_lm(base_dir, train, None, tmp_path / "eager", **kw)
+    s = train_causal_lm(base_dir, train, None, tmp_path / "compiled", compile=True, **kw)
+    assert ref["compiled"] is None and s["compiled"] == "decoder layers"
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), abs=1e-4)
+    a = load_file(str(tmp_path / "eager" / "merged" / "model.safetensors"))
+    b = load_file(str(tmp_path / "compiled" / "merged" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+
+
+def test_compile_is_skipped_with_a_warning_where_inductor_cannot_build(base_dir, monkeypatch, caplog):
+    import logging
+    import shutil
+
+    from finetune.sft import compile_decoder_layers
+
+    model = load_model(base_dir, device="cpu")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="banklm"):
+        assert compile_decoder_layers(model, "cpu") is None
+        assert compile_decoder_layers(model, "mps") is None
+    assert "compile: skipped, a C++ compiler (g++) is not available" in caplog.text
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
