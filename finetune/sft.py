@@ -377,14 +377,15 @@ def make_trainer_classes():
 def answerless_examples(prepared, n_examples: int) -> int:
     """Examples with no label left after the cut at max_length (a prompt that fills it alone). Unpacked, TRL
     leaves them out of ``prepared``; packed rows keep them, all positions masked (no loss either way)."""
+    import numpy as np
+
     if "seq_lengths" not in prepared.column_names:
         return n_examples - len(prepared)
     count = 0
     for labels, lengths in zip(prepared["labels"], prepared["seq_lengths"], strict=True):
-        start = 0
-        for n in lengths:
-            count += all(t == -100 for t in labels[start:start + n])
-            start += n
+        labelled = np.asarray(labels) != -100
+        starts = np.cumsum([0, *lengths[:-1]])
+        count += int((np.add.reduceat(labelled, starts) == 0).sum())
     return count
 
 
