@@ -392,8 +392,8 @@ class TrainHyper(Section):
     group_by_length: bool = False
     completion_only_loss: bool = True
     gradient_checkpointing: bool = False
-    # torch.compile each decoder layer: +32% / +11% tokens/s on CPU (quickstart size / 100M) after a 20-30 s
-    # compile; pays for runs of several minutes (BENCHMARKS.md, "Fine-tuning throughput")
+    # torch.compile each decoder layer: +9% / +15% tokens/s on CPU (quickstart size / 100M) after compiling in
+    # the first steps; pays for runs of several minutes (BENCHMARKS.md, "Fine-tuning throughput")
     compile: bool = False
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)  # validation loss every N steps (default: each epoch end)

@@ -250,9 +250,9 @@ def compile_decoder_layers(model, device: str) -> str | None:
     sequence lengths; the state dict keeps its names, so saving and merging are unchanged). Returns
     ``"decoder layers"``, or None (with a warning) where inductor cannot build kernels here.
 
-    Measured on CPU (LoRA SFT, bf16, scenario mix; BENCHMARKS.md): +32% steady-state tokens/s on the
-    quickstart-size model after about 20 s of compiling, +11% at 100M parameters after about 30 s; it pays
-    for runs of several minutes and more."""
+    Measured on CPU (LoRA SFT, bf16, scenario mix; ``scripts/bench_train.py``, BENCHMARKS.md): median
+    steady-state tokens/s +9% on the quickstart-size model and +15% at 100M parameters, for a longer first
+    step (the compiling); it pays for runs of several minutes and more."""
     import shutil
 
     import torch
@@ -482,9 +482,6 @@ def attention_key_cost(config, params: int) -> float:
     """Attention FLOPs per attended key (QK and AV: 4 x layers x hidden) over the other FLOPs per token
     (2 x parameters): what one more key in every row costs, relative to one more token."""
     return 2 * config.num_hidden_layers * config.hidden_size / max(1, params)
-
-
-LAYOUTS = ("padding_free", "packed", "padded", "grouped")
 
 
 def batch_layout(packing: bool | str, mode: str, flash: bool, group_by_length: bool = False) -> str:
