@@ -384,17 +384,17 @@ class TrainHyper(Section):
     scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    # auto: packed with flash-attention 2 (varlen, free) and for CPT; otherwise SFT batches of examples in
-    # random order, no mask (finetune.sft.batch_layout); true: always packed rows; false: never packed
+    # auto: SFT batches of examples in random order, concatenated into one row without padding (varlen
+    # attention), CPT packed rows (finetune.sft.batch_layout); true: always packed rows; false: padded rows
     packing: Literal[True, False, "auto"] = "auto"
     # unpacked batches of similar-length examples: less padding, but where length goes with the task (the
     # scenario mix) it cost the quickstart 0.81 -> 0.59 accuracy (finetune.sft.length_grouped_sampler)
     group_by_length: bool = False
     completion_only_loss: bool = True
     gradient_checkpointing: bool = False
-    # torch.compile each decoder layer: +9% / +15% tokens/s on CPU (quickstart size / 100M) after compiling in
-    # the first steps; pays for runs of several minutes (BENCHMARKS.md, "Fine-tuning throughput")
-    compile: bool = False
+    # torch.compile each decoder layer (finetune.sft.wants_compile): auto = runs with a time budget of 5 min or
+    # more (without one: 300+ steps); faster after compiling in the first steps (BENCHMARKS.md)
+    compile: Literal[True, False, "auto"] = "auto"
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)  # validation loss every N steps (default: each epoch end)
     early_stopping_patience: int | None = Field(None, ge=1)  # stop after N evaluations without a lower loss

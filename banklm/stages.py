@@ -701,8 +701,6 @@ def plan_request(r: Recipe, section: str | None = None) -> dict:
     default, ``cpt`` when only it is enabled, or ``distill``: the student's training) and the recipe's target
     card (``plan.gpu_mem``). For ``distill`` also the teacher: its model, bits, and whether it runs live next
     to the student (logit KD without a top-k cache) or in a pass of its own before the student trains."""
-    from finetune.sft import batch_layout
-
     section = section or ("cpt" if r.cpt.enabled and not r.train.enabled else "train")
     if section == "distill" and not r.distill.enabled:
         raise ValueError("--section distill: the recipe's distill.enabled is false")
@@ -714,8 +712,8 @@ def plan_request(r: Recipe, section: str | None = None) -> dict:
     setup = {"method": p.method, "seq_len": p.max_length, "batch_size": p.batch_size, "grad_accum": p.grad_accum,
              "lora_r": p.lora.r, "lora_dropout": p.lora.dropout, "dora": p.lora.dora,
              "grad_ckpt": p.gradient_checkpointing,
-             # packed rows carry a block-diagonal mask (sdpa/eager; flash needs none), unpacked batches none
-             "packing": batch_layout(p.packing, "cpt" if section == "cpt" else "sft", flash=False) == "packed"}
+             # no batch layout builds a mask: flat rows use varlen attention, padded rows plain causal
+             "packing": False}
     req = {"section": section, "model": model, "setup": setup, "gpu_mem": r.plan.gpu_mem}
     if section == "distill":
         d = r.distill

@@ -29,8 +29,9 @@ import os
 from pathlib import Path
 
 from banklm.io import atomic_write_json, sha256_file
+from finetune.attention import NAME as VARLEN_ATTENTION
 from finetune.models import load_model
-from finetune.sft import PackedRowsCollator, make_trainer_classes, train_causal_lm
+from finetune.sft import PackedRowsCollator, forward_inputs, make_trainer_classes, train_causal_lm
 from finetune.tokenizer import load_tokenizer
 
 from .losses import DIVERGENCES, TAILS, kd_loss
@@ -46,8 +47,8 @@ class TeacherCacheCollator(PackedRowsCollator):
     every row is in the cache; a batch with an unknown row (the eval set) gets none.
     """
 
-    def __init__(self, pad_token_id: int, cache):
-        super().__init__(pad_token_id)
+    def __init__(self, pad_token_id: int, cache, flat: bool = False):
+        super().__init__(pad_token_id, flat)
         self.cache = cache
 
     def __call__(self, examples: list[dict]) -> dict:
@@ -77,7 +78,7 @@ def kd_trainer_class():
             topk = [inputs.pop(k, None) for k in TEACHER_KEYS]
             if not model.training:  # evaluation: plain cross-entropy
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            fwd = {k: inputs[k] for k in ("input_ids", "position_ids", "attention_mask") if k in inputs}
+            fwd = forward_inputs(inputs)
             outputs = model(**fwd, use_cache=False)
             v = self.vocab_size
             student_logits = outputs.logits[..., :v] if v else outputs.logits
@@ -90,7 +91,7 @@ def kd_trainer_class():
                 # give it the same mixed precision explicitly (bf16 on CPU: ~2x faster than fp32)
                 with torch.no_grad(), self.accelerator.autocast():
                     t_dev = next(self.teacher.parameters()).device
-                    t_out = self.teacher(**{k: x.to(t_dev) for k, x in fwd.items()}, use_cache=False)
+                    t_out = self.teacher(**forward_inputs(fwd, t_dev), use_cache=False)
                     teacher_logits = t_out.logits[..., :v] if v else t_out.logits
                     teacher_logits = teacher_logits.to(student_logits.device)
             parts = kd_loss(student_logits, inputs["labels"], teacher_logits=teacher_logits,
@@ -210,6 +211,8 @@ def train_logit_kd(
         if top_k is None:
             trainer.teacher = state["teacher"] = load_teacher(teacher_dir, device, teacher_quantization,
                                                               teacher_dtype)
+            if trainer.model.config._attn_implementation == VARLEN_ATTENTION:  # flat batches: the same kernel
+                trainer.teacher.set_attn_implementation(VARLEN_ATTENTION)
             return
         rows = trainer.train_dataset
         fingerprint = data_fingerprint(rows)
@@ -234,7 +237,8 @@ def train_logit_kd(
                 student.to(device)
         info["cache"] = {"folder": str(where), "rows": cache.meta["rows"], "positions": cache.meta["positions"],
                          "bytes": sum(f.stat().st_size for f in where.iterdir())}
-        trainer.data_collator = TeacherCacheCollator(trainer.processing_class.pad_token_id, cache)
+        trainer.data_collator = TeacherCacheCollator(trainer.processing_class.pad_token_id, cache,
+                                                     flat=trainer.data_collator.flat)
 
     summary = train_causal_lm(student_dir, train_ds, eval_ds, out_dir, mode="sft", device=device,
                               trainer_class=kd_trainer_class(), setup_trainer=setup, **train_kwargs)

@@ -120,16 +120,16 @@ def build_teacher_cache(teacher, rows: Sequence[dict], out_dir: str | Path, *, p
     """Run ``teacher`` over ``rows`` (dicts with ``input_ids``, ``labels``, optional ``seq_lengths``) in
     chunks of ``batch_rows`` and write the top-k cache atomically into ``out_dir``.
 
-    Rows are batched with the trainer's own collator (:class:`finetune.sft.PackedRowsCollator`: position
-    ids restart per packed example, no attention mask, first token of each example unlabelled; rows of one
-    example each, as in the ``grouped`` layout, go without position ids), so the
-    stored positions are exactly those the student's loss uses. ``vocab_size`` keeps only the first logit
+    Rows are batched with the trainer's own collator (:class:`finetune.sft.PackedRowsCollator`, right-padded
+    rows: position ids restart per packed example, no attention mask, first token of each example
+    unlabelled), so the stored positions, in row order, are exactly those the student's loss uses, whether
+    its batches are padded rows or one flat row. ``vocab_size`` keeps only the first logit
     columns (a teacher whose embedding matrix is padded beyond the shared vocabulary).
     """
     import torch
     from safetensors.torch import save_file
 
-    from finetune.sft import PackedRowsCollator
+    from finetune.sft import PackedRowsCollator, forward_inputs
 
     from .losses import completion_positions, topk_teacher
 
@@ -171,8 +171,7 @@ def build_teacher_cache(teacher, rows: Sequence[dict], out_dir: str | Path, *, p
             for start in range(0, len(rows), batch_rows):
                 chunk = [rows[i] for i in range(start, min(start + batch_rows, len(rows)))]
                 batch = collate(chunk)
-                fwd = {k: batch[k].to(device) for k in ("input_ids", "position_ids") if k in batch}
-                logits = teacher(**fwd, use_cache=False).logits
+                logits = teacher(**forward_inputs(batch, device), use_cache=False).logits
                 if vocab_size:
                     logits = logits[..., :vocab_size]
                 mask = completion_positions(batch["labels"]).to(device)

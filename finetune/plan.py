@@ -221,7 +221,7 @@ class Setup:
     lora_dropout: float = 0.0         # the recipe default (banklm/recipe.py), as PEFT and torchtune
     dora: bool = False
     grad_ckpt: bool = False
-    packing: bool = True        # packed rows (a block-diagonal mask with sdpa); False: grouped batches, no mask
+    packing: bool = True        # rows with a block-diagonal mask (sdpa; the validation probe's batches); banklm builds none
     attn: str = "sdpa"          # sdpa | flash (flash_attention_2: no mask, GQA native) | eager
     device: str = "cuda"        # cuda | cpu
     precision: str = "bf16"     # bf16 | fp16 (autocast) | fp32

@@ -23,11 +23,12 @@ Data
 * CPT: a ``text`` column (``messages`` are rendered to text) is tokenized here and ``</s>`` (the
   document separator, not the chat EOS) is appended; every token is a label.
 * Padding and EOS: ``pad`` is ``<pad>`` (id 3) and never a label, so no mask hides the EOS.
-* Batches (``packing``, :func:`batch_layout`): ``"auto"`` packs with TRL's best-fit decreasing where
-  flash-attention's varlen kernel makes packing free, and for CPT; otherwise SFT batches hold examples in
-  random order, right-padded, with no mask (``group_by_length``: of similar length). ``True`` always packs
-  (position ids restart at each example, so attention stays within it; ``use_cache`` is off during
-  training: packed batches must never run with the cache on); ``False`` never does.
+* Batches (``packing``, :func:`batch_layout`): ``"auto"`` concatenates each SFT batch's examples (random
+  order) into one row without padding, attention kept within each example by a varlen kernel
+  (flash-attention 2's, or :mod:`finetune.attention` on sdpa/eager); for CPT it packs examples into rows
+  of ``max_length`` with TRL's best-fit decreasing. ``True`` always packs; ``False`` pads one example per
+  row (``group_by_length``: batches of similar length). ``use_cache`` is off during training: flat and
+  packed batches must never run with the cache on.
 
 Time budget
 -----------
@@ -142,47 +143,73 @@ def prepare_cpt_dataset(ds, tokenizer, eos_token: str = EOS):
 
 
 class PackedRowsCollator:
-    """Batch rows (packed or single examples) as right-padded ``[batch, longest]`` tensors, no attention mask.
+    """Batch rows (single examples, or several packed by TRL) for the trainer; never an attention mask.
 
-    Packed rows: position ids restart at each example. TRL's padding-free collator concatenates the whole
-    batch into ONE row, which is ideal for flash-attention varlen kernels but costs O((batch*len)^2) with
-    sdpa/eager. Keeping rows separate costs O(batch*len^2); transformers derives a block-diagonal mask from
-    the position ids (``find_packed_sequence_indices``) whenever ``attention_mask`` is None, so examples
-    never see each other. The first token of each example gets label -100 (it must not be predicted from
-    the previous example).
+    ``flat=True`` (the ``unpadded`` and ``packed`` layouts): every example of the batch goes into ONE row,
+    position ids restarting per example, with the example boundaries as TRL's padding-free collator gives
+    them (``cu_seq_lens_q``/``_k``, ``max_length_q``/``_k``). Linear layers then see real tokens only, and
+    the varlen attention (flash-attention 2's, or :func:`finetune.attention.varlen_attention` on sdpa/eager)
+    keeps each example to itself.
 
-    A batch where every row holds one example (the ``padded`` layout) gets no position ids and no mask:
-    with right padding a causal token never attends to the pads after it, so the default positions and
-    plain causal attention (sdpa's ``is_causal`` kernel, no mask built) are exact.
+    ``flat=False`` (``padded``, ``grouped`` and the teacher cache): right-padded ``[rows, longest]``
+    tensors. A row of one example gets the plain positions ``0..longest-1``: a causal token never attends
+    to the pads after it, so plain causal attention is exact and no mask is built. Packed rows get position
+    ids restarting per example, from which transformers derives a block-diagonal mask.
+
+    Either way the first token of each example gets label -100: it must not be predicted from the previous
+    example.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, flat: bool = False):
         self.pad_token_id = pad_token_id
+        self.flat = flat
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
+
+        lengths = [ex.get("seq_lengths") or [len(ex["input_ids"])] for ex in examples]
+        for ex, lens in zip(examples, lengths, strict=True):
+            if sum(lens) != len(ex["input_ids"]):
+                raise ValueError(f"a packed row of {len(ex['input_ids'])} tokens lists examples of {sum(lens)}")
+        positions = [torch.cat([torch.arange(m) for m in lens]) for lens in lengths]
+        if self.flat:
+            input_ids = torch.as_tensor([t for ex in examples for t in ex["input_ids"]]).unsqueeze(0)
+            labels = torch.as_tensor([t for ex in examples for t in ex.get("labels", ex["input_ids"])]).unsqueeze(0)
+            position_ids = torch.cat(positions).unsqueeze(0)
+            labels[position_ids == 0] = -100
+            seq_lens = torch.as_tensor([m for lens in lengths for m in lens])
+            cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+            cu[1:] = seq_lens.cumsum(0)
+            longest = int(seq_lens.max())
+            return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                    "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
         longest = max(len(ex["input_ids"]) for ex in examples)
         n = len(examples)
         input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, longest), -100, dtype=torch.long)
-        position_ids = torch.zeros((n, longest), dtype=torch.long)
-        packed = False
+        position_ids = torch.arange(longest).repeat(n, 1)
         for i, ex in enumerate(examples):
-            ids = ex["input_ids"]
-            k = len(ids)
-            input_ids[i, :k] = torch.as_tensor(ids)
-            labels[i, :k] = torch.as_tensor(ex.get("labels", ids))
-            lengths = ex.get("seq_lengths") or [k]
-            packed = packed or len(lengths) > 1
-            pos = torch.cat([torch.arange(m) for m in lengths])
-            position_ids[i, :k] = pos[:k]
-            # pad positions: 0 each, so every pad token is its own one-token "sequence"
+            k = len(ex["input_ids"])
+            input_ids[i, :k] = torch.as_tensor(ex["input_ids"])
+            labels[i, :k] = torch.as_tensor(ex.get("labels", ex["input_ids"]))
+            if len(lengths[i]) > 1:  # packed: positions restart per example; each pad its own "sequence"
+                position_ids[i, :k] = positions[i]
+                position_ids[i, k:] = 0
         labels[position_ids == 0] = -100
-        batch = {"input_ids": input_ids, "labels": labels}
-        if packed:
-            batch["position_ids"] = position_ids
-        return batch
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                "max_length_k")  # what a batch hands the model's forward (the rest is labels and loss inputs)
+
+
+def forward_inputs(batch: dict, device=None) -> dict:
+    """The model inputs of a collated batch, tensors moved to ``device`` (the distillation teacher's)."""
+    import torch
+
+    return {k: (v.to(device) if device is not None and isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items() if k in FORWARD_KEYS}
 
 
 # --------------------------------------------------------------------------- devices and precision
@@ -232,27 +259,43 @@ def precision_plan(device: str, method: str, mixed_precision: str = "auto") -> d
             "quantization": "4bit" if method == "qlora" else None}
 
 
-EAGER_MAX_ROW = 256  # CPU, bf16: eager attention beats sdpa's flash kernel up to rows of this length
-
-
 def cpu_attention(device: str, plan: dict, longest_row: int) -> str:
     """The attention kernel for training: ``plan``'s, except eager on CPU under bf16 autocast for rows of
-    at most :data:`EAGER_MAX_ROW` tokens. Measured (fwd + bwd, 4 heads of 64, 4,096 tokens): sdpa's CPU
+    at most :data:`finetune.attention.EAGER_MAX_ROW` tokens. Measured (fwd + bwd, 4 heads of 64, 4,096 tokens): sdpa's CPU
     flash kernel in bf16 takes 1.7x eager's time at 128 tokens, the same at 256, and wins from 512 on
     (3-4x at 1-2k tokens, where eager's L x L scores also cost memory)."""
+    from .attention import EAGER_MAX_ROW
+
     if device == "cpu" and plan["bf16"] and plan["attn_implementation"] == "sdpa" and longest_row <= EAGER_MAX_ROW:
         return "eager"
     return plan["attn_implementation"]
 
 
-def compile_decoder_layers(model, device: str) -> str | None:
+COMPILE_MIN_SECONDS = 300  # compile: auto compiles runs planned for at least this long (time budget) ...
+COMPILE_MIN_STEPS = 300  # ... or, without a budget, for at least this many optimizer steps
+
+
+def wants_compile(choice: bool | str, time_budget_s: float | None, planned_steps: int) -> bool:
+    """``compile`` (True, False or ``"auto"``) for a run: ``auto`` compiles a long run only, one whose time
+    budget is at least :data:`COMPILE_MIN_SECONDS` (or, without a budget, of at least
+    :data:`COMPILE_MIN_STEPS` steps). Measured on CPU at quickstart size: the first step takes 44 s with
+    inductor's cache empty (8-22 s with it warm), the steps after it +20-28% tokens/s (BENCHMARKS.md); short
+    runs would lose."""
+    if choice not in (True, False, "auto"):
+        raise ValueError(f"compile must be true, false or 'auto', got {choice!r}")
+    if choice != "auto":
+        return bool(choice)
+    if time_budget_s:
+        return time_budget_s >= COMPILE_MIN_SECONDS
+    return planned_steps >= COMPILE_MIN_STEPS
+
+
+def compile_decoder_layers(model, device: str, quiet: bool = False) -> str | None:
     """Compile each decoder layer in place (regional compilation: one graph reused by every layer, dynamic
     sequence lengths; the state dict keeps its names, so saving and merging are unchanged). Returns
-    ``"decoder layers"``, or None (with a warning) where inductor cannot build kernels here.
-
-    Measured on CPU (LoRA SFT, bf16, scenario mix; ``scripts/bench_train.py``, BENCHMARKS.md): median
-    steady-state tokens/s +9% on the quickstart-size model and +15% at 100M parameters, for a longer first
-    step (the compiling); it pays for runs of several minutes and more."""
+    ``"decoder layers"``, or None where inductor cannot build kernels here (with a warning, or an info line
+    when ``quiet``: ``compile: auto`` on a machine without the toolchain).
+    """
     import shutil
 
     import torch
@@ -264,7 +307,8 @@ def compile_decoder_layers(model, device: str) -> str | None:
     else:
         missing = f"inductor kernels for {device}"
     if missing:
-        log.warning("compile: skipped, %s is not available; training runs uncompiled", missing)
+        (log.info if quiet else log.warning)("compile: skipped, %s is not available; training runs uncompiled",
+                                             missing)
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", None), "layers", None)
@@ -446,64 +490,44 @@ def token_lengths(data, tokenizer, mode: str) -> list[int]:
     return [len(ids) + extra for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def pack_length(lengths: list[int], max_length: int, key_cost: float) -> int:
-    """Row length for packing when attention is sdpa/eager (no flash-attention varlen kernel).
+def batch_layout(packing: bool | str, mode: str, group_by_length: bool = False) -> str:
+    """How examples become batches, from ``packing`` (True, False or ``"auto"``).
 
-    Such a row costs attention over its whole length (the block-diagonal mask is materialised), and the
-    room best-fit packing leaves empty in a row is computed as padding. So the row length is chosen, among
-    multiples of 32 from the longest example (none is cut) to ``max_length``, to minimise the simulated
-    cost: rows x length x (1 + ``key_cost`` x length), with the rows counted by best-fit decreasing (TRL's
-    ``bfd``) on the real lengths (a sample of 20,000). ``key_cost``: attention work per key relative to a
-    token's other work (:func:`attention_key_cost`). Measured on the quickstart model: +31% tokens/s for
-    rows of 256 instead of 512; the fill of the rows matters as much (192: 87% full, 256: 81%, 288: 97%).
-    """
-    import bisect
-
-    if not lengths:
-        return max_length
-    sample = sorted(lengths, reverse=True)[:: max(1, len(lengths) // 20_000)]
-    longest = min(max(lengths), max_length)
-
-    def rows(width: int) -> int:
-        room: list[int] = []  # free space per open row, ascending
-        for n in sample:
-            n = min(n, width)
-            i = bisect.bisect_left(room, n)  # the fullest row it fits in
-            left = (room.pop(i) if i < len(room) else width) - n
-            bisect.insort(room, left)
-        return len(room)
-
-    candidates = sorted({*range(-(-longest // 32) * 32, max_length + 1, 32), max_length} - {0})
-    candidates = [w for w in candidates if longest <= w <= max_length] or [max_length]
-    return min(candidates, key=lambda w: rows(w) * w * (1 + key_cost * w))
-
-
-def attention_key_cost(config, params: int) -> float:
-    """Attention FLOPs per attended key (QK and AV: 4 x layers x hidden) over the other FLOPs per token
-    (2 x parameters): what one more key in every row costs, relative to one more token."""
-    return 2 * config.num_hidden_layers * config.hidden_size / max(1, params)
-
-
-def batch_layout(packing: bool | str, mode: str, flash: bool, group_by_length: bool = False) -> str:
-    """How examples become batches, from ``packing`` (True, False or ``"auto"``) and the attention kernel.
-
-    * ``padding_free``: TRL's packing into one flat row per batch; only for flash-attention 2, whose varlen
-      kernel attends within each example at no extra cost.
-    * ``packed``: examples packed into rows of :func:`pack_length` tokens, position ids restarting per
-      example; sdpa/eager then attend over the whole row under a block-diagonal mask (batch = rows).
-    * ``padded``: one example per row, in random order, right-padded, no mask at all (batch = examples);
+    * ``unpadded``: the batch's examples (random order) concatenated into one row; linear layers see no
+      padding, attention stays within each example (varlen: flash-attention 2's kernel, or
+      :mod:`finetune.attention` on sdpa/eager, which pads inside attention only). Batch = examples.
+    * ``packed``: examples packed by TRL's best-fit decreasing into rows of ``max_length``, the rows of a
+      batch concatenated the same way. Batch = rows.
+    * ``padded``: one example per row, in random order, right-padded, no mask (batch = examples);
       ``grouped`` with ``group_by_length``: the same, batches drawn from examples of similar length.
 
-    ``"auto"``: ``padding_free`` with flash-attention; otherwise ``padded`` for SFT and ``packed`` for CPT
-    (raw documents of any length, best cut into full rows). On the scenario mix on CPU, ``padded`` runs at
-    about 1.2x the real tokens/s of packed rows (``scripts/bench_train.py``): chat examples of similar length
-    leave little padding, and a packed row's mask makes every token attend over the whole row.
+    ``"auto"``: ``unpadded`` for SFT (``grouped`` with ``group_by_length``), ``packed`` for CPT (raw
+    documents of any length, best cut into full rows). ``True``: ``packed``; ``False``: ``padded`` or
+    ``grouped``. On the scenario mix on CPU, ``unpadded`` is the fastest (``scripts/bench_train.py``).
     """
     if packing not in (True, False, "auto"):
         raise ValueError(f"packing must be true, false or 'auto', got {packing!r}")
-    if packing is True or (packing == "auto" and (flash or mode == "cpt")):
-        return "padding_free" if flash else "packed"
-    return "grouped" if group_by_length else "padded"
+    if packing is True or (packing == "auto" and mode == "cpt"):
+        return "packed"
+    if group_by_length:
+        return "grouped"
+    return "unpadded" if packing == "auto" else "padded"
+
+
+FLAT_LAYOUTS = ("unpadded", "packed")  # one row per batch, varlen attention
+
+
+def training_attention(device: str, plan: dict, layout: str, longest_row: int) -> str:
+    """The attention kernel for training: flash-attention 2 when the plan has it; for a flat layout on
+    sdpa/eager banklm's varlen attention (:mod:`finetune.attention`, registered here); for padded rows
+    :func:`cpu_attention`."""
+    if "flash" in str(plan["attn_implementation"]):
+        return plan["attn_implementation"]
+    if layout in FLAT_LAYOUTS:
+        from .attention import register
+
+        return register()
+    return cpu_attention(device, plan, longest_row)
 
 
 # --------------------------------------------------------------------------- training
@@ -548,7 +572,7 @@ def train_causal_lm(
     cpt_eos_token: str = EOS,
     num_threads: int | None = None,
     mixed_precision: str = "auto",
-    compile: bool = False,
+    compile: bool | str = "auto",
     trainer_class=None,
     setup_trainer=None,
     keep_checkpoints: int = 2,
@@ -576,8 +600,9 @@ def train_causal_lm(
     ``tensorboard``: event files in ``out_dir/tensorboard`` (default: when the package is installed).
     ``callbacks``: extra ``TrainerCallback`` objects.
 
-    ``compile``: compile each decoder layer with ``torch.compile`` (:func:`compile_decoder_layers`); skipped
-    with a warning where the backend cannot build kernels (no C++ compiler on CPU, no triton on CUDA).
+    ``compile``: compile each decoder layer with ``torch.compile`` (:func:`compile_decoder_layers`): True,
+    False, or ``"auto"`` (long runs only, :func:`wants_compile`); skipped where the backend cannot build
+    kernels (no C++ compiler on CPU, no triton on CUDA).
 
     ``mixed_precision``: ``"auto"`` = bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on
     CPU (measured 1.7-2x faster than fp32 for the tiny models here; weights and optimizer stay fp32),
@@ -650,8 +675,7 @@ def train_causal_lm(
     if truncated:
         log.warning("%d of %d training examples are longer than max_length=%d tokens and are truncated",
                     truncated, len(lengths), max_length)
-    flash = "flash" in str(plan["attn_implementation"])
-    layout = batch_layout(packing, mode, flash, group_by_length)
+    layout = batch_layout(packing, mode, group_by_length)
 
     # ---- model
     if method == "qlora" and device == "mps":
@@ -673,18 +697,17 @@ def train_causal_lm(
         model = get_peft_model(model, peft_cfg)
         peft_model = model
     trainable, total = count_parameters(model)
-    row_length = max_length
     eval_lengths = token_lengths(eval_data, tokenizer, mode) if eval_data is not None else []
     longest_row = min(max([*lengths, *eval_lengths]), max_length)
-    if layout == "packed":  # eval rows are packed too: no eval example may be cut either
-        longest_eval = min(max(eval_lengths, default=0), max_length)
-        row_length = max(longest_eval, pack_length(lengths, max_length, attention_key_cost(model.config, total)))
-        longest_row = row_length
-    attn = cpu_attention(device, plan, longest_row)
+    attn = training_attention(device, plan, layout, longest_row)
     if attn != plan["attn_implementation"]:
         (peft_model.get_base_model() if peft_model is not None else model).set_attn_implementation(attn)
         plan["attn_implementation"] = attn
-    compiled = compile_decoder_layers(model, device) if compile else None
+    world = PartialState().num_processes
+    planned_steps = max_steps if max_steps is not None and max_steps > 0 else num_epochs * -(
+        -len(train_data) // (batch_size * grad_accum * world))
+    compile_run = wants_compile(compile, time_budget_s, planned_steps)
+    compiled = compile_decoder_layers(model, device, quiet=compile == "auto") if compile_run else None
 
     # ---- trainer
     ckpt_dir = out_dir / "checkpoints"
@@ -722,8 +745,8 @@ def train_causal_lm(
         dataloader_pin_memory=on_cuda,
         report_to="none",  # TensorBoard is added below with an explicit folder
         torch_compile=False,
-        max_length=row_length,  # = max_length unless packing shorter rows (pack_length); no example is cut shorter
-        packing=layout in ("padding_free", "packed"),
+        max_length=max_length,
+        packing=layout == "packed",
         packing_strategy="bfd",
         train_sampling_strategy="group_by_length" if layout == "grouped" else "random",
         completion_only_loss=completion_only_loss if mode == "sft" else None,
@@ -748,7 +771,7 @@ def train_causal_lm(
                 "packing": packing, "layout": layout, "completion_only_loss": completion_only_loss,
                 "gradient_checkpointing": gradient_checkpointing, "seed": seed, "device": device,
                 "precision": [plan["bf16"], plan["fp16"], str(plan["model_dtype"])],
-                "cpt_eos_token": cpt_eos_token, "world_size": world_size, "compile": bool(compile),
+                "cpt_eos_token": cpt_eos_token, "world_size": world_size, "compile": compile_run,
                 "trainer": (trainer_class or make_trainer_classes()[0]).__name__}
     fingerprint = training_fingerprint(settings, model_dir, train_ds, eval_ds if has_eval else None)
     resume_point = None
@@ -805,8 +828,7 @@ def train_causal_lm(
     trainer.banklm_grouped = layout == "grouped"
     trainer.banklm_autocast_lora = (method == "lora" and not use_dora and (plan["bf16"] or plan["fp16"])
                                     and plan["model_dtype"] in (torch.bfloat16, torch.float16))
-    if layout != "padding_free":
-        trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id)
+    trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id, flat=layout in FLAT_LAYOUTS)
     recorder.trainer = trainer
     if task_cb is not None:
         task_cb.trainer = trainer
@@ -870,7 +892,6 @@ def train_causal_lm(
         "max_length": max_length,
         "packing": packing,
         "batch_layout": layout,
-        "pack_length": row_length if layout == "packed" else None,
         "examples_truncated": int(truncated),
         "examples_without_answer": int(answerless),
         "lora": ({"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "targets": lora_targets,

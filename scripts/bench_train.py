@@ -11,14 +11,18 @@
 2. Times a large ``torch.matmul`` (fp32 and bf16, n=2048, best of 5) for this CPU's dense-matmul peak.
 3. Runs every (model, configuration) in a fresh child process (clean peak memory, same threads):
    - ``banklm``: ``finetune.sft.train_causal_lm`` with the recipe defaults: LoRA r=16, alpha 32, dropout 0
-     on all linear layers, completion-only loss (LM head on the label positions), ``packing: auto`` (on CPU
-     for SFT: batches of similar-length examples, right-padded, no attention mask; max_length 512), eager
-     attention for rows up to 256 tokens, bf16 autocast with the frozen base in bf16 (CPU
-     ``mixed_precision: auto``);
-   - ``banklm-compile``: the same with ``compile: true`` (each decoder layer through ``torch.compile``; the
-     compiling happens in the warm-up steps, whose time the table shows);
-   - ``banklm-packed``: the same as ``banklm`` with ``packing: true`` (examples packed without cross-attention into rows
-     sized by ``finetune.sft.pack_length``: batch = rows);
+     on all linear layers, completion-only loss (LM head on the label positions), ``packing: auto`` (for SFT:
+     each batch's examples, in random order, concatenated into one row without padding, attention within
+     each example by ``finetune.attention``'s varlen kernel; max_length 512), bf16 autocast with the frozen
+     base in bf16 (CPU ``mixed_precision: auto``), ``compile: auto``. The run is given a 1-hour time budget,
+     as a user's real run would have, and cut by ``--steps``: ``auto`` then compiles each decoder layer
+     with ``torch.compile`` (a budget of 5 minutes or more). The compiling happens in the warm-up steps,
+     whose time the table shows;
+   - ``banklm-eager``: the same with ``compile: false`` (what runs shorter than 5 minutes get);
+   - ``banklm-packed``: the same with ``packing: true`` (examples packed into rows of 512 by TRL's best-fit
+     decreasing, the rows flattened the same way: batch = rows);
+   - ``banklm-padded``: the same with ``packing: false`` (one example per row, right-padded, no mask; eager
+     attention for rows up to 256 tokens);
    - ``banklm-fp32``: the same as ``banklm`` with ``mixed_precision: no`` (fp32 base, no autocast, sdpa);
    - ``baseline``: ``transformers.Trainer`` + PEFT (the same LoRA), each example padded to the longest in its
      batch, no packing, the Trainer's default fp32, the same completion-only labels;
@@ -32,8 +36,8 @@
    last step), the speed-up over ``baseline`` measured in the same run, peak resident memory, and model
    FLOPs utilisation: useful FLOPs per real token = 4 x matmul weights (forward + input gradients; frozen
    weights need no weight gradients) + 6 x LoRA weights + 12 x layers x hidden x mean attended context,
-   times real tokens/s, over the measured peak of the run's compute dtype. Padding and the masked-out
-   attention of packed rows are work the hardware does but the model did not need: not counted.
+   times real tokens/s, over the measured peak of the run's compute dtype. Padding (of rows, or of
+   examples inside the varlen attention) is work the hardware does but the model did not need: not counted.
 """
 
 from __future__ import annotations
@@ -58,10 +62,12 @@ MODELS = {
     "100m": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, intermediate_size=2560),
     "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64),  # smoke test
 }
-CONFIGS = ("banklm", "banklm-compile", "banklm-packed", "banklm-fp32", "baseline", "baseline-bf16")
+CONFIGS = ("banklm", "banklm-eager", "banklm-packed", "banklm-padded", "banklm-fp32", "baseline", "baseline-bf16")
+PACKING = {"banklm-packed": True, "banklm-padded": False}  # the others: packing auto
 LORA = dict(r=16, alpha=32, dropout=0.0)  # banklm.recipe.LoraSpec defaults (--lora-dropout to change)
 LR = 2e-4
 MAX_LENGTH = 512
+LONG_RUN_S = 3600
 
 
 # --------------------------------------------------------------------------- setup (not timed)
@@ -124,12 +130,14 @@ def _completion_rows(tok, records: list[dict]) -> list[dict]:
 
 
 def run_banklm(model_dir: str, records: list[dict], out: Path, steps: int, batch: int, bf16: bool, probe,
-               packing: bool | str = "auto", compile: bool = False) -> list:
+               packing: bool | str = "auto", compile: bool | str = "auto", time_budget_s: float = LONG_RUN_S) -> list:
     from datasets import Dataset
 
     from finetune.sft import train_causal_lm
 
+    # a long run (a 1-hour budget, as a user's run would have) cut after ``steps`` steps: what compile: auto sees
     train_causal_lm(model_dir, Dataset.from_list(records), None, out, method="lora", lr=LR, max_steps=steps,
+                    time_budget_s=time_budget_s,
                     batch_size=batch, max_length=MAX_LENGTH, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                     lora_dropout=LORA["dropout"], logging_steps=1, device="cpu", merge=False, progress=False,
                     tensorboard=False, mixed_precision="auto" if bf16 else "no", callbacks=[probe], packing=packing,
@@ -199,13 +207,16 @@ def child(spec: dict) -> dict:
         def on_train_begin(self, args, state, control, **kw):
             rss_train_begin["mb"] = _rss_mb()
 
-    bf16 = spec["config"] in ("banklm", "banklm-compile", "banklm-packed", "baseline-bf16")
+    bf16 = spec["config"] not in ("banklm-fp32", "baseline")
     args = (spec["model_dir"], records, Path(spec["out"]), spec["steps"], spec["batch"], bf16, Probe())
     if spec["config"].startswith("banklm"):
-        marks = run_banklm(*args, packing=True if spec["config"] == "banklm-packed" else "auto",
-                           compile=spec["config"] == "banklm-compile")
+        marks = run_banklm(*args, packing=PACKING.get(spec["config"], "auto"),
+                           compile=False if spec["config"] == "banklm-eager" else "auto",
+                           time_budget_s=spec["time_budget_s"])
     else:
         marks = run_baseline(*args)
+    summary = Path(spec["out"]) / "train_summary.json"
+    compiled = json.loads(summary.read_text(encoding="utf-8")).get("compiled") if summary.is_file() else None
     (s0, t0, k0), (s1, t1, k1) = next(m for m in marks if m[0] == spec["warmup"]), marks[-1]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     model = load_model(spec["model_dir"], device="cpu")
@@ -214,6 +225,7 @@ def child(spec: dict) -> dict:
             "timed_steps": s1 - s0, "seconds": t1 - t0, "warmup_seconds": t0, "real_tokens": k1 - k0, "tokens_per_s": (k1 - k0) / (t1 - t0),
             "tokens_per_step": (k1 - k0) / (s1 - s0), "params": total, "peak_rss_mb": peak_mb,
             "rss_at_train_begin_mb": rss_train_begin.get("mb"), "compute_dtype": "bf16" if bf16 else "fp32",
+            "compiled": compiled, "step_seconds": [round(b[1] - a[1], 4) for a, b in zip(marks, marks[1:], strict=False)],
             "threads": torch.get_num_threads()}
 
 
@@ -271,6 +283,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
     ap.add_argument("--batch", type=int, nargs="+", default=[16, 4], help="per-device batch per model (in order)")
     ap.add_argument("--per-task", type=int, default=600, help="generated training records per task")
+    ap.add_argument("--time-budget", type=float, default=LONG_RUN_S,
+                    help="seconds of budget banklm's runs are given (the run is cut by --steps); compile: auto "
+                         "compiles from 300 s on")
     ap.add_argument("--lora-dropout", type=float, default=LORA["dropout"], help="for banklm and the baseline")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all configurations; medians reported")
     ap.add_argument("--seed", type=int, default=0)
@@ -301,7 +316,8 @@ def main() -> None:
             for config in args.configs:
                 spec = {"model": name, "config": config, "model_dir": inputs["models"][name], "data": inputs["data"],
                         "out": str(workdir / f"out-{name}-{config}-{rnd}"), "steps": steps, "batch": batch,
-                        "warmup": min(args.warmup, steps - 1), "lora_dropout": args.lora_dropout}
+                        "warmup": min(args.warmup, steps - 1), "lora_dropout": args.lora_dropout,
+                        "time_budget_s": args.time_budget}
                 cpu0 = psutil.cpu_times()
                 proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                       text=True, cwd=workdir)

@@ -49,7 +49,7 @@ def test_bench_train_smoke(repo, tmp_path):
     out = tmp_path / "t.json"
     proc = subprocess.run([sys.executable, str(repo / "scripts" / "bench_train.py"), "--models", "tiny", "--configs",
                            "banklm", "banklm-packed", "baseline", "--steps", "4", "--warmup", "1", "--batch", "4",
-                           "--per-task", "20", "--repeats", "2", "--workdir", str(tmp_path / "w"), "--json", str(out)],
+                           "--per-task", "20", "--repeats", "2", "--time-budget", "60", "--workdir", str(tmp_path / "w"), "--json", str(out)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text(encoding="utf-8"))
