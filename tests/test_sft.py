@@ -325,20 +325,24 @@ def test_bf16_lora_step_skips_the_fp32_round_trip_exactly(base_dir, data):
     assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
 
 
-def test_label_positions_head_equals_trl_loss(base_dir, data):
-    """banklm's CPU loss path (LM head on label positions only) gives TRL's loss and the same gradients."""
+@pytest.mark.parametrize("packing,flat", [(True, False), (False, False), (False, True)])
+def test_label_positions_head_equals_trl_loss(base_dir, data, packing, flat):
+    """banklm's CPU loss path (LM head on label positions only) gives TRL's loss and the same gradients, in
+    training mode (TRL's path, kept on CUDA, counts tokens from the batch's position ids), for packed rows,
+    padded rows and one flat row."""
     from trl import SFTConfig
 
     from finetune.sft import make_trainer_classes
 
     tok = load_tokenizer(base_dir)
     BudgetTrainer, _ = make_trainer_classes()
-    args = SFTConfig(output_dir=str(base_dir.parent / "head_ck"), packing=True, max_length=256, bf16=False,
+    args = SFTConfig(output_dir=str(base_dir.parent / "head_ck"), packing=packing, max_length=256, bf16=False,
                      completion_only_loss=True, report_to="none", use_cpu=True, dataloader_pin_memory=False)
     model = load_model(base_dir, device="cpu")
     trainer = BudgetTrainer(model=model, args=args, train_dataset=prepare_sft_dataset(data[0].select(range(24))),
                             processing_class=tok)
-    batch = PackedRowsCollator(tok.pad_token_id)([trainer.train_dataset[i] for i in range(3)])
+    model.train()
+    batch = PackedRowsCollator(tok.pad_token_id, flat=flat)([trainer.train_dataset[i] for i in range(3)])
     n_items = int((batch["labels"][:, 1:] != -100).sum())
     results = []
     for sparse in (False, True):
