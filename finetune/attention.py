@@ -20,6 +20,14 @@ NAME = "banklm_varlen"
 EAGER_MAX_ROW = 256  # CPU, bf16: eager attention beats sdpa's flash kernel up to rows of this length
 
 
+def prefers_eager(device_type: str, bf16: bool, longest: int) -> bool:
+    """Eager attention (matmul + softmax) over sdpa: on CPU in bf16 for rows of at most
+    :data:`EAGER_MAX_ROW` tokens. Measured (fwd + bwd, 4 heads of 64, 4,096 tokens): sdpa's CPU flash
+    kernel in bf16 takes 1.7x eager's time at 128 tokens, the same at 256, and wins from 512 on (3-4x at
+    1-2k tokens, where eager's L x L scores also cost memory)."""
+    return device_type == "cpu" and bf16 and longest <= EAGER_MAX_ROW
+
+
 def _pad_index(cu_seq_lens, longest: int, tokens: int):
     """Where each of the ``tokens`` flat tokens goes in the padded ``[examples * longest]`` layout."""
     import torch
@@ -32,11 +40,8 @@ def _pad_index(cu_seq_lens, longest: int, tokens: int):
 
 
 def _causal_attention(module, q, k, v, scaling, dropout: float):
-    """Causal attention on padded ``[n, heads, longest, dim]`` tensors, output ``[n, longest, heads, dim]``.
-
-    Eager (matmul + softmax) on CPU in bf16 for short rows, where it beats sdpa's CPU flash kernel
-    (measured, fwd + bwd: 1.7x at 128 tokens, equal at 256; sdpa wins from 512 on); sdpa otherwise.
-    """
+    """Causal attention on padded ``[n, heads, longest, dim]`` tensors, output ``[n, longest, heads, dim]``:
+    eager where :func:`prefers_eager`, sdpa otherwise."""
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
@@ -44,7 +49,7 @@ def _causal_attention(module, q, k, v, scaling, dropout: float):
     # bf16: the tensors' dtype, or autocast's (a full fine-tune's fp32 residual stream makes the rotated q/k fp32)
     bf16 = q.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and
                                          torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    if q.device.type == "cpu" and bf16 and longest <= EAGER_MAX_ROW:
+    if prefers_eager(q.device.type, bf16, longest):
         groups = getattr(module, "num_key_value_groups", 1)
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         scores = torch.matmul(q, k.transpose(2, 3)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)

@@ -260,13 +260,11 @@ def precision_plan(device: str, method: str, mixed_precision: str = "auto") -> d
 
 
 def cpu_attention(device: str, plan: dict, longest_row: int) -> str:
-    """The attention kernel for training: ``plan``'s, except eager on CPU under bf16 autocast for rows of
-    at most :data:`finetune.attention.EAGER_MAX_ROW` tokens. Measured (fwd + bwd, 4 heads of 64, 4,096 tokens): sdpa's CPU
-    flash kernel in bf16 takes 1.7x eager's time at 128 tokens, the same at 256, and wins from 512 on
-    (3-4x at 1-2k tokens, where eager's L x L scores also cost memory)."""
-    from .attention import EAGER_MAX_ROW
+    """The attention kernel for training padded rows: ``plan``'s, except eager where
+    :func:`finetune.attention.prefers_eager` (CPU, bf16 autocast, rows of at most 256 tokens)."""
+    from .attention import prefers_eager
 
-    if device == "cpu" and plan["bf16"] and plan["attn_implementation"] == "sdpa" and longest_row <= EAGER_MAX_ROW:
+    if plan["attn_implementation"] == "sdpa" and prefers_eager(device.split(":")[0], plan["bf16"], longest_row):
         return "eager"
     return plan["attn_implementation"]
 
@@ -703,9 +701,9 @@ def train_causal_lm(
     if attn != plan["attn_implementation"]:
         (peft_model.get_base_model() if peft_model is not None else model).set_attn_implementation(attn)
         plan["attn_implementation"] = attn
-    world = PartialState().num_processes
+    state = PartialState()
     planned_steps = max_steps if max_steps is not None and max_steps > 0 else num_epochs * -(
-        -len(train_data) // (batch_size * grad_accum * world))
+        -len(train_data) // (batch_size * grad_accum * state.num_processes))
     compile_run = wants_compile(compile, time_budget_s, planned_steps)
     compiled = compile_decoder_layers(model, device, quiet=compile == "auto") if compile_run else None
 
@@ -758,7 +756,6 @@ def train_causal_lm(
         save_only_model=False,
         **{ckpt_field: gradient_checkpointing},
     )
-    state = PartialState()
     world_size = int(args.world_size)
 
     # ---- resume point (decided before training; the main process cleans up first, the others then
