@@ -9,6 +9,49 @@ import sys
 from pathlib import Path
 
 from banklm import __version__
+from banklm.chain import ChainError
+from banklm.compare import NotARun, compare_runs, format_comparison
+from banklm.corpora.build import first_per_task, load_split
+from banklm.corpora.ops.pii import ALL_TYPES, PIIError, scrub_jsonl
+from banklm.corpora.synth import generate_records
+from banklm.evaluation.comparison import write_comparison
+from banklm.evaluation.evaluate import evaluate_export, evaluate_model_dir, export_kind
+from banklm.export.bundle import build_export, verify_export
+from banklm.export.verify import DEFAULT_PROMPTS
+from banklm.finetune.models import ModelFolderError, check_model_folder
+from banklm.finetune.plan import (
+    GIB,
+    PlanError,
+    Setup,
+    card_budget,
+    estimate,
+    format_plan,
+    load_shape,
+    parse_gpu_mem,
+    plan_cards,
+    propose,
+)
+from banklm.finetune.tokenizer import load_tokenizer
+from banklm.io import read_jsonl
+from banklm.ledger import verify_run
+from banklm.pipeline import (
+    CheckFailed,
+    FollowerStopped,
+    LaunchError,
+    RunContext,
+    RunDirError,
+    RunLocked,
+    StageError,
+    launched_rank,
+    run_stages,
+)
+from banklm.recipe import RecipeError, load_recipe
+from banklm.runtime import MissingDependency
+from banklm.stages import STAGES
+from banklm.stages.common import check_models
+from banklm.stages.export import export_dir_check
+from banklm.stages.plan import plan_request, plan_shape, plan_teacher
+from banklm.tasks import TASKS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -33,14 +76,11 @@ def _offline_env() -> None:
 # ----------------------------------------------------------------------------------------- commands
 
 def _load(args) -> tuple:
-    from banklm.recipe import load_recipe
 
     return load_recipe(args.recipe, args.overrides)
 
 
 def _run_pipeline(args, upto: str | None = None, only: set[str] | None = None) -> int:
-    from banklm.pipeline import launched_rank, run_stages
-    from banklm.stages import STAGES, check_models
 
     recipe = _load(args)
     if only != {"corpus"}:
@@ -64,7 +104,6 @@ def cmd_corpus_build(args) -> int:
 
 
 def cmd_corpus_scrub(args) -> int:
-    from corpora.ops.pii import ALL_TYPES, PIIError, scrub_jsonl
 
     src, out = Path(args.input), Path(args.output)
     if not src.is_file():
@@ -96,7 +135,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from banklm.recipe import load_recipe
 
     if not load_recipe(args.recipe, args.overrides).distill.enabled:
         raise UsageError(f"{args.recipe}: distill.enabled is false (set it in the recipe or pass distill.enabled=true)")
@@ -107,18 +145,6 @@ def cmd_plan(args) -> int:
     import json
     from dataclasses import replace
 
-    from finetune.plan import (
-        GIB,
-        PlanError,
-        Setup,
-        card_budget,
-        estimate,
-        format_plan,
-        load_shape,
-        parse_gpu_mem,
-        plan_cards,
-        propose,
-    )
 
     if bool(args.recipe) == bool(args.model):
         raise UsageError("banklm plan needs --model DIR|CONFIG|NAME or a RECIPE.yaml (not both)")
@@ -126,7 +152,6 @@ def cmd_plan(args) -> int:
     setup = Setup()
     try:
         if args.recipe:
-            from banklm.stages import plan_request, plan_shape, plan_teacher
 
             try:
                 req = plan_request(_load(args), args.section)
@@ -198,7 +223,6 @@ def cmd_eval(args) -> int:
             print(f"{task}: accuracy {res['accuracy']:.3f}  macro-F1 {res['macro_f1']:.3f}  n={res['n']}")
         print(f"results: {out / 'results.json'}")
         return EXIT_OK
-    from banklm.evaluation.comparison import write_comparison
 
     root = Path(args.out) if args.out else Path("eval")
     all_results = {}
@@ -221,8 +245,6 @@ def _eval_models_arg(specs: list[str]) -> list[tuple[str, Path, str]]:
     Checked up front so a bad fourth model does not surface after three have been scored."""
     import re
 
-    from banklm.evaluation.evaluate import export_kind
-    from finetune.models import ModelFolderError, check_model_folder
 
     out: list[tuple[str, Path, str]] = []
     seen: dict[str, Path] = {}
@@ -256,7 +278,6 @@ def _eval_models_arg(specs: list[str]) -> list[tuple[str, Path, str]]:
 
 def _evaluate_one(args, name: str, path: Path, kind: str, records: list[dict], out: Path) -> dict:
     """Score one model folder (PyTorch) or exported artefact (llama.cpp / onnxruntime) into ``out``."""
-    from banklm.evaluation.evaluate import evaluate_export, evaluate_model_dir
 
     if kind == "folder":
         return evaluate_model_dir(path, records, out, device=args.device, batch_size=args.batch_size,
@@ -269,7 +290,6 @@ def _evaluate_one(args, name: str, path: Path, kind: str, records: list[dict], o
 
 
 def _tasks_arg(value: str | None) -> list[str]:
-    from banklm.tasks import TASKS
 
     if not value:
         return list(TASKS)
@@ -283,23 +303,19 @@ def _tasks_arg(value: str | None) -> list[str]:
 def _eval_records(data: str | None, tasks: list[str], limit: int | None, seed: int) -> list[dict]:
     """Test records: from a built corpus folder, a run folder, a JSONL file, or freshly generated."""
     if data is None:
-        from corpora.synth import generate_records
 
         return [r for t in tasks for r in generate_records(t, limit or 200, seed=seed, split="test")]
     p = Path(data)
     if p.is_file():
-        from banklm.io import read_jsonl
 
         recs = [r for r in read_jsonl(p) if r.get("task") in tasks]
     elif (p / "data").is_dir() or (p / "corpora" / "scenario" / "data").is_dir():
-        from corpora.build import load_split
 
         corpus = p if (p / "data").is_dir() else p / "corpora" / "scenario"
         recs = load_split(corpus, "test", tasks=tasks).to_list()
     else:
         raise UsageError(f"--data {data}: not a JSONL file, a built corpus folder or a run folder")
     if limit:
-        from corpora.build import first_per_task
 
         recs = [recs[i] for i in first_per_task([r["task"] for r in recs], limit)]
     if not recs:
@@ -338,10 +354,6 @@ def cmd_export(args) -> int:
 
 
 def _export_model_folder(args, model: Path, out: Path) -> int:
-    from export.bundle import build_export
-    from export.gguf import MissingDependency
-    from export.verify import DEFAULT_PROMPTS
-    from finetune.tokenizer import load_tokenizer
 
     quant = [q.strip().lower() for q in (args.quant or _DEFAULT_QUANT[args.format]).split(",") if q.strip()]
     if not model.is_dir():
@@ -378,15 +390,11 @@ def _num(v) -> str:
 
 
 def _check_failed(msg: str):
-    from banklm.pipeline import CheckFailed
 
     return CheckFailed(msg)
 
 
 def _verify_export_folder(model: Path, out: Path) -> int:
-    from export.bundle import verify_export
-    from export.verify import DEFAULT_PROMPTS
-    from finetune.tokenizer import load_tokenizer
 
     if not out.is_dir():
         raise UsageError(f"{out}: export folder not found (give it with --out)")
@@ -397,8 +405,6 @@ def _verify_export_folder(model: Path, out: Path) -> int:
 
 
 def _verify_export_of_run(args) -> int:
-    from banklm.pipeline import RunContext
-    from banklm.stages import export_dir_check
 
     recipe = _load(args)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / recipe.name / "latest"
@@ -417,7 +423,6 @@ def _print_export_check(res: dict) -> int:
 
 
 def cmd_verify(args) -> int:
-    from banklm.ledger import verify_run
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -437,7 +442,6 @@ def cmd_verify(args) -> int:
 def cmd_compare(args) -> int:
     import json
 
-    from banklm.compare import NotARun, compare_runs, format_comparison
 
     for d in (args.run_a, args.run_b):
         if not Path(d).is_dir():
@@ -608,9 +612,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    from banklm.ledger import LedgerError
-    from banklm.pipeline import CheckFailed, FollowerStopped, LaunchError, RunDirError, RunLocked, StageError
-    from banklm.recipe import RecipeError
 
     try:
         return int(args.func(args))
@@ -620,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as e:
         print(f"banklm: check failed: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except (StageError, LedgerError, FollowerStopped) as e:
+    except (StageError, ChainError, FollowerStopped) as e:
         print(f"banklm: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as e:  # outside a stage (e.g. a read-only --out folder): name the path, no traceback

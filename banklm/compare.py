@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from banklm.ledger import LEDGER_NAME, Ledger, LedgerError, chain_problems, file_problem, latest_records
+from banklm.chain import ChainError, chain_problems
+from banklm.ledger import LEDGER_NAME, Ledger, file_problem, latest_records
 
 # the scores a change log follows: per task, then AML-specific ones, then run-level ones
 TASK_METRICS = ("accuracy", "macro_f1", "mcc", "format_compliance", "hallucination_rate")
@@ -66,7 +67,7 @@ def load_run(run_dir: str | Path) -> dict:
         raise NotARun(f"{run_dir}: not a banklm run folder (no {LEDGER_NAME})")
     try:
         entries = Ledger(run_dir).entries()
-    except (LedgerError, UnicodeDecodeError) as e:
+    except (ChainError, UnicodeDecodeError) as e:
         raise NotARun(f"{run_dir}: unreadable ledger ({e})") from None
     recipe: Any = {}
     if (run_dir / "recipe.yaml").is_file():
@@ -334,7 +335,7 @@ def format_comparison(diff: dict) -> str:
 def _started(run_dir: Path) -> str | None:
     try:
         entries = Ledger(run_dir).entries()
-    except (LedgerError, OSError, UnicodeDecodeError):
+    except (ChainError, OSError, UnicodeDecodeError):
         return None
     return entries[0].get("started_at") if entries else None
 

@@ -8,8 +8,6 @@ editing a recorded file breaks its hash. ``verify_run`` names the first place th
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import re
@@ -20,27 +18,22 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from banklm.io import atomic_write_text, sha256_file
+from banklm.chain import (
+    ChainError,
+    Problem,
+    append_link,
+    chain_problems,
+    read_chain,
+)
+from banklm.io import sha256_file
 
 LEDGER_NAME = "ledger.jsonl"
 TRACKED_PACKAGES = ("banklm", "torch", "transformers", "peft", "trl", "accelerate", "datasets",
                     "sentencepiece", "gguf", "onnx", "onnxruntime", "bitsandbytes")
 
 
-class LedgerError(Exception):
-    """The ledger file itself cannot be read (not valid JSON lines)."""
-
-
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def entry_hash(entry: dict) -> str:
-    return hashlib.sha256(canonical_json({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -173,44 +166,14 @@ class Ledger:
         return self.run_dir / LEDGER_NAME
 
     def entries(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        out = []
-        for lineno, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LedgerError(f"{self.path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise LedgerError(f"{self.path}:{lineno}: not a JSON object")
-            out.append(obj)
-        return out
+        return read_chain(self.path)
 
     def append(self, stage: str, *, params: dict, inputs: list[dict], outputs: list[dict], started_at: str,
                finished_at: str, **extra: Any) -> dict:
         """Add one entry, chained to the last one; the file is rewritten atomically."""
-        entries = self.entries()
-        prev = entries[-1]["hash"] if entries else None
-        entry = {
-            "seq": len(entries) + 1,
-            "stage": stage,
-            "started_at": started_at,
-            "finished_at": finished_at,
-            "params": params,
-            "inputs": inputs,
-            "outputs": outputs,
-            "versions": library_versions(),
-            **extra,
-            "prev": prev,
-        }
-        entry["hash"] = entry_hash(entry)
-        old = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
-        if old and not old.endswith("\n"):
-            old += "\n"
-        atomic_write_text(self.path, old + canonical_json(entry).decode("utf-8") + "\n")
-        return entry
+        return append_link(self.path, {"stage": stage, "started_at": started_at, "finished_at": finished_at,
+                                       "params": params, "inputs": inputs, "outputs": outputs,
+                                       "versions": library_versions(), **extra})
 
 
 # ----------------------------------------------------------------------------------------- model card
@@ -238,18 +201,6 @@ def read_card_artefacts(text: str) -> list[dict]:
         if m:
             out.append({"path": m.group(1).strip(), "bytes": int(m.group(2)), "sha256": m.group(3)})
     return out
-
-
-@dataclass
-class Problem:
-    seq: int | None
-    stage: str | None
-    path: str | None
-    message: str
-
-    def __str__(self) -> str:
-        where = f"entry {self.seq} ({self.stage})" if self.seq is not None else "ledger"
-        return f"{where}: {self.path + ': ' if self.path else ''}{self.message}"
 
 
 # files of a run folder no entry records: the ledger itself, the resolved recipe and the logs (rewritten by
@@ -294,7 +245,7 @@ def verify_run(run_dir: str | os.PathLike, check_external: bool = False, check_c
         return [Problem(None, None, LEDGER_NAME, "missing: this folder has no ledger")]
     try:
         entries = ledger.entries()
-    except LedgerError as e:
+    except ChainError as e:
         return [Problem(None, None, LEDGER_NAME, str(e))]
     problems = chain_problems(entries)
     latest, produced = latest_records(entries)
@@ -313,22 +264,6 @@ def verify_run(run_dir: str | os.PathLike, check_external: bool = False, check_c
         problems += [Problem(None, None, rel, "not recorded by any ledger entry (added after its stage ran, the "
                              "ledger was cut short, or an interrupted stage left it)")
                      for rel in unrecorded_files(run_dir, entries)]
-    return problems
-
-
-def chain_problems(entries: list[dict]) -> list[Problem]:
-    """The hash chain: positions, ``prev`` links and each entry's own hash."""
-    problems, prev_hash = [], None
-    for i, entry in enumerate(entries, 1):
-        seq, stage = entry.get("seq"), entry.get("stage")
-        if seq != i:
-            problems.append(Problem(seq, stage, None, f"is at position {i} but has seq {seq}: entries were deleted or reordered"))
-        if entry.get("prev") != prev_hash:
-            problems.append(Problem(seq, stage, None, "prev does not match the previous entry's hash: "
-                                    "an entry before it was deleted, reordered or edited"))
-        if entry.get("hash") != entry_hash(entry):
-            problems.append(Problem(seq, stage, None, "content was edited: its hash does not match"))
-        prev_hash = entry.get("hash")
     return problems
 
 

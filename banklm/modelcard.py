@@ -18,6 +18,7 @@ from typing import Any
 from banklm.compare import NotARun, compare_runs, data_rows, previous_run, recipe_rows, score_rows
 from banklm.ledger import card_artefacts_section, file_records
 from banklm.recipe import TO_BE_FILLED
+from banklm.results import distill_tables
 
 PII_TYPES_ZH = {"ID_CARD": "身份证号", "PHONE": "电话号码", "BANK_CARD": "银行卡号", "ACCOUNT": "账号",
                 "USCC": "统一社会信用代码", "PASSPORT": "护照号", "PLATE": "车牌号", "EMAIL": "电子邮箱",
@@ -47,7 +48,7 @@ class _Lang:
         return zh if self.lang == "zh" else en
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -159,7 +160,7 @@ def _training_data(d: dict, recipe, t: _Lang) -> list[str]:
     lines = ["## 训练数据 Training data", ""]
     if not d["corpora"]:
         return lines + [t("本次运行没有语料阶段。", "No corpus stage in this run.")]
-    tokens = (_read_json(d["run_dir"] / "corpora" / "token_counts.json") or {}).get("corpus_tokens", {})
+    tokens = (read_json(d["run_dir"] / "corpora" / "token_counts.json") or {}).get("corpus_tokens", {})
     rows = []
     for kind, st in d["corpora"].items():
         if not st:
@@ -513,7 +514,6 @@ def _traceability(d: dict, t: _Lang) -> list[str]:
 
 def _distillation(d: dict, t: _Lang) -> list[str]:
     """Teacher vs student vs the student trained without the teacher (only when the run distilled)."""
-    from banklm.report import distill_tables
 
     st = d.get("distill")
     if not st:
@@ -540,7 +540,7 @@ def _distillation(d: dict, t: _Lang) -> list[str]:
 
 
 def render_model_card(d: dict, recipe, mask_pii: Callable[[str], str] | None = None) -> str:
-    """The card's Markdown, from ``banklm.report.collect(run_dir)`` and the run's recipe."""
+    """The card's Markdown, from ``banklm.results.collect(run_dir)`` and the run's recipe."""
     t = _Lang(recipe.report.language)
     sections = [_header(d, recipe, t), _use(recipe, t), _responsible(recipe, t), _base_model(d, recipe, t),
                 _training_data(d, recipe, t), _deid(d, t), _training(d, recipe, t), _evaluation(d, t),

@@ -24,8 +24,10 @@ from datetime import datetime
 from pathlib import Path
 
 from banklm import __version__
-from banklm.io import atomic_write_text
-from banklm.ledger import Ledger, LedgerError, canonical_json, code_version, file_records, host_info, now_iso
+from banklm.chain import ChainError, canonical_json
+from banklm.finetune.models import pick_device
+from banklm.io import atomic_write_text, sha256_file
+from banklm.ledger import Ledger, code_version, file_records, host_info, now_iso
 from banklm.recipe import Recipe, dump_recipe
 
 log = logging.getLogger("banklm")
@@ -154,7 +156,6 @@ def stage_key(stage: str, params: dict, inputs: list[dict]) -> str:
 
 
 def _outputs_intact(run_dir: Path, outputs: list[dict]) -> bool:
-    from banklm.io import sha256_file
 
     for rec in outputs:
         p = run_dir / rec["path"]
@@ -175,7 +176,7 @@ def _find_reusable(run_dir: Path, name: str, key: str) -> tuple[Path, dict] | No
     for cand in candidates:
         try:
             entries = Ledger(cand).entries()
-        except LedgerError:
+        except ChainError:
             continue
         for entry in reversed(entries):
             if entry.get("stage") == name and entry.get("key") == key and _outputs_intact(cand, entry["outputs"]):
@@ -385,7 +386,6 @@ def _run_stages_launched(recipe: Recipe, selected: list[Stage], run_dir: Path | 
         raise LaunchError("distillation runs in one process: launch the training with accelerate "
                           "(banklm train RECIPE, or distill.enabled=false), then run `banklm distill RECIPE "
                           "--run-dir <that run folder>` without a launcher; finished stages are reused")
-    from finetune.models import pick_device
 
     channel = RankChannel(cpu=pick_device(recipe.device) == "cpu")
     if channel.rank != 0:

@@ -1,7 +1,7 @@
 """Corpus builders: turn recipe sources into training-ready datasets with stats, a card and a quarantine.
 
 One builder per kind: :func:`build_general`, :func:`build_vertical`, :func:`build_private` (raw text or
-instruction records read by ``corpora.sources``, cleaned by the ``corpora.ops`` steps, split) and
+instruction records read by ``banklm.corpora.sources``, cleaned by the ``banklm.corpora.ops`` steps, split) and
 :func:`build_scenario` (task generators plus the bank's own labelled tables). Every builder writes one
 folder ``corpora/<kind>/`` atomically (``banklm.io.atomic_dir``: a crash leaves no folder that looks
 complete): ``data/`` (a ``datasets.DatasetDict`` saved to disk), ``stats.json``, ``quarantine.jsonl``,
@@ -27,6 +27,39 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from banklm.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from banklm.tasks import from_table
+
+from .mix import mix
+from .mix import split as split_ds
+from .ops import (
+    Decontaminate,
+    ExactDedup,
+    NearDedup,
+    Normalize,
+    PoisonScreen,
+    QualityFilter,
+    RemoveBoilerplate,
+    ScrubPII,
+    run_steps,
+)
+from .ops.base import resolve_field, text_of
+from .ops.pii import scrub_text
+from .sources import (
+    FILE_LEVEL,
+    MAX_RECORD_BYTES,
+    SCHEMAS,
+    Bad,
+    _check_spec,
+    _file_format,
+    _raw_items,
+    detect_encoding,
+    display_path,
+    expand_paths,
+    path_problem,
+    read_sources,
+    to_record,
+)
+from .synth import generate_records
 
 SPLITS = ("train", "validation", "test")
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
@@ -87,7 +120,7 @@ def resolve_source_path(path: str, base_dir: str | Path | None = None) -> str:
 
 
 def _spec_for_reader(spec: dict, base_dir) -> dict:
-    """A recipe source dict -> the dict ``corpora.sources`` reads (absolute path, no recipe-only keys)."""
+    """A recipe source dict -> the dict ``banklm.corpora.sources`` reads (absolute path, no recipe-only keys)."""
     out = {k: v for k, v in spec.items() if k not in ("licence",) and v is not None}
     out["path"] = resolve_source_path(spec["path"], base_dir)
     if not out.get("name"):
@@ -108,7 +141,6 @@ def _default_name(path: str) -> str:
 
 def source_files(specs: Sequence[dict], base_dir=None) -> list[Path]:
     """Every file the sources read (for the ledger); raises :class:`SourceError` naming the source."""
-    from corpora.sources import expand_paths, path_problem
 
     files: list[Path] = []
     for spec in specs:
@@ -127,20 +159,6 @@ def check_sources(specs: Sequence[dict], base_dir=None) -> None:
     sources of which no file is readable (empty, binary, undecodable).
     Problems of single records or files (bad JSON, binary, encodings) are left to the quarantine.
     """
-    from corpora.sources import (
-        FILE_LEVEL,
-        MAX_RECORD_BYTES,
-        SCHEMAS,
-        Bad,
-        _check_spec,
-        _file_format,
-        _raw_items,
-        detect_encoding,
-        display_path,
-        expand_paths,
-        path_problem,
-        to_record,
-    )
 
     for spec in specs:
         rs = _spec_for_reader(spec, base_dir)
@@ -244,16 +262,6 @@ def make_steps(steps: Sequence, pii: dict | None = None, eval_prompts: Sequence[
                decontam_n: int = 13) -> list:
     """Step objects for ``steps``. ``pii`` configures the ``pii`` step (mode, key_env, types); the
     ``decontam`` step is built from ``eval_prompts`` (and is left out, by the caller, when there are none)."""
-    from corpora.ops import (
-        Decontaminate,
-        ExactDedup,
-        NearDedup,
-        Normalize,
-        PoisonScreen,
-        QualityFilter,
-        RemoveBoilerplate,
-        ScrubPII,
-    )
 
     classes = {"normalize": Normalize, "boilerplate": RemoveBoilerplate, "exact_dedup": ExactDedup,
                "near_dedup": NearDedup, "quality": QualityFilter, "poison": PoisonScreen}
@@ -333,7 +341,6 @@ def scenario_test_prompts(corpus_dir: str | Path) -> list[str]:
 
 def _scrub_examples(step_stats: list[dict]) -> None:
     """Replace PII in the examples (and boilerplate/poison strings) of steps that ran before ``pii``."""
-    from corpora.ops.pii import scrub_text
 
     def clean(t):
         return scrub_text(t, mode="placeholder")[0] if isinstance(t, str) else t
@@ -353,7 +360,6 @@ def _scrub_examples(step_stats: list[dict]) -> None:
 
 
 def _texts(ds, field: str) -> list[str]:
-    from corpora.ops.base import text_of
 
     cols = {k: ds[k] for k in (field, "completion") if k in ds.column_names}
     return [text_of({k: v[i] for k, v in cols.items()}, field) for i in range(len(ds))]
@@ -386,17 +392,13 @@ def build_text_corpus(kind: str, sources: Sequence[dict], out_dir: str | Path, *
     """Read ``sources``, run ``steps`` (default: ``DEFAULT_STEPS[kind]``), split, write ``out_dir``.
 
     ``sources``: recipe source dicts (``path`` as in :func:`resolve_source_path`, plus the keys of
-    ``corpora.sources``, plus ``licence``). ``eval_prompts``: the run's scenario test prompts; a
+    ``banklm.corpora.sources``, plus ``licence``). ``eval_prompts``: the run's scenario test prompts; a
     ``decontam`` step against them is appended unless ``decontaminate`` is false or there are none (the
     stats say which). ``count_tokens(texts) -> [n]`` adds token counts; otherwise ``tokenizer`` says why
     there are none. Returns the stats (also written to ``stats.json``).
     """
     import time
 
-    from corpora.mix import split as split_ds
-    from corpora.ops import run_steps
-    from corpora.ops.base import resolve_field
-    from corpora.sources import read_sources
 
     t0 = time.perf_counter()
     if kind not in DEFAULT_STEPS:
@@ -654,7 +656,6 @@ def _table_name(table: dict, i: int, n: int) -> str:
 
 def check_tables(tables: Sequence[dict], base_dir=None) -> list[Path]:
     """Resolve the tables' paths and check their columns on the first row; raises :class:`SourceError`."""
-    from banklm.tasks import from_table
 
     paths = []
     for i, t in enumerate(tables):
@@ -671,9 +672,6 @@ def _table_records(tables: Sequence[dict], seed: int, base_dir, steps, pii, spli
     """(records per split, step stats, source entries, quarantine) of the bank tables."""
     from datasets import Dataset
 
-    from banklm.tasks import from_table
-    from corpora.mix import split as split_ds
-    from corpora.ops import run_steps
 
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     sources, recs_all, where = [], [], []
@@ -728,7 +726,6 @@ def build_scenario(synth: dict[str, dict], seed: int, out_dir: Path, licence: st
     """
     from datasets import Dataset, DatasetDict
 
-    from corpora.synth import generate_records
 
     splits_out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for task, spec in synth.items():
@@ -846,7 +843,7 @@ Licence: {licence or "not given in the recipe"}
 def build_mix(corpus_dirs: dict[str, str | Path], proportions: dict[str, float], out_dir: str | Path,
               total: int | None = None, seed: int = 0) -> dict:
     """Mix the ``train`` (to ``total`` records) and ``validation`` splits of built corpora by target
-    ``proportions`` (``corpora.mix.mix``: up/down-sampling, copies get ``#2``... ids) into ``out_dir``.
+    ``proportions`` (``banklm.corpora.mix.mix``: up/down-sampling, copies get ``#2``... ids) into ``out_dir``.
 
     When all corpora hold the same content (``text`` or ``messages``) the mix has that column; when raw
     text and instruction corpora are mixed, every record has both ``text`` (None for instruction records)
@@ -855,7 +852,6 @@ def build_mix(corpus_dirs: dict[str, str | Path], proportions: dict[str, float],
     """
     from datasets import DatasetDict, Features, Value, load_from_disk
 
-    from corpora.mix import mix
 
     loaded = {k: load_from_disk(str(Path(d) / "data")) for k, d in corpus_dirs.items() if proportions.get(k)}
     content = {k: ("messages" if "messages" in dd[next(iter(dd))].column_names else "text")

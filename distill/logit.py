@@ -4,9 +4,9 @@ Why our own trainer and not TRL's: ``trl.experimental.gkd.GKDTrainer`` (and the 
 ``trl.DistillationTrainer``) need the teacher live in memory next to the student, use their own
 padding collator (no packing) and offer neither a top-k cache, a cross-entropy mix nor our time-budget
 schedule. So :func:`train_logit_kd` runs the normal fine-tuning path
-(:func:`finetune.sft.train_causal_lm`: data preparation, packing, LR schedule on a time budget, metrics,
+(:func:`banklm.finetune.sft.train_causal_lm`: data preparation, packing, LR schedule on a time budget, metrics,
 saving) with a small subclass of its trainer whose ``compute_loss`` adds the distillation term
-(:func:`distill.losses.kd_loss`); the divergences follow GKD's definitions (tested against TRL's
+(:func:`banklm.distill.losses.kd_loss`); the divergences follow GKD's definitions (tested against TRL's
 ``generalized_jsd_loss``).
 
 Two teacher modes:
@@ -14,7 +14,7 @@ Two teacher modes:
 * live (``top_k=None``): the teacher (bf16/fp32, or 4-bit/8-bit with bitsandbytes on CUDA) runs on each
   training batch; full-vocabulary logits.
 * cached (``top_k=k``): before training, the teacher computes top-k logits over the prepared training rows
-  (:mod:`distill.teacher_cache`, reused when teacher, data, ``k`` and temperature are unchanged) while the
+  (:mod:`banklm.distill.teacher_cache`, reused when teacher, data, ``k`` and temperature are unchanged) while the
   student waits on the CPU; the teacher is then freed, so teacher and student never share the GPU.
 
 Eval loss (``eval_ds``) is the plain cross-entropy, comparable with a student trained without a teacher.
@@ -28,11 +28,12 @@ import json
 import os
 from pathlib import Path
 
+from banklm.finetune.attention import NAME as VARLEN_ATTENTION
+from banklm.finetune.models import load_model, pick_device
+from banklm.finetune.sft import PackedRowsCollator, forward_inputs, make_trainer_classes, train_causal_lm
+from banklm.finetune.tokenizer import load_tokenizer
+
 from banklm.io import atomic_write_json, sha256_file
-from finetune.attention import NAME as VARLEN_ATTENTION
-from finetune.models import load_model
-from finetune.sft import PackedRowsCollator, forward_inputs, make_trainer_classes, train_causal_lm
-from finetune.tokenizer import load_tokenizer
 
 from .losses import DIVERGENCES, TAILS, kd_loss
 from .teacher_cache import CACHE_BATCH_ROWS, build_teacher_cache, data_fingerprint, open_teacher_cache
@@ -64,7 +65,7 @@ class TeacherCacheCollator(PackedRowsCollator):
 
 @functools.cache
 def kd_trainer_class():
-    """``BudgetTrainer`` subclass whose training loss is :func:`distill.losses.kd_loss`."""
+    """``BudgetTrainer`` subclass whose training loss is :func:`banklm.distill.losses.kd_loss`."""
     import torch
 
     BudgetTrainer, _ = make_trainer_classes()
@@ -183,10 +184,9 @@ def train_logit_kd(
 
     ``alpha`` weighs the (``T**2``-scaled) divergence against the ground-truth cross-entropy; ``top_k``
     switches to the on-disk teacher cache in ``cache_dir`` (default ``out_dir/teacher_cache``).
-    ``train_kwargs`` go to :func:`finetune.sft.train_causal_lm` (method, lr, time_budget_s, batch_size, ...).
+    ``train_kwargs`` go to :func:`banklm.finetune.sft.train_causal_lm` (method, lr, time_budget_s, batch_size, ...).
     Returns the training summary with a ``distill`` block (also written to ``train_summary.json``).
     """
-    from finetune.models import pick_device
 
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")

@@ -17,7 +17,7 @@ Temperature: logits are divided by ``T`` and the divergence is multiplied by ``T
 keeps the same scale as the cross-entropy's when ``T`` changes (Hinton et al. 2015).
 
 Top-k teachers (a cached teacher keeps only its ``k`` largest logits per position, see
-``distill.teacher_cache``). Two ways to compare distributions on that support:
+``banklm.distill.teacher_cache``). Two ways to compare distributions on that support:
 
 * ``tail="bucket"`` (default): ``k + 1`` bins, the teacher's top-k tokens plus one "everything else"
   bin. The teacher's tail mass is exact because the cache stores the full-vocabulary log-normaliser

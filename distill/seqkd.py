@@ -20,6 +20,10 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from banklm.finetune.models import load_model, pick_device
+from banklm.finetune.tokenizer import load_tokenizer
+
+from banklm.evaluation.generate import generate
 from banklm.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from banklm.tasks import TASKS, get_task
 from banklm.tasks.base import iter_user_messages
@@ -157,9 +161,6 @@ def generate_and_filter(teacher_dir: str | os.PathLike, records: Sequence[dict],
     """Teacher greedy-generates an answer per record (batched, :func:`banklm.evaluation.generate.generate`),
     the checker filters; writes ``kept.jsonl``, ``rejected.jsonl`` and ``stats.json`` into ``out_dir``.
     Returns the stats (with the generation throughput)."""
-    from banklm.evaluation.generate import generate
-    from finetune.models import load_model, pick_device
-    from finetune.tokenizer import load_tokenizer
 
     if not records:
         raise ValueError("sequence-level distillation got an empty prompt pool")

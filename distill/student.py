@@ -18,8 +18,14 @@ import os
 import re
 from pathlib import Path
 
-from finetune.models import build_tiny_model, save_model_folder, set_generation_config, validate_model_folder
-from finetune.tokenizer import load_tokenizer
+from banklm.finetune.models import (
+    build_tiny_model,
+    resolve_dtype,
+    save_model_folder,
+    set_generation_config,
+    validate_model_folder,
+)
+from banklm.finetune.tokenizer import load_tokenizer
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -102,7 +108,6 @@ def student_from_teacher_layers(teacher_dir: str | os.PathLike, out_dir: str | o
                          "layer dropping supports Llama-style decoders (model.layers.N.*)")
     model.tie_weights()
     if dtype:
-        from finetune.models import resolve_dtype
 
         model = model.to(resolve_dtype(dtype, "cpu"))
     set_generation_config(model, load_tokenizer(teacher_dir))

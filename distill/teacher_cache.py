@@ -2,7 +2,7 @@
 
 The teacher runs once over the student's *prepared* training rows (tokenized, packed, labelled exactly
 as the trainer will see them) and keeps, for every completion position (see
-:func:`distill.losses.completion_positions`), its ``k`` largest logits (fp16), their token ids (int32)
+:func:`banklm.distill.losses.completion_positions`), its ``k`` largest logits (fp16), their token ids (int32)
 and the full-vocabulary log-normaliser at the distillation temperature (fp32, for the tail bucket).
 
 Layout (safetensors only, never pickles)::
@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from banklm.finetune.sft import PackedRowsCollator, forward_inputs
 
 from banklm.io import atomic_dir
 
@@ -120,7 +121,7 @@ def build_teacher_cache(teacher, rows: Sequence[dict], out_dir: str | Path, *, p
     """Run ``teacher`` over ``rows`` (dicts with ``input_ids``, ``labels``, optional ``seq_lengths``) in
     chunks of ``batch_rows`` and write the top-k cache atomically into ``out_dir``.
 
-    Rows are batched with the trainer's own collator (:class:`finetune.sft.PackedRowsCollator`, right-padded
+    Rows are batched with the trainer's own collator (:class:`banklm.finetune.sft.PackedRowsCollator`, right-padded
     rows: position ids restart per packed example, no attention mask, first token of each example
     unlabelled), so the stored positions, in row order, are exactly those the student's loss uses, whether
     its batches are padded rows or one flat row. ``vocab_size`` keeps only the first logit
@@ -128,8 +129,6 @@ def build_teacher_cache(teacher, rows: Sequence[dict], out_dir: str | Path, *, p
     """
     import torch
     from safetensors.torch import save_file
-
-    from finetune.sft import PackedRowsCollator, forward_inputs
 
     from .losses import completion_positions, topk_teacher
 

@@ -26,7 +26,16 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from banklm.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, sha256_file
+from banklm.finetune.tokenizer import load_tokenizer
+
+from banklm.evaluation.evaluate import evaluate_artefact, evaluate_model_dir
+from banklm.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from banklm.runtime import OnnxCausalLM, context_length, open_gguf, stop_token_ids
+from banklm.tasks.base import iter_user_messages
+
+from .ollama import write_modelfile
+from .onnx import export_onnx
+from .verify import verify_gguf, verify_onnx
 
 log = logging.getLogger(__name__)
 
@@ -82,28 +91,6 @@ def check_sha256sums(folder: str | os.PathLike) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def evaluate_artefact(lm, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike, *, eos_ids: Sequence[int],
-                      batch_size: int = 32, max_new_tokens: int = 128, model_name: str = "model",
-                      size: dict | None = None) -> dict:
-    """Answer ``records`` with an exported model (:mod:`export.runtime`), score them with the task parsers
-    and metrics of :mod:`banklm.evaluation`, write ``results.json`` + ``predictions.jsonl``."""
-    from banklm.evaluation.evaluate import score_records
-    from banklm.tasks.base import iter_user_messages
-
-    from .runtime import generate_chat
-
-    records = list(records)
-    gen = generate_chat(lm, tokenizer, [iter_user_messages(r) for r in records], eos_ids,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size)
-    results, preds = score_records(records, list(gen), model_name=model_name)
-    results["overall"].update({"tokens_per_s": gen.tokens_per_s, "new_tokens": gen.new_tokens,
-                               "generation_seconds": gen.seconds, **(size or {})})
-    out_dir = Path(out_dir)
-    atomic_write_jsonl(out_dir / "predictions.jsonl", preds)
-    atomic_write_json(out_dir / "results.json", results)
-    return results
-
-
 def task_summary(results: dict, where: str) -> dict:
     """The figures verify.json and the report show for one evaluated model."""
     ov = results.get("overall", {})
@@ -112,37 +99,9 @@ def task_summary(results: dict, where: str) -> dict:
             "format_compliance": ov.get("format_compliance"), "tokens_per_s": ov.get("tokens_per_s")}
 
 
-def open_gguf(path: Path, n_ctx: int):
-    """``(runtime model, runtime name)``: llama.cpp when installed, else transformers' GGUF reader."""
-    from .runtime import LlamaCppLM, TorchLM, llama_cpp_available
-
-    if llama_cpp_available():
-        return LlamaCppLM(path, n_ctx=n_ctx), "llama.cpp"
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
-    return TorchLM(model), "transformers GGUF reader (de-quantized to fp32; llama-cpp-python not installed)"
-
-
 # --------------------------------------------------------------------------------------------------
 # the bundle
 # --------------------------------------------------------------------------------------------------
-
-
-def stop_token_ids(model_dir: Path) -> list[int]:
-    """The ids generation stops at: ``generation_config.json``'s ``eos_token_id`` (one or a list), else config's."""
-    gc = model_dir / "generation_config.json"
-    eos = json.loads(gc.read_text(encoding="utf-8")).get("eos_token_id") if gc.is_file() else None
-    if eos is None:
-        eos = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("eos_token_id")
-    return [eos] if isinstance(eos, int) else [int(e) for e in eos or []]
-
-
-def context_length(model_dir: Path, cap: int = 8192) -> int:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    return int(min(cfg.get("max_position_embeddings", 2048), cap))
 
 
 def build_export(
@@ -171,15 +130,8 @@ def build_export(
     and the check), and one entry per artefact under ``gguf`` / ``onnx``. Conversion errors raise (the
     previous bundle stays); check failures do not.
     """
-    from banklm.evaluation.evaluate import evaluate_model_dir
-    from banklm.tasks.base import iter_user_messages
-    from finetune.tokenizer import load_tokenizer
 
     from .gguf import export_gguf
-    from .ollama import write_modelfile
-    from .onnx import export_onnx
-    from .runtime import OnnxCausalLM
-    from .verify import verify_gguf, verify_onnx
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not gguf_types and not onnx_types:
@@ -295,7 +247,6 @@ def _listed_artefacts(export_dir: Path) -> list[tuple[str, str, Path]]:
 def verify_export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, prompts: Sequence[str]) -> dict:
     """Re-check an export folder: ``SHA256SUMS``, then every artefact ``verify.json`` lists against
     ``model_dir`` (tokenizer, logits, greedy generation; no task evaluation). Writes nothing."""
-    from .verify import verify_gguf, verify_onnx
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
     out: dict = {"export_dir": str(export_dir), "checksums": check_sha256sums(export_dir), "artefacts": [],
@@ -318,5 +269,5 @@ def verify_export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, p
     return out
 
 
-__all__ = ["build_export", "verify_export", "write_sha256sums", "check_sha256sums", "evaluate_artefact",
-           "task_summary", "open_gguf", "context_length", "stop_token_ids", "SUMS_FILE", "VERIFY_FILE"]
+__all__ = ["build_export", "verify_export", "write_sha256sums", "check_sha256sums",
+           "task_summary", "SUMS_FILE", "VERIFY_FILE"]

@@ -33,10 +33,14 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from banklm.finetune.tokenizer import check_chat_template
 from gguf import MODEL_ARCH, LlamaFileType, TokenType
 from gguf import GGMLQuantizationType as QT
 
 from banklm.io import atomic_open
+from banklm.runtime import MissingDependency, import_llama_cpp
+
+from .ollama import render_jinja_chat
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +127,7 @@ def export_gguf(
         )
     kquants = [t for t in types if t in KQUANT_TYPES]
     if kquants:
-        _import_llama_cpp()  # fail before writing anything
+        import_llama_cpp()  # fail before writing anything
 
     model = read_model(model_dir)
     tok = read_tokenizer(model_dir, model.n_vocab)
@@ -165,7 +169,7 @@ def requantize_with_llamacpp(src_f16: str | os.PathLike, dst: str | os.PathLike,
     t = type.lower()
     if t not in KQUANT_TYPES:
         raise ValueError(f"requantize_with_llamacpp: type {type!r} not one of {', '.join(KQUANT_TYPES)}")
-    llama_cpp = _import_llama_cpp()
+    llama_cpp = import_llama_cpp()
     src_f16, dst = Path(src_f16), Path(dst)
     if not src_f16.is_file():
         raise FileNotFoundError(f"requantize_with_llamacpp: source GGUF not found: {src_f16}")
@@ -561,7 +565,6 @@ def chat_template_renders_bos(template: str | list | dict | None, bos_token: str
     Rendered (sandboxed, as transformers does) for a one-user-message conversation; raises ``ValueError``
     when the template cannot render that, since the GGUF's readers could not render it either.
     """
-    from .ollama import render_jinja_chat
 
     if isinstance(template, dict):
         template = template.get("default")
@@ -582,7 +585,6 @@ def chat_template_renders_bos(template: str | list | dict | None, bos_token: str
 def _chat_template(folder: Path, cfg: dict) -> str | list | None:
     """The folder's chat template; one that reaches Python internals is refused, never written to the GGUF
     (its readers render it, and not all of them sandbox Jinja)."""
-    from finetune.tokenizer import check_chat_template
 
     jinja = folder / "chat_template.jinja"
     template = jinja.read_text(encoding="utf-8") if jinja.is_file() else cfg.get("chat_template")
@@ -779,24 +781,6 @@ def _set_special_ids(tok: TokenizerData, cfg: dict, folder: Path) -> None:
         v = getattr(tok, attr)
         if v is not None and tok.types[v] == TokenType.NORMAL:
             tok.types[v] = int(TokenType.CONTROL)
-
-
-class MissingDependency(RuntimeError):
-    """An optional package a requested feature needs is not installed (the message says which)."""
-
-
-def _import_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as e:
-        raise MissingDependency(
-            "k-quant GGUF types (q4_k_m, q5_k_m, q6_k) need llama.cpp's quantizer: "
-            "pip install 'banklm[llamacpp]'  (or export f16/q8_0/q4_0, which need nothing extra)"
-        ) from e
-    quiet = logging.getLogger("llama-cpp-python")  # llama.cpp's C log goes through this logger
-    if quiet.level == logging.NOTSET:
-        quiet.setLevel(logging.WARNING)  # not one line per tensor while quantizing
-    return llama_cpp
 
 
 def gguf_summary(path: str | os.PathLike) -> dict:

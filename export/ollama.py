@@ -19,6 +19,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from banklm.finetune.tokenizer import check_chat_template
+
 from banklm.io import atomic_write_text
 
 DEFAULT_STOP_TOKENS = ("<|im_end|>", "<|im_start|>")
@@ -74,7 +76,6 @@ def jinja_to_ollama_template(chat_template: str, **extra) -> str:
     Raises ``ValueError`` when the Jinja template is not a fixed prefix + one block per message
     (chosen by role) + a generation prompt.
     """
-    from finetune.tokenizer import check_chat_template
 
     check_chat_template(chat_template, "Modelfile TEMPLATE")  # refused before rendering (also sandboxed)
 

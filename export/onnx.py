@@ -32,7 +32,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from banklm.finetune.tokenizer import check_chat_template
+
 from banklm.io import atomic_dir
+from banklm.runtime import onnx_file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -234,17 +237,6 @@ def _resave(src: Path, dst: Path, props: dict[str, str]) -> None:
         onnx.save_model(m, str(dst))
 
 
-def onnx_file_bytes(path: str | os.PathLike) -> int:
-    """Size of an ONNX model: the graph file plus every external data file it references."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    path = Path(path)
-    m = onnx.load(str(path), load_external_data=False)
-    files = {ExternalDataInfo(t).location for t in m.graph.initializer if uses_external_data(t)}
-    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
-
-
 def _set_metadata(path: Path, props: dict[str, str]) -> None:
     import onnx
 
@@ -259,10 +251,9 @@ def _set_metadata(path: Path, props: dict[str, str]) -> None:
 
 
 def check_templates(folder: str | os.PathLike) -> None:
-    """Refuse a folder whose chat template reaches Python internals (``finetune.tokenizer.UnsafeTemplate``,
+    """Refuse a folder whose chat template reaches Python internals (``banklm.finetune.tokenizer.UnsafeTemplate``,
     naming the file): the ONNX folders ship ``chat_template.jinja`` and ``tokenizer_config.json`` to runtimes
     that render the template, not all in a sandbox. Both files are checked, since a runtime may read either."""
-    from finetune.tokenizer import check_chat_template
 
     folder = Path(folder)
     jinja = folder / "chat_template.jinja"
@@ -305,4 +296,4 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 __all__ = ["ONNX_TYPES", "DEFAULT_OPSET", "MODEL_FILE", "export_onnx", "read_config", "check_templates",
            "input_names", "output_names", "onnx_metadata",
-           "quantize_int8", "onnx_file_bytes", "EXTERNAL_DATA"]
+           "quantize_int8", "EXTERNAL_DATA"]

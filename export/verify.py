@@ -1,6 +1,6 @@
 """Check exported artefacts (GGUF, ONNX) against the PyTorch model they were converted from.
 
-A GGUF is read back by readers that share no code with :mod:`export.gguf`:
+A GGUF is read back by readers that share no code with :mod:`banklm.export.gguf`:
 
 * ``gguf.GGUFReader`` for the metadata (architecture, file type, chat template, special token ids,
   token types of the chat tokens, ``add_bos_token``, vocabulary size);
@@ -13,7 +13,7 @@ A GGUF is read back by readers that share no code with :mod:`export.gguf`:
 * llama.cpp itself (``llama-cpp-python``, when installed): its tokenizer, its next-token logits and
   its greedy continuation, with their own thresholds (llama.cpp also quantizes activations).
 
-An ONNX folder is run with onnxruntime (:class:`export.runtime.OnnxCausalLM`): graph inputs/outputs,
+An ONNX folder is run with onnxruntime (:class:`banklm.export.runtime.OnnxCausalLM`): graph inputs/outputs,
 declared type, the tokenizer shipped beside it, logits at every position and a greedy continuation
 through the KV cache (identical for fp32).
 
@@ -32,6 +32,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from banklm.finetune.tokenizer import load_tokenizer
+
+from banklm.runtime import (
+    LLAMA_CPP_MISSING,
+    LlamaCppLM,
+    OnnxCausalLM,
+    TorchLM,
+    llama_cpp_available,
+    onnx_file_bytes,
+)
+
+from .onnx import input_names, onnx_metadata, output_names, read_config
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +146,6 @@ def verify_gguf(
                                                            LOGIT_THRESHOLDS, GREEDY_EXACT_TYPES))
         if out:
             res["logits"], res["generation"] = out
-    from .runtime import LLAMA_CPP_MISSING, llama_cpp_available
 
     if llama_cpp is None:
         llama_cpp = llama_cpp_available()
@@ -180,7 +191,6 @@ def verify_onnx(
         fails.append(f"ONNX model not found: {path}")
         res["passed"] = False
         return res
-    from .onnx import onnx_file_bytes
 
     res["bytes"] = _section(res, "bytes", lambda: onnx_file_bytes(path))
     if not prompts:
@@ -191,7 +201,6 @@ def verify_onnx(
     onnx_tok = _section(res, "onnx_tokenizer", lambda: _load_training_tokenizer(onnx_dir))
     res["tokenizer"] = _section(res, "tokenizer", lambda: _compare_tokenizers(ref_tok, onnx_tok, prompts)) or {}
     if ref is not None and prompts:
-        from .runtime import OnnxCausalLM
 
         out = _section(res, "model", lambda: _compare_lm(ref, OnnxCausalLM(onnx_dir), qtype, ONNX_LOGIT_THRESHOLDS,
                                                            ONNX_GREEDY_EXACT_TYPES))
@@ -216,7 +225,6 @@ def _section(res: dict, name: str, fn):
 
 
 def _load_training_tokenizer(model_dir: Path):
-    from finetune.tokenizer import load_tokenizer
 
     return load_tokenizer(model_dir)
 
@@ -425,7 +433,6 @@ def reference_outputs(model_dir: str | os.PathLike, prompts: list[str]) -> Refer
     import torch
     import transformers
 
-    from .runtime import TorchLM
 
     model_dir = Path(model_dir)
     weights = sorted(model_dir.glob("*.safetensors"))
@@ -451,14 +458,13 @@ def _gguf_in_transformers(gguf_path: Path):
     import torch
     import transformers
 
-    from .runtime import TorchLM
 
     return TorchLM(transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval())
 
 
 def _compare_lm(ref: Reference, lm, qtype: str, thresholds: dict[str, float], exact_types: Sequence[str]):
-    """Logit figures and greedy equality of ``lm`` (any :mod:`export.runtime` model) vs the reference.
+    """Logit figures and greedy equality of ``lm`` (any :mod:`banklm.export.runtime` model) vs the reference.
 
     Rows ``lm`` does not compute (NaN: llama.cpp keeps only the last position) are left out of the
     all-positions figures.
@@ -498,7 +504,6 @@ def _compare_lm(ref: Reference, lm, qtype: str, thresholds: dict[str, float], ex
 
 def _check_llama_cpp(gguf_path: Path, ref: Reference, qtype: str) -> dict:
     """Tokenizer, next-token logits and greedy continuation of the GGUF in llama.cpp itself."""
-    from .runtime import LlamaCppLM
 
     n_ctx = max(len(ids) for ids in ref.encoded) + GREEDY_TOKENS + 16
     with LlamaCppLM(gguf_path, n_ctx=max(128, n_ctx)) as lm:
@@ -529,7 +534,6 @@ def _check_llama_cpp(gguf_path: Path, ref: Reference, qtype: str) -> dict:
 def _check_onnx_metadata(model_dir: Path, onnx_dir: Path, qtype: str, ref_tok) -> dict:
     import onnx
 
-    from .onnx import input_names, onnx_metadata, output_names, read_config
 
     cfg = read_config(model_dir)
     fails: list[str] = []

@@ -2,7 +2,7 @@
 
 A batch of examples concatenated into one row (``[1, tokens]``, position ids restarting per example, the
 example boundaries in ``cu_seq_lens_q`` as TRL's padding-free collator and
-:class:`finetune.sft.PackedRowsCollator` give them) lets every linear layer, norm and the LM head run on
+:class:`banklm.finetune.sft.PackedRowsCollator` give them) lets every linear layer, norm and the LM head run on
 real tokens only. Only attention needs the examples apart: :func:`varlen_attention` scatters queries, keys
 and values into ``[examples, heads, longest, dim]``, runs plain causal attention (no mask: right padding
 is never attended by a causal token) and gathers the real tokens back. Padding is paid in attention alone.

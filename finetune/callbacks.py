@@ -5,7 +5,7 @@
 * :class:`MetricsRecorder`: one ``metrics.jsonl`` row per log (loss, LR, real tokens/s, eval loss, ...),
   and a tqdm progress bar with tokens/s and ETA.
 * :class:`CheckpointState`: writes ``banklm_state.json`` last into each checkpoint (what makes it
-  complete, see :mod:`finetune.checkpoints`) and keeps the newest K.
+  complete, see :mod:`banklm.finetune.checkpoints`) and keeps the newest K.
 * :class:`TaskEvalCallback`: every N steps, greedy answers on a small validation slice per task, scored
   with ``banklm.evaluation`` (parsed like the final evaluation), logged as ``task_accuracy*``.
 
@@ -24,7 +24,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from banklm.evaluation.evaluate import score_records
+from banklm.evaluation.generate import generate
 from banklm.io import atomic_write_json
+from banklm.tasks.base import fold_fullwidth, iter_user_messages
 
 from .checkpoints import STATE_FILE, rotate
 
@@ -309,9 +312,6 @@ class TaskEvalCallback(TrainerCallback):
         return control
 
     def evaluate(self) -> dict:
-        from banklm.evaluation.evaluate import score_records
-        from banklm.evaluation.generate import generate
-        from banklm.tasks.base import fold_fullwidth, iter_user_messages
 
         model = self.trainer.model
         convs = [[{**m, "content": fold_fullwidth(m["content"])} if m["role"] == "user" else m

@@ -2,7 +2,7 @@
 
 The Trainer writes ``checkpoint-<step>/`` (weights or adapter, optimizer, scheduler, RNG states,
 ``trainer_state.json``) into the checkpoint folder. A crash can leave that folder half written, so
-banklm writes ``banklm_state.json`` into it *last* and atomically (:class:`finetune.callbacks.CheckpointState`):
+banklm writes ``banklm_state.json`` into it *last* and atomically (:class:`banklm.finetune.callbacks.CheckpointState`):
 a checkpoint is complete only when that file exists. It also records the run's *fingerprint* (training
 settings, base model files, data content, world size), so a checkpoint left by different settings or
 data is never resumed: it is deleted and training starts over.

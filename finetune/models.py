@@ -236,7 +236,6 @@ def check_model_folder(folder: str | os.PathLike, *, allow_pickle: bool = False,
     a 7B base: reads safetensors headers and builds the model on the ``meta`` device.
     Returns ``{"pickled": bool, "tensors": int}``.
     """
-    from .tokenizer import load_tokenizer
 
     folder = validate_model_folder(folder, allow_pickle=allow_pickle)
     pickled = not any(folder.glob("*.safetensors"))
@@ -346,7 +345,7 @@ def load_model(
 
     ``quantization``: None, ``"4bit"`` (bitsandbytes NF4, double quant, bf16 compute) or ``"8bit"``.
     bitsandbytes 0.50 runs both on CPU. Returns the model in eval mode; load the tokenizer with
-    :func:`finetune.tokenizer.load_tokenizer` (or use :func:`load_model_and_tokenizer`).
+    :func:`banklm.finetune.tokenizer.load_tokenizer` (or use :func:`load_model_and_tokenizer`).
     """
     import torch
     from safetensors import SafetensorError
@@ -405,7 +404,7 @@ def convert_pickled_model(src: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 
 def load_model_and_tokenizer(folder, **kwargs):
-    """:func:`load_model` plus :func:`finetune.tokenizer.load_tokenizer` of the same folder."""
+    """:func:`load_model` plus :func:`banklm.finetune.tokenizer.load_tokenizer` of the same folder."""
     model = load_model(folder, **kwargs)
     return model, load_tokenizer(folder)
 

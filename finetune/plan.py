@@ -407,7 +407,7 @@ def _loss_workspace(shape: ModelShape, s: Setup, d: _Dtypes, lm_trainable: bool)
 
 def _kd_loss_workspace(shape: ModelShape, s: Setup, d: _Dtypes, lm_trainable: bool) -> tuple[float, float, float]:
     """(saved, forward workspace, backward workspace) of logit KD with a live teacher: the student's and the
-    teacher's full logits (``distill.logit`` ``compute_loss``) and ``distill.losses.kd_loss`` (forward KL,
+    teacher's full logits (``banklm.distill.logit`` ``compute_loss``) and ``banklm.distill.losses.kd_loss`` (forward KL,
     0 < alpha).
 
     Measured on CPU (scripts/measure_train_memory.py --kd-teacher-layers, docs/memory.md): both models'

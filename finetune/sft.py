@@ -25,7 +25,7 @@ Data
 * Padding and EOS: ``pad`` is ``<pad>`` (id 3) and never a label, so no mask hides the EOS.
 * Batches (``packing``, :func:`batch_layout`): ``"auto"`` concatenates each SFT batch's examples (random
   order) into one row without padding, attention kept within each example by a varlen kernel
-  (flash-attention 2's, or :mod:`finetune.attention` on sdpa/eager); for CPT it packs examples into rows
+  (flash-attention 2's, or :mod:`banklm.finetune.attention` on sdpa/eager); for CPT it packs examples into rows
   of ``max_length`` with TRL's best-fit decreasing. ``True`` always packs; ``False`` pads one example per
   row (``group_by_length``: batches of similar length). ``use_cache`` is off during training: flat and
   packed batches must never run with the cache on.
@@ -42,7 +42,7 @@ Checkpoints and resume
 ----------------------
 With ``save_steps`` the Trainer saves ``checkpoints/checkpoint-<step>/`` (weights or adapter, optimizer,
 scheduler, RNG states, trainer state); banklm then writes ``banklm_state.json`` into it, last and
-atomically, which is what makes a checkpoint complete (:mod:`finetune.checkpoints`); the newest
+atomically, which is what makes a checkpoint complete (:mod:`banklm.finetune.checkpoints`); the newest
 ``keep_checkpoints`` complete ones are kept. ``resume=True`` continues from the newest complete
 checkpoint whose fingerprint (settings, base model files, data content, world size) matches this call:
 same weights, optimizer and scheduler state, RNG states, and the same data order mid-epoch (the
@@ -73,12 +73,15 @@ from typing import Any
 
 from banklm.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 
+from .attention import prefers_eager, register
+from .checkpoints import find_resumable, training_fingerprint
 from .merge import merge_adapter
 from .models import (
     count_parameters,
     load_model,
     pick_attn_implementation,
     pick_device,
+    resolve_dtype,
     save_model_folder,
     set_generation_config,
 )
@@ -148,7 +151,7 @@ class PackedRowsCollator:
     ``flat=True`` (the ``unpadded`` and ``packed`` layouts): every example of the batch goes into ONE row,
     position ids restarting per example, with the example boundaries as TRL's padding-free collator gives
     them (``cu_seq_lens_q``/``_k``, ``max_length_q``/``_k``). Linear layers then see real tokens only, and
-    the varlen attention (flash-attention 2's, or :func:`finetune.attention.varlen_attention` on sdpa/eager)
+    the varlen attention (flash-attention 2's, or :func:`banklm.finetune.attention.varlen_attention` on sdpa/eager)
     keeps each example to itself.
 
     ``flat=False`` (``padded``, ``grouped`` and the teacher cache): right-padded ``[rows, longest]``
@@ -261,8 +264,7 @@ def precision_plan(device: str, method: str, mixed_precision: str = "auto") -> d
 
 def cpu_attention(device: str, plan: dict, longest_row: int) -> str:
     """The attention kernel for training padded rows: ``plan``'s, except eager where
-    :func:`finetune.attention.prefers_eager` (CPU, bf16 autocast, rows of at most 256 tokens)."""
-    from .attention import prefers_eager
+    :func:`banklm.finetune.attention.prefers_eager` (CPU, bf16 autocast, rows of at most 256 tokens)."""
 
     if plan["attn_implementation"] == "sdpa" and prefers_eager(device.split(":")[0], plan["bf16"], longest_row):
         return "eager"
@@ -333,7 +335,7 @@ def make_trainer_classes():
 
     class BudgetTrainer(SFTTrainer):
         """SFTTrainer that counts real (non-pad) tokens and, with a time budget, schedules the LR on
-        max(step, time) progress (:class:`finetune.callbacks.TrainClock`)."""
+        max(step, time) progress (:class:`banklm.finetune.callbacks.TrainClock`)."""
 
         banklm_clock = None
         banklm_tokens: int = 0
@@ -493,7 +495,7 @@ def batch_layout(packing: bool | str, mode: str, group_by_length: bool = False) 
 
     * ``unpadded``: the batch's examples (random order) concatenated into one row; linear layers see no
       padding, attention stays within each example (varlen: flash-attention 2's kernel, or
-      :mod:`finetune.attention` on sdpa/eager, which pads inside attention only). Batch = examples.
+      :mod:`banklm.finetune.attention` on sdpa/eager, which pads inside attention only). Batch = examples.
     * ``packed``: examples packed by TRL's best-fit decreasing into rows of ``max_length``, the rows of a
       batch concatenated the same way. Batch = rows.
     * ``padded``: one example per row, in random order, right-padded, no mask (batch = examples);
@@ -517,12 +519,11 @@ FLAT_LAYOUTS = ("unpadded", "packed")  # one row per batch, varlen attention
 
 def training_attention(device: str, plan: dict, layout: str, longest_row: int) -> str:
     """The attention kernel for training: flash-attention 2 when the plan has it; for a flat layout on
-    sdpa/eager banklm's varlen attention (:mod:`finetune.attention`, registered here); for padded rows
+    sdpa/eager banklm's varlen attention (:mod:`banklm.finetune.attention`, registered here); for padded rows
     :func:`cpu_attention`."""
     if "flash" in str(plan["attn_implementation"]):
         return plan["attn_implementation"]
     if layout in FLAT_LAYOUTS:
-        from .attention import register
 
         return register()
     return cpu_attention(device, plan, longest_row)
@@ -622,7 +623,6 @@ def train_causal_lm(
     from trl import SFTConfig
 
     from .callbacks import BudgetCallback, CheckpointState, TaskEvalCallback, TrainClock
-    from .checkpoints import find_resumable, training_fingerprint
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -910,7 +910,6 @@ def train_causal_lm(
         else:
             set_generation_config(trained, tokenizer)
             if merged_dtype not in (None, "auto"):
-                from .models import resolve_dtype
 
                 trained = trained.to(resolve_dtype(merged_dtype, "cpu"))
             save_model_folder(trained, out_dir / "merged", model_dir)

@@ -7,7 +7,7 @@
    5% exact and 5% near duplicates, 2% junk) into 8 JSONL shards (not timed).
 2. Runs each configuration in a fresh child process, sampling the resident memory of the child and
    all its workers (psutil, every 50 ms) for the peak:
-   - ``banklm``: ``corpora.sources.read_sources`` + ``corpora.ops.run_steps`` (HF datasets), ``num_proc`` 1, 2;
+   - ``banklm``: ``banklm.corpora.sources.read_sources`` + ``banklm.corpora.ops.run_steps`` (HF datasets), ``num_proc`` 1, 2;
    - ``datatrove``: the same steps from datatrove blocks (JsonlReader, formatters calling the same
      ``normalize_text``/``scrub_text``, ExactDedupSignature/FindDedups/Filter on the same dedup key,
      MinhashDedupSignature/Buckets/Cluster/Filter on character 5-grams, a filter calling the same
@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 SHARDS = 8
 
 INDUSTRIES = ["农产品批发", "餐饮连锁", "建材销售", "物流运输", "服装加工", "电子元件", "家具制造", "乡村旅游", "水产养殖",
@@ -117,16 +116,15 @@ def generate(n: int, out_dir: Path, seed: int = 0) -> dict:
 # ------------------------------------------------------------------------------------------------ runners
 
 def _steps():
-    from corpora.ops import ExactDedup, NearDedup, Normalize, QualityFilter, ScrubPII
+    from banklm.corpora.ops import ExactDedup, NearDedup, Normalize, QualityFilter, ScrubPII
 
     return [Normalize(), ScrubPII(mode="placeholder"), ExactDedup(), NearDedup(), QualityFilter()]
 
 
 def run_banklm(data: Path, num_proc: int) -> dict:
     import datasets
-
-    from corpora.ops import run_steps
-    from corpora.sources import read_sources
+    from banklm.corpora.ops import run_steps
+    from banklm.corpora.sources import read_sources
 
     datasets.disable_progress_bars()
     datasets.disable_caching()
@@ -144,12 +142,11 @@ def run_banklm(data: Path, num_proc: int) -> dict:
 def run_loop(data: Path) -> dict:
     """The same functions in plain Python loops: no datasets, one process."""
     import numpy as np
+    from banklm.corpora.ops.dedup import _crc32, char_ngrams, dedup_key, text_hash
+    from banklm.corpora.ops.normalize import normalize_text
+    from banklm.corpora.ops.pii import scrub_text
+    from banklm.corpora.ops.quality import QualityFilter, is_junk_line
     from datasketch import LeanMinHash, MinHash, MinHashLSH
-
-    from corpora.ops.dedup import _crc32, char_ngrams, dedup_key, text_hash
-    from corpora.ops.normalize import normalize_text
-    from corpora.ops.pii import scrub_text
-    from corpora.ops.quality import QualityFilter, is_junk_line
 
     t0 = time.perf_counter()
     docs = []
@@ -210,6 +207,10 @@ def run_loop(data: Path) -> dict:
 
 
 def run_datatrove(data: Path, workers: int, work: Path) -> dict:
+    from banklm.corpora.ops.dedup import dedup_key
+    from banklm.corpora.ops.normalize import normalize_text
+    from banklm.corpora.ops.pii import scrub_text
+    from banklm.corpora.ops.quality import QualityFilter, is_junk_line
     from datatrove.data import Document
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.base import PipelineStep
@@ -229,11 +230,6 @@ def run_datatrove(data: Path, workers: int, work: Path) -> dict:
     from datatrove.utils.hashing import HashConfig
     from datatrove.utils.text import TextNormConfig
     from datatrove.utils.word_tokenizers import WordTokenizer
-
-    from corpora.ops.dedup import dedup_key
-    from corpora.ops.normalize import normalize_text
-    from corpora.ops.pii import scrub_text
-    from corpora.ops.quality import QualityFilter, is_junk_line
 
     # datatrove's JsonlReader/JsonlWriter need orjson (the "io" extra), which this venv does not
     # install: two minimal blocks with the same file-per-rank layout, reading with the stdlib json

@@ -7,14 +7,14 @@ one) and, with ``--size-100m``, a ~100M-parameter Llama built from a config (ran
 and size are real, its accuracy is meaningless and not measured):
 
 * PyTorch fp32 (transformers, the safetensors folder);
-* ONNX fp32 and ONNX int8 (``export.onnx``, onnxruntime CPU provider);
+* ONNX fp32 and ONNX int8 (``banklm.export.onnx``, onnxruntime CPU provider);
 * GGUF f16, q8_0 and q4_k_m run by llama.cpp (llama-cpp-python; without it, sizes and export times only).
 
 Decode speed: one sequence, a prompt of ``--prompt-tokens`` tokens fed once (not timed), then
 ``--new-tokens`` greedy single-token steps through the KV cache, timed; median of three runs after a
 warm-up; every runtime gets ``--threads`` threads. Task accuracy: the runtime answers the run's scenario
 test records (``--records`` per task) through the same code the export stage uses
-(``export.bundle.evaluate_artefact``, PyTorch through ``banklm.evaluation``), scored by the task parsers.
+(``banklm.evaluation.evaluate.evaluate_artefact``, PyTorch through ``banklm.evaluation``), scored by the task parsers.
 Export time: converting from the safetensors folder (int8: quantizing the fp32 ONNX; q4_k_m:
 re-quantizing the f16 GGUF with llama.cpp). The load average is recorded with the figures.
 """
@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,10 +49,9 @@ def build_random_llama(out: Path, tokenizer_dir: Path, cfg: dict) -> Path:
     """A randomly initialised Llama of ``cfg`` with the tokenizer of ``tokenizer_dir`` (the vocabulary is
     padded to ``cfg['vocab_size']`` rows: ids past the tokenizer's are never produced by it)."""
     import torch
+    from banklm.finetune.models import save_model_folder, set_generation_config
+    from banklm.finetune.tokenizer import load_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from finetune.models import save_model_folder, set_generation_config
-    from finetune.tokenizer import load_tokenizer
 
     if (out / "config.json").is_file():
         return out
@@ -70,7 +68,7 @@ def build_random_llama(out: Path, tokenizer_dir: Path, cfg: dict) -> Path:
 
 def scenario_records(model_dir: Path, per_task: int) -> list[dict] | None:
     """The test records of the run folder the model sits in (None when it is not inside a run)."""
-    from corpora.build import load_split
+    from banklm.corpora.build import load_split
 
     for parent in model_dir.resolve().parents:
         if (parent / "corpora" / "scenario" / "data").is_dir():
@@ -133,14 +131,13 @@ def decode_llama_cpp(lm, ids: list[int], n: int) -> float:
 
 def bench_model(model_dir: Path, name: str, work: Path, records: list[dict] | None, args) -> list[dict]:
     import torch
+    from banklm.export.gguf import export_gguf, requantize_with_llamacpp
+    from banklm.export.onnx import export_onnx, quantize_int8
+    from banklm.finetune.tokenizer import load_tokenizer
     from transformers import AutoModelForCausalLM
 
-    from banklm.evaluation.evaluate import evaluate_model_dir
-    from export.bundle import evaluate_artefact
-    from export.gguf import export_gguf, requantize_with_llamacpp
-    from export.onnx import export_onnx, onnx_file_bytes, quantize_int8
-    from export.runtime import LlamaCppLM, OnnxCausalLM, llama_cpp_available
-    from finetune.tokenizer import load_tokenizer
+    from banklm.evaluation.evaluate import evaluate_artefact, evaluate_model_dir
+    from banklm.runtime import LlamaCppLM, OnnxCausalLM, llama_cpp_available, onnx_file_bytes
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(model_dir)

@@ -3,17 +3,17 @@
     python scripts/bench_train.py [--models quickstart 100m] [--configs banklm baseline ...] [--repeats 3]
                                   [--json out.json]
 
-1. Builds the scenario mix (credit, AML and audit records from ``corpora.synth``, the generators behind the
+1. Builds the scenario mix (credit, AML and audit records from ``banklm.corpora.synth``, the generators behind the
    scenario corpus and ``banklm.tasks``' rules), trains a SentencePiece tokenizer on it (vocab 2000, as the
-   quickstart) and builds the models from configs (``finetune.models.build_tiny_model``):
+   quickstart) and builds the models from configs (``banklm.finetune.models.build_tiny_model``):
    ``quickstart`` (hidden 256, 4 layers, FFN 768, tied embeddings) and ``100m`` (hidden 768, 12 layers,
    FFN 2560: about 100M parameters). None of this is timed.
 2. Times a large ``torch.matmul`` (fp32 and bf16, n=2048, best of 5) for this CPU's dense-matmul peak.
 3. Runs every (model, configuration) in a fresh child process (clean peak memory, same threads):
-   - ``banklm``: ``finetune.sft.train_causal_lm`` with the recipe defaults: LoRA r=16, alpha 32, dropout 0
+   - ``banklm``: ``banklm.finetune.sft.train_causal_lm`` with the recipe defaults: LoRA r=16, alpha 32, dropout 0
      on all linear layers, completion-only loss (LM head on the label positions), ``packing: auto`` (for SFT:
      each batch's examples, in random order, concatenated into one row without padding, attention within
-     each example by ``finetune.attention``'s varlen kernel; max_length 512), bf16 autocast with the frozen
+     each example by ``banklm.finetune.attention``'s varlen kernel; max_length 512), bf16 autocast with the frozen
      base in bf16 (CPU ``mixed_precision: auto``), ``compile: auto``. The run is given a 1-hour time budget,
      as a user's real run would have, and cut by ``--steps``: ``auto`` then compiles each decoder layer
      with ``torch.compile`` (a budget of 5 minutes or more). The compiling happens in the warm-up steps,
@@ -53,7 +53,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -74,9 +73,9 @@ LONG_RUN_S = 3600
 
 
 def build_inputs(workdir: Path, models: list[str], n_per_task: int, seed: int) -> dict:
-    from corpora.synth import generate_all
-    from finetune.models import build_tiny_model
-    from finetune.tokenizer import render_chat, train_tokenizer
+    from banklm.corpora.synth import generate_all
+    from banklm.finetune.models import build_tiny_model
+    from banklm.finetune.tokenizer import render_chat, train_tokenizer
 
     records = generate_all(n_per_task, seed, "train")
     data = workdir / "train.jsonl"
@@ -131,9 +130,8 @@ def _completion_rows(tok, records: list[dict]) -> list[dict]:
 
 def run_banklm(model_dir: str, records: list[dict], out: Path, steps: int, batch: int, bf16: bool, probe,
                packing: bool | str = "auto", compile: bool | str = "auto", time_budget_s: float = LONG_RUN_S) -> list:
+    from banklm.finetune.sft import train_causal_lm
     from datasets import Dataset
-
-    from finetune.sft import train_causal_lm
 
     # a long run (a 1-hour budget, as a user's run would have) cut after ``steps`` steps: what compile: auto sees
     train_causal_lm(model_dir, Dataset.from_list(records), None, out, method="lora", lr=LR, max_steps=steps,
@@ -148,11 +146,10 @@ def run_banklm(model_dir: str, records: list[dict], out: Path, steps: int, batch
 
 def run_baseline(model_dir: str, records: list[dict], out: Path, steps: int, batch: int, bf16: bool, probe) -> list:
     import torch
+    from banklm.finetune.tokenizer import load_tokenizer
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
-
-    from finetune.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     ds = Dataset.from_list(_completion_rows(tok, records))
@@ -195,9 +192,8 @@ def run_baseline(model_dir: str, records: list[dict], out: Path, steps: int, bat
 
 def child(spec: dict) -> dict:
     import torch
+    from banklm.finetune.models import count_parameters, load_model
     from transformers import TrainerCallback
-
-    from finetune.models import count_parameters, load_model
 
     with open(spec["data"], encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh]
@@ -234,7 +230,7 @@ def child(spec: dict) -> dict:
 
 def flops_per_token(model_dir: str, data: str) -> float:
     """Useful training FLOPs per real token for LoRA SFT (see the module docstring)."""
-    from finetune.tokenizer import load_tokenizer
+    from banklm.finetune.tokenizer import load_tokenizer
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     d, L, f, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]

@@ -7,7 +7,7 @@ A fresh process builds the model from a config (random weights: memory does not 
 applies the same pieces as banklm's trainer (finetune/sft.py): PEFT LoRA on all linear layers (QLoRA: bitsandbytes
 NF4 + ``prepare_model_for_kbit_training``), TRL's fused
 LM head (``add_fused_lm_head``, what ``SFTTrainer`` computes the loss with), rows packed by
-``finetune.sft.PackedRowsCollator`` (position ids restart per example, labels only on completions),
+``banklm.finetune.sft.PackedRowsCollator`` (position ids restart per example, labels only on completions),
 transformers' activation checkpointing, and ``torch.optim.AdamW(fused=True)`` (the Trainer's default
 ``adamw_torch_fused``). It runs ``--steps`` optimizer steps of forward, backward, step, ``zero_grad``.
 
@@ -15,7 +15,7 @@ transformers' activation checkpointing, and ``torch.optim.AdamW(fused=True)`` (t
 ``kd_trainer_class().compute_loss``): a frozen teacher (the student's config with ``N`` layers, optionally
 wider; fp32, or bf16 with ``--precision bf16``; eval mode) is built next to the student; each step runs the
 student's forward with its full logits (no fused LM head: KD compares whole distributions), the teacher's
-forward under ``no_grad`` in the same autocast, ``distill.losses.kd_loss`` (``--kd-alpha``,
+forward under ``no_grad`` in the same autocast, ``banklm.distill.losses.kd_loss`` (``--kd-alpha``,
 ``--kd-divergence``, ``--kd-temperature``), backward, AdamW step. ``--prompt-fraction 0`` scores every token.
 
 Memory is read from PyTorch's CPU allocator through the profiler: with ``profile_memory=True`` every
@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -71,7 +70,7 @@ def build_model(args, tmp: Path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=args.attn)
     if args.method == "qlora":   # NF4 needs a from_pretrained load: save the random weights, reload them 4-bit
-        from finetune.models import bnb_config
+        from banklm.finetune.models import bnb_config
 
         model.save_pretrained(tmp)
         del model
@@ -86,7 +85,7 @@ def build_model(args, tmp: Path):
 def build_teacher(args):
     """The live KD teacher: the student's config (same vocabulary and heads) with ``--kd-teacher-layers`` layers
     and optionally a wider ``--kd-teacher-hidden`` / ``--kd-teacher-intermediate``; fp32 (bf16 for
-    ``--precision bf16``), frozen, eval mode (what ``distill.logit.load_teacher`` returns)."""
+    ``--precision bf16``), frozen, eval mode (what ``banklm.distill.logit.load_teacher`` returns)."""
     import torch
 
     keys = ("layers", "hidden", "intermediate", "method")
@@ -111,8 +110,7 @@ def make_batches(args, n: int):
     """Packed rows of ``seq_len`` tokens: examples of 40-120 tokens, the first ``--prompt-fraction`` (60%) of each
     a prompt (label -100)."""
     import torch
-
-    from finetune.sft import PackedRowsCollator
+    from banklm.finetune.sft import PackedRowsCollator
 
     rng = random.Random(0)
     collate = PackedRowsCollator(pad_token_id=3)
@@ -251,12 +249,11 @@ def run(args) -> dict:
 
 
 def _kd_step(args, model, teacher, batch, autocast):
-    """One KD loss as ``distill.logit.kd_trainer_class().compute_loss`` computes it (live teacher): the
+    """One KD loss as ``banklm.distill.logit.kd_trainer_class().compute_loss`` computes it (live teacher): the
     student's and the teacher's outputs (with their full logits) live until the loss is built, then only
     what autograd saved is left for the backward."""
     import torch
-
-    from distill.losses import kd_loss
+    from banklm.distill.losses import kd_loss
 
     fwd = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
     num_items = (batch["labels"][:, 1:] != -100).sum()   # the Trainer's num_items_in_batch (shifted labels)

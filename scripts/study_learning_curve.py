@@ -1,7 +1,7 @@
 """What limits the quickstart model? Held-out task accuracy against training steps, per task.
 
 Fine-tunes a run's pre-SFT model (``cpt/merged`` or ``base``) on the run's scenario corpus with
-``finetune.sft.train_causal_lm`` (the quickstart's own code path) and, every ``--eval-every`` steps,
+``banklm.finetune.sft.train_causal_lm`` (the quickstart's own code path) and, every ``--eval-every`` steps,
 greedy-decodes ``--eval-n`` held-out test prompts per task and scores them with ``banklm.evaluation``
 (accuracy and unsupported-number rate). Writes ``curve.jsonl`` and ``curve.png`` to ``--out``.
 
@@ -41,12 +41,12 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from banklm.corpora.build import load_split
+    from banklm.finetune.sft import train_causal_lm
     from transformers import TrainerCallback
 
     from banklm.evaluation.evaluate import _messages, score_records
     from banklm.evaluation.generate import generate
-    from corpora.build import load_split
-    from finetune.sft import train_causal_lm
 
     tasks = args.tasks.split(",")
     scen = args.run / "corpora" / "scenario"

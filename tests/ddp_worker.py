@@ -11,9 +11,8 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from banklm.finetune.sft import train_causal_lm  # noqa: E402
 from datasets import Dataset  # noqa: E402
-
-from finetune.sft import train_causal_lm  # noqa: E402
 
 
 def main() -> None:

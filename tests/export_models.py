@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 import transformers
-
-from export.gguf import QWEN2_PRE_REGEX
-from finetune.models import build_tiny_model
-from finetune.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer
+from banklm.export.gguf import QWEN2_PRE_REGEX
+from banklm.finetune.models import build_tiny_model
+from banklm.finetune.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer
 
 PROMPTS = [
     "<|im_start|>system\n你是银行信贷审批助手。<|im_end|>\n<|im_start|>user\n客户 张三 申请贷款 300000 元，"

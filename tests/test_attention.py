@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from finetune.attention import EAGER_MAX_ROW, NAME, register, varlen_attention  # noqa: E402
-from finetune.sft import PackedRowsCollator  # noqa: E402
+from banklm.finetune.attention import EAGER_MAX_ROW, NAME, register, varlen_attention  # noqa: E402
+from banklm.finetune.sft import PackedRowsCollator  # noqa: E402
 
 LENGTHS = [5, 17, 1, 40, 9]
 

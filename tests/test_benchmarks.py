@@ -21,10 +21,8 @@ def test_bench_corpora_smoke(repo, tmp_path):
 
 
 def test_bench_export_smoke(repo, tmp_path):
-    sys.path.insert(0, str(repo / "tests"))
-    from export_models import spm_tokenizer
-
-    from export.runtime import llama_cpp_available
+    from banklm.runtime import llama_cpp_available
+    from tests.export_models import spm_tokenizer
 
     tok = spm_tokenizer(tmp_path / "tok")
     out = tmp_path / "e.json"

@@ -4,9 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from banklm.cli import main
-from corpora.build import (
+from banklm.corpora.build import (
     SAMPLES_DIR,
     SourceError,
     build_general,
@@ -17,6 +15,8 @@ from corpora.build import (
     resolve_source_path,
     scenario_test_prompts,
 )
+
+from banklm.cli import main
 
 CARD_SECTIONS = ["## Sources", "## Steps applied", "## Examples of removed records", "## PII", "## Deduplication",
                  "## Decontamination", "## Splits", "## Lengths and encodings", "## Tokens", "## Quarantine",
@@ -136,8 +136,8 @@ def test_quarantine_planted_bad_lines(tmp_path):
 
 
 def test_crash_mid_build_leaves_no_folder(tmp_path, monkeypatch):
-    import corpora.build
-    from corpora.ops.quality import QualityFilter
+    import banklm.corpora.build
+    from banklm.corpora.ops.quality import QualityFilter
 
     out = tmp_path / "corpora" / "vertical"
     monkeypatch.setattr(QualityFilter, "apply", lambda self, ds, num_proc=1: 1 / 0)
@@ -146,14 +146,14 @@ def test_crash_mid_build_leaves_no_folder(tmp_path, monkeypatch):
     assert not out.exists()
     monkeypatch.undo()
     # a crash while writing (after data/ and stats.json are in the temporary folder)
-    monkeypatch.setattr(corpora.build, "text_card", lambda stats: 1 / 0)
+    monkeypatch.setattr(banklm.corpora.build, "text_card", lambda stats: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         build_vertical(_samples("vertical/tips"), out)
     assert list(out.parent.iterdir()) == []
     # ... and over an earlier complete build: the earlier one stays, whole
     monkeypatch.undo()
     first = build_vertical(_samples("vertical/tips"), out)
-    monkeypatch.setattr(corpora.build, "text_card", lambda stats: 1 / 0)
+    monkeypatch.setattr(banklm.corpora.build, "text_card", lambda stats: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         build_vertical(_samples("vertical/tips"), out, steps=["normalize"])
     _check_folder(out, first)
@@ -162,8 +162,7 @@ def test_crash_mid_build_leaves_no_folder(tmp_path, monkeypatch):
 
 def test_scenario_unchanged_and_tables(tmp_path):
     import pandas as pd
-
-    from corpora.synth import generate_records
+    from banklm.corpora.synth import generate_records
 
     synth = {"credit": {"train": 30, "validation": 6, "test": 9, "difficulty": 0.0}}
     out = tmp_path / "scenario"
@@ -404,9 +403,10 @@ def test_quickstart_corpus_build(tmp_path, repo, monkeypatch, capsys):
 def test_recipe_defaults_match_the_builders():
     import typing
 
+    from banklm.corpora.build import DEFAULT_STEPS
+    from banklm.corpora.sources import FORMATS
+
     from banklm.recipe import GeneralCorpus, PrivateCorpus, SourceFormat, StepSpec, VerticalCorpus
-    from corpora.build import DEFAULT_STEPS
-    from corpora.sources import FORMATS
 
     for kind, cls in (("general", GeneralCorpus), ("vertical", VerticalCorpus), ("private", PrivateCorpus)):
         got = [s.model_dump() for s in cls(sources=["x"]).steps]

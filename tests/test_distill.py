@@ -13,8 +13,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from distill.losses import (  # noqa: E402
+from banklm.distill.losses import (  # noqa: E402
     completion_positions,
     divergence,
     full_logit_divergence,
@@ -175,12 +174,12 @@ def test_kd_loss_from_topk_matches_gathered_positions():
 
 # --------------------------------------------------------------------------- tiny models
 
+from banklm.corpora.synth import generate_records  # noqa: E402
+from banklm.finetune.models import build_tiny_model, load_model  # noqa: E402
+from banklm.finetune.tokenizer import load_tokenizer, render_chat, train_tokenizer  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from banklm.tasks import get_task  # noqa: E402
-from corpora.synth import generate_records  # noqa: E402
-from finetune.models import build_tiny_model, load_model  # noqa: E402
-from finetune.tokenizer import load_tokenizer, render_chat, train_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +214,8 @@ def _prepared_rows(tok, records, pack_two=True):
 
 
 def test_teacher_cache_round_trip(tiny, tmp_path):
-    from distill.teacher_cache import build_teacher_cache, data_fingerprint, open_teacher_cache
-    from finetune.sft import PackedRowsCollator
+    from banklm.distill.teacher_cache import build_teacher_cache, data_fingerprint, open_teacher_cache
+    from banklm.finetune.sft import PackedRowsCollator
 
     tok = load_tokenizer(tiny["teacher"])
     teacher = load_model(tiny["teacher"], device="cpu")
@@ -256,8 +255,8 @@ def test_teacher_cache_round_trip(tiny, tmp_path):
 
 
 def test_cache_collator_feeds_the_loss_like_a_live_teacher(tiny, tmp_path):
-    from distill.logit import TeacherCacheCollator
-    from distill.teacher_cache import build_teacher_cache
+    from banklm.distill.logit import TeacherCacheCollator
+    from banklm.distill.teacher_cache import build_teacher_cache
 
     tok = load_tokenizer(tiny["teacher"])
     teacher = load_model(tiny["teacher"], device="cpu")
@@ -284,7 +283,7 @@ def test_cache_collator_feeds_the_loss_like_a_live_teacher(tiny, tmp_path):
 
 
 def test_seq_filter_keeps_and_rejects_the_right_answers():
-    from distill.seqkd import check_answer, filter_answers
+    from banklm.distill.seqkd import check_answer, filter_answers
 
     credit = get_task("credit")
     recs = generate_records("credit", 6, seed=5, split="train")
@@ -326,7 +325,7 @@ def test_seq_filter_keeps_and_rejects_the_right_answers():
 
 
 def test_prompt_file_problems_are_reported(tmp_path):
-    from distill.seqkd import load_prompt_records
+    from banklm.distill.seqkd import load_prompt_records
 
     p = tmp_path / "p.jsonl"
     p.write_text("\n".join([
@@ -347,7 +346,7 @@ def test_prompt_file_problems_are_reported(tmp_path):
 
 
 def test_pick_layers():
-    from distill.student import pick_layers
+    from banklm.distill.student import pick_layers
 
     assert pick_layers(4, 2) == [0, 3]
     assert pick_layers(24, 2) == [0, 2, 4, 6, 8, 10, 13, 15, 17, 19, 21, 23]
@@ -360,9 +359,8 @@ def test_pick_layers():
 
 
 def test_layer_dropped_student_copies_the_teacher(tiny, tmp_path):
+    from banklm.distill.student import student_from_teacher_layers
     from safetensors.torch import load_file
-
-    from distill.student import student_from_teacher_layers
 
     info = student_from_teacher_layers(tiny["teacher"], tmp_path / "student", every=2)
     assert info["layers"] == [0, 3] and info["num_layers"] == 2
@@ -390,7 +388,7 @@ def test_layer_dropped_student_copies_the_teacher(tiny, tmp_path):
 
 
 def test_keeping_every_layer_reproduces_the_teacher(tiny, tmp_path):
-    from distill.student import student_from_teacher_layers
+    from banklm.distill.student import student_from_teacher_layers
 
     student_from_teacher_layers(tiny["teacher"], tmp_path / "all", every=1)
     ids = torch.tensor([[4, 10, 20, 30, 40, 5]])
@@ -401,9 +399,8 @@ def test_keeping_every_layer_reproduces_the_teacher(tiny, tmp_path):
 
 
 def test_narrower_mlp_keeps_the_strongest_neurons(tiny, tmp_path):
+    from banklm.distill.student import student_from_teacher_layers
     from safetensors.torch import load_file
-
-    from distill.student import student_from_teacher_layers
 
     info = student_from_teacher_layers(tiny["teacher"], tmp_path / "narrow", layers=[1, 2], intermediate_size=40)
     assert info["layers"] == [1, 2] and info["intermediate_size"] == 40
@@ -430,8 +427,8 @@ def _sft_data(records):
 @pytest.mark.parametrize("top_k", [None, 8])
 def test_kd_training_live_and_cached(tiny, tmp_path, top_k):
     """A student identical to its teacher has zero KD loss at the first step; training writes a normal run."""
-    from distill.logit import train_logit_kd
-    from distill.student import student_from_teacher_layers
+    from banklm.distill.logit import train_logit_kd
+    from banklm.distill.student import student_from_teacher_layers
 
     student_from_teacher_layers(tiny["teacher"], tmp_path / "same", every=1)
     train = _sft_data(tiny["records"][:48])
@@ -455,7 +452,7 @@ def test_kd_training_live_and_cached(tiny, tmp_path, top_k):
 
 
 def test_kd_refuses_different_vocabularies(tiny, tmp_path):
-    from distill.logit import train_logit_kd
+    from banklm.distill.logit import train_logit_kd
 
     other_tok = train_tokenizer([render_chat(r["messages"]) for r in generate_records("aml", 200, 1, "train")],
                                 tmp_path / "tok", vocab_size=700)
@@ -509,7 +506,7 @@ export: {{gguf: {{enabled: false}}}}
 def e2e_run(tmp_path_factory):
     """One tiny pipeline run: audit data, a 4-layer teacher trained from scratch, a 2-layer student distilled
     from the teacher's checked answers, and the same student trained on the labelled records alone."""
-    from banklm_tests_conftest import run_banklm
+    from tests.helpers import run_banklm
 
     root = tmp_path_factory.mktemp("distill_e2e")
     prompts = root / "unlabelled.jsonl"
@@ -560,9 +557,8 @@ def test_e2e_distilled_student_beats_the_baseline(e2e_run):
 @pytest.mark.slow
 def test_e2e_logit_distillation_with_a_teacher_cache(e2e_run):
     """`banklm distill` in a new run folder reuses the teacher from the first run and distils its logits."""
-    from banklm_tests_conftest import run_banklm
-
     from banklm.ledger import Ledger, verify_run
+    from tests.helpers import run_banklm
 
     root, recipe, _ = e2e_run
     run_dir = root / "runs" / "distill-e2e" / "r2"
@@ -600,7 +596,8 @@ def test_distill_cli_refuses_a_recipe_without_distillation(tmp_path, capsys):
 
 def test_report_tables_and_plot_from_run_files(tmp_path):
     from banklm.modelcard import _distillation, _Lang
-    from banklm.report import distill_tables, plot_distill, render_distill_section
+    from banklm.report import plot_distill, render_distill_section
+    from banklm.results import distill_tables
 
     def results(acc, params, mb, tps):
         return {"tasks": {"credit": {"accuracy": acc, "macro_f1": acc - 0.1, "mcc": 0.5, "exact_match": acc - 0.2,

@@ -6,10 +6,11 @@ import json
 import os
 
 import pytest
+from banklm.corpora.synth import generate_all, generate_records
 
-from banklm.evaluation import evaluate_model_dir, evaluate_records, generate, score_records
+from banklm.evaluation.evaluate import evaluate_model_dir, evaluate_records, score_records
+from banklm.evaluation.generate import generate
 from banklm.tasks import get_task
-from corpora.synth import generate_all, generate_records
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -63,7 +64,7 @@ def test_score_records_all_tasks_perfect_and_planted_errors():
 
 def _train_tokenizer(folder, texts):
     try:
-        from finetune.tokenizer import load_tokenizer, train_tokenizer
+        from banklm.finetune.tokenizer import load_tokenizer, train_tokenizer
 
         train_tokenizer(texts, folder, vocab_size=800)
         return load_tokenizer(folder)
@@ -203,9 +204,10 @@ def test_evaluate_model_dir_loads_safetensors(tiny, tmp_path):
 
 def test_prompts_are_folded_like_the_training_corpora():
     """Full-width digits in a served prompt reach the model as the ASCII the corpora trained it on."""
+    from banklm.corpora.ops.normalize import normalize_text
+
     from banklm.evaluation.evaluate import _messages
     from banklm.tasks.base import fold_fullwidth, to_fullwidth_digits
-    from corpora.ops.normalize import normalize_text
 
     text = "月收入１５６００元，负债收入比４０．０％；结论：拒绝（近２４个月逾期６次）"
     rec = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "结论：拒绝"}]}
@@ -220,7 +222,7 @@ def test_prompts_are_folded_like_the_training_corpora():
 
 def _bank_prompt_only(tmp_path):
     """A bank's own AML table in prompt mode: free-text prompts, so no input fields to re-render."""
-    from banklm.tasks.base import from_table
+    from banklm.tasks.tables import from_table
 
     p = tmp_path / "bank_aml.csv"
     p.write_text("prompt,conclusion,typology\n"
@@ -234,7 +236,7 @@ def _bank_prompt_only(tmp_path):
 def test_perturb_names_records_it_cannot_rerender(tmp_path):
     import random
 
-    from banklm.tasks.base import CannotPerturb, can_perturb, perturb
+    from banklm.tasks.perturb import CannotPerturb, can_perturb, perturb
 
     bank = _bank_prompt_only(tmp_path)
     gen = generate_records("aml", 1, seed=0, split="test")[0]

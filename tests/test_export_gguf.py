@@ -17,23 +17,23 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from export_models import CONVERSATION, PROMPTS  # noqa: E402
-from export_models import bpe_model as make_bpe_model  # noqa: E402
-from export_models import sharpen as _sharpen  # noqa: E402
-from export_models import texts as _texts  # noqa: E402
-
-from export import gguf as eg  # noqa: E402
-from export.ollama import (  # noqa: E402
+from banklm.export import gguf as eg  # noqa: E402
+from banklm.export.ollama import (  # noqa: E402
     jinja_to_ollama_template,
     read_modelfile_template,
     render_jinja_chat,
     render_ollama_template,
     write_modelfile,
 )
-from export.runtime import LLAMA_CPP_MISSING, llama_cpp_available  # noqa: E402
-from export.verify import LLAMACPP_LOGIT_THRESHOLDS, LOGIT_THRESHOLDS, verify_gguf  # noqa: E402
-from finetune.models import build_tiny_model  # noqa: E402
-from finetune.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer  # noqa: E402
+from banklm.export.verify import LLAMACPP_LOGIT_THRESHOLDS, LOGIT_THRESHOLDS, verify_gguf  # noqa: E402
+from banklm.finetune.models import build_tiny_model  # noqa: E402
+from banklm.finetune.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer  # noqa: E402
+
+from banklm.runtime import LLAMA_CPP_MISSING, llama_cpp_available  # noqa: E402
+from tests.export_models import CONVERSATION, PROMPTS  # noqa: E402
+from tests.export_models import bpe_model as make_bpe_model  # noqa: E402
+from tests.export_models import sharpen as _sharpen  # noqa: E402
+from tests.export_models import texts as _texts  # noqa: E402
 
 HAVE_LLAMA_CPP = llama_cpp_available()
 
@@ -250,7 +250,7 @@ def test_template_bos_is_not_doubled(work, bos_model):
     assert res["passed"], res["failures"]
     assert res["metadata"]["add_bos_token"] is False and res["tokenizer"]["chat_prompt"] == one
     if HAVE_LLAMA_CPP:
-        from export.runtime import LlamaCppLM
+        from banklm.runtime import LlamaCppLM
 
         assert res["llama_cpp"]["tokenizer"]["chat_prompt"] == one
         text = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
@@ -365,7 +365,7 @@ def test_block_size_fallback(work, spm_tok, caplog):
     d = build_tiny_model("llama", spm_tok, work / "m_odd", hidden_size=64, num_layers=1, num_heads=4,
                          num_kv_heads=4, intermediate_size=80, max_position_embeddings=128)
     _sharpen(Path(d))
-    with caplog.at_level("INFO", logger="export.gguf"):
+    with caplog.at_level("INFO", logger="banklm.export.gguf"):
         (p,) = eg.export_gguf(d, work / "odd", types=("q4_0",))
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(p)).tensors}
     assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 80: not a multiple of 32
@@ -505,7 +505,7 @@ def test_llama_cpp_detokenizes_long_pieces(work):
     """A 14-character Chinese piece is 42 bytes: llama.cpp's text must still equal the tokenizer's
     (llama-cpp-python's own Llama.detokenize drops pieces over 32 bytes; export.runtime does not use it)."""
     require_llama_cpp()
-    from export.runtime import LlamaCppLM
+    from banklm.runtime import LlamaCppLM
 
     phrase = "与缅甸的境外对手方有资金往来"
     tokdir = train_tokenizer([f"{phrase}，结论：可疑 {i}" for i in range(800)] + _texts(400), work / "tok_long",

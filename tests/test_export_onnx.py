@@ -19,14 +19,14 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from export_models import CONVERSATION, PROMPTS, bpe_model, spm_model, spm_tokenizer  # noqa: E402
+from banklm.export.bundle import build_export, check_sha256sums  # noqa: E402
+from banklm.export.ollama import read_modelfile_template, render_ollama_template  # noqa: E402
+from banklm.export.onnx import ONNX_TYPES, export_onnx, input_names, onnx_metadata, output_names  # noqa: E402
+from banklm.export.verify import ONNX_LOGIT_THRESHOLDS, verify_onnx  # noqa: E402
+from banklm.finetune.tokenizer import CHAT_TEMPLATE, load_tokenizer  # noqa: E402
 
-from export.bundle import build_export, check_sha256sums  # noqa: E402
-from export.ollama import read_modelfile_template, render_ollama_template  # noqa: E402
-from export.onnx import ONNX_TYPES, export_onnx, input_names, onnx_metadata, output_names  # noqa: E402
-from export.runtime import OnnxCausalLM, TorchLM, llama_cpp_available  # noqa: E402
-from export.verify import ONNX_LOGIT_THRESHOLDS, verify_onnx  # noqa: E402
-from finetune.tokenizer import CHAT_TEMPLATE, load_tokenizer  # noqa: E402
+from banklm.runtime import OnnxCausalLM, TorchLM, llama_cpp_available, onnx_file_bytes  # noqa: E402
+from tests.export_models import CONVERSATION, PROMPTS, bpe_model, spm_model, spm_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_verify_reports_mismatches_without_raising(work, exported, models):
 
 
 def _records(n_per_task=2):
-    from corpora.synth import generate_records
+    from banklm.corpora.synth import generate_records
 
     return [r for t in ("credit", "aml", "audit") for r in generate_records(t, n_per_task, seed=7, split="test")]
 
@@ -331,10 +331,10 @@ def _copy_run(quickstart_run, dst: Path) -> Path:
 
 @pytest.mark.slow
 def test_failed_check_makes_export_exit_1_naming_it(quickstart_run, repo, tmp_path, monkeypatch, capsys):
-    from banklm_tests_conftest import QUICKSTART_SMALL
+    from banklm.export import verify
 
     from banklm.cli import main
-    from export import verify
+    from tests.helpers import QUICKSTART_SMALL
 
     run = _copy_run(quickstart_run, tmp_path / "runs" / "quickstart" / "c1")
     monkeypatch.chdir(tmp_path)
@@ -351,7 +351,7 @@ def test_failed_check_makes_export_exit_1_naming_it(quickstart_run, repo, tmp_pa
 
 @pytest.mark.slow
 def test_verify_only_of_a_run_folder(quickstart_run, repo, tmp_path):
-    from banklm_tests_conftest import QUICKSTART_SMALL, run_banklm
+    from tests.helpers import QUICKSTART_SMALL, run_banklm
 
     run = _copy_run(quickstart_run, tmp_path / "runs" / "quickstart" / "v1")
     args = ["export", str(repo / "recipes" / "quickstart.yaml"), *QUICKSTART_SMALL, "--run-dir", str(run),
@@ -371,15 +371,15 @@ def test_verify_only_of_a_run_folder(quickstart_run, repo, tmp_path):
 def test_weights_over_the_protobuf_limit_go_to_one_external_file(work, models, monkeypatch):
     """Graphs over 2 GB (e.g. Qwen2.5-0.5B in fp32 with its tied 152k vocabulary) keep their weights in
     model.onnx.data; the limit is lowered here so a tiny model takes that path."""
-    from export import onnx as eo
+    from banklm.export import onnx as eo
 
     monkeypatch.setattr(eo, "_INLINE_LIMIT", 10_000)
     fp32, int8 = export_onnx(models["qwen2"], work / "onnx_external", types=("fp32", "int8"))
     assert sorted(f.name for f in fp32.iterdir() if f.name.startswith("model.")) == ["model.onnx", "model.onnx.data"]
     assert not (fp32 / ".trace").exists()
     graph, data = (fp32 / "model.onnx").stat().st_size, (fp32 / "model.onnx.data").stat().st_size
-    assert data > 3 * graph and eo.onnx_file_bytes(fp32 / "model.onnx") == graph + data
+    assert data > 3 * graph and onnx_file_bytes(fp32 / "model.onnx") == graph + data
     for folder, t in ((fp32, "fp32"), (int8, "int8")):
         res = verify_onnx(models["qwen2"], folder, PROMPTS[:2], t)
         assert res["passed"], res["failures"]
-        assert res["bytes"] == eo.onnx_file_bytes(folder / "model.onnx")
+        assert res["bytes"] == onnx_file_bytes(folder / "model.onnx")

@@ -14,8 +14,6 @@ import subprocess
 
 import pytest
 import yaml
-from banklm_tests_conftest import QUICKSTART_SMALL, run_banklm
-from headless import check_page, find_chromium, non_blank_fraction
 
 from banklm.compare import FROM_RECIPE_FILE, compare_runs, format_comparison, previous_run
 from banklm.io import sha256_file
@@ -30,8 +28,10 @@ from banklm.ledger import (
 from banklm.modelcard import render_model_card
 from banklm.pipeline import run_stages
 from banklm.recipe import validate_recipe
-from banklm.report import collect
+from banklm.results import collect
 from banklm.stages import STAGES
+from tests.headless import check_page, find_chromium, non_blank_fraction
+from tests.helpers import QUICKSTART_SMALL, run_banklm
 
 SECTIONS = ["Intended use", "Out-of-scope use", "Responsible entity and contact", "Base model and licence",
             "Training data", "De-identification", "Training method and hyper-parameters", "Evaluation results",
@@ -500,7 +500,7 @@ def test_model_card_has_every_section_with_the_runs_numbers(quickstart_run):
 
     from banklm.modelcard import render_model_card
     from banklm.recipe import load_recipe
-    from banklm.report import collect
+    from banklm.results import collect
 
     recipe = load_recipe(run_dir / "recipe.yaml", ["report.language=en", "report.owner=Example Rural Bank, risk dept."])
     en = render_model_card(collect(run_dir), recipe)

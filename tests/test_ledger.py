@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from banklm.ledger import Ledger, entry_hash, file_records, verify_run
+from banklm.chain import entry_hash
+from banklm.ledger import Ledger, file_records, verify_run
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
 
-from export_models import texts  # noqa: E402
+from banklm.finetune.merge import merge_adapter  # noqa: E402
+from banklm.finetune.models import build_tiny_model, load_model  # noqa: E402
+from banklm.finetune.tokenizer import train_tokenizer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from finetune.merge import merge_adapter  # noqa: E402
-from finetune.models import build_tiny_model, load_model  # noqa: E402
-from finetune.tokenizer import train_tokenizer  # noqa: E402
+from tests.export_models import texts  # noqa: E402
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 R, ALPHA = 4, 8

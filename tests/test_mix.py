@@ -1,9 +1,8 @@
 from collections import Counter
 
 import pytest
+from banklm.corpora.mix import mix, split
 from datasets import Dataset
-
-from corpora.mix import mix, split
 
 
 def _ds(prefix, n, labels=None):

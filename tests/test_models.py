@@ -12,8 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
-from finetune.models import (  # noqa: E402
+from banklm.finetune.models import (  # noqa: E402
     ModelFolderError,
     build_tiny_model,
     count_parameters,
@@ -24,7 +23,7 @@ from finetune.models import (  # noqa: E402
     pick_dtype,
     resolve_dtype,
 )
-from finetune.tokenizer import load_tokenizer, render_chat, spm_processor, train_tokenizer  # noqa: E402
+from banklm.finetune.tokenizer import load_tokenizer, render_chat, spm_processor, train_tokenizer  # noqa: E402
 
 _WORDS = "借款人 月收入 元 负债 比率 结论 通过 拒绝 人工复核 风险等级 理由 逾期 现金 存款 交易 审计 客户 账户".split()
 

@@ -1,7 +1,5 @@
 import pytest
-from datasets import Dataset
-
-from corpora.ops import (
+from banklm.corpora.ops import (
     Decontaminate,
     ExactDedup,
     NearDedup,
@@ -15,7 +13,8 @@ from corpora.ops import (
     normalize_text,
     run_steps,
 )
-from corpora.ops.quality import repeated_ngram_ratio
+from banklm.corpora.ops.quality import repeated_ngram_ratio
+from datasets import Dataset
 
 BASE = ("根据本行个人经营性贷款管理办法的规定，客户经理应当在贷款发放前核实借款人的身份信息、经营状况和收入证明，"
         "对抵押物进行实地查看并完成价值评估，相关调查资料应当至少保存五年，以备内部审计部门检查。")
@@ -198,7 +197,7 @@ def test_poison_screen_uses_answer_text_without_label_column():
 
 
 def test_scrub_pii_step_counts_and_drop_mode():
-    pytest.importorskip("corpora.ops.pii")
+    pytest.importorskip("banklm.corpora.ops.pii")
     texts = ["客户手机号13812345678，请回访。", "没有个人信息的一段话。", "联系电话13912345678或13712345678。"]
     res = ScrubPII(mode="placeholder", types=["PHONE"])(_ds(texts))
     assert _counts(res.stats) == (3, 3, 0, 0)

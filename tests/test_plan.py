@@ -8,12 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from banklm.cli import main
-from banklm.recipe import load_recipe
-from banklm.stages import plan_request
-from finetune.known_configs import KNOWN_CONFIGS, lookup
-from finetune.plan import (
+from banklm.finetune.known_configs import KNOWN_CONFIGS, lookup
+from banklm.finetune.plan import (
     GIB,
     ModelShape,
     PlanError,
@@ -31,6 +27,10 @@ from finetune.plan import (
     teacher_pass_bytes,
     teacher_weight_bytes,
 )
+
+from banklm.cli import main
+from banklm.recipe import load_recipe
+from banklm.stages.plan import plan_request
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = REPO / "scripts" / "measure_train_memory.py"
@@ -115,10 +115,9 @@ def test_nf4_bytes_by_hand():
 def test_int8_weights_equal_bitsandbytes(tmp_path):
     """LLM.int8 storage of a tiny model loaded through bitsandbytes: int8 weights + fp32 row scales."""
     import torch
+    from banklm.finetune.models import bnb_config
+    from banklm.finetune.plan import int8_bytes
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from finetune.models import bnb_config
-    from finetune.plan import int8_bytes
 
     cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -346,7 +345,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_recipe_validates_and_plans(path):
     recipe = load_recipe(path)
-    from banklm.stages import plan_shape, plan_teacher
+    from banklm.stages.plan import plan_shape, plan_teacher
 
     sections = [s for s in ("cpt", "train", "distill") if getattr(recipe, s).enabled]
     for section in sections:

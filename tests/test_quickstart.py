@@ -10,10 +10,10 @@ import json
 import subprocess
 
 import pytest
-from banklm_tests_conftest import QUICKSTART_SMALL as SMALL
-from banklm_tests_conftest import run_banklm as _banklm
 
 from banklm.ledger import Ledger, verify_run
+from tests.helpers import QUICKSTART_SMALL as SMALL
+from tests.helpers import run_banklm as _banklm
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""finetune.sft / finetune.merge: SFT + CPT through TRL + PEFT on tiny CPU models."""
+"""banklm.finetune.sft / finetune.merge: SFT + CPT through TRL + PEFT on tiny CPU models."""
 
 from __future__ import annotations
 
@@ -11,14 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-
-from finetune import callbacks as cb_module  # noqa: E402
-from finetune.checkpoints import STATE_FILE, find_resumable, rotate  # noqa: E402
-from finetune.merge import merge_adapter  # noqa: E402
-from finetune.models import build_tiny_model, load_model  # noqa: E402
-from finetune.sft import (  # noqa: E402
+from banklm.finetune import callbacks as cb_module  # noqa: E402
+from banklm.finetune.checkpoints import STATE_FILE, find_resumable, rotate  # noqa: E402
+from banklm.finetune.merge import merge_adapter  # noqa: E402
+from banklm.finetune.models import build_tiny_model, load_model  # noqa: E402
+from banklm.finetune.sft import (  # noqa: E402
     PackedRowsCollator,
     batch_layout,
     cpu_attention,
@@ -30,7 +27,9 @@ from finetune.sft import (  # noqa: E402
     train_causal_lm,
     training_attention,
 )
-from finetune.tokenizer import IM_END, load_tokenizer, render_chat, train_tokenizer  # noqa: E402
+from banklm.finetune.tokenizer import IM_END, load_tokenizer, render_chat, train_tokenizer  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 LABELS = ("通过", "人工复核", "拒绝")
 # a valid credit-task answer (banklm.tasks parser): the 'stop' fixture trains every prompt to give it
@@ -291,11 +290,10 @@ def test_length_grouped_sampler_is_seeded_per_epoch_and_groups_lengths():
 def test_bf16_lora_step_skips_the_fp32_round_trip_exactly(base_dir, data):
     """LoRA on a bf16 base under autocast: the training step turns off PEFT's cast of each adapter input to
     fp32 (autocast casts it straight back); loss and gradients are bit-identical either way."""
+    from banklm.finetune.sft import make_trainer_classes
     from peft import LoraConfig, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
     from trl import SFTConfig
-
-    from finetune.sft import make_trainer_classes
 
     tok = load_tokenizer(base_dir)
     BudgetTrainer, _ = make_trainer_classes()
@@ -330,9 +328,8 @@ def test_label_positions_head_equals_trl_loss(base_dir, data, packing, flat):
     """banklm's CPU loss path (LM head on label positions only) gives TRL's loss and the same gradients, in
     training mode (TRL's path, kept on CUDA, counts tokens from the batch's position ids), for packed rows,
     padded rows and one flat row."""
+    from banklm.finetune.sft import make_trainer_classes
     from trl import SFTConfig
-
-    from finetune.sft import make_trainer_classes
 
     tok = load_tokenizer(base_dir)
     BudgetTrainer, _ = make_trainer_classes()
@@ -426,7 +423,7 @@ def test_adapter_reload_and_merge_equal(lora_run, base_dir, data):
 def test_cpt_full_and_time_budget(base_dir, data, tmp_path, monkeypatch):
     """CPT, full fine-tuning, and a 5 s budget on a simulated clock (1 s per step): training stops after
     step 5 and the learning rate follows max(step, time) progress, decaying to ~0 as the budget ends."""
-    from finetune.callbacks import lr_factor
+    from banklm.finetune.callbacks import lr_factor
 
     train, _ = data
     texts = Dataset.from_list([{"id": r["id"], "text": render_chat(r["messages"])} for r in train])
@@ -638,7 +635,7 @@ def test_precision_plan_by_device(monkeypatch):
     installed, else sdpa; MPS and CPU: fp32 weights; auto device prefers cuda, then mps, then cpu."""
     import importlib.util
 
-    from finetune.models import pick_device
+    from banklm.finetune.models import pick_device
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -655,7 +652,7 @@ def test_precision_plan_by_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a T4 / 2080
     p = precision_plan("cuda", "lora")
     assert (p["bf16"], p["fp16"], p["model_dtype"]) == (False, True, torch.float16)
-    from finetune.models import bnb_config
+    from banklm.finetune.models import bnb_config
 
     if real_find_spec("bitsandbytes") is not None:
         assert bnb_config("4bit", "cuda").bnb_4bit_compute_dtype == torch.float16
@@ -878,9 +875,8 @@ def test_banklm_train_resumes_after_kill(base_dir, tmp_path):
     import sys
     import time
 
-    from banklm_tests_conftest import run_banklm
-
     from banklm.ledger import Ledger, verify_run
+    from tests.helpers import run_banklm
 
     recipe = tmp_path / "resume.yaml"
     recipe.write_text(RESUME_RECIPE.format(base=base_dir), encoding="utf-8")
@@ -953,7 +949,7 @@ def test_examples_that_lose_their_answer_are_counted(base_dir, data, tmp_path, c
 
 
 def test_compile_auto_compiles_long_runs_only():
-    from finetune.sft import COMPILE_MIN_SECONDS, COMPILE_MIN_STEPS, wants_compile
+    from banklm.finetune.sft import COMPILE_MIN_SECONDS, COMPILE_MIN_STEPS, wants_compile
 
     assert wants_compile("auto", COMPILE_MIN_SECONDS, 1) and not wants_compile("auto", COMPILE_MIN_SECONDS - 1, 10**6)
     assert wants_compile("auto", None, COMPILE_MIN_STEPS) and not wants_compile("auto", None, COMPILE_MIN_STEPS - 1)
@@ -988,7 +984,7 @@ def test_compile_is_skipped_with_a_warning_where_inductor_cannot_build(base_dir,
     import logging
     import shutil
 
-    from finetune.sft import compile_decoder_layers
+    from banklm.finetune.sft import compile_decoder_layers
 
     model = load_model(base_dir, device="cpu")
     monkeypatch.setattr(shutil, "which", lambda name: None)

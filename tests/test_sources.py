@@ -2,8 +2,7 @@ import json
 from collections import Counter
 
 import pytest
-
-from corpora.sources import Bad, detect_encoding, html_to_text, markdown_to_text, read_sources
+from banklm.corpora.sources import Bad, detect_encoding, html_to_text, markdown_to_text, read_sources
 
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "corpora" / "samples"
 

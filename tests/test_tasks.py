@@ -7,14 +7,15 @@ import random
 from collections import Counter
 
 import pytest
+from banklm.corpora.synth import generate_records
 
 from banklm.evaluation.metrics import faithfulness
 from banklm.tasks import TASKS, get_task, perturb
 from banklm.tasks.aml import AML
 from banklm.tasks.audit import AUDIT
-from banklm.tasks.base import from_table, to_fullwidth_digits
+from banklm.tasks.base import to_fullwidth_digits
 from banklm.tasks.credit import CREDIT
-from corpora.synth import generate_records
+from banklm.tasks.tables import from_table
 
 # ---------------------------------------------------------------------------------------------
 # registry

@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from finetune.tokenizer import (  # noqa: E402
+from banklm.finetune.tokenizer import (  # noqa: E402
     CHAT_TEMPLATE,
     IM_END,
     IM_START,

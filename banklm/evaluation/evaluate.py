@@ -22,6 +22,7 @@ conclusion, severity) right. ``format_compliance`` is the share accepted by the 
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -29,9 +30,12 @@ from pathlib import Path
 
 from banklm.evaluation import metrics as M
 from banklm.evaluation.generate import GenerationResult, generate
+from banklm.finetune.tokenizer import load_tokenizer
 from banklm.io import atomic_write_json, atomic_write_jsonl
+from banklm.runtime import OnnxCausalLM, generate_chat, onnx_file_bytes, open_gguf, stop_token_ids
 from banklm.tasks import get_task
-from banklm.tasks.base import PERTURBATIONS, can_perturb, fold_fullwidth, iter_user_messages, perturb
+from banklm.tasks.base import fold_fullwidth, iter_user_messages
+from banklm.tasks.perturb import PERTURBATIONS, can_perturb, perturb
 
 __all__ = ["score_records", "evaluate_records", "evaluate_model_dir", "load_model_dir", "export_kind",
            "evaluate_export"]
@@ -225,24 +229,10 @@ def evaluate_records(
     return results
 
 
-def _load_tokenizer(folder: Path):
-    """The project's tokenizer loader when importable (safe for SentencePiece vocabularies), else AutoTokenizer."""
-    try:
-        from finetune.tokenizer import load_tokenizer  # type: ignore[import-not-found]
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(folder)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
 def load_model_dir(model_dir: str | Path, device: str = "auto", dtype=None):
     """Load an HF model folder (safetensors only) and its tokenizer; returns ``(model, tokenizer)``.
 
-    The tokenizer comes from ``finetune.tokenizer.load_tokenizer`` when that module is importable,
-    else from ``AutoTokenizer`` (not safe for SentencePiece vocabularies in qwen2-typed folders).
+    The tokenizer comes from ``banklm.finetune.tokenizer.load_tokenizer`` (safe for SentencePiece vocabularies).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -250,7 +240,7 @@ def load_model_dir(model_dir: str | Path, device: str = "auto", dtype=None):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model folder not found")
-    tokenizer = _load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"use_safetensors": True}
@@ -317,16 +307,13 @@ def evaluate_export(
     fold_inputs: bool = True,
 ) -> dict:
     """:func:`evaluate_records` for an exported artefact: a GGUF file (llama.cpp, else transformers' GGUF
-    reader) or an ONNX export folder (onnxruntime, CPU), run through :func:`export.bundle.evaluate_artefact`.
+    reader) or an ONNX export folder (onnxruntime, CPU), run through :func:`evaluate_artefact`.
 
     A GGUF file carries its own tokenizer and chat template (read by transformers) and stops at the
     EOS/EOT ids it declares, as a llama.cpp or Ollama server would; an ONNX folder is read like a model
     folder (tokenizer files, ``generation_config.json``). Prompts are folded like :func:`evaluate_records`
     folds them, so the scores compare with the PyTorch models'. Robustness is not run here.
     """
-    from export.bundle import evaluate_artefact, open_gguf, stop_token_ids
-    from export.onnx import onnx_file_bytes
-    from export.runtime import OnnxCausalLM
 
     path = Path(path)
     kind = export_kind(path)
@@ -351,7 +338,7 @@ def evaluate_export(
         eos |= {int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta}
         size = {"model_bytes": path.stat().st_size}
     else:
-        tok = _load_tokenizer(path)
+        tok = load_tokenizer(path)
         lm, runtime = OnnxCausalLM(path), "onnxruntime (CPU)"
         eos = set(stop_token_ids(path))
         size = {"model_bytes": onnx_file_bytes(path / "model.onnx")}
@@ -365,4 +352,22 @@ def evaluate_export(
     finally:
         if hasattr(lm, "close"):
             lm.close()
+    return results
+
+
+def evaluate_artefact(lm, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike, *, eos_ids: Sequence[int],
+                      batch_size: int = 32, max_new_tokens: int = 128, model_name: str = "model",
+                      size: dict | None = None) -> dict:
+    """Answer ``records`` with an exported model (:mod:`banklm.runtime`), score them with the task parsers
+    and metrics of :mod:`banklm.evaluation`, write ``results.json`` + ``predictions.jsonl``."""
+
+    records = list(records)
+    gen = generate_chat(lm, tokenizer, [iter_user_messages(r) for r in records], eos_ids,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+    results, preds = score_records(records, list(gen), model_name=model_name)
+    results["overall"].update({"tokens_per_s": gen.tokens_per_s, "new_tokens": gen.new_tokens,
+                               "generation_seconds": gen.seconds, **(size or {})})
+    out_dir = Path(out_dir)
+    atomic_write_jsonl(out_dir / "predictions.jsonl", preds)
+    atomic_write_json(out_dir / "results.json", results)
     return results

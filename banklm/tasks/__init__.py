@@ -8,33 +8,11 @@ from __future__ import annotations
 
 from banklm.tasks.aml import AML
 from banklm.tasks.audit import AUDIT
-from banklm.tasks.base import PERTURBATIONS, AnswerField, Rule, Task, from_table, perturb, to_fullwidth_digits
+from banklm.tasks.base import AnswerField, Rule, Task, to_fullwidth_digits
 from banklm.tasks.credit import CREDIT
+from banklm.tasks.perturb import PERTURBATIONS, perturb
+from banklm.tasks.registry import TASKS, get_task
+from banklm.tasks.tables import from_table
 
-TASKS: dict[str, Task] = {"credit": CREDIT, "aml": AML, "audit": AUDIT}
-
-
-def get_task(name: str | Task) -> Task:
-    """The task called ``name`` (a Task passes through); ValueError listing the allowed names."""
-    if isinstance(name, Task):
-        return name
-    try:
-        return TASKS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown task {name!r}; allowed: {', '.join(TASKS)}") from None
-
-
-__all__ = [
-    "TASKS",
-    "get_task",
-    "Task",
-    "Rule",
-    "AnswerField",
-    "from_table",
-    "perturb",
-    "PERTURBATIONS",
-    "to_fullwidth_digits",
-    "CREDIT",
-    "AML",
-    "AUDIT",
-]
+__all__ = ["TASKS", "get_task", "Task", "Rule", "AnswerField", "from_table", "perturb", "PERTURBATIONS",
+           "to_fullwidth_digits", "CREDIT", "AML", "AUDIT"]

@@ -5,12 +5,12 @@ QualityFilter -> Decontaminate; for instruction data add PoisonScreen. ``run_ste
 checks ``in == kept + dropped + quarantined`` for each.
 """
 
-from corpora.ops.base import ScrubPII, Step, StepResult, run_steps
-from corpora.ops.decontam import Decontaminate
-from corpora.ops.dedup import ExactDedup, NearDedup
-from corpora.ops.normalize import Normalize, RemoveBoilerplate, normalize_text
-from corpora.ops.poison import PoisonScreen
-from corpora.ops.quality import QualityFilter
+from .base import ScrubPII, Step, StepResult, run_steps
+from .decontam import Decontaminate
+from .dedup import ExactDedup, NearDedup
+from .normalize import Normalize, RemoveBoilerplate, normalize_text
+from .poison import PoisonScreen
+from .quality import QualityFilter
 
 __all__ = ["Decontaminate", "ExactDedup", "NearDedup", "Normalize", "PoisonScreen", "QualityFilter",
            "RemoveBoilerplate", "ScrubPII", "Step", "StepResult", "normalize_text", "run_steps"]

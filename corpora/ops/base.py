@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .pii import scrub_text
+
 MAX_EXAMPLES = 5
 EXAMPLE_CHARS = 200
 CONTENT_FIELDS = ("text", "messages", "prompt")
@@ -176,7 +178,7 @@ def run_steps(ds, steps: Sequence[Step], num_proc: int = 1, quarantine: list | N
 
 
 class ScrubPII(Step):
-    """PII de-identification through ``corpora.ops.pii.scrub_text`` (imported lazily, in the workers too).
+    """PII de-identification through ``banklm.corpora.ops.pii.scrub_text`` (imported lazily, in the workers too).
 
     ``mode`` is passed to ``scrub_text`` (e.g. ``placeholder``, ``hash``); ``mode="drop"`` instead drops
     every record in which PII is found (reason ``contains_pii``; the card's examples show the scrubbed
@@ -194,7 +196,6 @@ class ScrubPII(Step):
         self.field = field
 
     def apply(self, ds, num_proc: int = 1) -> StepResult:
-        import corpora.ops.pii  # noqa: F401  (fail here, clearly, if the module is missing)
 
         field = resolve_field(ds, self.field)
         key = None
@@ -206,7 +207,6 @@ class ScrubPII(Step):
         types = self.types
 
         def fn(rec):
-            from corpora.ops.pii import scrub_text
 
             total: Counter = Counter()
 

@@ -13,8 +13,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from corpora.ops.base import Step, StepResult, filter_by_reasons, resolve_field, text_of
-from corpora.ops.normalize import _FW_TABLE
+from .base import Step, StepResult, filter_by_reasons, resolve_field, text_of
+from .normalize import _FW_TABLE
 
 _WS = re.compile(r"\s+")
 

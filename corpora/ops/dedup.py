@@ -1,6 +1,6 @@
 """Exact and near deduplication.
 
-Both compare a *dedup key*: the text normalised (:func:`corpora.ops.normalize.normalize_text`), lower-
+Both compare a *dedup key*: the text normalised (:func:`banklm.corpora.ops.normalize.normalize_text`), lower-
 cased, with all whitespace removed, so that layout differences never hide a duplicate. The first record
 of each group (in dataset order) is kept.
 
@@ -23,8 +23,8 @@ from collections import Counter
 
 import numpy as np
 
-from corpora.ops.base import Step, StepResult, filter_by_reasons, resolve_field, text_of
-from corpora.ops.normalize import normalize_text
+from .base import Step, StepResult, filter_by_reasons, resolve_field, text_of
+from .normalize import normalize_text
 
 _WS = re.compile(r"\s+")
 

@@ -30,7 +30,8 @@ from collections import Counter
 
 from banklm.tasks.base import FULLWIDTH_TO_ASCII as _FW_TABLE  # one table for corpora and serving
 from banklm.tasks.base import KEEP_FULLWIDTH  # noqa: F401  (re-exported)
-from corpora.ops.base import Step, StepResult, filter_by_reasons, make_stats, map_content, resolve_field
+
+from .base import Step, StepResult, filter_by_reasons, make_stats, map_content, resolve_field
 
 _CONTROL = "".join(chr(c) for c in [*range(0, 9), 11, 12, *range(14, 32), 127, *range(0x80, 0xA0)])
 _ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff\u00ad"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from corpora.ops.base import Step, StepResult, filter_by_reasons, resolve_field
+from .base import Step, StepResult, filter_by_reasons, resolve_field
 
 
 def prompt_side(record: dict, field: str) -> str:

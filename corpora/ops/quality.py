@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from corpora.ops.base import Step, StepResult, filter_by_reasons, resolve_field, text_of
+from .base import Step, StepResult, filter_by_reasons, resolve_field, text_of
 
 JUNK_PATTERNS = ("点击", "扫码", "扫一扫", "关注公众号", "关注我们", "长按识别", "广告", "推广链接", "分享到",
                  "版权所有", "copyright", "©", "all rights reserved", "上一篇", "下一篇", "返回顶部",

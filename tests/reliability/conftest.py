@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from relutil import banklm, tiny_recipe
+
+from tests.reliability.relutil import banklm, tiny_recipe
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A model folder (tokenizer + 2-layer, 32-wide Llama, safetensors) built in-process in a few seconds.
     Tests copy it before changing anything."""
-    from corpora.synth import generate_records
-    from finetune.models import build_tiny_model
-    from finetune.tokenizer import render_chat, train_tokenizer
+    from banklm.corpora.synth import generate_records
+    from banklm.finetune.models import build_tiny_model
+    from banklm.finetune.tokenizer import render_chat, train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_model")
     texts = [render_chat(r["messages"]) for t in ("credit", "aml", "audit")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from relutil import banklm, tiny_recipe
 
 from banklm.cli import main
+from tests.reliability.relutil import banklm, tiny_recipe
 
 TEXT = "本行对个人经营性贷款实行贷前调查、贷时审查和贷后检查制度，客户经理应当如实记录调查情况。"
 

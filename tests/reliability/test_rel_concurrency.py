@@ -7,9 +7,8 @@ import os
 import signal
 import time
 
-from relutil import banklm, banklm_frozen_at, ledger_stages, temp_leftovers, tiny_recipe
-
 from banklm.cli import main
+from tests.reliability.relutil import banklm, banklm_frozen_at, ledger_stages, temp_leftovers, tiny_recipe
 
 CORPUS_ONLY = {"train": {"enabled": False}, "eval": {"enabled": False}, "export": {"gguf": {"enabled": False}},
                "report": {"enabled": False}}
@@ -26,7 +25,7 @@ def test_second_process_refuses_then_a_killed_holder_does_not_block(tmp_path):
     recipe = tiny_recipe(tmp_path / "r.yaml", **CORPUS_ONLY)
     run_dir = tmp_path / "run"
     # the first process holds the lock, frozen in the middle of writing the corpus
-    first = banklm_frozen_at("corpora.build:_save", "after", 1, "corpus", "build", recipe, "--run-dir", run_dir,
+    first = banklm_frozen_at("banklm.corpora.build:_save", "after", 1, "corpus", "build", recipe, "--run-dir", run_dir,
                              cwd=tmp_path)
     try:
         _wait_for(lambda: any(p.name.startswith(".scenario.tmp-") for p in (run_dir / "corpora").glob(".*"))

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-from relutil import banklm, banklm_killed_at, ledger_stages, temp_leftovers, tiny_recipe
 
 from banklm.io import sha256_file
+from tests.reliability.relutil import banklm, banklm_killed_at, ledger_stages, temp_leftovers, tiny_recipe
 
 KILLED = -9
 
@@ -32,14 +32,14 @@ def test_killed_three_times_resumes_to_the_uninterrupted_result(reference_run, t
     args = ("run", recipe, "--run-dir", run_dir)
 
     # 1. killed while writing the corpus (the data is saved into the temporary folder, stats not yet)
-    out = banklm_killed_at("corpora.build:_save", "after", 1, *args, cwd=tmp_path)
+    out = banklm_killed_at("banklm.corpora.build:_save", "after", 1, *args, cwd=tmp_path)
     assert out.returncode == KILLED, out.stderr[-2000:]
     assert ledger_stages(run_dir) == []
     assert _hidden(run_dir / "corpora", ".scenario.tmp-") and not (run_dir / "corpora" / "scenario").exists()
 
     # 2. re-run: the half-built corpus is removed and rebuilt; killed in training when checkpoint-6 is
     #    written by the Trainer but not yet marked complete (checkpoints 2 and 4 are complete)
-    out = banklm_killed_at("finetune.callbacks:CheckpointState.on_save", "before", 3, *args, cwd=tmp_path)
+    out = banklm_killed_at("banklm.finetune.callbacks:CheckpointState.on_save", "before", 3, *args, cwd=tmp_path)
     assert out.returncode == KILLED, out.stderr[-2000:]
     assert ledger_stages(run_dir) == [("corpus", "done"), ("tokenizer", "done"), ("base", "done")]
     assert _hidden(run_dir / "corpora", ".scenario.tmp-") == []

@@ -9,9 +9,15 @@ import os
 from pathlib import Path
 
 import pytest
-from relutil import in_private_mount, ledger_stages, temp_leftovers, tiny_recipe, unshare_prefix
 
 from banklm.cli import main
+from tests.reliability.relutil import (
+    in_private_mount,
+    ledger_stages,
+    temp_leftovers,
+    tiny_recipe,
+    unshare_prefix,
+)
 
 CORPUS_ONLY = {"train": {"enabled": False}, "eval": {"enabled": False}, "export": {"gguf": {"enabled": False}},
                "report": {"enabled": False}}

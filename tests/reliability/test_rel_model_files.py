@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from relutil import banklm, base_path_recipe, ledger_stages
 
 from banklm.cli import main
+from tests.reliability.relutil import banklm, base_path_recipe, ledger_stages
 
 
 def _copy(tiny_model: Path, dst: Path) -> Path:
@@ -46,7 +46,7 @@ def _lost_shard(folder: Path) -> None:
 
 def _no_chat_template(folder: Path) -> None:
     """A tokenizer.json-only folder (as many downloaded bases ship) whose config has no chat template."""
-    from finetune.tokenizer import load_tokenizer
+    from banklm.finetune.tokenizer import load_tokenizer
 
     tok = load_tokenizer(folder)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
@@ -90,7 +90,7 @@ def test_bad_base_is_refused_before_any_stage(tiny_model, tmp_path, capsys, case
 
 
 def test_the_good_folder_passes_the_same_check(tiny_model):
-    from finetune.models import check_model_folder
+    from banklm.finetune.models import check_model_folder
 
     assert check_model_folder(tiny_model) == {"pickled": False, "tensors": 20}
 
@@ -99,7 +99,7 @@ def test_the_good_folder_passes_the_same_check(tiny_model):
                                   "truncated_safetensors"])
 def test_loading_refuses_what_transformers_would_silently_reinitialise(tiny_model, tmp_path, case):
     """The second line of defence, for model folders that bypass the recipe check (banklm eval --model)."""
-    from finetune.models import ModelFolderError, load_model
+    from banklm.finetune.models import ModelFolderError, load_model
 
     folder = _copy(tiny_model, tmp_path / "model")
     CASES[case][0](folder)

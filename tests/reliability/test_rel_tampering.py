@@ -8,7 +8,8 @@ import json
 import shutil
 
 import pytest
-from relutil import banklm
+
+from tests.reliability.relutil import banklm
 
 
 @pytest.fixture

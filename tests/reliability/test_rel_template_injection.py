@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from relutil import base_path_recipe
+from banklm.finetune.tokenizer import CHAT_TEMPLATE, UnsafeTemplate, check_chat_template, load_tokenizer
 
 from banklm.cli import main
-from finetune.tokenizer import CHAT_TEMPLATE, UnsafeTemplate, check_chat_template, load_tokenizer
+from tests.reliability.relutil import base_path_recipe
 
 PAYLOADS = [
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",
@@ -80,8 +80,8 @@ def test_poisoned_base_is_refused_before_training(tiny_model, tmp_path, capsys):
 
 
 def test_export_never_writes_a_poisoned_template(tiny_model, tmp_path):
-    from export.gguf import export_gguf
-    from export.ollama import write_modelfile
+    from banklm.export.gguf import export_gguf
+    from banklm.export.ollama import write_modelfile
 
     folder = _poisoned(tiny_model, tmp_path / "model", _payloads(tmp_path)[2])
     with pytest.raises(UnsafeTemplate, match="__globals__"):
@@ -104,7 +104,7 @@ def test_onnx_export_never_ships_a_poisoned_template(tiny_model, tmp_path):
     template (onnxruntime-genai, optimum): a poisoned template in either file is refused, naming the file,
     before anything is written; the int8 quantizer, which copies an fp32 folder's side files, refuses too."""
     pytest.importorskip("onnxruntime")
-    from export.onnx import export_onnx, quantize_int8
+    from banklm.export.onnx import export_onnx, quantize_int8
 
     payload = _payloads(tmp_path)[1]
     folder = _poisoned(tiny_model, tmp_path / "model", payload)

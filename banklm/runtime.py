@@ -1,6 +1,6 @@
 """Run exported models the way a serving host would: ONNX through onnxruntime, GGUF through llama.cpp.
 
-Both runtimes offer the same small interface, used by the parity checks (:mod:`export.verify`) and
+Both runtimes offer the same small interface, used by the parity checks (:mod:`banklm.export.verify`) and
 by the task evaluation of exported artefacts (:func:`generate_chat` returns the same
 :class:`banklm.evaluation.generate.GenerationResult` as the PyTorch evaluation, so the same task
 parsers and metrics score it):
@@ -16,6 +16,8 @@ parsers and metrics score it):
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -34,7 +36,7 @@ _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class OnnxCausalLM:
-    """A decoder-with-KV-cache ONNX model (as written by :func:`export.onnx.export_onnx`) in onnxruntime.
+    """A decoder-with-KV-cache ONNX model (as written by :func:`banklm.export.onnx.export_onnx`) in onnxruntime.
 
     Layer count, KV heads, head size and the float type are read from the graph's inputs, so any model
     with the optimum / onnxruntime-genai input names runs here.
@@ -146,9 +148,7 @@ class LlamaCppLM:
     """A GGUF file in llama.cpp (CPU), with llama.cpp's own tokenizer."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 1024, threads: int | None = None):
-        from export.gguf import _import_llama_cpp
-
-        llama_cpp = self._llama_cpp = _import_llama_cpp()
+        llama_cpp = self._llama_cpp = import_llama_cpp()
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
@@ -300,3 +300,59 @@ def generate_chat(lm, tokenizer, messages_list: Sequence[Sequence[dict]], eos_id
 
 
 __all__ = ["OnnxCausalLM", "LlamaCppLM", "TorchLM", "generate_chat", "llama_cpp_available", "LLAMA_CPP_MISSING"]
+
+
+class MissingDependency(RuntimeError):
+    """An optional package a requested feature needs is not installed (the message says which)."""
+
+
+def import_llama_cpp():
+    """The ``llama_cpp`` module, quiet, or :class:`MissingDependency` saying which extra to install."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise MissingDependency(
+            "k-quant GGUF types (q4_k_m, q5_k_m, q6_k) need llama.cpp's quantizer: "
+            "pip install 'banklm[llamacpp]'  (or export f16/q8_0/q4_0, which need nothing extra)"
+        ) from e
+    quiet = logging.getLogger("llama-cpp-python")  # llama.cpp's C log goes through this logger
+    if quiet.level == logging.NOTSET:
+        quiet.setLevel(logging.WARNING)  # not one line per tensor while quantizing
+    return llama_cpp
+
+
+def open_gguf(path: Path, n_ctx: int):
+    """``(runtime model, runtime name)``: llama.cpp when installed, else transformers' GGUF reader."""
+    if llama_cpp_available():
+        return LlamaCppLM(path, n_ctx=n_ctx), "llama.cpp"
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    return TorchLM(model), "transformers GGUF reader (de-quantized to fp32; llama-cpp-python not installed)"
+
+
+def stop_token_ids(model_dir: Path) -> list[int]:
+    """The ids generation stops at: ``generation_config.json``'s ``eos_token_id`` (one or a list), else config's."""
+    gc = model_dir / "generation_config.json"
+    eos = json.loads(gc.read_text(encoding="utf-8")).get("eos_token_id") if gc.is_file() else None
+    if eos is None:
+        eos = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else [int(e) for e in eos or []]
+
+
+def context_length(model_dir: Path, cap: int = 8192) -> int:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return int(min(cfg.get("max_position_embeddings", 2048), cap))
+
+
+def onnx_file_bytes(path: str | os.PathLike) -> int:
+    """Size of an ONNX model: the graph file plus every external data file it references."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    path = Path(path)
+    m = onnx.load(str(path), load_external_data=False)
+    files = {ExternalDataInfo(t).location for t in m.graph.initializer if uses_external_data(t)}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)

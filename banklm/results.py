@@ -1,0 +1,107 @@
+"""What a run produced, read back from its folder: scores, corpus stats, ledger, distillation figures.
+
+The report (HTML) and the model card (Markdown) both render from :func:`collect`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from banklm.chain import ChainError
+from banklm.ledger import Ledger, verify_run
+
+# Plot labels are ASCII (no CJK font is guaranteed on a bank's server); tables keep the Chinese labels.
+
+
+MODEL_ORDER = ("student", "sft", "cpt", "base")  # newest model of a run first (a distilled student is the final one)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def collect(run_dir: Path) -> dict:
+    """Everything the report and the card show, read from the run folder."""
+    run_dir = Path(run_dir)
+    try:
+        entries = Ledger(run_dir).entries()
+    except ChainError:
+        entries = []
+    latest: dict[str, dict] = {}
+    for e in entries:
+        latest[e["stage"]] = e
+    corpora = {}
+    cdir = run_dir / "corpora"
+    if cdir.is_dir():
+        for kind in sorted(p.name for p in cdir.iterdir() if p.is_dir()):
+            corpora[kind] = read_json(cdir / kind / "stats.json")
+    return {
+        "run_dir": run_dir,
+        "entries": entries,
+        "latest": latest,
+        "corpora": corpora,
+        "curves": {name: read_jsonl(run_dir / name / "metrics.jsonl") for name in ("cpt", "sft")},
+        "summaries": {name: read_json(run_dir / name / "train_summary.json") for name in ("cpt", "sft")},
+        "eval": {p.name: read_json(p / "results.json") for p in sorted(
+                 (run_dir / "eval").glob("*"), key=lambda p: (MODEL_ORDER.index(p.name) if p.name in MODEL_ORDER
+                                                              else len(MODEL_ORDER), p.name))
+                 if (p / "results.json").exists()},
+        "export": read_json(run_dir / "export" / "verify.json"),
+        "retention": read_json(run_dir / "eval" / "retention.json"),
+        "distill": read_json(run_dir / "distill" / "stats.json"),
+        "problems": [str(p) for p in verify_run(run_dir, check_card=False)],  # the card is about to be rewritten
+    }
+
+
+DISTILL_METRICS = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("mcc", "MCC"), ("exact_match", "exact match"),
+                   ("format_compliance", "format compliance")]
+
+
+def distill_models(d: dict) -> list[tuple[str, str, dict]]:
+    """``(role, eval name, results)`` for teacher, student and baseline, when the run distilled."""
+    st = d.get("distill")
+    if not st:
+        return []
+    evals = d["eval"]
+    teacher = next((n for n in ("teacher", "sft", "cpt", "base") if n in evals), None)
+    out = [("teacher", teacher, evals.get(teacher)), ("student", "student", evals.get("student")),
+           ("baseline (no teacher)", "baseline", evals.get("baseline"))]
+    return [(role, name, res) for role, name, res in out if name and res]
+
+
+def distill_tables(d: dict) -> tuple[list[str], list[list[Any]], list[str], list[list[Any]]]:
+    """Teacher vs student vs baseline: a size/speed table and a per-task metrics table (read from eval/*)."""
+    st = d.get("distill") or {}
+    models = distill_models(d)
+    steps = {"student": (st.get("student") or {}).get("steps"), "baseline": (st.get("baseline") or {}).get("steps")}
+    size_rows = []
+    for role, name, res in models:
+        ov = res.get("overall", {})
+        mb = ov.get("model_bytes")
+        size_rows.append([role, name, ov.get("parameters"), round(mb / 1e6, 2) if mb else None, ov.get("tokens_per_s"),
+                          ov.get("accuracy"), steps.get(name)])
+    size_headers = ["model", "eval name", "parameters", "MB on disk", "generation tokens/s", "overall accuracy",
+                    "training steps"]
+    task_rows = []
+    tasks = sorted({t for _, _, res in models for t in res.get("tasks", {})})
+    for task in tasks:
+        for role, _, res in models:
+            r = res.get("tasks", {}).get(task) or {}
+            task_rows.append([task, role, *[r.get(k) for k, _ in DISTILL_METRICS]])
+    return size_headers, size_rows, ["task", "model", *[label for _, label in DISTILL_METRICS]], task_rows

@@ -1,0 +1,108 @@
+"""What several stages share: where a stage finds its model, the device, the training settings."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+from banklm.corpora.build import load_split
+from banklm.finetune.models import ModelFolderError, check_model_folder, pick_device
+from banklm.pipeline import RunContext
+from banklm.recipe import CorpusKind, Recipe, RecipeError
+
+SCENARIO = Path("corpora") / "scenario"
+CORPUS_KINDS = typing.get_args(CorpusKind)
+
+
+def base_model_dir(ctx: RunContext) -> Path:
+    b = ctx.recipe.base
+    return Path(b.path).expanduser() if b.path and not converts_pickle(b) else ctx.path("base")
+
+
+def converts_pickle(b) -> bool:
+    """A ``base.path`` with pickled weights only that the recipe allows (``base.allow_pickle``): the base stage
+    loads the pickle once and every later stage uses its safetensors copy in ``base/``."""
+    return bool(b.path) and b.allow_pickle and not any(Path(b.path).expanduser().glob("*.safetensors"))
+
+
+PICKLE_RISK = ("loading a pickle can run arbitrary code (torch.load's weights_only mode narrows but does not remove "
+               "the risk): allowed only because the recipe sets allow_pickle; use checkpoints from sources you trust")
+
+
+def check_models(r: Recipe) -> None:
+    """The model folders a recipe names, checked before any stage runs (no weights loaded): a bad base is a
+    clear error naming the key and the problem, not a failure after the corpus was built. Raises RecipeError."""
+    import logging
+
+
+    d = r.distill
+    folders = [("base.path", r.base.path, r.base.allow_pickle)]
+    if d.enabled:
+        folders += [("distill.teacher.path", d.teacher.path, False)]
+        if d.student.from_ == "path":
+            folders += [("distill.student.path", d.student.path, d.student.allow_pickle)]
+    for key, path, allow_pickle in folders:
+        if not path:
+            continue
+        try:
+            info = check_model_folder(Path(path).expanduser(), allow_pickle=allow_pickle,
+                                      trust_remote_code=r.base.trust_remote_code)
+        except ModelFolderError as e:
+            raise RecipeError(f"{key}: {e}" + ("; or set base.allow_pickle: true if you trust its source"
+                                               if "pickle" in str(e) and key == "base.path" else "")) from None
+        if info["pickled"]:
+            logging.getLogger("banklm").warning("%s %s has pickled weights only: %s", key, path, PICKLE_RISK)
+
+
+def model_dir_after(ctx: RunContext, stage: str) -> Path:
+    """The model folder a stage starts from: the newest model produced before ``stage``."""
+    r = ctx.recipe
+    order = [("cpt", r.cpt.enabled, ctx.path("cpt", "merged")), ("train", r.train.enabled, ctx.path("sft", "merged")),
+             ("distill", r.distill.enabled, ctx.path("distill", "student"))]
+    current = base_model_dir(ctx)
+    for name, enabled, path in order:
+        if name == stage:
+            break
+        if enabled:
+            current = path
+    return current
+
+
+def final_model_dir(ctx: RunContext) -> Path:
+    return model_dir_after(ctx, "eval")
+
+
+def run_device(ctx: RunContext) -> str:
+
+    dev = pick_device(ctx.recipe.device)
+    ctx.notes["device"] = dev
+    return dev
+
+
+def train_kwargs(p, seed: int, device: str) -> dict:
+    return dict(method=p.method, lr=p.lr, num_epochs=p.epochs, max_steps=p.max_steps,
+                time_budget_s=p.time_budget_s, batch_size=p.batch_size, grad_accum=p.grad_accum,
+                max_length=p.max_length, warmup_ratio=p.warmup_ratio, scheduler=p.scheduler,
+                weight_decay=p.weight_decay, lora_r=p.lora.r, lora_alpha=p.lora.alpha,
+                lora_dropout=p.lora.dropout, lora_targets=p.lora.targets, use_rslora=p.lora.rslora,
+                use_dora=p.lora.dora, packing=p.packing, group_by_length=p.group_by_length,
+                completion_only_loss=p.completion_only_loss,
+                gradient_checkpointing=p.gradient_checkpointing, compile=p.compile, seed=seed, device=device,
+                logging_steps=p.logging_steps, eval_steps=p.eval_steps,
+                early_stopping_patience=p.early_stopping_patience, save_steps=p.save_steps,
+                keep_checkpoints=p.keep_checkpoints, resume=True)  # resume: only a matching checkpoint
+
+
+def task_eval(ctx: RunContext, p) -> dict:
+    """Validation records for the periodic task-accuracy check (``task_eval_steps``), if asked for."""
+    if p.task_eval_steps is None:
+        return {}
+
+    records = load_split(ctx.path(SCENARIO), "validation", tasks=ctx.recipe.eval.tasks,
+                         limit_per_task=p.task_eval_samples).to_list()
+    return {"task_eval_records": records, "task_eval_steps": p.task_eval_steps,
+            "task_eval_max_new_tokens": ctx.recipe.eval.max_new_tokens}
+
+
+def corpus_dirs(ctx: RunContext, kinds: list[str]) -> list[Path]:
+    return [ctx.path("corpora", k) for k in kinds if ctx.path("corpora", k).exists()]

@@ -1,0 +1,23 @@
+"""What several test modules share: the repository path, the small quickstart, the CLI in a subprocess."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The quickstart recipe sized down to about two minutes on CPU (same code path; LoRA so that the
+# adapter -> merge -> export path runs end to end). Built once per session by `quickstart_run`.
+QUICKSTART_SMALL = [
+    "corpora.scenario.synth.credit.train=400", "corpora.scenario.synth.aml.train=400",
+    "corpora.scenario.synth.audit.train=400", "corpora.scenario.synth.credit.test=20",
+    "corpora.scenario.synth.aml.test=20", "corpora.scenario.synth.audit.test=20",
+    "cpt.time_budget_s=15", "train.time_budget_s=20", "eval.limit=20", "tokenizer.vocab_size=1500",
+    "train.method=lora", "train.lr=3e-3", "eval.robustness=[distractor]",
+    "distill.enabled=false",  # the sft model stays the final one here; distillation: tests/test_distill.py
+]
+
+
+def run_banklm(*args, cwd):
+    """The real CLI in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "banklm.cli", *args], capture_output=True, text=True, cwd=cwd)
