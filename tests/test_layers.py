@@ -105,7 +105,9 @@ def edges(mods: dict[str, Module]) -> dict[str, set[str]]:
         mine = set(_ancestors(name))
         es = set()
         for t in m.top | m.lazy:
-            es |= {x for x in [t, *_ancestors(t)] if x in mods and x not in mine and x != name}
+            es |= {x for x in _ancestors(t) if x in mods and x not in mine and x != name}
+            if t in mods and t != name:  # named explicitly: counts even when it is the importer's own package
+                es.add(t)
         out[name] = es
     return out
 
@@ -296,6 +298,15 @@ def test_checks_fail_on_planted_violations(tmp_path):
     table = {**PLANTED_TABLE, "banklm.io": ("foundation", {"banklm.cli"})}
     problems = layer_problems(mods, {k: v for k, v in table.items() if k != "banklm.export"})
     assert "banklm.export: in no row of docs/ARCHITECTURE.md" in problems
+
+
+def test_a_module_importing_a_name_from_its_own_package_is_a_cycle(tmp_path):
+    """tasks/__init__ imports tasks.base, which imports a name from banklm.tasks: the old registry cycle."""
+    root = _plant(tmp_path, {
+        "banklm/tasks/__init__.py": "from banklm.tasks.base import Task\nTASKS = {}\n",
+        "banklm/tasks/base.py": "from banklm.tasks import TASKS\n",
+    })
+    assert find_cycle(edges(read_graph(root))) is not None
 
 
 def test_importing_a_package_through_its_parent_counts_as_a_cycle(tmp_path):
