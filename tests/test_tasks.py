@@ -477,3 +477,30 @@ def test_from_table_prompt_mode_and_errors(tmp_path):
         from_table("aml", bad, {"prompt": "描述", "conclusion": "结论", "typology": "类型"})
     with pytest.raises(ValueError, match="missing columns"):
         from_table("credit", p, {})
+
+
+def test_from_table_without_a_reason_column_uses_the_tasks_reason_key(tmp_path):
+    """audit's free-text key is ``basis``: a label the rules disagree with gets 见行内标注, not the rules' basis."""
+    import pandas as pd
+
+    metas = [json.loads(r["meta"]) for r in generate_records("audit", 7, 0, "t")]
+    df = pd.DataFrame(metas).drop(columns=["branch", "difficulty", "seed", "split"])
+    df["category"] = ["无异常" if m["branch"] != "clean" else "超标准报销" for m in metas]  # disagree everywhere
+    pq = tmp_path / "audit.parquet"
+    df.to_parquet(pq)
+    recs = from_table("audit", pq, {})
+    assert all(json.loads(r["gold"])["basis"] == "见行内标注" for r in recs)
+    assert not any(json.loads(r["meta"])["rules_agree"] for r in recs)
+
+
+def test_task_api_used_elsewhere_is_kept():
+    for t in TASKS.values():
+        for name in ("name", "title", "rules", "answer_fields", "primary_key", "field_names", "branches",
+                     "label_values", "reason_key", "answer_keys", "protected", "numeric_fields", "bool_fields",
+                     "optional_fields", "extra", "intros", "questions", "distractors", "head_facts", "derive"):
+            assert hasattr(t, name), name
+        assert all(f.key and f.zh for f in t.answer_fields) and t.extra["yuan_fields"]
+        assert all(callable(r.when) and callable(r.outcome) for r in t.rules)
+        assert [r.fire is None for r in t.rules] == [False] * (len(t.rules) - 1) + [True]
+        f = t.sample(random.Random(1), t.branches[0])
+        assert t.rules[0].when(f) and t.rules[0].outcome(f) == t.gold(f) and t.facts(f)

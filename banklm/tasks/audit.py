@@ -4,7 +4,9 @@ Answer layout: ``结论：超标准报销；严重程度：中；依据：报销
 (category 发票不合规, 超标准报销, 拆分审批, 关联交易未披露, 无异常; severity 高/中/低; by
 convention 无异常 has severity 低).
 
-Labelling rules (ordered; the first matching rule decides):
+The task (fields, wording, answer layout, rules) is the spec ``banklm/tasks/specs/audit.yaml``; this module
+is its synthetic sampler: realistic inputs, and per rule ``fire`` / ``avoid`` mutators for data balanced by
+branch. Labelling rules (ordered; the first matching rule decides):
 
 1. ``invoice_fake``: 发票查验未通过 -> 发票不合规, 高.
 2. ``invoice_title``: 发票抬头与本行名称不一致 -> 发票不合规, 中.
@@ -23,10 +25,14 @@ from __future__ import annotations
 
 import random
 
-from banklm.tasks.base import AnswerField, Fields, Rule, Task, fmt_pct, fmt_yuan, gap, r1, red_flag
+from banklm.tasks.base import Fields, Sampler, Task, gap, r1, red_flag
+from banklm.tasks.spec import builtin_spec
 
-CATEGORIES = ["发票不合规", "超标准报销", "拆分审批", "关联交易未披露", "无异常"]
-SEVERITIES = ["高", "中", "低"]
+SPEC = builtin_spec("audit")
+
+CATEGORIES = list(SPEC.model.answer.keys["category"].values)
+SEVERITIES = list(SPEC.model.answer.keys["severity"].values)
+# The sampler's own lists: their order is part of the random stream (tests/test_task_golden.py).
 DEPARTMENTS = [
     "公司业务部",
     "零售业务部",
@@ -155,141 +161,13 @@ def _minor_avoid(f, rng, d):
     _set_over(f, -gap(rng, 0.0, 40.0, d))
 
 
-def _ans(cat: str, sev: str, basis: str) -> dict:
-    return {"category": cat, "severity": sev, "basis": basis}
-
-
-RULES = [
-    Rule(
-        "invoice_fake",
-        lambda f: not f["invoice_ok"],
-        lambda f: _ans("发票不合规", "高", f"发票查验未通过，涉及金额{fmt_yuan(f['amount'])}"),
-        _fake_fire,
-        _fake_avoid,
-    ),
-    Rule(
-        "invoice_title",
-        lambda f: not f["title_ok"],
-        lambda f: _ans("发票不合规", "中", "发票抬头与本行名称不一致"),
-        _title_fire,
-        _title_avoid,
-    ),
-    Rule(
-        "related_undisclosed",
-        lambda f: f["relation"] != "无" and not f["disclosed"],
-        lambda f: _ans("关联交易未披露", "高", f"供应商为{f['relation']}且未披露"),
-        _rel_fire,
-        _rel_avoid,
-    ),
-    Rule(
-        "split_approval",
-        lambda f: f["same_count"] >= 2 and f["same_total"] > f["approval_limit"],
-        lambda f: _ans(
-            "拆分审批",
-            "中",
-            f"7日内同类报销{f['same_count']}笔合计{fmt_yuan(f['same_total'])}，"
-            f"超过审批权限{fmt_yuan(f['approval_limit'])}",
-        ),
-        _split_fire,
-        _split_avoid,
-    ),
-    Rule(
-        "over_major",
-        lambda f: f["over_pct"] > 30,
-        lambda f: _ans(
-            "超标准报销",
-            "中",
-            f"报销金额{fmt_yuan(f['amount'])}超过标准{fmt_yuan(f['standard'])}，超标{fmt_pct(f['over_pct'])}",
-        ),
-        _major_fire,
-        _major_avoid,
-    ),
-    Rule(
-        "over_minor",
-        lambda f: f["over_pct"] > 0,
-        lambda f: _ans(
-            "超标准报销",
-            "低",
-            f"报销金额{fmt_yuan(f['amount'])}超过标准{fmt_yuan(f['standard'])}，超标{fmt_pct(f['over_pct'])}",
-        ),
-        _minor_fire,
-        _minor_avoid,
-    ),
-    Rule("clean", lambda f: True, lambda f: _ans("无异常", "低", "发票、审批与标准均符合规定")),
-]
-
-
-def _facts(f: Fields) -> list[list[str]]:
-    amt, std, pct = fmt_yuan(f["amount"]), fmt_yuan(f["standard"]), fmt_pct(f["over_pct"])
-    rel = f["relation"]
-    if rel == "无":
-        rel_s = ["供应商与经办人无关联关系", "未发现供应商与经办人存在关联"]
-    else:
-        dis = "已披露" if f["disclosed"] else "未披露"
-        rel_s = [f"供应商为{rel}，{dis}", f"供应商系{rel}（{dis}）"]
-    n, tot, lim = f["same_count"], fmt_yuan(f["same_total"]), fmt_yuan(f["approval_limit"])
-    return [
-        [
-            f"{f['department']}{f['claimant']}报销{f['expense']}",
-            f"抽查{f['department']}{f['claimant']}的{f['expense']}报销",
-        ],
-        [f"报销金额{amt}，标准{std}，超标比例{pct}", f"标准{std}，实报{amt}，超标比例{pct}"],
-        [
-            "发票查验通过" if f["invoice_ok"] else "发票查验未通过",
-            "发票真伪查验：通过" if f["invoice_ok"] else "发票真伪查验：未通过",
-        ],
-        ["发票抬头与本行名称一致" if f["title_ok"] else "发票抬头与本行名称不一致"],
-        rel_s,
-        [f"7日内同类报销{n}笔，合计{tot}", f"同类报销7日内共{n}笔，合计{tot}"],
-        [f"审批权限{lim}", f"审批人单笔审批权限{lim}"],
-    ]
-
-
 AUDIT = Task(
-    name="audit",
-    title="审计底稿",
-    rules=RULES,
-    answer_fields=[
-        AnswerField("category", "结论", CATEGORIES, aliases=("审计结论", "问题类型")),
-        AnswerField("severity", "严重程度", SEVERITIES, aliases=("严重性", "风险程度")),
-        AnswerField("basis", "依据", None, aliases=("理由",)),
-    ],
-    primary_key="category",
-    field_names=[
-        "department",
-        "claimant",
-        "expense",
-        "standard",
-        "amount",
-        "over_pct",
-        "invoice_ok",
-        "title_ok",
-        "relation",
-        "disclosed",
-        "same_count",
-        "same_total",
-        "approval_limit",
-    ],
-    sampler=_sampler,
-    facts=_facts,
-    intros=["审计抽查：", "费用报销审计底稿。", "内审检查以下报销事项："],
-    questions=["请给出审计结论、严重程度和依据。", "请判断是否存在问题。", "请填写审计结论。"],
-    distractors=[
-        "报销单据已装订归档",
-        "经办人已完成年度培训",
-        "该部门上年审计无重大问题",
-        "付款通过网银完成",
-        "报销流程在OA系统中留痕",
-    ],
-    head_facts=1,
-    numeric_fields=("standard", "amount", "over_pct", "same_count", "same_total", "approval_limit"),
-    bool_fields=("invoice_ok", "title_ok", "disclosed"),
-    optional_fields={
-        "department": "某部门",
-        "claimant": "经办人",
-        "expense": "费用",
-        "relation": "无",
-        "disclosed": False,
-    },
-    extra={"yuan_fields": ("standard", "amount", "same_total", "approval_limit")},
+    SPEC,
+    Sampler(
+        _sampler,
+        fire={"invoice_fake": _fake_fire, "invoice_title": _title_fire, "related_undisclosed": _rel_fire,
+              "split_approval": _split_fire, "over_major": _major_fire, "over_minor": _minor_fire},
+        avoid={"invoice_fake": _fake_avoid, "invoice_title": _title_avoid, "related_undisclosed": _rel_avoid,
+               "split_approval": _split_avoid, "over_major": _major_avoid, "over_minor": _minor_avoid},
+    ),
 )

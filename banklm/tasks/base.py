@@ -1,14 +1,13 @@
-"""Shared machinery of the scenario tasks: rule engine, answer layout, tolerant parser, table loader.
+"""The :class:`Task`: a task spec (:mod:`banklm.tasks.spec`) made usable: labelling rules, prompt renderer,
+answer layout, tolerant and strict parsers, records; plus the helpers of the synthetic samplers.
 
-A task is a list of ordered :class:`Rule` objects (the first rule whose condition holds decides the
-answer; the last rule is the catch-all default), an answer layout (:class:`AnswerField` list, rendered
-as ``键：值；键：值；理由：…``) and a prompt renderer. Each concrete task (``credit``, ``aml``,
-``audit``) documents its rules in its module docstring; ``docs/tasks.md`` collects them.
+A task is built from its spec (fields, ordered rules, facts, answer layout: YAML, ``docs/tasks.md``) and an
+optional :class:`Sampler`, the Python part of a built-in task that draws realistic inputs and, per rule, makes
+it fire or not (``fire`` / ``avoid`` keyed by rule name) so data can be generated balanced by branch.
 
-Answer dicts use English keys (``decision``/``grade``/``reason`` for credit, etc.).
-``Task.label(fields)`` returns the answer dict plus ``"rule"`` (the branch that fired);
-``Task.gold(fields)`` returns the answer dict alone, which is exactly what ``Task.parse`` returns for
-``Task.format_answer(gold)``.
+``Task.label(fields)`` returns the answer dict plus ``"rule"`` (the branch that fired: the first rule whose
+condition holds); ``Task.gold(fields)`` returns the answer dict alone, which is exactly what ``Task.parse``
+returns for ``Task.format_answer(gold)``.
 """
 
 from __future__ import annotations
@@ -16,36 +15,21 @@ from __future__ import annotations
 import json
 import random
 import re
-import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from banklm.tasks.formats import (  # noqa: F401  (re-exported: the samplers and older callers import them here)
+    MISSING_TEXT,
+    fmt_num,
+    fmt_pct,
+    fmt_wan,
+    fmt_yuan,
+    norm_value,
+)
+from banklm.tasks.spec import NUMERIC_TYPES, CompiledRule, TaskSpec
+
 Fields = dict[str, Any]
-
-# ----------------------------------------------------------------------------------------------
-# number formatting (deterministic: a fact is always written the same way, so reasons can copy it)
-
-
-def fmt_pct(x: float) -> str:
-    """52.3 -> '52.3%' (always one decimal)."""
-    return f"{x:.1f}%"
-
-
-def fmt_num(x: float) -> str:
-    """80.0 -> '80', 12.5 -> '12.5', 3.25 -> '3.25' (no trailing zeros, no thousands separators)."""
-    s = f"{x:.2f}".rstrip("0").rstrip(".")
-    return s if s not in ("", "-0") else "0"
-
-
-def fmt_yuan(x: float) -> str:
-    """18500 -> '18500元'."""
-    return f"{int(round(x))}元"
-
-
-def fmt_wan(x: float) -> str:
-    """Amount given in 万元: 80 -> '80万元', 12.5 -> '12.5万元'."""
-    return f"{fmt_num(x)}万元"
 
 
 _FW_DIGITS = str.maketrans("0123456789%.", "０１２３４５６７８９％．")
@@ -105,18 +89,23 @@ def r1(x: float) -> float:
 # ----------------------------------------------------------------------------------------------
 # rules and answer layout
 
+Mutator = Callable[[Fields, random.Random, float], None]
+
 
 @dataclass
 class Rule:
     """One labelling rule. ``when`` decides; ``fire``/``avoid`` mutate sampled fields so the rule
-    does (or does not) hold, used to generate balanced data by branch."""
+    does (or does not) hold, used to generate balanced data by branch. ``condition`` and ``reason`` are the
+    spec's expression and reason template (their source text)."""
 
     name: str
     when: Callable[[Fields], bool]
     outcome: Callable[[Fields], dict]
-    fire: Callable[[Fields, random.Random, float], None] | None = None
-    avoid: Callable[[Fields, random.Random, float], None] | None = None
+    fire: Mutator | None = None
+    avoid: Mutator | None = None
     doc: str = ""
+    condition: str | None = None
+    reason: str | None = None
 
 
 @dataclass
@@ -125,69 +114,241 @@ class AnswerField:
     zh: str  # key as written in the answer text
     values: Sequence[str] | None = None  # allowed values; None = free text (the reason)
     aliases: Sequence[str] = ()  # other spellings of ``zh`` accepted by the tolerant parser
+    kind: str = "category"  # category (one value), multi (a set of values, written joined by 、), reason
+    ordinal: bool = False  # ``values`` are in the bank's order
 
 
-_PUNCT_STRIP = " \t\r\n；;，,。.、：:「」“”\"'`*"
+@dataclass(frozen=True)
+class Sampler:
+    """The Python part of a task with synthetic data: ``sample(rng, difficulty)`` draws realistic fields;
+    ``fire[rule]`` / ``avoid[rule]`` mutate them so that rule holds / does not; ``derive`` fills derived
+    fields (after the spec's bands)."""
+
+    sample: Callable[[random.Random, float], Fields]
+    fire: Mapping[str, Mutator] = field(default_factory=dict)
+    avoid: Mapping[str, Mutator] = field(default_factory=dict)
+    derive: Callable[[Fields], None] | None = None
 
 
-def norm_value(v: str) -> str:
-    v = unicodedata.normalize("NFKC", v)
-    v = re.sub(r"\s+", "", v)
-    return v.strip(_PUNCT_STRIP).replace("、", "").upper()
+MULTI_SPLIT = re.compile(r"[、，,/／]+")
 
 
-@dataclass
 class Task:
-    """A scenario task; concrete tasks instantiate this with their rules and renderer."""
+    """A task built from its spec (and, for synthetic data, a :class:`Sampler`)."""
 
-    name: str
-    title: str  # Chinese name, e.g. 授信审批
-    rules: list[Rule]
-    answer_fields: list[AnswerField]
-    primary_key: str
-    field_names: list[str]
-    sampler: Callable[[random.Random, float], Fields]
-    facts: Callable[[Fields], list[list[str]]]  # each fact: list of alternative wordings
-    intros: Sequence[str]
-    questions: Sequence[str]
-    distractors: Sequence[str]
-    head_facts: int = 1  # how many leading facts keep their position (e.g. the applicant)
-    protected: Sequence[str] = ()  # fields the rules must not use (fairness analysis)
-    numeric_fields: Sequence[str] = ()
-    bool_fields: Sequence[str] = ()
-    optional_fields: dict = field(default_factory=dict)  # field -> default when a table lacks it
-    derive: Callable[[Fields], None] | None = None  # fills derived fields (e.g. age_band) in place
-    extra: dict = field(default_factory=dict)
+    def __init__(self, spec: TaskSpec, sampler: Sampler | None = None):
+        self.spec = spec
+        m = spec.model
+        self.name: str = m.name
+        self.title: str = m.title
+        self.description: str = m.description
+        self.sampler = sampler
+        a = m.answer
+        self.answer_fields: list[AnswerField] = [
+            AnswerField(k, ks.name or k, None if ks.type == "reason" else list(ks.values), tuple(ks.aliases),
+                        ks.type, ks.ordinal)
+            for k, ks in a.keys.items()
+        ]
+        self.primary_key: str = a.primary
+        self.field_names: list[str] = list(m.fields)
+        self._reason_key = next((f.key for f in self.answer_fields if f.kind == "reason"), None)
+        # the prompt
+        p = m.prompt
+        self.intros: list[str] = list(p.intros) if p.intros is not None else [p.instruction or ""]
+        self.questions: list[str] = list(p.questions) if p.questions is not None else [p.question or ""]
+        self.distractors: list[str] = list(p.distractors)
+        self.head_facts: int = p.head_facts
+        self.shuffle: bool = p.shuffle
+        self.separators: list[str] = list(p.separators)
+        self._facts = spec.facts
+        # field groups (the table loader and the evaluation read these)
+        fs = m.fields
+        self.numeric_fields: tuple[str, ...] = tuple(n for n, f in fs.items() if f.type in NUMERIC_TYPES)
+        self.bool_fields: tuple[str, ...] = tuple(n for n, f in fs.items() if f.type == "boolean")
+        self.optional_fields: dict[str, Any] = {n: (f.default if "default" in f.model_fields_set else None)
+                                                for n, f in fs.items() if not f.required}
+        band_into = {b.field: b.into for b in spec.bands}
+        self.protected: tuple[str, ...] = tuple(band_into.get(n, n) for n, f in fs.items() if f.protected)
+        self.extra: dict = {"yuan_fields": tuple(n for n, f in fs.items() if f.unit == "元")}
+        # the rules
+        unknown = sorted((set(sampler.fire) | set(sampler.avoid)) - {r.name for r in spec.rules}) if sampler else []
+        if unknown:
+            raise ValueError(f"{self.name}: the sampler's fire/avoid name unknown rules: {', '.join(unknown)} "
+                             f"(rules: {', '.join(r.name for r in spec.rules)})")
+        self._compiled: list[CompiledRule] = list(spec.rules)
+        self.rules: list[Rule] = [self._rule(r) for r in self._compiled]
+        self.derive: Callable[[Fields], None] | None = self._derive if (spec.bands or (sampler and sampler.derive)) \
+            else None
 
-    # -- rules ---------------------------------------------------------------------------------
+    def _rule(self, r: CompiledRule) -> Rule:
+        s = self.sampler
+        return Rule(
+            r.name,
+            (lambda f: True) if r.when is None else r.when.test,
+            lambda f, r=r: self._answer(r, f),
+            s.fire.get(r.name) if s else None,
+            s.avoid.get(r.name) if s else None,
+            r.doc,
+            r.when.source if r.when is not None else None,
+            r.reason.source if r.reason is not None else None,
+        )
+
+    def _derive(self, f: Fields) -> None:
+        self.spec.derive(f)
+        if self.sampler is not None and self.sampler.derive is not None:
+            self.sampler.derive(f)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, {self.title!r}, source={self.spec.source!r})"
+
+    # -- spec-derived properties -------------------------------------------------------------------
     @property
     def branches(self) -> list[str]:
         return [r.name for r in self.rules]
 
     @property
     def label_values(self) -> list[str]:
-        for f in self.answer_fields:
-            if f.key == self.primary_key:
-                return list(f.values or [])
-        raise AssertionError(self.primary_key)
+        return list(self._key(self.primary_key).values or [])
 
     @property
-    def reason_key(self) -> str:
-        """The free-text answer field (credit/aml ``reason``, audit ``basis``)."""
-        return next(f.key for f in self.answer_fields if f.values is None)
+    def reason_key(self) -> str | None:
+        """The free-text answer field (credit/aml ``reason``, audit ``basis``; None when the answer has none)."""
+        return self._reason_key
 
     @property
     def answer_keys(self) -> list[str]:
         return [f.key for f in self.answer_fields]
 
+    @property
+    def categorical_keys(self) -> list[str]:
+        """The answer keys with declared values (single- and multi-valued), in answer order."""
+        return [f.key for f in self.answer_fields if f.values is not None]
+
+    @property
+    def secondary_keys(self) -> list[str]:
+        """The categorical keys other than the primary one (credit ``grade``, audit ``severity``)."""
+        return [k for k in self.categorical_keys if k != self.primary_key]
+
+    @property
+    def multi_label_keys(self) -> list[str]:
+        return [f.key for f in self.answer_fields if f.kind == "multi"]
+
+    @property
+    def ordinal_keys(self) -> dict[str, list[str]]:
+        """key -> its values in the declared order, for the ordinal keys (credit ``grade`` A-E)."""
+        return {f.key: list(f.values or []) for f in self.answer_fields if f.ordinal}
+
+    @property
+    def favourable(self) -> str | None:
+        """The primary value that is good for the customer (credit ``通过``): fairness and costs."""
+        return self.spec.model.answer.favourable
+
+    @property
+    def positive(self) -> str | None:
+        """The value a detection task looks for (aml ``可疑``), on :attr:`positive_key`."""
+        return self.spec.model.answer.positive
+
+    @property
+    def positive_key(self) -> str | None:
+        a = self.spec.model.answer
+        return (a.positive_key or a.primary) if a.positive is not None else None
+
+    @property
+    def abstain(self) -> str | None:
+        """The primary value that hands a case to a person (e.g. ``转人工``), if the task has one."""
+        return self.spec.model.answer.abstain
+
+    @property
+    def protected_bands(self) -> dict[str, dict]:
+        """protected numeric field -> ``{"field": band field, "bands": {name: upper bound or None}}``."""
+        return {b.field: {"field": b.into, "bands": dict(b.bands)} for b in self.spec.bands
+                if self.spec.fields[b.field].protected}
+
+    @property
+    def segments(self) -> list[str]:
+        """Fields to report results by (a banded numeric field: its band field)."""
+        into = {b.field: b.into for b in self.spec.bands}
+        return [into.get(s, s) for s in self.spec.model.evaluation.segments]
+
+    @property
+    def costs(self) -> dict[str, dict[str, float]]:
+        """costs[gold][predicted] over the primary labels (missing pairs: 0)."""
+        return {g: dict(row) for g, row in self.spec.model.evaluation.costs.items()}
+
+    @property
+    def prevalence(self) -> dict[str, float]:
+        """The real-world share of each primary label (as declared; may be empty)."""
+        return dict(self.spec.model.evaluation.prevalence)
+
+    @property
+    def policy(self) -> str | None:
+        """Policy text: the system prompt of every record (None when the spec has none)."""
+        return self.spec.model.prompt.system
+
+    system_prompt = policy
+
+    @property
+    def reason_max_length(self) -> int | None:
+        return self.spec.model.answer.keys[self._reason_key].max_length if self._reason_key else None
+
+    @property
+    def reason_cite(self) -> list[str]:
+        """The fields and constants a reason may cite (default: every field)."""
+        if not self._reason_key:
+            return []
+        cite = self.spec.model.answer.keys[self._reason_key].cite
+        return list(cite) if cite is not None else list(self.field_names)
+
+    @property
+    def constants(self) -> dict[str, Any]:
+        return dict(self.spec.constants)
+
+    @property
+    def spec_text(self) -> str:
+        """The spec's YAML, to store next to a model (``tasks/<name>.yaml``)."""
+        return self.spec.text
+
+    @property
+    def has_rules(self) -> bool:
+        return bool(self.rules)
+
+    @property
+    def has_sampler(self) -> bool:
+        return self.sampler is not None
+
+    def _key(self, key: str) -> AnswerField:
+        return next(f for f in self.answer_fields if f.key == key)
+
+    # -- rules ---------------------------------------------------------------------------------
+    def _with_bands(self, fields: Fields) -> Fields:
+        """``fields`` with its band fields (a copy, derived, when they are missing: e.g. fields from a meta)."""
+        bands = self.spec.bands
+        if bands and any(b.into not in fields for b in bands):
+            fields = dict(fields)
+            self.spec.derive(fields)
+        return fields
+
+    def _match(self, fields: Fields) -> CompiledRule:
+        fields = self._with_bands(fields)
+        for r in self._compiled:
+            if r.when is None or r.when.test(fields):
+                return r
+        if not self._compiled:
+            raise ValueError(f"{self.name}: the spec has no rules (labels come from the bank's table)")
+        raise AssertionError(f"{self.name}: no rule matched (the last rule must be a catch-all)")  # pragma: no cover
+
+    def _answer(self, r: CompiledRule, fields: Fields) -> dict:
+        ans = {k: (list(v) if isinstance(v, list) else v) for k, v in r.outcome.items()}
+        if self._reason_key is not None:
+            ans[self._reason_key] = r.reason.render(self.spec.template_values(self._with_bands(fields)))
+        return {k: ans[k] for k in self.answer_keys}
+
     def label(self, fields: Fields) -> dict:
         """The structured gold answer by the documented rules, plus ``rule`` (the branch that fired)."""
-        for rule in self.rules:
-            if rule.when(fields):
-                ans = dict(rule.outcome(fields))
-                ans["rule"] = rule.name
-                return ans
-        raise AssertionError(f"{self.name}: no rule matched (the last rule must be a catch-all)")
+        r = self._match(fields)
+        ans = self._answer(r, fields)
+        ans["rule"] = r.name
+        return ans
 
     def gold(self, fields: Fields) -> dict:
         """The answer dict alone (what ``parse(format_answer(...))`` returns)."""
@@ -205,13 +366,16 @@ class Task:
 
         ``difficulty`` in [0, 1] moves the deciding and the avoided quantities nearer the thresholds.
         """
+        if self.sampler is None:
+            raise ValueError(f"{self.name}: no synthetic sampler (the data of a spec task comes from the bank's "
+                             "tables)")
         if branch is None:
             branch = rng.choice(self.branches)
         if branch not in self.branches:
             raise ValueError(f"{self.name}: unknown branch {branch!r}; allowed: {', '.join(self.branches)}")
         k = self.branches.index(branch)
         for _ in range(200):
-            f = self.sampler(rng, difficulty)
+            f = self.sampler.sample(rng, difficulty)
             for rule in self.rules[:k]:
                 if rule.avoid is not None:
                     rule.avoid(f, rng, difficulty)
@@ -220,26 +384,51 @@ class Task:
                 target.fire(f, rng, difficulty)
             if self.derive is not None:
                 self.derive(f)
-            if self.label(f)["rule"] == branch:
+            if self._match(f).name == branch:
                 return f
         raise RuntimeError(f"{self.name}: could not sample branch {branch!r}")  # pragma: no cover
 
     # -- prompt ----------------------------------------------------------------------------------
-    def render_prompt(self, fields: Fields, rng: random.Random, distractors: int | None = None) -> str:
-        """Chinese prompt: intro, key facts (varied wording and order), 0-1 distractors, question."""
-        facts = [rng.choice(alts) for alts in self.facts(fields)]
+    def facts(self, fields: Fields) -> list[list[str]]:
+        """Every fact's alternative wordings for these fields."""
+        tv = self.spec.template_values(self._with_bands(fields))
+        return [[alt.render(tv) for alt in alts] for alts in self._facts]
+
+    def render_prompt(self, fields: Fields, rng: random.Random, distractors: int | None = None,
+                      shuffle: bool | None = None) -> str:
+        """Prompt: intro, the facts (one wording each, drawn; the facts after the first ``head_facts`` in shuffled
+        order when the spec shuffles or ``shuffle``), 0-1 distractors (or ``distractors``), question."""
+        tv = self.spec.template_values(self._with_bands(fields))
+        facts = [rng.choice(alts).render(tv) for alts in self._facts]
         head, rest = facts[: self.head_facts], facts[self.head_facts :]
-        rng.shuffle(rest)
+        if self.shuffle if shuffle is None else shuffle:
+            rng.shuffle(rest)
         n_dis = rng.choice((0, 0, 1)) if distractors is None else distractors
         for d in rng.sample(list(self.distractors), min(n_dis, len(self.distractors))):
             rest.insert(rng.randint(0, len(rest)), d)
-        sep = rng.choice(("，", "；"))
+        sep = rng.choice(self.separators)
         body = "，".join(head) + ("，" if head and rest else "") + sep.join(rest)
         return f"{rng.choice(self.intros)}{body}。{rng.choice(self.questions)}"
 
+    def messages(self, prompt: str, answer_text: str | None = None) -> list[dict]:
+        """Chat messages of a record: the policy as system prompt (when the spec has one), the user prompt, the
+        answer."""
+        msgs = [{"role": "system", "content": self.policy}] if self.policy else []
+        msgs.append({"role": "user", "content": prompt})
+        if answer_text is not None:
+            msgs.append({"role": "assistant", "content": answer_text})
+        return msgs
+
     # -- answer layout ---------------------------------------------------------------------------
     def format_answer(self, answer: dict) -> str:
-        return "；".join(f"{f.zh}：{answer[f.key]}" for f in self.answer_fields)
+        parts = []
+        for f in self.answer_fields:
+            v = answer[f.key]
+            if f.kind == "multi":
+                chosen = [v] if isinstance(v, str) else list(v)
+                v = "、".join(x for x in (f.values or []) if x in chosen)
+            parts.append(f"{f.zh}：{v}")
+        return "；".join(parts)
 
     def parse(self, text: str | None, strict: bool = False) -> dict | None:
         """Parse an answer. Tolerant by default (full/half-width ``：:；;``, spaces, any field order,
@@ -249,16 +438,9 @@ class Task:
             return None
         if strict:
             return self._parse_strict(text)
-        names = []
-        for f in self.answer_fields:
-            for n in (f.zh, *f.aliases):
-                names.append((n, f))
-        names.sort(key=lambda t: -len(t[0]))
-        pattern = "|".join(re.escape(n) for n, _ in names)
-        key_re = re.compile(rf"({pattern})\s*[:：]\s*")
-        by_zh = {n: f for n, f in names}
+        key_re, by_zh = self._key_re()
         hits = list(key_re.finditer(text))
-        out: dict[str, str] = {}
+        out: dict[str, Any] = {}
         for i, m in enumerate(hits):
             f = by_zh[m.group(1)]
             end = hits[i + 1].start() if i + 1 < len(hits) else len(text)
@@ -271,6 +453,19 @@ class Task:
                 if not val:
                     return None
                 out[f.key] = val
+            elif f.kind == "multi":
+                allowed = {norm_value(a): a for a in f.values}
+                got = set()
+                for part in MULTI_SPLIT.split(raw.split("\n")[0]):
+                    v = norm_value(part)
+                    if not v:
+                        continue
+                    if v not in allowed:
+                        return None
+                    got.add(allowed[v])
+                if not got:
+                    return None
+                out[f.key] = [a for a in f.values if a in got]
             else:
                 v = norm_value(raw.split("\n")[0])
                 allowed = {norm_value(a): a for a in f.values}
@@ -285,18 +480,43 @@ class Task:
             return None
         return {f.key: out[f.key] for f in self.answer_fields}
 
+    def _key_re(self):
+        cached = getattr(self, "_key_re_cache", None)
+        if cached is None:
+            names = []
+            for f in self.answer_fields:
+                for n in (f.zh, *f.aliases):
+                    names.append((n, f))
+            names.sort(key=lambda t: -len(t[0]))
+            pattern = "|".join(re.escape(n) for n, _ in names)
+            cached = (re.compile(rf"({pattern})\s*[:：]\s*"), {n: f for n, f in names})
+            self._key_re_cache = cached
+        return cached
+
     def _parse_strict(self, text: str) -> dict | None:
         parts = []
         for f in self.answer_fields:
             if f.values is None:
-                parts.append(f"{re.escape(f.zh)}：(?P<{f.key}>[^\\n]*?[^\\s；。\\n])")
+                parts.append(f"{re.escape(f.zh)}：(?P<{_group(f.key)}>[^\\n]*?[^\\s；。\\n])")
             else:
                 alts = "|".join(re.escape(v) for v in f.values)
-                parts.append(f"{re.escape(f.zh)}：(?P<{f.key}>{alts})")
+                if f.kind == "multi":
+                    alts = f"(?:{alts})(?:、(?:{alts}))*"
+                parts.append(f"{re.escape(f.zh)}：(?P<{_group(f.key)}>{alts})")
         m = re.fullmatch("；".join(parts), text.strip("\n"))
         if not m:
             return None
-        return {f.key: m.group(f.key) for f in self.answer_fields}
+        out: dict[str, Any] = {}
+        for f in self.answer_fields:
+            v = m.group(_group(f.key))
+            if f.kind == "multi":
+                got = v.split("、")
+                ordered = [a for a in (f.values or []) if a in got]
+                if got != ordered:  # repeated or out of the declared order
+                    return None
+                v = got
+            out[f.key] = v
+        return out
 
     # -- records ---------------------------------------------------------------------------------
     def make_record(
@@ -312,10 +532,7 @@ class Task:
         return {
             "id": rid,
             "task": self.name,
-            "messages": [
-                {"role": "user", "content": self.render_prompt(fields, rng)},
-                {"role": "assistant", "content": self.format_answer(gold)},
-            ],
+            "messages": self.messages(self.render_prompt(fields, rng), self.format_answer(gold)),
             "label": self.primary_label(gold),
             "gold": json.dumps(gold, ensure_ascii=False),
             "meta": json.dumps(meta, ensure_ascii=False),
@@ -330,8 +547,13 @@ class Task:
         return {k: meta[k] for k in self.field_names}
 
 
+def _group(key: str) -> str:
+    """A regex group name for an answer key (keys may be Chinese or hold characters a group name cannot)."""
+    return "k" + "".join(f"{ord(c):x}" for c in key)
+
+
 # ----------------------------------------------------------------------------------------------
-# robustness perturbations
+# records
 
 def iter_user_messages(record: dict) -> list[dict]:
     """The messages to condition on: everything before the final assistant turn."""

@@ -3,7 +3,9 @@
 Answer layout: ``结论：拒绝；风险等级：D；理由：负债收入比72.4%过高``
 (decision 通过/拒绝/人工复核, grade A-E, reason one clause whose numbers are copied from the prompt).
 
-Labelling rules (ordered; the first matching rule decides):
+The task (fields, wording, answer layout, rules) is the spec ``banklm/tasks/specs/credit.yaml``; this module
+is its synthetic sampler: realistic inputs, and per rule ``fire`` / ``avoid`` mutators for data balanced by
+branch. Labelling rules (ordered; the first matching rule decides):
 
 1. ``blacklist``: applicant is a 失信被执行人 -> 拒绝, E.
 2. ``dti_high``: 负债收入比 > 70% -> 拒绝, D.
@@ -24,22 +26,12 @@ from __future__ import annotations
 
 import random
 
-from banklm.tasks.base import (
-    AnswerField,
-    Fields,
-    Rule,
-    Task,
-    fmt_pct,
-    fmt_wan,
-    fmt_yuan,
-    gap,
-    int_gap,
-    r1,
-    red_flag,
-)
+from banklm.tasks.base import Fields, Sampler, Task, gap, int_gap, r1, red_flag
+from banklm.tasks.spec import builtin_spec
 
-DECISIONS = ["通过", "拒绝", "人工复核"]
-GRADES = ["A", "B", "C", "D", "E"]
+SPEC = builtin_spec("credit")
+
+# The sampler's own lists: their order is part of the random stream (tests/test_task_golden.py).
 GUARANTEES = ["房产抵押", "保证人担保", "信用"]
 
 SURNAMES = list(
@@ -67,15 +59,11 @@ INDUSTRIES = [
     "水产养殖",
 ]
 PURPOSES = ["经营周转", "购置设备", "采购原材料", "店面装修", "扩大养殖规模", "支付货款"]
-AGE_BANDS = ["18-30岁", "31-45岁", "46-60岁"]
+AGE_BANDS = list(SPEC.fields["age"].bands)  # the spec derives age_band from age with these bands
 
 
 def age_band(age: int) -> str:
-    return AGE_BANDS[0] if age <= 30 else AGE_BANDS[1] if age <= 45 else AGE_BANDS[2]
-
-
-def _derive(f: Fields) -> None:
-    f["age_band"] = age_band(int(f["age"]))
+    return next(b.of(age) for b in SPEC.bands if b.field == "age")
 
 
 def _set_dti(f: Fields, dti: float) -> None:
@@ -199,167 +187,15 @@ def _prime_avoid(f, rng, d):
             f["amount_wan"] = min(f["amount_wan"], 49.0)
 
 
-def _ans(decision: str, grade: str, reason: str) -> dict:
-    return {"decision": decision, "grade": grade, "reason": reason}
-
-
-def _dti(f):
-    return fmt_pct(f["dti"])
-
-
-RULES = [
-    Rule(
-        "blacklist",
-        lambda f: bool(f["blacklist"]),
-        lambda f: _ans("拒绝", "E", "申请人为失信被执行人"),
-        _bl_fire,
-        _bl_avoid,
-    ),
-    Rule(
-        "dti_high",
-        lambda f: f["dti"] > 70,
-        lambda f: _ans("拒绝", "D", f"负债收入比{_dti(f)}过高"),
-        _dti_high_fire,
-        _dti_high_avoid,
-    ),
-    Rule(
-        "overdue_many",
-        lambda f: f["overdue_24m"] >= 3,
-        lambda f: _ans("拒绝", "D", f"近24个月逾期{f['overdue_24m']}次"),
-        _overdue_fire,
-        _overdue_avoid,
-    ),
-    Rule(
-        "inquiries_many",
-        lambda f: f["inquiries_6m"] >= 6,
-        lambda f: _ans("人工复核", "C", f"近6个月征信查询{f['inquiries_6m']}次"),
-        _inq_fire,
-        _inq_avoid,
-    ),
-    Rule(
-        "dti_mid",
-        lambda f: f["dti"] >= 50,
-        lambda f: _ans("人工复核", "C", f"负债收入比{_dti(f)}偏高"),
-        _dti_mid_fire,
-        _dti_mid_avoid,
-    ),
-    Rule(
-        "large_unsecured",
-        lambda f: f["amount_wan"] >= 50 and f["guarantee"] == "信用",
-        lambda f: _ans("人工复核", "C", f"信用方式申请{fmt_wan(f['amount_wan'])}"),
-        _large_fire,
-        _large_avoid,
-    ),
-    Rule(
-        "prime",
-        lambda f: f["dti"] < 30 and f["overdue_24m"] == 0 and f["guarantee"] == "房产抵押",
-        lambda f: _ans("通过", "A", f"房产抵押，负债收入比{_dti(f)}，无逾期"),
-        _prime_fire,
-        _prime_avoid,
-    ),
-    Rule(
-        "standard",
-        lambda f: True,
-        lambda f: _ans("通过", "B", f"负债收入比{_dti(f)}，近24个月逾期{f['overdue_24m']}次"),
-    ),
-]
-
-
-def _facts(f: Fields) -> list[list[str]]:
-    a, g, age = f["applicant"], f["gender"], f["age"]
-    inc, debt, dti = fmt_yuan(f["monthly_income"]), fmt_yuan(f["monthly_debt"]), _dti(f)
-    od, inq = f["overdue_24m"], f["inquiries_6m"]
-    amt = fmt_wan(f["amount_wan"])
-    return [
-        [f"申请人{a}，{g}，{age}岁，{f['hukou']}户籍", f"借款人{a}（{g}，{age}岁，{f['hukou']}户籍）"],
-        [
-            f"在{f['city']}从事{f['industry']}{f['years_in_business']}年",
-            f"经营{f['industry']}，地点{f['city']}，从业{f['years_in_business']}年",
-        ],
-        [
-            f"申请金额{amt}，期限{f['term_months']}个月，用途{f['purpose']}",
-            f"拟借{amt}用于{f['purpose']}，期限{f['term_months']}个月",
-        ],
-        [f"担保方式：{f['guarantee']}", f"担保方式为{f['guarantee']}"],
-        [f"月收入{inc}，月还款{debt}，负债收入比{dti}", f"负债收入比{dti}（月还款{debt}/月收入{inc}）"],
-        [f"近24个月逾期{od}次", f"征信显示近24个月逾期{od}次"],
-        [f"近6个月征信查询{inq}次", f"近6个月征信查询次数{inq}次"],
-        [
-            "失信被执行人：是" if f["blacklist"] else "失信被执行人：否",
-            "已被列为失信被执行人" if f["blacklist"] else "未被列为失信被执行人",
-        ],
-    ]
-
-
 CREDIT = Task(
-    name="credit",
-    title="授信审批",
-    rules=RULES,
-    answer_fields=[
-        AnswerField("decision", "结论", DECISIONS, aliases=("审批结论", "决定")),
-        AnswerField("grade", "风险等级", GRADES, aliases=("等级", "评级")),
-        AnswerField("reason", "理由", None, aliases=("原因",)),
-    ],
-    primary_key="decision",
-    field_names=[
-        "applicant",
-        "gender",
-        "age",
-        "hukou",
-        "region",
-        "city",
-        "industry",
-        "purpose",
-        "years_in_business",
-        "amount_wan",
-        "term_months",
-        "guarantee",
-        "monthly_income",
-        "monthly_debt",
-        "dti",
-        "overdue_24m",
-        "inquiries_6m",
-        "blacklist",
-    ],
-    sampler=_sampler,
-    facts=_facts,
-    intros=["授信申请：", "小微经营贷审批。", "请审批以下贷款申请。", "客户经理提交授信材料："],
-    questions=["请给出审批结论、风险等级和理由。", "请按规则审批。", "是否通过？请给出结论。"],
-    distractors=[
-        "客户经理已完成实地走访",
-        "申请人为本行代发工资客户",
-        "经营场所为租赁",
-        "申请资料齐全",
-        "家庭成员4人",
-        "店铺位于商业街",
-        "申请人持有本行借记卡",
-        "企业有纳税记录",
-    ],
-    head_facts=1,
-    protected=("gender", "hukou", "age_band", "region"),
-    numeric_fields=(
-        "age",
-        "years_in_business",
-        "amount_wan",
-        "term_months",
-        "monthly_income",
-        "monthly_debt",
-        "dti",
-        "overdue_24m",
-        "inquiries_6m",
+    SPEC,
+    Sampler(
+        _sampler,
+        fire={"blacklist": _bl_fire, "dti_high": _dti_high_fire, "overdue_many": _overdue_fire,
+              "inquiries_many": _inq_fire, "dti_mid": _dti_mid_fire, "large_unsecured": _large_fire,
+              "prime": _prime_fire},
+        avoid={"blacklist": _bl_avoid, "dti_high": _dti_high_avoid, "overdue_many": _overdue_avoid,
+               "inquiries_many": _inq_avoid, "dti_mid": _dti_mid_avoid, "large_unsecured": _large_avoid,
+               "prime": _prime_avoid},
     ),
-    bool_fields=("blacklist",),
-    optional_fields={
-        "applicant": "客户",
-        "gender": "未知",
-        "hukou": "未知",
-        "region": "未知",
-        "city": "本地",
-        "industry": "个体经营",
-        "purpose": "经营周转",
-        "years_in_business": 0,
-        "term_months": 12,
-    },
-    derive=_derive,
-    extra={"yuan_fields": ("monthly_income", "monthly_debt")},
 )

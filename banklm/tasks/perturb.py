@@ -6,12 +6,10 @@ import json
 import random
 from typing import Any
 
-Fields = dict[str, Any]
-
-# ----------------------------------------------------------------------------------------------
-# number formatting (deterministic: a fact is always written the same way, so reasons can copy it)
 from banklm.tasks.base import Task, to_fullwidth_digits
 from banklm.tasks.registry import get_task
+
+Fields = dict[str, Any]
 
 PERTURBATIONS = ("shuffle_fields", "fullwidth_digits", "distractor")
 
@@ -58,7 +56,8 @@ def perturb(task: Task | str, record: dict, rng: random.Random, kind: str) -> di
             raise CannotPerturb(f"record {rec.get('id')}: meta has no input fields; cannot apply {kind!r}")
         new = prompt
         for _ in range(10):
-            new = t.render_prompt(fields, rng, distractors=2 if kind == "distractor" else 0)
+            new = t.render_prompt(fields, rng, distractors=2 if kind == "distractor" else 0,
+                                  shuffle=True if kind == "shuffle_fields" else None)
             if new != prompt:
                 break
     rec["messages"][user_idx]["content"] = new
@@ -66,7 +65,3 @@ def perturb(task: Task | str, record: dict, rng: random.Random, kind: str) -> di
     meta["perturbation"] = kind
     rec["meta"] = json.dumps(meta, ensure_ascii=False)
     return rec
-
-
-# ----------------------------------------------------------------------------------------------
-# a bank's own labelled table -> scenario records

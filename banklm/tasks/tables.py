@@ -5,19 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import random
-import unicodedata
 from pathlib import Path
 from typing import Any
 
+from banklm.tasks.base import MULTI_SPLIT, Task, norm_value
+from banklm.tasks.registry import get_task
+from banklm.tasks.spec import TABLE_REASON, coerce_value, is_missing
+
 Fields = dict[str, Any]
 
-# ----------------------------------------------------------------------------------------------
-# number formatting (deterministic: a fact is always written the same way, so reasons can copy it)
-from banklm.tasks.base import Task, norm_value
-from banklm.tasks.registry import get_task
 
-
-def _read_table(path: Path) -> list[dict]:
+def read_table(path: Path) -> list[dict]:
+    """The rows of a CSV/TSV (UTF-8, UTF-8 BOM or GB18030) or Parquet table as dicts (column -> cell)."""
     suffix = path.suffix.lower()
     try:
         import pandas as pd
@@ -44,45 +43,34 @@ def _read_table(path: Path) -> list[dict]:
     return [dict(r) for r in csv.DictReader(text.splitlines(), delimiter=delim)]
 
 
-_TRUE = {"是", "有", "true", "yes", "y", "1", "1.0", "t", "通过", "一致", "已披露", "正常"}
-_FALSE = {"否", "无", "false", "no", "n", "0", "0.0", "f", "未通过", "不一致", "未披露", "异常"}
+_read_table = read_table  # the old private name
 
 
-def _is_missing(v: Any) -> bool:
-    if v is None:
-        return True
-    if isinstance(v, float) and v != v:
-        return True
-    return isinstance(v, str) and not v.strip()
+def row_label(path: Path, i: int) -> str:
+    """How errors name row ``i`` (0-based) of a table: its line in a CSV/TSV (the header is line 1), its index in
+    a Parquet file."""
+    return f"row {i + 2 if path.suffix.lower() != '.parquet' else i}"
+
+
+def _multi(f, v: str) -> list[str] | None:
+    """A multi-label cell (values joined by 、，,/) as the declared values in order; None if one is unknown."""
+    allowed = {norm_value(a): a for a in f.values}
+    got = set()
+    for part in MULTI_SPLIT.split(v):
+        n = norm_value(part)
+        if not n:
+            continue
+        if n not in allowed:
+            return None
+        got.add(allowed[n])
+    return [a for a in f.values if a in got] or None
 
 
 def _coerce(task: Task, name: str, v: Any, where: str) -> Any:
-    if name in task.bool_fields:
-        if isinstance(v, bool):
-            return v
-        s = str(v).strip().lower()
-        if s in _TRUE:
-            return True
-        if s in _FALSE:
-            return False
-        raise ValueError(f"{where}: cannot read {v!r} as yes/no")
-    if name in task.numeric_fields:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return v
-        s = unicodedata.normalize("NFKC", str(v)).replace(",", "").strip()
-        mult = 1.0
-        for unit in ("万元", "元", "%", "次", "笔", "个", "倍", "岁", "年", "月"):
-            if s.endswith(unit):
-                s = s[: -len(unit)]
-                if unit == "万元" and task.extra.get("yuan_fields") and name in task.extra["yuan_fields"]:
-                    mult = 10000.0
-                break
-        try:
-            x = float(s) * mult
-        except ValueError:
-            raise ValueError(f"{where}: cannot read {v!r} as a number") from None
-        return int(x) if x.is_integer() else x
-    return str(v).strip()
+    try:
+        return coerce_value(task.spec.fields[name], v, strict=False)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def from_table(
@@ -93,6 +81,7 @@ def from_table(
     split: str = "bank",
     seed: int = 0,
     limit: int | None = None,
+    skip_bad_rows: bool = False,
 ) -> list[dict]:
     """Turn a bank's own labelled CSV/TSV/Parquet table into scenario records.
 
@@ -111,12 +100,13 @@ def from_table(
       ``见行内标注``).
 
     Records get ids ``{task}-{split}-{row:06d}``; values outside a field's allowed answer set raise
-    ValueError naming the file, row and column.
+    ValueError naming the file, row and column (``skip_bad_rows``: such rows are left out instead, as
+    ``banklm.tasks.check.example_prompts`` does; ``banklm.tasks.check.check_table`` lists them).
     """
 
     t = get_task(task) if isinstance(task, str) else task
     path = Path(path)
-    rows = _read_table(path)
+    rows = read_table(path)
     cmap = dict(column_map or {})
 
     def col(name: str) -> str:
@@ -132,74 +122,88 @@ def from_table(
     have_answer = col(t.primary_key) in columns
     if prompt_mode and not have_answer:
         raise ValueError(f"{path}: prompt mode needs the answer column {col(t.primary_key)!r}")
+    if not have_answer and not t.has_rules:
+        raise ValueError(f"{path}: the task {t.name!r} has no rules, so the table needs its answer column "
+                         f"{col(t.primary_key)!r}")
     rng = random.Random(f"{t.name}|{split}|{seed}|table")
     out = []
     for i, row in enumerate(rows):
         if limit is not None and len(out) >= limit:
             break
-        where = f"{path}: row {i + 2 if path.suffix.lower() != '.parquet' else i}"
-        meta: dict[str, Any] = {"source": str(path.name), "row": i}
-        fields = None
-        if not prompt_mode:
-            fields = {}
-            for n in t.field_names:
-                v = row.get(col(n))
-                if _is_missing(v):
-                    if n in t.optional_fields:
-                        fields[n] = t.optional_fields[n]
-                        continue
-                    raise ValueError(f"{where}: column {col(n)!r} is empty")
-                fields[n] = _coerce(t, n, v, f"{where}, column {col(n)!r}")
-            if t.derive is not None:
-                t.derive(fields)
-            prompt = t.render_prompt(fields, rng)
-            meta.update(fields)
-        else:
-            prompt = str(row[col("prompt")]).strip()
-        rule_ans = t.label(fields) if fields is not None else None
-        if have_answer:
-            ans = {}
-            for f in t.answer_fields:
-                v = row.get(col(f.key))
-                if _is_missing(v):
-                    if rule_ans is not None:
-                        ans[f.key] = rule_ans[f.key]
-                        continue
-                    if f.values is None:
-                        ans[f.key] = "见行内标注"
-                        continue
-                    raise ValueError(f"{where}: column {col(f.key)!r} is empty")
-                v = str(v).strip()
-                if f.values is not None:
-                    allowed = {norm_value(a): a for a in f.values}
-                    if norm_value(v) not in allowed:
-                        raise ValueError(f"{where}, column {col(f.key)!r}: {v!r} not in {list(f.values)}")
-                    v = allowed[norm_value(v)]
-                ans[f.key] = v
-            # a rule-derived reason only fits when the table agrees with the rules on the label
-            if rule_ans is not None and _is_missing(row.get(col("reason"), None)) and "reason" in ans:
-                if t.primary_label(ans) != t.primary_label(rule_ans):
-                    ans["reason"] = "见行内标注"
-            meta["label_source"] = "table"
-            if rule_ans is not None:
-                meta["branch"] = rule_ans["rule"]
-                meta["rules_agree"] = t.primary_label(ans) == t.primary_label(rule_ans)
-        else:
-            assert rule_ans is not None
-            ans = {k: rule_ans[k] for k in t.answer_keys}
-            meta["label_source"] = "rules"
-            meta["branch"] = rule_ans["rule"]
-        out.append(
-            {
-                "id": f"{t.name}-{split}-{i:06d}",
-                "task": t.name,
-                "messages": [
-                    {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": t.format_answer(ans)},
-                ],
-                "label": t.primary_label(ans),
-                "gold": json.dumps(ans, ensure_ascii=False),
-                "meta": json.dumps(meta, ensure_ascii=False, default=str),
-            }
-        )
+        try:
+            out.append(_row_record(t, path, i, row, col, rng, prompt_mode, have_answer, split))
+        except ValueError:
+            if not skip_bad_rows:
+                raise
     return out
+
+
+def _row_record(t: Task, path: Path, i: int, row: dict, col, rng: random.Random, prompt_mode: bool,
+                have_answer: bool, split: str) -> dict:
+    where = f"{path}: {row_label(path, i)}"
+    meta: dict[str, Any] = {"source": str(path.name), "row": i}
+    fields = None
+    if not prompt_mode:
+        fields = {}
+        for n in t.field_names:
+            v = row.get(col(n))
+            if is_missing(v):
+                if n in t.optional_fields:
+                    fields[n] = t.optional_fields[n]
+                    continue
+                raise ValueError(f"{where}: column {col(n)!r} is empty")
+            fields[n] = _coerce(t, n, v, f"{where}, column {col(n)!r}")
+        if t.derive is not None:
+            t.derive(fields)
+        prompt = t.render_prompt(fields, rng)
+        meta.update(fields)
+    else:
+        prompt = str(row[col("prompt")]).strip()
+    rule_ans = t.label(fields) if fields is not None and t.has_rules else None
+    if have_answer:
+        ans = {}
+        for f in t.answer_fields:
+            v = row.get(col(f.key))
+            if is_missing(v):
+                if rule_ans is not None:
+                    ans[f.key] = rule_ans[f.key]
+                    continue
+                if f.values is None:
+                    ans[f.key] = TABLE_REASON
+                    continue
+                raise ValueError(f"{where}: column {col(f.key)!r} is empty")
+            v = str(v).strip()
+            if f.kind == "multi":
+                parsed = _multi(f, v)
+                if parsed is None:
+                    raise ValueError(f"{where}, column {col(f.key)!r}: {v!r} is not a list of {list(f.values)}")
+                ans[f.key] = parsed
+                continue
+            if f.values is not None:
+                allowed = {norm_value(a): a for a in f.values}
+                if norm_value(v) not in allowed:
+                    raise ValueError(f"{where}, column {col(f.key)!r}: {v!r} not in {list(f.values)}")
+                v = allowed[norm_value(v)]
+            ans[f.key] = v
+        # a rule-derived reason only fits when the table agrees with the rules on the label
+        rk = t.reason_key
+        if rule_ans is not None and rk is not None and is_missing(row.get(col(rk), None)):
+            if t.primary_label(ans) != t.primary_label(rule_ans):
+                ans[rk] = TABLE_REASON
+        meta["label_source"] = "table"
+        if rule_ans is not None:
+            meta["branch"] = rule_ans["rule"]
+            meta["rules_agree"] = t.primary_label(ans) == t.primary_label(rule_ans)
+    else:
+        assert rule_ans is not None
+        ans = {k: rule_ans[k] for k in t.answer_keys}
+        meta["label_source"] = "rules"
+        meta["branch"] = rule_ans["rule"]
+    return {
+        "id": f"{t.name}-{split}-{i:06d}",
+        "task": t.name,
+        "messages": t.messages(prompt, t.format_answer(ans)),
+        "label": t.primary_label(ans),
+        "gold": json.dumps(ans, ensure_ascii=False),
+        "meta": json.dumps(meta, ensure_ascii=False, default=str),
+    }
