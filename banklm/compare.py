@@ -21,9 +21,9 @@ import yaml
 from banklm.chain import ChainError, chain_problems
 from banklm.ledger import LEDGER_NAME, Ledger, file_problem, latest_records
 
-# the scores a change log follows: per task, then AML-specific ones, then run-level ones
+# the scores a change log follows: per task, then a detection task's (its spec's answer.positive), then run-level
 TASK_METRICS = ("accuracy", "macro_f1", "mcc", "format_compliance", "hallucination_rate")
-AML_METRICS = ("suspicious_recall", "false_positive_rate")
+POSITIVE_METRICS = ("recall", "false_positive_rate")
 
 # the "recorded by" of a key only recipe.yaml has (no stage records it: report.*, name, disabled sections)
 FROM_RECIPE_FILE = "recipe.yaml (not recorded)"
@@ -170,9 +170,13 @@ def scores(run_dir: Path) -> dict[str, float]:
     for res_path in sorted(Path(run_dir).glob("eval/*/results.json")):
         model, res = res_path.parent.name, _read_json(res_path) or {}
         for task, r in (res.get("tasks") or {}).items():
-            for m in TASK_METRICS + (AML_METRICS if task == "aml" else ()):
+            for m in TASK_METRICS:
                 if isinstance(r.get(m), (int, float)):
                     out[f"{model}/{task}/{m}"] = float(r[m])
+            pos = r.get("positive") or {}
+            for m in POSITIVE_METRICS:
+                if isinstance(pos.get(m), (int, float)):
+                    out[f"{model}/{task}/{pos['key']}={pos['value']}/{m}"] = float(pos[m])
         ov = res.get("overall") or {}
         for m in ("accuracy", "format_compliance"):
             if isinstance(ov.get(m), (int, float)):

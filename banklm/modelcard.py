@@ -262,23 +262,26 @@ def _evaluation(d: dict, t: _Lang) -> list[str]:
                            t("格式合规 format compliance", "format compliance"),
                            t("忠实性：幻觉率 faithfulness: hallucination rate", "faithfulness: hallucination rate"),
                            t("无依据数字率 unsupported-number rate", "unsupported-number rate")], rows))
-    aml = tasks.get("aml")
-    if aml and "suspicious_recall" in aml:
-        lines += ["", f"### {t('反洗钱 AML', 'AML')}", "",
-                  md_table([t("可疑交易召回率 suspicious recall", "suspicious recall"),
+    detect = [[task, f"{p['key']}={p['value']}", p.get("recall"), p.get("false_positive_rate"), p.get("n_positive"),
+               p.get("n_true_positive"), json.dumps(p.get("detail_accuracy_tp") or {}, ensure_ascii=False)]
+              for task, r in tasks.items() if (p := r.get("positive"))]
+    if detect:
+        lines += ["", f"### {t('检出 Detection', 'Detection')}", "",
+                  md_table(["task", t("检出目标 target", "target"), t("召回率 recall", "recall"),
                             t("误报率 false-positive rate", "false-positive rate"),
-                            t("可疑样本数 suspicious cases", "suspicious cases"),
+                            t("目标样本数 positive cases", "positive cases"),
                             t("命中数 true positives", "true positives"),
-                            t("命中中类型正确率 typology accuracy (TP)", "typology accuracy among TP")],
-                           [[aml.get("suspicious_recall"), aml.get("false_positive_rate"), aml.get("n_suspicious"),
-                             aml.get("n_true_positive"), aml.get("typology_accuracy_tp")]])]
+                            t("命中中其余字段正确率 other keys' accuracy (TP)", "other keys' accuracy among TP")],
+                           detect)]
     fair = [[task, attr, f.get("ratio"), f.get("accuracy_gap"), "FLAG" if f.get("flag") else "ok",
              json.dumps(f.get("counts", {}), ensure_ascii=False)]
             for task, r in tasks.items() for attr, f in (r.get("fairness") or {}).items() if isinstance(f, dict)]
     if fair:
         lines += ["", f"### {t('公平性 Fairness', 'Fairness')}", "",
-                  t("比例 = 各组通过率的最小值 / 最大值（< 0.8 标记）；准确率差 = 组间准确率最大差。",
-                    "ratio = lowest group approval rate / highest (< 0.8 flagged); accuracy gap = largest difference "
+                  t("比例 = 各组有利结果（任务规格的 favourable，如通过）比例的最小值 / 最大值（< 0.8 标记）；"
+                    "准确率差 = 组间准确率最大差。",
+                    "ratio = lowest group rate of the favourable outcome (the task spec's answer.favourable, e.g. "
+                    "通过) / highest (< 0.8 flagged); accuracy gap = largest difference "
                     "in accuracy between groups."), "",
                   md_table(["task", t("受保护属性 attribute", "attribute"), t("比例 ratio", "ratio"),
                             t("准确率差 accuracy gap", "accuracy gap"), "flag", t("样本数 counts", "counts")], fair)]
@@ -426,6 +429,10 @@ def _limitations(d: dict, recipe, t: _Lang, mask_pii) -> list[str]:
                                f"Fairness flags: {', '.join(flags)} (ratio < 0.8).") if flags else
                              t("公平性：所有受保护属性的比例均不低于 0.8。",
                                "Fairness: every protected attribute's ratio is at least 0.8.")))
+        skipped = [f"{task}: {r['fairness_skipped']}" for task, r in tasks.items() if r.get("fairness_skipped")]
+        if skipped:
+            lines.append("- " + t(f"未做公平性分析：{'; '.join(skipped)}。",
+                                  f"Fairness not analysed: {'; '.join(skipped)}."))
         drops = [(k, v.get("drop")) for k, v in (res.get("robustness") or {}).items()
                  if isinstance(v.get("drop"), (int, float)) and v["drop"] > 0.05]
         if drops:

@@ -372,18 +372,24 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
             parts.append(_table(EVAL_HEADERS, eval_rows(res)))
             extra = []
             for task, r in res.get("tasks", {}).items():
-                for key in ("exact_match", "suspicious_recall", "typology_accuracy_tp", "false_positive_rate",
-                            "mean_answer_chars"):
+                for key in ("exact_match", "mean_answer_chars"):
                     if key in r:
-                        extra.append([task, key, json.dumps(r[key], ensure_ascii=False)
-                                      if isinstance(r[key], dict) else r[key]])
+                        extra.append([task, key, r[key]])
+                pos = r.get("positive") or {}
+                for key in ("recall", "false_positive_rate", "detail_accuracy_tp"):
+                    if key in pos:
+                        extra.append([task, f"{pos['key']}={pos['value']}: {key}",
+                                      json.dumps(pos[key], ensure_ascii=False) if isinstance(pos[key], dict)
+                                      else pos[key]])
+                if r.get("fairness_skipped"):
+                    extra.append([task, "fairness", "skipped: " + r["fairness_skipped"]])
             if extra:
                 parts.append(_table(["task", "metric", "value"], extra))
             fair = {t: r["fairness"] for t, r in res.get("tasks", {}).items() if r.get("fairness")}
             for task, attrs in fair.items():
                 rows = [[task, attr, f.get("ratio"), f.get("accuracy_gap"), "FLAG" if f.get("flag") else "ok"]
                         for attr, f in attrs.items() if isinstance(f, dict)]
-                parts.append(_table(["task", "protected attribute", "approval-rate ratio", "accuracy gap",
+                parts.append(_table(["task", "protected attribute", "favourable-rate ratio", "accuracy gap",
                                      "flag (<0.8)"], rows))
             if res.get("robustness"):
                 parts.append(_table(["perturbation", "records", "skipped (cannot perturb)", "accuracy",

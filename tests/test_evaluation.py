@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 
 import pytest
 from banklm.corpora.synth import generate_all, generate_records
@@ -44,7 +45,9 @@ def test_score_records_all_tasks_perfect_and_planted_errors():
         assert t["accuracy"] == 1.0 and t["mcc"] == pytest.approx(1.0) and t["exact_match"] == 1.0, name
         assert t["format_compliance"] == 1.0 and t["hallucination_rate"] == 0.0
         assert set(t["per_branch"]) == set(get_task(name).branches)
-    assert res["tasks"]["aml"]["suspicious_recall"] == 1.0
+    assert res["tasks"]["aml"]["positive"]["recall"] == 1.0 and res["tasks"]["aml"]["positive"]["value"] == "可疑"
+    assert "positive" not in res["tasks"]["credit"] and "fairness" in res["tasks"]["credit"]
+    assert set(res["tasks"]["credit"]["per_class"]) == {"decision", "grade"}
     # plant a wrong grade and a hallucinated number in one credit answer
     outs = _gold_answers(recs)
     i = next(
@@ -319,3 +322,46 @@ def test_comparison_table_and_chart(tmp_path):
     assert lines[i + 1] == "| aml | q4 | 3 | 1.000 | 1.000 | 1.000 | 1.000 | 0.000 | 9.0 | 0.70 |"
     assert "| q4 | 0.667 | 9 | x-q4_0.gguf (llama.cpp) |" in lines
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_come_from_the_spec_of_a_bank_task(tmp_path):
+    """A bank's own task (贷后预警, favourable 正常, a multi-label key, two data sources): fairness counts 正常,
+    the multi-label key gets per-value metrics, every categorical key per-class ones, results per source."""
+    from banklm.tasks.registry import register_spec, unregister
+    from tests.test_task_spec import POST_LOAN, fields
+
+    path = tmp_path / "post_loan.yaml"
+    path.write_text(POST_LOAN, encoding="utf-8")
+    task = register_spec(path)
+    try:
+        recs = []
+        for i in range(8):
+            f = fields(逾期天数=0 if i % 2 else 120, 借款人性别="男" if i < 4 else "女", 借款人年龄=30 + i)
+            task.derive(f)
+            rec = task.make_record(f"post_loan-test-{i:06d}", f, random.Random(i))
+            if i >= 6:
+                meta = json.loads(rec["meta"])
+                rec["meta"] = json.dumps({**meta, "source": "bank_table.csv"}, ensure_ascii=False)
+            recs.append(rec)
+        outs = [r["messages"][-1]["content"] for r in recs]
+        # women's 正常 cases answered 关注: the favourable value goes to men only
+        for i in (5, 7):
+            outs[i] = outs[i].replace("预警等级：正常", "预警等级：关注")
+        res, _ = score_records(recs, outs)
+        t = res["tasks"]["post_loan"]
+        fair = t["fairness"]["借款人性别"]
+        assert fair["rates"] == {"女": 0.0, "男": 0.5} and fair["flag"]
+        assert "借款人年龄_band" in t["fairness"]  # the numeric protected attribute, by its declared bands
+        assert set(t["per_class"]) == {"预警等级"} and t["per_class"]["预警等级"]["关注"]["support"] == 0
+        assert t["multi_label"]["风险标签"]["exact_set_match"] == 1.0
+        assert set(t["by_source"]) == {"synthetic", "bank_table.csv"} and t["by_source"]["bank_table.csv"]["n"] == 2
+        assert "positive" not in t
+    finally:
+        unregister("post_loan")
+
+
+def test_fairness_is_skipped_with_a_reason_when_the_spec_has_no_favourable_value():
+    recs = generate_records("audit", 6, seed=0, split="test")
+    res, _ = score_records(recs, _gold_answers(recs))
+    t = res["tasks"]["audit"]
+    assert "fairness" not in t and t["fairness_skipped"].startswith("the task spec declares no")

@@ -155,7 +155,8 @@ def _fake_run(root, name, lr, acc, n_train, started=None, recipe_name="demo"):
     (rd / "corpora" / "scenario" / "stats.json").write_text(json.dumps({"splits": {"train": n_train, "test": 5}}))
     (rd / "sft" / "model.bin").write_text(f"weights trained with lr={lr}")
     (rd / "eval" / "sft" / "results.json").write_text(json.dumps(
-        {"tasks": {"aml": {"accuracy": acc, "suspicious_recall": 0.5}, "credit": {"accuracy": 0.6}},
+        {"tasks": {"aml": {"accuracy": acc, "positive": {"key": "conclusion", "value": "可疑", "recall": 0.5}},
+                   "credit": {"accuracy": 0.6}},
          "overall": {"accuracy": acc}}))
     led, t = Ledger(rd), started or name
     corpus = led.append("corpus", params={"corpora": {"scenario": {"synth": {"aml": {"train": n_train}}}}, "seed": 0},
@@ -215,7 +216,7 @@ def test_change_log_in_the_model_card_shows_changed_parameters_and_scores(tmp_pa
     assert _row(scores, "model/task/metric") == ["model/task/metric", "a", "this run", "change"]
     assert _row(scores, "sft/aml/accuracy") == ["sft/aml/accuracy", "0.5", "0.75", "+0.25"]
     assert _row(scores, "sft/overall/accuracy") == ["sft/overall/accuracy", "0.5", "0.75", "+0.25"]
-    assert "sft/credit/accuracy" not in scores and "suspicious_recall" not in scores  # unchanged: left out
+    assert "sft/credit/accuracy" not in scores and "conclusion=可疑" not in scores  # unchanged: left out
     first = _card_section(render_model_card(collect(a), _en_recipe()), "Change log")
     assert "First run of this recipe" in first
 
@@ -432,10 +433,10 @@ def test_model_card_has_every_section_with_the_runs_numbers(quickstart_run):
         row = _row(ev, f"{task} | {r['n']}")
         assert row[2:8] == [f"{r[k]:.3f}" for k in ("accuracy", "macro_f1", "mcc", "format_compliance",
                                                      "hallucination_rate", "unsupported_number_rate")], task
-    aml = res["tasks"]["aml"]
-    assert _row(ev, f"{aml['suspicious_recall']:.3f}")[:4] == [f"{aml['suspicious_recall']:.3f}",
-                                                               f"{aml['false_positive_rate']:.3f}",
-                                                               str(aml["n_suspicious"]), str(aml["n_true_positive"])]
+    aml = res["tasks"]["aml"]["positive"]
+    assert _row(ev, "aml | conclusion=可疑")[:6] == ["aml", "conclusion=可疑", f"{aml['recall']:.3f}",
+                                                    f"{aml['false_positive_rate']:.3f}", str(aml["n_positive"]),
+                                                    str(aml["n_true_positive"])]
     for attr, f in res["tasks"]["credit"]["fairness"].items():
         if isinstance(f, dict):
             assert _row(ev, f"credit | {attr}")[2:4] == [f"{f['ratio']:.3f}", f"{f['accuracy_gap']:.3f}"]

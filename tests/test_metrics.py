@@ -9,7 +9,6 @@ import pytest
 from banklm.evaluation.metrics import (
     INVALID,
     accuracy,
-    aml_metrics,
     confusion_matrix,
     extract_numbers,
     fairness,
@@ -17,6 +16,8 @@ from banklm.evaluation.metrics import (
     format_compliance,
     macro_f1,
     mcc,
+    multi_label_metrics,
+    positive_class_metrics,
 )
 from banklm.tasks import CREDIT
 
@@ -86,7 +87,7 @@ def test_format_compliance():
     assert format_compliance(texts, CREDIT.parse) == pytest.approx(1 / 3)
 
 
-def test_aml_metrics_hand_computed():
+def test_positive_class_metrics_hand_computed():
     g = [
         {"conclusion": "可疑", "typology": "拆分交易"},
         {"conclusion": "可疑", "typology": "快进快出"},
@@ -101,13 +102,27 @@ def test_aml_metrics_hand_computed():
         {"conclusion": "可疑", "typology": "拆分交易"},
         {"conclusion": "正常", "typology": "无"},
     ]
-    m = aml_metrics(g, p)
+    m = positive_class_metrics(g, p, "conclusion", "可疑", ["typology"])
     # 3 gold suspicious, 2 predicted suspicious among them -> recall 2/3
     # typology right on 1 of those 2 true positives -> 1/2; 1 of 2 gold normal flagged -> FPR 1/2
-    assert m["suspicious_recall"] == pytest.approx(2 / 3)
-    assert m["typology_accuracy_tp"] == pytest.approx(0.5)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["detail_accuracy_tp"] == {"typology": pytest.approx(0.5)}
     assert m["false_positive_rate"] == pytest.approx(0.5)
-    assert (m["n_suspicious"], m["n_true_positive"]) == (3, 2)
+    assert (m["n_positive"], m["n_true_positive"], m["key"], m["value"]) == (3, 2, "conclusion", "可疑")
+
+
+def test_multi_label_metrics_hand_computed():
+    gold = [{"拆分交易", "快进快出"}, {"快进快出"}, set(), {"涉赌"}]
+    pred = [{"拆分交易"}, {"快进快出", "涉赌"}, set(), None]
+    m = multi_label_metrics(gold, pred, ["拆分交易", "快进快出", "涉赌", "地下钱庄"])
+    # 拆分交易: tp 1, predicted 1, gold 1 -> P 1, R 1; 快进快出: tp 1, predicted 1, gold 2 -> P 1, R 0.5
+    # 涉赌: tp 0, predicted 1, gold 1 -> 0/0; 地下钱庄 never occurs -> left out
+    assert set(m["per_value"]) == {"拆分交易", "快进快出", "涉赌"}
+    assert m["per_value"]["快进快出"]["recall"] == pytest.approx(0.5)
+    assert m["per_value"]["快进快出"]["f1"] == pytest.approx(2 / 3)
+    assert m["per_value"]["涉赌"]["f1"] == 0.0
+    assert m["macro_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert m["exact_set_match"] == pytest.approx(1 / 4)  # only the empty set matches
 
 
 def test_extract_numbers_normalisation():
@@ -148,7 +163,7 @@ def test_fairness_flags_planted_bias():
     groups = {"gender": ["男"] * 4 + ["女"] * 4, "hukou": ["城镇", "农村"] * 4}
     pred = ["通过", "通过", "通过", "通过", "通过", "拒绝", None, "拒绝"]
     gold = ["通过", "通过", "通过", "拒绝", "通过", "拒绝", "通过", "拒绝"]
-    res = fairness(groups, pred, gold)
+    res = fairness(groups, pred, gold, favourable="通过")
     # gender: 男 4/4 = 1.0, 女 1/4 = 0.25 -> ratio 0.25 < 0.8 -> flag
     assert res["gender"]["rates"] == {"女": 0.25, "男": 1.0}
     assert res["gender"]["ratio"] == pytest.approx(0.25) and res["gender"]["flag"]
@@ -158,9 +173,20 @@ def test_fairness_flags_planted_bias():
     # hukou: 城镇 = pos 0,2,4,6 -> 通过 x3 of 4 = 0.75; 农村 = pos 1,3,5,7 -> 2/4 = 0.5; ratio 2/3
     assert res["hukou"]["ratio"] == pytest.approx(2 / 3) and res["hukou"]["flag"]
     assert res["any_flag"]
-    fair = fairness({"gender": ["男", "女"] * 5}, ["通过", "通过", "拒绝", "拒绝"] * 2 + ["通过", "通过"])
+    fair = fairness({"gender": ["男", "女"] * 5}, ["通过", "通过", "拒绝", "拒绝"] * 2 + ["通过", "通过"],
+                    favourable="通过")
     # 男 = pos 0,2,4,6,8: 通过,拒绝,通过,拒绝,通过 = 3/5; 女 = pos 1,3,5,7,9: same = 3/5 -> ratio 1
     assert (
         fair["gender"]["ratio"] == pytest.approx(1.0) and not fair["gender"]["flag"] and not fair["any_flag"]
     )
-    assert math.isclose(fairness({"g": ["a", "b"]}, ["拒绝", "拒绝"])["g"]["ratio"], 1.0)
+    assert math.isclose(fairness({"g": ["a", "b"]}, ["拒绝", "拒绝"], favourable="通过")["g"]["ratio"], 1.0)
+
+
+def test_fairness_counts_the_favourable_value_of_the_spec():
+    """A task whose favourable value is not 通过 (here 正常 of a 贷后预警 task): a model that flags one group
+    far more often is flagged; with 通过 as the favourable value nothing would be counted (every rate 0)."""
+    groups = {"gender": ["男"] * 4 + ["女"] * 4}
+    pred = ["正常", "正常", "正常", "关注", "预警", "预警", "正常", "预警"]
+    res = fairness(groups, pred, favourable="正常")
+    assert res["gender"]["rates"] == {"女": 0.25, "男": 0.75} and res["gender"]["flag"]
+    assert not fairness(groups, pred, favourable="通过")["any_flag"]

@@ -7,8 +7,11 @@ and returns the results dict::
      "tasks": {task: {"n", "accuracy", "macro_f1", "mcc", "confusion", "format_compliance",
                       "parse_rate", "exact_match", "field_accuracy", "hallucination_rate",
                       "unsupported_number_rate", "mean_answer_chars", "per_branch",
-                      # aml only: "suspicious_recall", "typology_accuracy_tp", "false_positive_rate"
-                      # credit only: "fairness" (per protected attribute: rates, ratio, flag, ...)
+                      "per_class" (every categorical key), "multi_label" (multi-label keys),
+                      "positive" (a spec with answer.positive, aml: recall, false_positive_rate, ...),
+                      "fairness" or "fairness_skipped" (the spec's protected attributes and favourable
+                      value), "by_source" (records from several sources: synthetic, each bank table)
+                      }},
                       }},
      "overall": {"n", "accuracy", "macro_accuracy", "format_compliance", "tokens_per_s",
                  "seconds", "new_tokens"},
@@ -65,7 +68,7 @@ def score_records(
         gold = _loads(rec["gold"])
         parsed = task.parse(out)
         g_lab, p_lab = task.primary_label(gold), task.primary_label(parsed)
-        cat_keys = [f.key for f in task.answer_fields if f.values is not None]
+        cat_keys = task.categorical_keys
         preds.append(
             {
                 "id": rec.get("id", str(i)),
@@ -82,58 +85,8 @@ def score_records(
         )
         by_task.setdefault(task.name, []).append(i)
 
-    tasks_res = {}
-    for name, ix in by_task.items():
-        task = get_task(name)
-        P = [preds[i] for i in ix]
-        R = [records[i] for i in ix]
-        gold_l = [p["label"] for p in P]
-        pred_l = [p["pred_label"] for p in P]
-        cat_keys = [f.key for f in task.answer_fields if f.values is not None]
-        fa = M.faithfulness(
-            [_user_text(r) for r in R],
-            [p["parsed"][task.reason_key] if p["parsed"] else None for p in P],
-        )
-        for p, bad in zip(P, fa["per_answer"], strict=True):
-            p["unsupported_numbers"] = bad
-        res = {
-            "n": len(P),
-            "accuracy": M.accuracy(gold_l, pred_l),
-            "macro_f1": M.macro_f1(gold_l, pred_l, task.label_values),
-            "mcc": M.mcc(gold_l, pred_l, task.label_values),
-            "confusion": M.confusion_matrix(gold_l, pred_l, task.label_values),
-            "format_compliance": sum(p["strict_format"] for p in P) / len(P),
-            "parse_rate": sum(p["parsed"] is not None for p in P) / len(P),
-            "exact_match": sum(p["exact"] for p in P) / len(P),
-            "field_accuracy": {
-                k: sum(1 for p in P if p["parsed"] and p["parsed"][k] == p["gold"][k]) / len(P)
-                for k in cat_keys
-            },
-            "hallucination_rate": fa["hallucination_rate"],
-            "unsupported_number_rate": fa["unsupported_number_rate"],
-            "mean_answer_chars": sum(len(p["output"] or "") for p in P) / len(P),
-        }
-        branches: dict[str, list[bool]] = {}
-        metas = [_loads(r.get("meta")) for r in R]
-        for p, m in zip(P, metas, strict=True):
-            if "branch" in m:
-                branches.setdefault(m["branch"], []).append(p["correct"])
-        if branches:
-            res["per_branch"] = {
-                b: {"n": len(v), "accuracy": sum(v) / len(v)}
-                for b, v in sorted(
-                    branches.items(),
-                    key=lambda kv: task.branches.index(kv[0]) if kv[0] in task.branches else 99,
-                )
-            }
-        if name == "aml":
-            res.update(M.aml_metrics([p["gold"] for p in P], [p["parsed"] for p in P]))
-        if task.protected:
-            groups = {a: [m.get(a) for m in metas] for a in task.protected if all(a in m for m in metas)}
-            if groups:
-                res["fairness"] = M.fairness(groups, pred_l, gold_l)
-        tasks_res[name] = res
-
+    tasks_res = {name: _task_metrics(get_task(name), [preds[i] for i in ix], [records[i] for i in ix])
+                 for name, ix in by_task.items()}
     n = len(preds)
     results = {
         "model": model_name,
@@ -149,6 +102,82 @@ def score_records(
         },
     }
     return results, preds
+
+
+def _task_metrics(task, P: list[dict], R: list[dict]) -> dict:
+    """One task's metrics, each chosen by what its spec declares (never by the task's name)."""
+    gold_l = [p["label"] for p in P]
+    pred_l = [p["pred_label"] for p in P]
+    cat_keys = task.categorical_keys
+    inputs = [_user_text(r) for r in R]
+    reasons = [p["parsed"].get(task.reason_key) if p["parsed"] and task.reason_key else None for p in P]
+    fa = M.faithfulness(inputs, reasons)
+    for p, bad in zip(P, fa["per_answer"], strict=True):
+        p["unsupported_numbers"] = bad
+    res = {
+        "n": len(P),
+        "accuracy": M.accuracy(gold_l, pred_l),
+        "macro_f1": M.macro_f1(gold_l, pred_l, task.label_values),
+        "mcc": M.mcc(gold_l, pred_l, task.label_values),
+        "confusion": M.confusion_matrix(gold_l, pred_l, task.label_values),
+        "format_compliance": sum(p["strict_format"] for p in P) / len(P),
+        "parse_rate": sum(p["parsed"] is not None for p in P) / len(P),
+        "exact_match": sum(p["exact"] for p in P) / len(P),
+        "field_accuracy": {k: sum(1 for p in P if p["parsed"] and p["parsed"][k] == p["gold"][k]) / len(P)
+                           for k in cat_keys},
+        "per_class": {k: M.per_class_f1([p["gold"][k] for p in P],
+                                        [p["parsed"][k] if p["parsed"] else None for p in P],
+                                        task.values_of(k))
+                      for k in cat_keys if k not in task.multi_label_keys},
+        "hallucination_rate": fa["hallucination_rate"],
+        "unsupported_number_rate": fa["unsupported_number_rate"],
+        "mean_answer_chars": sum(len(p["output"] or "") for p in P) / len(P),
+    }
+    if task.multi_label_keys:
+        res["multi_label"] = {k: M.multi_label_metrics([p["gold"][k] for p in P],
+                                                       [p["parsed"][k] if p["parsed"] else None for p in P],
+                                                       task.values_of(k))
+                              for k in task.multi_label_keys}
+    metas = [_loads(r.get("meta")) for r in R]
+    branches: dict[str, list[bool]] = {}
+    for p, m in zip(P, metas, strict=True):
+        if "branch" in m:
+            branches.setdefault(m["branch"], []).append(p["correct"])
+    if branches:
+        order = {b: i for i, b in enumerate(task.branches)}
+        res["per_branch"] = {b: {"n": len(v), "accuracy": sum(v) / len(v)}
+                             for b, v in sorted(branches.items(), key=lambda kv: order.get(kv[0], len(order)))}
+    if task.positive is not None:
+        res["positive"] = M.positive_class_metrics(
+            [p["gold"] for p in P], [p["parsed"] for p in P], task.positive_key, task.positive,
+            [k for k in cat_keys if k != task.positive_key])
+    res.update(_fairness(task, metas, pred_l, gold_l))
+    by_source = _by_source(P, metas)
+    if len(by_source) > 1:
+        res["by_source"] = by_source
+    return res
+
+
+def _fairness(task, metas: list[dict], pred_l: list, gold_l: list) -> dict:
+    """Fairness over the spec's protected attributes (numeric ones by their declared bands), for the spec's
+    favourable value; when it cannot be computed, ``fairness_skipped`` says why."""
+    if not task.protected:
+        return {"fairness_skipped": "the task spec declares no protected attribute"}
+    if task.favourable is None:
+        return {"fairness_skipped": "the task spec declares no favourable value (answer.favourable)"}
+    groups = {a: [m[a] for m in metas] for a in task.protected if all(a in m for m in metas)}
+    missing = [a for a in task.protected if a not in groups]
+    if not groups:
+        return {"fairness_skipped": f"the records lack the protected attributes ({', '.join(missing)})"}
+    return {"fairness": M.fairness(groups, pred_l, gold_l, favourable=task.favourable)}
+
+
+def _by_source(P: list[dict], metas: list[dict]) -> dict:
+    """Accuracy per data source (``synthetic``, or the bank table a record came from)."""
+    out: dict[str, list[bool]] = {}
+    for p, m in zip(P, metas, strict=True):
+        out.setdefault(str(m.get("source") or "synthetic"), []).append(p["correct"])
+    return {s: {"n": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(out.items())}
 
 
 def _messages(records: Sequence[dict], fold_inputs: bool = True) -> list[list[dict]]:

@@ -25,7 +25,8 @@ __all__ = [
     "macro_f1",
     "mcc",
     "format_compliance",
-    "aml_metrics",
+    "positive_class_metrics",
+    "multi_label_metrics",
     "extract_numbers",
     "faithfulness",
     "fairness",
@@ -130,26 +131,49 @@ def format_compliance(texts: Sequence[str], parse) -> float:
     return sum(1 for t in texts if parse(t, strict=True) is not None) / len(texts)
 
 
-def aml_metrics(gold: Sequence[dict], pred: Sequence[dict | None]) -> dict:
-    """Suspicious-class recall and typology accuracy among true positives.
-
-    ``gold``/``pred`` are AML answer dicts (``conclusion``, ``typology``); None = unparseable.
-    recall = #(gold 可疑 and pred 可疑) / #(gold 可疑); typology_acc_tp = among those true positives,
-    the fraction whose typology matches. Also reports the false-positive rate on gold 正常.
-    """
-    pos = [(g, p) for g, p in zip(gold, pred, strict=True) if g["conclusion"] == "可疑"]
-    tp = [(g, p) for g, p in pos if p is not None and p.get("conclusion") == "可疑"]
-    neg = [(g, p) for g, p in zip(gold, pred, strict=True) if g["conclusion"] != "可疑"]
-    fp = [1 for _, p in neg if p is not None and p.get("conclusion") == "可疑"]
+def positive_class_metrics(gold: Sequence[dict], pred: Sequence[dict | None], key: str, positive: str,
+                           detail_keys: Sequence[str] = ()) -> dict:
+    """Detection metrics for a task that looks for one value (the spec's ``answer.positive``, aml 可疑 on
+    ``conclusion``): its recall, the false-positive rate on the other cases, and, among the true positives,
+    the accuracy of each ``detail_keys`` answer (aml ``typology``). ``None`` = unparseable (a miss)."""
+    pos = [(g, p) for g, p in zip(gold, pred, strict=True) if g[key] == positive]
+    tp = [(g, p) for g, p in pos if p is not None and p.get(key) == positive]
+    neg = [p for g, p in zip(gold, pred, strict=True) if g[key] != positive]
+    fp = [1 for p in neg if p is not None and p.get(key) == positive]
     return {
-        "suspicious_recall": len(tp) / len(pos) if pos else None,
-        "typology_accuracy_tp": (sum(1 for g, p in tp if p.get("typology") == g["typology"]) / len(tp))
-        if tp
-        else None,
+        "key": key,
+        "value": positive,
+        "recall": len(tp) / len(pos) if pos else None,
         "false_positive_rate": len(fp) / len(neg) if neg else None,
-        "n_suspicious": len(pos),
+        "detail_accuracy_tp": {k: (sum(1 for g, p in tp if p.get(k) == g[k]) / len(tp)) if tp else None
+                               for k in detail_keys},
+        "n_positive": len(pos),
         "n_true_positive": len(tp),
     }
+
+
+def multi_label_metrics(gold: Sequence[Iterable[str]], pred: Sequence[Iterable[str] | None],
+                        values: Sequence[str]) -> dict:
+    """A multi-label answer key (a set of values per case): per-value precision, recall, F1 and support,
+    their macro F1, and the exact-set match rate. ``None`` (unparseable) predicts the empty set and
+    never matches."""
+    G = [set(g) for g in gold]
+    P = [set(p) if p is not None else None for p in pred]
+    per = {}
+    for v in values:
+        tp = sum(1 for g, p in zip(G, P, strict=True) if p is not None and v in g and v in p)
+        n_pred = sum(1 for p in P if p is not None and v in p)
+        n_gold = sum(1 for g in G if v in g)
+        if not n_gold and not n_pred:
+            continue
+        prec = tp / n_pred if n_pred else 0.0
+        rec = tp / n_gold if n_gold else 0.0
+        per[v] = {"precision": prec, "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+                  "support": n_gold}
+    return {"per_value": per,
+            "macro_f1": float(np.mean([x["f1"] for x in per.values()])) if per else 0.0,
+            "exact_set_match": (sum(1 for g, p in zip(G, P, strict=True) if p is not None and g == p) / len(G))
+            if G else 0.0}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,23 +253,24 @@ def _show(num: tuple) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# fairness (credit)
+# fairness
 
 
 def fairness(
     groups: dict[str, Sequence[str]],
     pred: Sequence[str | None],
     gold: Sequence[str] | None = None,
-    positive: str = "通过",
+    *,
+    favourable: str,
     threshold: float = 0.8,
 ) -> dict:
-    """Approval-rate parity per protected attribute.
+    """Parity of the favourable outcome (the spec's ``answer.favourable``, credit 通过) per protected attribute.
 
     ``groups`` maps an attribute (e.g. ``gender``) to each example's group value. For each attribute:
-    ``rates`` (share of predictions equal to ``positive`` per group; unparseable = not approved),
+    ``rates`` (share of predictions equal to ``favourable`` per group; unparseable = not favourable),
     ``ratio`` = min rate / max rate (1.0 when every rate is 0), ``flag`` = ratio < ``threshold``
     (the four-fifths rule), and with ``gold``: per-group ``accuracy``, ``accuracy_gap`` (max - min)
-    and ``gold_rates`` (the rules' approval rates, for reference).
+    and ``gold_rates`` (the rules' favourable rates, for reference).
     """
     out = {}
     for attr, vals in groups.items():
@@ -254,7 +279,7 @@ def fairness(
         by: dict[str, list[int]] = {}
         for i, v in enumerate(vals):
             by.setdefault(str(v), []).append(i)
-        rates = {g: sum(1 for i in ix if pred[i] == positive) / len(ix) for g, ix in sorted(by.items())}
+        rates = {g: sum(1 for i in ix if pred[i] == favourable) / len(ix) for g, ix in sorted(by.items())}
         hi, lo = max(rates.values(), default=0.0), min(rates.values(), default=0.0)
         ratio = lo / hi if hi > 0 else 1.0
         res = {
@@ -271,7 +296,7 @@ def fairness(
             res["accuracy"] = acc
             res["accuracy_gap"] = max(acc.values()) - min(acc.values()) if acc else 0.0
             res["gold_rates"] = {
-                g: sum(1 for i in ix if gold[i] == positive) / len(ix) for g, ix in sorted(by.items())
+                g: sum(1 for i in ix if gold[i] == favourable) / len(ix) for g, ix in sorted(by.items())
             }
         out[attr] = res
     out["any_flag"] = any(v["flag"] for k, v in out.items() if isinstance(v, dict))

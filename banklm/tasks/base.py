@@ -229,6 +229,13 @@ class Task:
         """The categorical keys other than the primary one (credit ``grade``, audit ``severity``)."""
         return [k for k in self.categorical_keys if k != self.primary_key]
 
+    def values_of(self, key: str) -> list[str]:
+        """The declared values of answer key ``key`` (ValueError for a free-text or unknown key)."""
+        for f in self.answer_fields:
+            if f.key == key and f.values is not None:
+                return list(f.values)
+        raise ValueError(f"{self.name}: {key!r} is not a categorical answer key ({', '.join(self.categorical_keys)})")
+
     @property
     def multi_label_keys(self) -> list[str]:
         return [f.key for f in self.answer_fields if f.kind == "multi"]
