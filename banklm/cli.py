@@ -11,12 +11,14 @@ from pathlib import Path
 from banklm import __version__
 from banklm.chain import ChainError
 from banklm.compare import NotARun, compare_runs, format_comparison
-from banklm.corpora.build import first_per_task, load_split
 from banklm.corpora.ops.pii import ALL_TYPES, PIIError, scrub_jsonl
+from banklm.corpora.splits import first_per_task, load_split
 from banklm.corpora.synth import generate_records
 from banklm.evaluation.comparison import write_comparison
 from banklm.evaluation.evaluate import evaluate_export, evaluate_model_dir, export_kind
 from banklm.export.bundle import build_export, verify_export
+from banklm.export.gguf import DEFAULT_GGUF_QUANT, KQUANTS, NATIVE_QUANTS
+from banklm.export.onnx import DEFAULT_ONNX_QUANT, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ONNX_QUANTS
 from banklm.export.verify import DEFAULT_PROMPTS
 from banklm.finetune.models import ModelFolderError, check_model_folder
 from banklm.finetune.plan import (
@@ -323,7 +325,7 @@ def _eval_records(data: str | None, tasks: list[str], limit: int | None, seed: i
     return recs
 
 
-_DEFAULT_QUANT = {"gguf": "f16,q8_0", "onnx": "fp32,int8"}
+_DEFAULT_QUANT = {"gguf": DEFAULT_GGUF_QUANT, "onnx": DEFAULT_ONNX_QUANT}
 
 
 def cmd_export(args) -> int:
@@ -332,7 +334,7 @@ def cmd_export(args) -> int:
     if not args.recipe and not args.model:
         raise UsageError("banklm export needs RECIPE.yaml or --model DIR")
     if args.quant and not args.format:
-        raise UsageError("--quant needs --format gguf|onnx (the types differ per format)")
+        raise UsageError("--quant needs --format gguf|onnx (the quants differ per format)")
     if args.recipe:
         if args.out:
             raise UsageError("--out is for --model; a recipe exports into its run folder (--run-dir)")
@@ -355,7 +357,8 @@ def cmd_export(args) -> int:
 
 def _export_model_folder(args, model: Path, out: Path) -> int:
 
-    quant = [q.strip().lower() for q in (args.quant or _DEFAULT_QUANT[args.format]).split(",") if q.strip()]
+    quant = ([q.strip().lower() for q in args.quant.split(",") if q.strip()] if args.quant
+             else list(_DEFAULT_QUANT[args.format]))
     if not model.is_dir():
         raise UsageError(f"--model {model}: model folder not found")
     try:
@@ -368,8 +371,8 @@ def _export_model_folder(args, model: Path, out: Path) -> int:
     card = model / "MODEL_CARD.md"
     try:
         summary = build_export(model, out, name=model.resolve().name, prompts=prompts,
-                               gguf_types=quant if args.format == "gguf" else (),
-                               onnx_types=quant if args.format == "onnx" else (), opset=args.opset, records=records,
+                               gguf_quant=quant if args.format == "gguf" else (),
+                               onnx_quant=quant if args.format == "onnx" else (), opset=args.opset, records=records,
                                device=args.device, model_card=card.read_text(encoding="utf-8") if card.is_file() else None)
     except (ValueError, FileNotFoundError, MissingDependency) as e:
         raise UsageError(str(e)) from None
@@ -535,6 +538,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run-dir", type=Path, default=None)
     ev.set_defaults(func=cmd_eval)
 
+    _add_export_parser(sub)
+
+    _add_plan_parser(sub)
+
+    v = sub.add_parser("verify", help="re-hash a run folder's files and check its ledger chain (exit 1 on tamper)",
+                       description="re-hash a run folder's files and check its ledger chain (exit 1 on tamper)")
+    v.add_argument("run_dir", metavar="RUN_DIR")
+    v.add_argument("--external", action="store_true", help="also re-hash inputs outside the run folder")
+    v.set_defaults(func=cmd_verify)
+
+    cmp_help = "what changed between two runs: recipe keys, records per corpus, scores"
+    c = sub.add_parser("compare", help=cmp_help, description=cmp_help + " (B - A)")
+    c.add_argument("run_a", metavar="RUN_A")
+    c.add_argument("run_b", metavar="RUN_B")
+    c.add_argument("--json", action="store_true", help="print the differences as JSON")
+    c.set_defaults(func=cmd_compare)
+    return p
+
+
+def _add_export_parser(sub) -> None:
     ex = sub.add_parser("export", help="export GGUF (llama.cpp / Ollama) or ONNX, verified against PyTorch",
                         description="export GGUF (llama.cpp / Ollama) or ONNX, verified against PyTorch")
     ex.add_argument("recipe", nargs="?", metavar="RECIPE.yaml")
@@ -542,13 +565,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", help="a model folder instead of a recipe")
     ex.add_argument("--format", choices=["gguf", "onnx"],
                     help="the format to export (required with --model; with a recipe: only this format)")
-    ex.add_argument("--quant", help="comma-separated types. GGUF: f32,f16,bf16,q8_0,q4_0 and, with banklm[llamacpp], "
-                                    "q4_k_m,q5_k_m,q6_k (default f16,q8_0); ONNX: fp32,fp16,int8 (default fp32,int8)")
+    ex.add_argument("--quant", help=f"comma-separated quants. GGUF: {','.join(NATIVE_QUANTS)} and, with "
+                                    f"banklm[llamacpp], {','.join(KQUANTS)} (default {','.join(DEFAULT_GGUF_QUANT)}); "
+                                    f"ONNX: {','.join(ONNX_QUANTS)} (default {','.join(DEFAULT_ONNX_QUANT)})")
     ex.add_argument("--out", help="export folder for --model (default export/<model folder name>)")
     ex.add_argument("--verify-only", action="store_true",
                     help="re-check an existing export folder (SHA256SUMS, then every artefact against the model); "
                          "exit 1 naming the failed check")
-    ex.add_argument("--opset", type=int, default=17, help="ONNX opset for --model (14-21, default 17)")
+    ex.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                    help=f"ONNX opset for --model ({MIN_OPSET}-{MAX_OPSET}, default {DEFAULT_OPSET})")
     ex.add_argument("--eval-limit", type=int, default=0,
                     help="with --model: score each artefact and the PyTorch model on N records per task (default 0: off)")
     ex.add_argument("--tasks", help="with --eval-limit: comma-separated tasks (default all)")
@@ -558,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--run-dir", type=Path, default=None)
     ex.set_defaults(func=cmd_export)
 
+
+def _add_plan_parser(sub) -> None:
     plan_help = ("estimate the peak GPU memory of a fine-tuning run by component and propose settings that fit "
                  "8 / 12 / 16 / 24 GB cards (formulas and their validation: docs/memory.md)")
     pl = sub.add_parser("plan", help=plan_help, description=plan_help)
@@ -586,20 +613,6 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("--check", action="store_true", help="exit 1 when the settings do not fit the --gpu-mem card")
     pl.set_defaults(func=cmd_plan)
-
-    v = sub.add_parser("verify", help="re-hash a run folder's files and check its ledger chain (exit 1 on tamper)",
-                       description="re-hash a run folder's files and check its ledger chain (exit 1 on tamper)")
-    v.add_argument("run_dir", metavar="RUN_DIR")
-    v.add_argument("--external", action="store_true", help="also re-hash inputs outside the run folder")
-    v.set_defaults(func=cmd_verify)
-
-    cmp_help = "what changed between two runs: recipe keys, records per corpus, scores"
-    c = sub.add_parser("compare", help=cmp_help, description=cmp_help + " (B - A)")
-    c.add_argument("run_a", metavar="RUN_A")
-    c.add_argument("run_b", metavar="RUN_B")
-    c.add_argument("--json", action="store_true", help="print the differences as JSON")
-    c.set_defaults(func=cmd_compare)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ instruction records read by ``banklm.corpora.sources``, cleaned by the ``banklm.
 folder ``corpora/<kind>/`` atomically (``banklm.io.atomic_dir``: a crash leaves no folder that looks
 complete): ``data/`` (a ``datasets.DatasetDict`` saved to disk), ``stats.json``, ``quarantine.jsonl``,
 ``card.md``. Counts obey ``in = kept + dropped + quarantined`` for every step (asserted, and written).
-:func:`build_mix` mixes built corpora by target proportions into ``corpora/mix/``.
+:func:`build_mix` mixes built corpora by target proportions into ``corpora/mix/``. The cards are rendered by
+``banklm.corpora.cards``; built corpora are read back with ``banklm.corpora.splits``.
 
 Source paths (``resolve_source_path``): ``samples:<path>`` is inside the bundled ``corpora/samples``;
 an absolute path is taken as given; any other path is relative to ``base_dir``. A relative or
@@ -20,8 +21,8 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +30,8 @@ from pathlib import Path
 from banklm.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from banklm.tasks import from_table
 
-from .mix import mix
+from .cards import mix_card, scenario_card, text_card
+from .mix import DEFAULT_SPLITS, mix
 from .mix import split as split_ds
 from .ops import (
     Decontaminate,
@@ -40,9 +42,10 @@ from .ops import (
     QualityFilter,
     RemoveBoilerplate,
     ScrubPII,
+    Step,
     run_steps,
 )
-from .ops.base import resolve_field, text_of
+from .ops.base import resolve_field, step_params, text_of
 from .ops.pii import scrub_text
 from .sources import (
     FILE_LEVEL,
@@ -66,6 +69,12 @@ SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 SAMPLES_PREFIX = "samples:"
 KINDS = ("general", "vertical", "private", "scenario")
 
+#: Every step a corpus can list, by name (in the order errors list them). Each declares the parameters a recipe
+#: may set on it (``banklm.corpora.ops.base.param``); ``pii`` and ``decontam`` are configured by the corpus
+#: options instead (``pii=``, ``eval_prompts=``, ``decontam_n=``; ``corpora.<kind>.pii`` / ``.decontaminate``).
+STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (Normalize, RemoveBoilerplate, ScrubPII, ExactDedup,
+                                                          NearDedup, QualityFilter, Decontaminate, PoisonScreen)}
+#: The steps of each corpus kind when a recipe (or a caller) gives none; the recipe schema's defaults.
 DEFAULT_STEPS: dict[str, list] = {
     # instruction data: arithmetic and English answers are fine, so only very short/long records go
     "general": ["normalize", "exact_dedup",
@@ -259,12 +268,11 @@ def step_list(steps: Sequence) -> list[tuple[str, dict]]:
 
 
 def make_steps(steps: Sequence, pii: dict | None = None, eval_prompts: Sequence[str] | None = None,
-               decontam_n: int = 13) -> list:
+               decontam_n: int | None = None) -> list:
     """Step objects for ``steps``. ``pii`` configures the ``pii`` step (mode, key_env, types); the
-    ``decontam`` step is built from ``eval_prompts`` (and is left out, by the caller, when there are none)."""
+    ``decontam`` step is built from ``eval_prompts`` and ``decontam_n`` (default: the step's ``n``), and is left
+    out, by the caller, when there are no prompts."""
 
-    classes = {"normalize": Normalize, "boilerplate": RemoveBoilerplate, "exact_dedup": ExactDedup,
-               "near_dedup": NearDedup, "quality": QualityFilter, "poison": PoisonScreen}
     pii = dict(pii or {})
     out = []
     for name, params in step_list(steps):
@@ -273,15 +281,28 @@ def make_steps(steps: Sequence, pii: dict | None = None, eval_prompts: Sequence[
             out.append(ScrubPII(mode=mode, types=pii.get("types"),
                                 key_env=pii.get("key_env") if mode == "pseudonym" else None))
         elif name == "decontam":
-            out.append(Decontaminate({"scenario_test": list(eval_prompts or [])}, n=decontam_n))
-        elif name in classes:
+            n = {} if decontam_n is None else {"n": decontam_n}
+            out.append(Decontaminate({"scenario_test": list(eval_prompts or [])}, **n))
+        elif name in STEPS:
             try:
-                out.append(classes[name](**params))
+                out.append(STEPS[name](**params))
             except TypeError as e:
                 raise ValueError(f"step {name}: {e}") from None
         else:
-            raise ValueError(f"unknown step {name!r} (allowed: {', '.join([*classes, 'pii', 'decontam'])})")
+            raise ValueError(f"unknown step {name!r} (allowed: {', '.join(STEPS)})")
     return out
+
+
+def private_steps_problem(names: Sequence[str]) -> str | None:
+    """Why the step ``names`` (in order) cannot clean a private corpus, or None: ``pii`` is required and only
+    ``normalize`` may precede it, so that no example of a removed record (stats, card) shows raw PII."""
+    if "pii" not in names:
+        return "the private corpus needs the 'pii' step"
+    before = [n for n in names[: list(names).index("pii")] if n != "normalize"]
+    if before:
+        return (f"only 'normalize' may come before 'pii' in the private corpus (found '{before[0]}': its removed "
+                "examples would show raw PII)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,24 +340,6 @@ def length_histogram(values: Sequence[int], bins: Sequence[int] = LENGTH_BINS) -
 
 def _lengths(stats_values: list[int]) -> dict:
     return {**_length_summary(stats_values), "histogram": length_histogram(stats_values)}
-
-
-def user_prompts(records) -> list[str]:
-    """The user turns of instruction records (what decontamination compares against)."""
-    return ["\n".join(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
-
-
-def scenario_test_prompts(corpus_dir: str | Path) -> list[str]:
-    """User prompts of the ``test`` split of a built scenario corpus (``[]`` when there is none)."""
-    from datasets import load_from_disk
-
-    data = Path(corpus_dir) / "data"
-    if not data.is_dir():
-        return []
-    dd = load_from_disk(str(data))
-    if "test" not in dd:
-        return []
-    return user_prompts(dd["test"])
 
 
 def _scrub_examples(step_stats: list[dict]) -> None:
@@ -386,21 +389,20 @@ def _check_invariant(steps: list[dict]) -> None:
 
 def build_text_corpus(kind: str, sources: Sequence[dict], out_dir: str | Path, *, steps: Sequence | None = None,
                       pii: dict | None = None, splits: dict | None = None, seed: int = 0, base_dir=None,
-                      eval_prompts: Sequence[str] | None = None, decontaminate: bool = True, decontam_n: int = 13,
-                      licence: str = "", on_error: str = "quarantine", num_proc: int = 1,
-                      count_tokens: Callable[[list[str]], list[int]] | None = None, tokenizer: str = "") -> dict:
+                      eval_prompts: Sequence[str] | None = None, decontaminate: bool = True,
+                      decontam_n: int | None = None, licence: str = "", on_error: str = "quarantine",
+                      num_proc: int = 1, count_tokens: Callable[[list[str]], list[int]] | None = None, tokenizer: str = "") -> dict:
     """Read ``sources``, run ``steps`` (default: ``DEFAULT_STEPS[kind]``), split, write ``out_dir``.
 
     ``sources``: recipe source dicts (``path`` as in :func:`resolve_source_path`, plus the keys of
     ``banklm.corpora.sources``, plus ``licence``). ``eval_prompts``: the run's scenario test prompts; a
-    ``decontam`` step against them is appended unless ``decontaminate`` is false or there are none (the
-    stats say which). ``count_tokens(texts) -> [n]`` adds token counts; otherwise ``tokenizer`` says why
+    ``decontam`` step against them (n-grams of ``decontam_n`` characters, default the step's ``n``) is appended
+    unless ``decontaminate`` is false or there are none (the stats say which). ``count_tokens(texts) -> [n]`` adds token counts; otherwise ``tokenizer`` says why
     there are none. Returns the stats (also written to ``stats.json``).
     """
-    import time
-
-
     t0 = time.perf_counter()
+    if decontam_n is None:
+        decontam_n = step_params(Decontaminate)["n"].default
     if kind not in DEFAULT_STEPS:
         raise ValueError(f"unknown corpus kind {kind!r} (allowed: {', '.join(DEFAULT_STEPS)})")
     named = step_list(DEFAULT_STEPS[kind] if steps is None else steps)
@@ -440,7 +442,7 @@ def build_text_corpus(kind: str, sources: Sequence[dict], out_dir: str | Path, *
     if "pii" in names:
         _scrub_examples(step_stats[: names.index("pii")])
     sp = dict(splits or {})
-    fractions = {k: float(sp.get(k, d)) for k, d in (("train", 0.9), ("validation", 0.05), ("test", 0.05))}
+    fractions = {k: float(sp.get(k, d)) for k, d in DEFAULT_SPLITS.items()}
     fractions = {k: v for k, v in fractions.items() if v > 0}
     split_seed = seed if sp.get("seed") is None else int(sp["seed"])
     if len(ds) == 0:
@@ -512,133 +514,10 @@ def build_private(sources: Sequence[dict], out_dir, **kw) -> dict:
     record (stats, card) shows raw PII; the quarantine holds file, line and reason, never content.
     """
     steps = kw.get("steps")
-    names = [n for n, _ in step_list(DEFAULT_STEPS["private"] if steps is None else steps)]
-    if "pii" not in names:
-        raise ValueError("private corpus: the steps must include 'pii'")
-    if any(n != "normalize" for n in names[: names.index("pii")]):
-        raise ValueError("private corpus: only 'normalize' may come before 'pii'")
+    problem = private_steps_problem([n for n, _ in step_list(DEFAULT_STEPS["private"] if steps is None else steps)])
+    if problem:
+        raise ValueError(f"steps: {problem}")
     return build_text_corpus("private", sources, out_dir, **kw)
-
-
-KNOWN_LIMITS = {
-    "general": ["Quality rules are heuristics tuned for Chinese text; the general defaults relax the CJK and "
-                "digit ratios so that arithmetic and English answers stay."],
-    "vertical": ["Boilerplate is found by lines recurring in many documents: a disclaimer used in only one "
-                 "or two documents stays."],
-    "private": ["PII detection is rule-based (checksums, context words, a surname lexicon; docs/pii.md): a "
-                "name without a context word or a free-form address can be missed. Review samples before "
-                "training and keep the raw files inside the bank.",
-                "Pseudonyms are keyed by the environment variable named in the recipe; the key is never stored."],
-}
-
-
-def _md_cell(s) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ⏎ ")
-
-
-def text_card(stats: dict) -> str:
-    kind = stats["kind"]
-    src_rows = "\n".join(
-        f"| {_md_cell(s['name'])} | `{_md_cell(s['path'])}` | {s['format']} | {s['weight']} | {s['files']} | "
-        f"{s['records_read']} | {s['valid']} | {s['quarantined_records']} | {s['bad_files']} | "
-        f"{_md_cell(s['licence'])} |" for s in stats["sources"])
-    step_rows = "\n".join(
-        f"| {st['step']} | {st['in']} | {st['kept']} | {st['dropped']} | {st['quarantined']} | "
-        f"{_md_cell(', '.join(f'{k} {v}' for k, v in (st.get('reasons') or st.get('quarantine_reasons') or {}).items()) or '-')} |"
-        for st in stats["steps"])
-    ex_lines = []
-    for st in stats["steps"]:
-        for reason, exs in (st.get("examples") or {}).items():
-            for ex in exs[:2]:
-                ex_lines.append(f"- {st['step']} / {reason} / `{_md_cell(ex['id'])}`: {_md_cell(ex['text'][:160])}")
-    rewrites = []
-    for st in stats["steps"]:
-        parts = [f"{k.replace('_', ' ')} {st[k]}" for k in ("records_changed", "lines_removed", "junk_lines_removed")
-                 if st.get(k)]
-        if parts:
-            rewrites.append(f"- {st['step']}: {', '.join(parts)}")
-        if st.get("top_lines"):
-            rewrites.append(f"  (recurring lines removed, e.g. {'; '.join(_md_cell(t) for t in st['top_lines'][:5])})")
-    pii = stats.get("pii")
-    if pii:
-        pii_text = (f"Mode: {pii['mode']}; records with PII: {pii['records_with_pii']}.\n\n| type | replaced |\n|---|---|\n"
-                    + "\n".join(f"| {t} | {n} |" for t, n in sorted(pii["counts"].items()))
-                    + "\n\nCounts only: no detected value is written to the stats, the card or the quarantine.")
-    else:
-        pii_text = "No `pii` step in this corpus."
-    d = stats["dedup"]
-    dedup = (f"- exact duplicates removed: {d['exact_removed'] if d['exact_removed'] is not None else 'step not run'}"
-             f" ({d['exact_duplicate_groups'] or 0} groups)\n"
-             f"- near duplicates removed: {d['near_removed'] if d['near_removed'] is not None else 'step not run'}; "
-             f"cluster sizes (size: clusters): {json.dumps(d['near_cluster_size_histogram'] or {})}")
-    dc = stats["decontamination"]
-    splits = "\n".join(f"| {k} | {v} | {stats['lengths']['out'][k].get('p50', '-')} | "
-                       f"{stats['lengths']['out'][k].get('max', '-')} |" for k, v in stats["splits"].items())
-    if stats.get("empty_splits"):
-        splits += f"\n\nEmpty (too few records for their fraction, not saved): {', '.join(stats['empty_splits'])}."
-    li = stats["lengths"]["in"]
-    hist = " ".join(f"{k}: {v}" for k, v in li.get("histogram", {}).items() if v)
-    enc = ", ".join(f"{k} x{v}" for k, v in stats["encodings"].items()) or "-"
-    notes = "\n".join(f"- `{n['file']}`: {n['encoding']}, {n['note']}" for n in stats["encoding_notes"][:20])
-    tok = stats["tokens"]
-    tok_text = (f"{tok['total']} tokens ({', '.join(f'{k} {v}' for k, v in tok['by_split'].items())}) with "
-                f"`{tok['tokenizer']}`" if tok.get("available") else f"Not available: {tok['reason']}.")
-    limits = "\n".join(f"- {t}" for t in [*KNOWN_LIMITS.get(kind, []),
-                                            "Near deduplication is probabilistic (MinHash LSH): a few pairs just "
-                                            "above the threshold can be missed.",
-                                            "Decontamination only covers this run's scenario test prompts, not "
-                                            "benchmarks the model may meet elsewhere."])
-    return f"""# Dataset card: {kind} corpus
-
-## Sources
-| name | path | format | weight | files | records read | valid | quarantined | bad files | licence |
-|---|---|---|---|---|---|---|---|---|---|
-{src_rows}
-
-Corpus licence: {stats['licence']}
-
-## Steps applied
-Every step: in = kept + dropped + quarantined.
-
-| step | in | kept | dropped | quarantined | reasons |
-|---|---|---|---|---|---|
-{step_rows}
-
-## Examples of removed records
-{chr(10).join(ex_lines) or "None removed."}
-
-## Rewritten records
-{chr(10).join(rewrites) or "None."}
-
-## PII
-{pii_text}
-
-## Deduplication
-{dedup}
-
-## Decontamination
-{'Status: ' + dc['status']}; n = {dc['n']} characters; evaluation prompts: {dc['eval_prompts']}; removed: {dc['removed']}.
-
-## Splits
-| split | records | median chars | max chars |
-|---|---|---|---|
-{splits}
-
-## Lengths and encodings
-Characters per record read: {json.dumps({k: v for k, v in li.items() if k != 'histogram'})}; histogram: {hist or '-'}.
-
-Encodings: {enc}.
-{notes}
-
-## Tokens
-{tok_text}
-
-## Quarantine
-{stats['quarantined']} entries in `quarantine.jsonl` (file, line and reason, or record id, step and reason; never content).
-
-## Known limits
-{limits}
-"""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -704,7 +583,7 @@ def _table_records(tables: Sequence[dict], seed: int, base_dir, steps, pii, spli
         out[s] += ds.select(fixed[s]).to_list() if fixed[s] else []
     if auto_idx:
         sp = dict(splits or {})
-        fr = {k: float(sp.get(k, d)) for k, d in (("train", 0.9), ("validation", 0.05), ("test", 0.05))}
+        fr = {k: float(sp.get(k, d)) for k, d in DEFAULT_SPLITS.items()}
         dd, _ = split_ds(ds.select(auto_idx), {k: v for k, v in fr.items() if v > 0},
                          seed=seed if sp.get("seed") is None else int(sp["seed"]), stratify="label")
         for s, part in dd.items():
@@ -794,48 +673,6 @@ def _chars(record: dict) -> int:
     return sum(len(m["content"]) for m in record["messages"])
 
 
-def scenario_card(stats: dict, licence: str) -> str:
-    rows = "\n".join(f"| {s} | {n} | {json.dumps(stats['by_task'][s], ensure_ascii=False)} |"
-                     for s, n in stats["splits"].items())
-    steps = "\n".join(f"| {st['step']} | {st['in']} | {st['kept']} | {st['dropped']} | {st['quarantined']} | "
-                      f"{st.get('reason') or ', '.join(f'{k} {v}' for k, v in st.get('reasons', {}).items()) or '-'} |"
-                      for st in stats["steps"])
-    sources = "\n".join(
-        f"- generator `{s['task']}`: train {s.get('train', 0)}, validation {s.get('validation', 0)}, "
-        f"test {s.get('test', 0)}, difficulty {s.get('difficulty', 0.0)}" if s["type"] == "synth" else
-        f"- bank table `{s['path']}` ({s['task']}): {s['records']} records, split {s['split']}, licence {s['licence']}"
-        for s in stats["sources"])
-    tok = stats.get("tokens") or {}
-    tok_text = (f"{tok['total']} tokens with `{tok['tokenizer']}`" if tok.get("available")
-                else f"Not available: {tok.get('reason', 'no tokenizer given')}.")
-    return f"""# Dataset card: scenario corpus
-
-## Sources
-{sources}
-
-Licence: {licence or "not given in the recipe"}
-
-## Splits
-| split | records | by task |
-|---|---|---|
-{rows}
-
-## Steps applied
-| step | in | kept | dropped | quarantined | reason |
-|---|---|---|---|---|---|
-{steps}
-
-## Tokens
-{tok_text}
-
-## Known limits
-- Generated records follow the documented labelling rules in `docs/tasks.md`; they show the model the
-  task format and the rules, not the distribution of a real bank's customers.
-- Protected attributes in credit profiles (gender, region, age band) are sampled independently of the
-  label so that fairness can be measured; real data will not be so balanced.
-"""
-
-
 # ---------------------------------------------------------------------------------------------------
 # mix
 
@@ -891,93 +728,3 @@ def build_mix(corpus_dirs: dict[str, str | Path], proportions: dict[str, float],
         atomic_write_jsonl(tmp / "quarantine.jsonl", [])
         atomic_write_text(tmp / "card.md", mix_card(stats))
     return stats
-
-
-def mix_card(stats: dict) -> str:
-    rows = []
-    for split, st in stats["splits"].items():
-        if "skipped" in st:
-            rows.append(f"| {split} | - | - | - | {st['skipped']} |")
-            continue
-        for k, s in st["sources"].items():
-            rows.append(f"| {split} | {k} | {s['target_proportion']} | {st['actual_proportions'].get(k, 0)} | "
-                        f"{s['taken']} of {s['available']} ({s['epochs']} epochs{', upsampled' if s['upsampled'] else ''}) |")
-    cols = ("`text` and `messages` (each row fills one)" if stats["both_columns"]
-            else f"`{stats['content'][0]}`")
-    return f"""# Dataset card: mix
-
-Training mix of the run's corpora by target proportions (seed {stats['seed']}); content column: {cols};
-`source` names each record's corpus. See the cards of the mixed corpora for sources, licences and steps.
-
-| split | corpus | target | actual | records |
-|---|---|---|---|---|
-{chr(10).join(rows)}
-
-## Known limits
-- Upsampled records are exact copies (ids end in `#2`, `#3`...): many epochs of a small corpus overfit it.
-"""
-
-
-def load_split(corpus_dir: Path, split: str, tasks: list[str] | None = None, limit_per_task: int | None = None):
-    """Read one split of a built corpus as a ``datasets.Dataset`` (optionally some tasks, capped per task)."""
-    import datasets
-    from datasets import load_from_disk
-
-    # Transforms of a loaded corpus (filters here, tokenisation in the trainers) must never write cache
-    # files into the corpus folder: that would change the files the ledger recorded for it.
-    datasets.disable_caching()
-    dd = load_from_disk(str(Path(corpus_dir) / "data"))
-    if split not in dd:
-        raise KeyError(f"{corpus_dir}: no '{split}' split (this corpus has: {', '.join(dd)})")
-    ds = dd[split]
-    if tasks is not None:
-        # keep_in_memory: a cache file written into the corpus folder would change its recorded hashes
-        ds = ds.filter(lambda t: t in tasks, input_columns="task", keep_in_memory=True)
-    if limit_per_task is not None:
-        ds = ds.select(first_per_task(ds["task"], limit_per_task))
-    return ds
-
-
-def first_per_task(tasks, limit: int) -> list[int]:
-    """Indices of the first ``limit`` records of each task, in order."""
-    counts: Counter = Counter()
-    keep = []
-    for i, t in enumerate(tasks):
-        if counts[t] < limit:
-            counts[t] += 1
-            keep.append(i)
-    return keep
-
-
-def corpus_splits(corpus_dir: Path) -> list[str]:
-    """The splits a built corpus has (a split that received no records is not saved)."""
-    from datasets import load_from_disk
-
-    return list(load_from_disk(str(Path(corpus_dir) / "data")))
-
-
-def corpus_texts(corpus_dir: Path, splits: tuple[str, ...] = ("train", "validation")) -> list[str]:
-    """Every piece of text in some splits of a corpus: ``text``, or each message's content."""
-    have = corpus_splits(corpus_dir)
-    texts: list[str] = []
-    for split in splits:
-        if split not in have:
-            continue
-        ds = load_split(corpus_dir, split)
-        if "messages" in ds.column_names:
-            texts.extend(m["content"] for msgs in ds["messages"] if msgs for m in msgs)
-        if "text" in ds.column_names:
-            texts.extend(t for t in ds["text"] if t)
-    return texts
-
-
-def token_counts(corpus_dirs: dict[str, Path], tokenizer) -> dict:
-    """Tokens per corpus kind and split with the run's tokenizer (for from-scratch runs, after it is trained)."""
-    out: dict = {}
-    for kind, d in corpus_dirs.items():
-        out[kind] = {}
-        for split in corpus_splits(d):
-            texts = corpus_texts(d, (split,))
-            n = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
-            out[kind][split] = {"texts": len(texts), "tokens": n}
-    return out

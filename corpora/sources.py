@@ -146,7 +146,9 @@ def _linked_folders(root: Path) -> list[Path]:
 
 def detect_encoding(path: str | Path) -> str:
     """``utf-8-sig``, ``utf-8``, ``gb18030`` or ``mixed`` (read line by line, see :func:`decode_line`); else
-    raises Bad. Ordinary UTF-8 files cost one streamed strict pass; only files failing it are scanned by line."""
+    raises Bad. Ordinary UTF-8 files cost one streamed strict pass; only files failing it are scanned by line.
+    The one detector of every reader: ``banklm corpus build`` (these readers) and ``banklm corpus scrub``
+    (``banklm.corpora.ops.pii.scrub_jsonl``) read a file alike."""
     with open(path, "rb") as fh:
         head = fh.read(4)
         if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):

@@ -33,8 +33,9 @@ from banklm.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_f
 from banklm.runtime import OnnxCausalLM, context_length, open_gguf, stop_token_ids
 from banklm.tasks.base import iter_user_messages
 
+from .gguf import export_gguf
 from .ollama import write_modelfile
-from .onnx import export_onnx
+from .onnx import DEFAULT_OPSET, export_onnx
 from .verify import verify_gguf, verify_onnx
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,9 @@ def build_export(
     *,
     name: str,
     prompts: Sequence[str],
-    gguf_types: Sequence[str] = (),
-    onnx_types: Sequence[str] = (),
-    opset: int = 17,
+    gguf_quant: Sequence[str] = (),
+    onnx_quant: Sequence[str] = (),
+    opset: int = DEFAULT_OPSET,
     records: Sequence[dict] | None = None,
     eval_batch_size: int = 32,
     eval_max_new_tokens: int = 128,
@@ -122,7 +123,7 @@ def build_export(
     num_ctx: int | None = None,
     model_card: str | Callable[[dict], str] | None = None,
 ) -> dict:
-    """Export ``model_dir`` to ``out_dir`` as GGUF (``gguf_types``) and ONNX (``onnx_types``), verify every
+    """Export ``model_dir`` to ``out_dir`` as GGUF (``gguf_quant``) and ONNX (``onnx_quant``), verify every
     artefact on ``prompts``, evaluate each (and the PyTorch model) on ``records`` when given, write the
     Modelfiles, ``verify.json``, the model card (text, or a function of the summary) and ``SHA256SUMS``.
 
@@ -130,12 +131,9 @@ def build_export(
     and the check), and one entry per artefact under ``gguf`` / ``onnx``. Conversion errors raise (the
     previous bundle stays); check failures do not.
     """
-
-    from .gguf import export_gguf
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not gguf_types and not onnx_types:
-        raise ValueError("build_export: nothing to export (no GGUF and no ONNX types)")
+    if not gguf_quant and not onnx_quant:
+        raise ValueError("build_export: nothing to export (no GGUF and no ONNX quant)")
     tok = load_tokenizer(model_dir)
     eos_ids = stop_token_ids(model_dir)
     num_ctx = int(num_ctx or context_length(model_dir))
@@ -151,31 +149,31 @@ def build_export(
         def rel(p: Path) -> str:  # as the run folder (the bundle's parent) sees it
             return f"{out_dir.name}/{p.relative_to(tmp).as_posix()}"
 
-        artefacts: list[tuple[str, str, Path]] = []  # (kind, type, path)
-        if gguf_types:
+        artefacts: list[tuple[str, str, Path]] = []  # (kind, quant, path)
+        if gguf_quant:
             t0 = time.perf_counter()
-            files = export_gguf(model_dir, tmp / "gguf", types=tuple(gguf_types), name=name)
+            files = export_gguf(model_dir, tmp / "gguf", quant=tuple(gguf_quant), name=name)
             summary["export_seconds"]["gguf"] = round(time.perf_counter() - t0, 3)
             stops = [t for t in tok.convert_ids_to_tokens(eos_ids) if t]
-            for f, t in zip(files, gguf_types, strict=True):
+            for f, q in zip(files, gguf_quant, strict=True):
                 write_modelfile(f, tok.chat_template, f.with_suffix(".Modelfile"), system=system,
                                 stop_tokens=stops, num_ctx=num_ctx, parameters={"temperature": 0})
-                artefacts.append(("gguf", t, f))
-        if onnx_types:
+                artefacts.append(("gguf", q, f))
+        if onnx_quant:
             t0 = time.perf_counter()
-            folders = export_onnx(model_dir, tmp / "onnx", types=tuple(onnx_types), opset=opset)
+            folders = export_onnx(model_dir, tmp / "onnx", quant=tuple(onnx_quant), opset=opset)
             summary["export_seconds"]["onnx"] = round(time.perf_counter() - t0, 3)
-            artefacts += [("onnx", t, d / "model.onnx") for d, t in zip(folders, onnx_types, strict=True)]
+            artefacts += [("onnx", q, d / "model.onnx") for d, q in zip(folders, onnx_quant, strict=True)]
 
-        for kind, t, path in artefacts:
+        for kind, q, path in artefacts:
             if kind == "gguf":
-                check = verify_gguf(model_dir, path, prompts, t)
-                check.pop("gguf", None)
+                check = verify_gguf(model_dir, path, prompts, q)
             else:
-                check = verify_onnx(model_dir, path.parent, prompts, t)
-                check.pop("onnx", None)
-            check.pop("model_dir", None)
-            summary[kind].append({"file": rel(path), "type": t, **check})
+                check = verify_onnx(model_dir, path.parent, prompts, q)
+            for key in (kind, "model_dir", "quant"):  # the entry's file and type say them
+                check.pop(key, None)
+            # verify.json keeps its field name "type" (read by the report and the model card)
+            summary[kind].append({"file": rel(path), "type": q, **check})
 
         if records:
             records = list(records)
@@ -189,9 +187,9 @@ def build_export(
             longest = max(len(tok.apply_chat_template(iter_user_messages(r), add_generation_prompt=True,
                                                       tokenize=True, return_dict=False)) for r in records)
             eval_ctx = max(num_ctx, longest + eval_max_new_tokens + 8)
-            for kind, t, path in artefacts:
-                entry = next(c for c in summary[kind] if c["type"] == t)
-                aid = f"{kind}-{t}"
+            for kind, q, path in artefacts:
+                entry = next(c for c in summary[kind] if c["type"] == q)
+                aid = f"{kind}-{q}"
                 try:
                     if kind == "gguf":
                         lm, runtime = open_gguf(path, eval_ctx)

@@ -14,7 +14,14 @@ What a file holds (see docs/export.md for the full list):
 * the tokenizer (SentencePiece ``tokenizer.model`` -> ``tokenizer.ggml.model = "llama"``; byte-level
   BPE ``tokenizer.json`` -> ``"gpt2"`` with a ``tokenizer.ggml.pre`` derived from its pre-tokenizer
   regex), special token ids, ``add_bos_token`` (false when the chat template renders BOS itself, so
-  llama.cpp does not add a second one) and the training chat template.
+  llama.cpp does not add a second one) and the training chat template: translated by
+  :mod:`banklm.export.gguf_vocab`.
+
+Quants are banklm's names (:data:`GGUF_QUANTS`, default :data:`DEFAULT_GGUF_QUANT`), one name from the recipe
+key ``export.gguf.quant`` and ``banklm export --quant`` down to :func:`export_gguf`'s ``quant``; the ``gguf``
+library's ``GGMLQuantizationType`` / ``LlamaFileType`` are looked up at the call (:func:`tensor_type`,
+:func:`file_type`). The ``gguf`` library itself is imported inside the functions that use it, so the recipe
+schema imports these names without it.
 
 Every file is streamed into a temporary sibling (``banklm.io.atomic_open``) and renamed only once
 complete: a conversion that fails half-way leaves no ``*.gguf`` behind.
@@ -30,72 +37,55 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gguf
 import numpy as np
-from banklm.finetune.tokenizer import check_chat_template
-from gguf import MODEL_ARCH, LlamaFileType, TokenType
-from gguf import GGMLQuantizationType as QT
 
 from banklm.io import atomic_open
 from banklm.runtime import MissingDependency, import_llama_cpp
 
-from .ollama import render_jinja_chat
+if TYPE_CHECKING:
+    import gguf
+
+    from .gguf_vocab import TokenizerData
 
 log = logging.getLogger(__name__)
 
-#: HF ``architectures[0]`` -> gguf architecture.
-SUPPORTED_ARCHITECTURES: dict[str, MODEL_ARCH] = {
-    "LlamaForCausalLM": MODEL_ARCH.LLAMA,
-    "Qwen2ForCausalLM": MODEL_ARCH.QWEN2,
+#: HF ``architectures[0]`` -> gguf architecture name (``general.architecture``).
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
 }
 
-#: Types written directly with numpy (``gguf.quants``): name -> (tensor type, file type).
-NATIVE_TYPES: dict[str, tuple[QT, LlamaFileType]] = {
-    "f32": (QT.F32, LlamaFileType.ALL_F32),
-    "f16": (QT.F16, LlamaFileType.MOSTLY_F16),
-    "bf16": (QT.BF16, LlamaFileType.MOSTLY_BF16),
-    "q8_0": (QT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (QT.Q4_0, LlamaFileType.MOSTLY_Q4_0),
-}
+#: Quants written directly with numpy (``gguf.quants``).
+NATIVE_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+#: Quants that need llama.cpp's quantizer (``llama_cpp.llama_model_quantize``) on top of an F16 file.
+KQUANTS = ("q4_k_m", "q5_k_m", "q6_k")
+#: Every GGUF quant (recipe ``export.gguf.quant``, ``banklm export --format gguf --quant``), and the default.
+GGUF_QUANTS = NATIVE_QUANTS + KQUANTS
+DEFAULT_GGUF_QUANT = ("f16", "q8_0")
 
-#: Types that need llama.cpp's quantizer (``llama_cpp.llama_model_quantize``) on top of an F16 file.
-KQUANT_TYPES: dict[str, LlamaFileType] = {
-    "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
-    "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
-    "q6_k": LlamaFileType.MOSTLY_Q6_K,
-}
+#: When a 2-D tensor cannot take the requested block quant (row size not a multiple of the block
+#: size), use the next higher-precision quant that fits.
+_FALLBACK: dict[str, tuple[str, ...]] = {"q4_0": ("q8_0", "f16"), "q8_0": ("f16",)}
 
-#: When a 2-D tensor cannot take the requested block type (row size not a multiple of the block
-#: size), use the next higher-precision type that fits.
-_FALLBACK: dict[QT, tuple[QT, ...]] = {
-    QT.Q4_0: (QT.Q8_0, QT.F16),
-    QT.Q8_0: (QT.F16,),
-    QT.BF16: (),
-    QT.F16: (),
-    QT.F32: (),
-}
 
-# Known byte-level BPE pre-tokenizer split regexes -> the name llama.cpp knows them by.
-# Qwen2 (same as transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX).
-QWEN2_PRE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# Llama 3 ("llama-bpe" in llama.cpp): digits in groups of up to three.
-LLAMA3_PRE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-KNOWN_PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
-    (QWEN2_PRE_REGEX,): "qwen2",
-    (LLAMA3_PRE_REGEX,): "llama-bpe",
-}
+def tensor_type(quant: str) -> gguf.GGMLQuantizationType:
+    """The ``gguf`` library's tensor type of a native quant (``q8_0`` -> ``GGMLQuantizationType.Q8_0``)."""
+    import gguf
 
-#: Chat special tokens always stored as CONTROL (llama.cpp then parses them only as specials and
-#: never prints them; the ChatML end-of-turn is an end-of-generation token).
-CHAT_SPECIAL_RE = re.compile(r"^<\|[^|\s]+\|>$")
-IM_END = "<|im_end|>"
+    if quant not in NATIVE_QUANTS:
+        raise ValueError(f"{quant!r} is not a native GGUF quant ({', '.join(NATIVE_QUANTS)})")
+    return gguf.GGMLQuantizationType[quant.upper()]
+
+
+def file_type(quant: str) -> gguf.LlamaFileType:
+    """``general.file_type`` of a file of ``quant`` (``q4_k_m`` -> ``LlamaFileType.MOSTLY_Q4_K_M``)."""
+    import gguf
+
+    if quant not in GGUF_QUANTS:
+        raise ValueError(f"{quant!r} is not a GGUF quant ({', '.join(GGUF_QUANTS)})")
+    return gguf.LlamaFileType.ALL_F32 if quant == "f32" else gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,26 +96,25 @@ IM_END = "<|im_end|>"
 def export_gguf(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    types: Sequence[str] = ("f16", "q8_0"),
+    quant: Sequence[str] = DEFAULT_GGUF_QUANT,
     name: str | None = None,
 ) -> list[Path]:
-    """Convert ``model_dir`` (HF Llama/Qwen2 folder with its tokenizer) into one GGUF per type.
+    """Convert ``model_dir`` (HF Llama/Qwen2 folder with its tokenizer) into one GGUF per quant.
 
-    ``types``: any of ``f32, f16, bf16, q8_0, q4_0`` (numpy path) and ``q4_k_m, q5_k_m, q6_k``
-    (through llama.cpp, needs ``pip install 'banklm[llamacpp]'``). Files are named
-    ``<name>-<type>.gguf`` in ``out_dir`` (``name`` defaults to the model folder's name).
-    Returns the written paths in the order of ``types``. Raises ``ValueError`` for an unsupported
-    architecture, unknown type, or a tokenizer that cannot be represented faithfully.
+    ``quant``: any of :data:`NATIVE_QUANTS` (``f32, f16, bf16, q8_0, q4_0``: numpy path) and :data:`KQUANTS`
+    (``q4_k_m, q5_k_m, q6_k``: through llama.cpp, needs ``pip install 'banklm[llamacpp]'``). Files are named
+    ``<name>-<quant>.gguf`` in ``out_dir`` (``name`` defaults to the model folder's name).
+    Returns the written paths in the order of ``quant``. Raises ``ValueError`` for an unsupported
+    architecture, unknown quant, or a tokenizer that cannot be represented faithfully.
     """
+    from .gguf_vocab import read_tokenizer  # the gguf library
+
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    types = [t.lower() for t in types]
-    unknown = [t for t in types if t not in NATIVE_TYPES and t not in KQUANT_TYPES]
-    if unknown or not types:
-        raise ValueError(
-            f"export_gguf: unknown type(s) {unknown or types}; supported: "
-            f"{', '.join([*NATIVE_TYPES, *KQUANT_TYPES])}"
-        )
-    kquants = [t for t in types if t in KQUANT_TYPES]
+    quant = [q.lower() for q in quant]
+    unknown = [q for q in quant if q not in GGUF_QUANTS]
+    if unknown or not quant:
+        raise ValueError(f"export_gguf: unknown quant(s) {unknown or quant}; supported: {', '.join(GGUF_QUANTS)}")
+    kquants = [q for q in quant if q in KQUANTS]
     if kquants:
         import_llama_cpp()  # fail before writing anything
 
@@ -135,10 +124,10 @@ def export_gguf(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     written: dict[str, Path] = {}
-    for t in dict.fromkeys(t for t in types if t in NATIVE_TYPES):
-        dst = out_dir / f"{name}-{t}.gguf"
-        write_gguf(model, tok, dst, t, name=name)
-        written[t] = dst
+    for q in dict.fromkeys(q for q in quant if q in NATIVE_QUANTS):
+        dst = out_dir / f"{name}-{q}.gguf"
+        write_gguf(model, tok, dst, q, name=name)
+        written[q] = dst
     if kquants:
         src = written.get("f16")
         tmp_src = None
@@ -147,17 +136,17 @@ def export_gguf(
             write_gguf(model, tok, tmp_src, "f16", name=name)
             src = tmp_src
         try:
-            for t in kquants:
-                dst = out_dir / f"{name}-{t}.gguf"
-                requantize_with_llamacpp(src, dst, t)
-                written[t] = dst
+            for q in kquants:
+                dst = out_dir / f"{name}-{q}.gguf"
+                requantize_with_llamacpp(src, dst, q)
+                written[q] = dst
         finally:
             if tmp_src is not None:
                 tmp_src.unlink(missing_ok=True)
-    return [written[t] for t in types]
+    return [written[q] for q in quant]
 
 
-def requantize_with_llamacpp(src_f16: str | os.PathLike, dst: str | os.PathLike, type: str) -> Path:
+def requantize_with_llamacpp(src_f16: str | os.PathLike, dst: str | os.PathLike, quant: str) -> Path:
     """Re-quantize an F16/F32 GGUF to a k-quant (``q4_k_m``, ``q5_k_m``, ``q6_k``) with llama.cpp.
 
     Uses ``llama_cpp.llama_model_quantize`` (C API of the llama.cpp library bundled by
@@ -166,9 +155,9 @@ def requantize_with_llamacpp(src_f16: str | os.PathLike, dst: str | os.PathLike,
     """
     import ctypes
 
-    t = type.lower()
-    if t not in KQUANT_TYPES:
-        raise ValueError(f"requantize_with_llamacpp: type {type!r} not one of {', '.join(KQUANT_TYPES)}")
+    t = quant.lower()
+    if t not in KQUANTS:
+        raise ValueError(f"requantize_with_llamacpp: quant {quant!r} not one of {', '.join(KQUANTS)}")
     llama_cpp = import_llama_cpp()
     src_f16, dst = Path(src_f16), Path(dst)
     if not src_f16.is_file():
@@ -176,7 +165,7 @@ def requantize_with_llamacpp(src_f16: str | os.PathLike, dst: str | os.PathLike,
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(KQUANT_TYPES[t])
+    params.ftype = int(file_type(t))
     try:
         rc = llama_cpp.llama_model_quantize(str(src_f16).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.is_file():
@@ -201,7 +190,7 @@ class ModelSource:
     folder: Path
     config: dict
     hf_arch: str
-    arch: MODEL_ARCH
+    arch: str  # gguf architecture name
     n_vocab: int
     n_head: int
     n_head_kv: int
@@ -314,6 +303,8 @@ def _llama3_rope_factors(rp: dict, head_dim: int, base: float) -> np.ndarray:
 
 def _write_hparams(w: gguf.GGUFWriter, m: ModelSource) -> np.ndarray | None:
     """Hyper-parameters; returns a ``rope_freqs`` tensor when the rope scaling needs one."""
+    import gguf
+
     c = m.config
     w.add_vocab_size(m.n_vocab)
     w.add_context_length(int(c.get("max_position_embeddings", 2048)))
@@ -355,7 +346,10 @@ def _write_hparams(w: gguf.GGUFWriter, m: ModelSource) -> np.ndarray | None:
 
 def _tensor_plan(m: ModelSource) -> list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]]:
     """``(gguf name, hf name, transform)`` for every tensor to write, in file order."""
-    tmap = gguf.get_tensor_name_map(m.arch, int(m.config["num_hidden_layers"]))
+    import gguf
+
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == m.arch)
+    tmap = gguf.get_tensor_name_map(arch, int(m.config["num_hidden_layers"]))
     tied = bool(m.config.get("tie_word_embeddings", False))
     plan = []
     for hf in m.shapes:
@@ -365,9 +359,9 @@ def _tensor_plan(m: ModelSource) -> list[tuple[str, str, Callable[[np.ndarray], 
             continue  # llama.cpp re-uses token_embd as the output head when output.weight is absent
         gname = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise ValueError(f"{m.folder}: tensor {hf} has no GGUF name for {m.arch.name.lower()}")
+            raise ValueError(f"{m.folder}: tensor {hf} has no GGUF name for {m.arch}")
         fn: Callable[[np.ndarray], np.ndarray] = _identity
-        if m.arch == MODEL_ARCH.LLAMA and (".attn_q." in gname or ".attn_k." in gname):
+        if m.arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
             heads = m.n_head if ".attn_q." in gname else m.n_head_kv
             fn = _permuter(heads)
         plan.append((gname, hf, fn))
@@ -391,66 +385,74 @@ def _block_index(gname: str) -> int:
     return int(mt.group(1)) if mt else -1
 
 
-def choose_type(gname: str, shape: Sequence[int], want: QT, tied: bool) -> QT:
-    """Tensor type for ``gname``: 1-D tensors (norms, biases) stay F32; the output head (and the
-    tied embedding that serves as it) keeps Q8_0 under Q4_0; rows that do not fill whole blocks
-    fall back to a higher-precision type (logged)."""
-    if len(shape) < 2 or want == QT.F32:
-        return QT.F32
-    if want == QT.Q4_0 and (gname == "output.weight" or (tied and gname == "token_embd.weight")):
-        want = QT.Q8_0
-    for t in (want, *_FALLBACK[want]):
-        block = gguf.GGML_QUANT_SIZES[t][0]
+def choose_quant(gname: str, shape: Sequence[int], quant: str, tied: bool) -> str:
+    """Quant of the tensor ``gname`` in a file of ``quant``: 1-D tensors (norms, biases) stay f32; the output
+    head (and the tied embedding that serves as it) keeps q8_0 under q4_0; rows that do not fill whole blocks
+    fall back to a higher-precision quant (logged)."""
+    import gguf
+
+    if len(shape) < 2 or quant == "f32":
+        return "f32"
+    want = quant
+    if want == "q4_0" and (gname == "output.weight" or (tied and gname == "token_embd.weight")):
+        want = "q8_0"
+    for q in (want, *_FALLBACK.get(want, ())):
+        block = gguf.GGML_QUANT_SIZES[tensor_type(q)][0]
         if shape[-1] % block == 0:
-            if t != want:
-                log.info("gguf: %s %s: row size %d not a multiple of %s block %d, stored as %s",
-                         gname, tuple(shape), shape[-1], want.name, gguf.GGML_QUANT_SIZES[want][0], t.name)
-            return t
-    return QT.F32
+            if q != want:
+                log.info("gguf: %s %s: row size %d not a multiple of %s block %d, stored as %s", gname,
+                         tuple(shape), shape[-1], want, gguf.GGML_QUANT_SIZES[tensor_type(want)][0], q)
+            return q
+    return "f32"
 
 
-def quantize_tensor(data: np.ndarray, qtype: QT) -> np.ndarray:
-    """Encode an fp32 array as ``qtype`` (F32/F16 as float arrays, others as raw uint8 blocks)."""
+def quantize_tensor(data: np.ndarray, quant: str) -> np.ndarray:
+    """Encode an fp32 array as ``quant`` (f32/f16 as float arrays, others as raw uint8 blocks)."""
+    import gguf
+
     data = np.ascontiguousarray(data, dtype=np.float32)
-    return gguf.quants.quantize(data, qtype)
+    return gguf.quants.quantize(data, tensor_type(quant))
 
 
-def _nbytes(shape: Sequence[int], qtype: QT) -> int:
-    return int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype)))
+def _nbytes(shape: Sequence[int], quant: str) -> int:
+    import gguf
+
+    return int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, tensor_type(quant))))
 
 
-def write_gguf(m: ModelSource, tok: TokenizerData, dst: str | os.PathLike, type: str,
+def write_gguf(m: ModelSource, tok: TokenizerData, dst: str | os.PathLike, quant: str,
                name: str | None = None) -> Path:
-    """Write one GGUF of ``type`` (a :data:`NATIVE_TYPES` key) to ``dst``, atomically, streaming
+    """Write one GGUF of ``quant`` (one of :data:`NATIVE_QUANTS`) to ``dst``, atomically, streaming
     one tensor at a time (peak memory is about one fp32 tensor, not the whole model)."""
+    import gguf
+
     dst = Path(dst)
-    want, ftype = NATIVE_TYPES[type]
-    arch_name = gguf.MODEL_ARCH_NAMES[m.arch]
-    w = gguf.GGUFWriter(path=None, arch=arch_name)
+    tensor_type(quant)  # a native quant, or ValueError before anything is written
+    w = gguf.GGUFWriter(path=None, arch=m.arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or m.folder.name)
-    w.add_file_type(int(ftype))
+    w.add_file_type(int(file_type(quant)))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     rope_freqs = _write_hparams(w, m)
     tok.write(w)
 
     tied = bool(m.config.get("tie_word_embeddings", False))
     plan = _tensor_plan(m)
-    entries: list[tuple[str, str | None, Callable[[np.ndarray], np.ndarray], QT]] = []
+    entries: list[tuple[str, str | None, Callable[[np.ndarray], np.ndarray], str]] = []
     if rope_freqs is not None:
         w.add_tensor_info("rope_freqs.weight", rope_freqs.shape, np.dtype(np.float32), rope_freqs.nbytes)
-        entries.append(("rope_freqs.weight", None, lambda _x: rope_freqs, QT.F32))
+        entries.append(("rope_freqs.weight", None, lambda _x: rope_freqs, "f32"))
     counts: dict[str, int] = {}
     for gname, hf, fn in plan:
         shape = m.shapes[hf]
-        qt = choose_type(gname, shape, want, tied)
-        counts[qt.name] = counts.get(qt.name, 0) + 1
-        if qt in (QT.F32, QT.F16):
-            dt = np.dtype(np.float32 if qt == QT.F32 else np.float16)
+        q = choose_quant(gname, shape, quant, tied)
+        counts[q] = counts.get(q, 0) + 1
+        if q in ("f32", "f16"):
+            dt = np.dtype(np.float32 if q == "f32" else np.float16)
             w.add_tensor_info(gname, shape, dt, int(np.prod(shape)) * dt.itemsize)
         else:
-            w.add_tensor_info(gname, shape, np.dtype(np.float32), _nbytes(shape, qt), raw_dtype=qt)
-        entries.append((gname, hf, fn, qt))
+            w.add_tensor_info(gname, shape, np.dtype(np.float32), _nbytes(shape, q), raw_dtype=tensor_type(q))
+        entries.append((gname, hf, fn, q))
 
     with atomic_open(dst, "wb") as fh:
         # The writer streams into our temporary file handle: open_output_file() accepts an
@@ -460,331 +462,22 @@ def write_gguf(m: ModelSource, tok: TokenizerData, dst: str | os.PathLike, type:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for gname, hf, fn, qt in entries:
+        for gname, hf, fn, q in entries:
             data = fn(m.tensor(hf)) if hf is not None else fn(None)
             if tuple(data.shape) != tuple(m.shapes.get(hf, data.shape)):
                 raise ValueError(f"{gname}: transformed shape {data.shape} != {m.shapes[hf]}")
-            w.write_tensor_data(quantize_tensor(data, qt))
+            w.write_tensor_data(quantize_tensor(data, q))
         w.flush()
         w.fout = None  # atomic_open closes the handle
-    log.info("gguf: wrote %s (%s, %d tensors: %s, %.1f MB)", dst, type, len(entries),
+    log.info("gguf: wrote %s (%s, %d tensors: %s, %.1f MB)", dst, quant, len(entries),
              ", ".join(f"{k}={v}" for k, v in sorted(counts.items())), dst.stat().st_size / 1e6)
     return dst
 
 
-# --------------------------------------------------------------------------------------------------
-# tokenizer side
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TokenizerData:
-    model: str  # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
-    tokens: list[str]
-    types: list[int]
-    scores: list[float] | None = None
-    merges: list[str] | None = None
-    pre: str | None = None
-    bos_id: int | None = None
-    eos_id: int | None = None
-    eot_id: int | None = None
-    eom_id: int | None = None
-    unk_id: int | None = None
-    pad_id: int | None = None
-    add_bos: bool = False
-    add_eos: bool = False
-    add_space_prefix: bool | None = None
-    remove_extra_whitespaces: bool | None = None
-    chat_template: str | list | None = None
-
-    def write(self, w: gguf.GGUFWriter) -> None:
-        w.add_tokenizer_model(self.model)
-        if self.pre:
-            w.add_tokenizer_pre(self.pre)
-        w.add_token_list(self.tokens)
-        if self.scores is not None:
-            w.add_token_scores(self.scores)
-        w.add_token_types(self.types)
-        if self.merges:
-            w.add_token_merges(self.merges)
-        for fn, val in ((w.add_bos_token_id, self.bos_id), (w.add_eos_token_id, self.eos_id),
-                        (w.add_eot_token_id, self.eot_id), (w.add_eom_token_id, self.eom_id),
-                        (w.add_unk_token_id, self.unk_id), (w.add_pad_token_id, self.pad_id)):
-            if val is not None:
-                fn(int(val))
-        w.add_add_bos_token(self.add_bos)
-        w.add_add_eos_token(self.add_eos)
-        if self.add_space_prefix is not None:
-            w.add_add_space_prefix(self.add_space_prefix)
-        if self.remove_extra_whitespaces is not None:
-            w.add_remove_extra_whitespaces(self.remove_extra_whitespaces)
-        if self.chat_template:
-            w.add_chat_template(self.chat_template)
-
-
-def read_tokenizer(folder: str | os.PathLike, n_vocab: int | None = None) -> TokenizerData:
-    """Read the tokenizer files of ``folder`` into GGUF form.
-
-    ``tokenizer.model`` (SentencePiece) wins over ``tokenizer.json``; the vocabulary is padded with
-    ``[PAD<i>]`` UNUSED entries up to ``n_vocab`` (the embedding rows) when the model is larger.
-    """
-    folder = Path(folder)
-    cfg_path = folder / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    if (folder / "tokenizer.model").is_file():
-        tok = _read_spm(folder, cfg)
-    elif (folder / "tokenizer.json").is_file():
-        tok = _read_hf_bpe(folder, cfg)
-    else:
-        raise ValueError(f"{folder}: no tokenizer.model or tokenizer.json (the tokenizer must live in the model folder)")
-    n = len(tok.tokens)
-    if n_vocab is not None:
-        if n > n_vocab:
-            raise ValueError(f"{folder}: tokenizer has {n} tokens but the embedding only {n_vocab} rows")
-        for i in range(n, n_vocab):
-            tok.tokens.append(f"[PAD{i}]")
-            tok.types.append(int(TokenType.UNUSED))
-            if tok.scores is not None:
-                tok.scores.append(-1000.0)
-    tok.chat_template = _chat_template(folder, cfg)
-    _set_special_ids(tok, cfg, folder)
-    bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else None
-    if tok.add_bos and chat_template_renders_bos(tok.chat_template, bos):
-        # training tokenized the rendered template without adding specials: its one BOS came from the
-        # template, and llama.cpp would put a second one in front of it
-        log.info("gguf: %s: the chat template renders the BOS token itself; writing add_bos_token=false",
-                 folder)
-        tok.add_bos = False
-    return tok
-
-
-def chat_template_renders_bos(template: str | list | dict | None, bos_token: str | None) -> bool:
-    """Whether ``template`` (the default one of a named list) starts its output with ``bos_token``, as
-    Llama-3 templates do (``{{ bos_token }}...``): llama.cpp must then not add BOS again.
-
-    Rendered (sandboxed, as transformers does) for a one-user-message conversation; raises ``ValueError``
-    when the template cannot render that, since the GGUF's readers could not render it either.
-    """
-
-    if isinstance(template, dict):
-        template = template.get("default")
-    elif isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if not template or not bos_token:
-        return False
-    try:
-        text = render_jinja_chat(template, [{"role": "user", "content": "x"}], add_generation_prompt=True,
-                                 bos_token=bos_token, eos_token="", unk_token="", pad_token="")
-    except Exception as e:  # noqa: BLE001  (any Jinja error: say which template)
-        raise ValueError(f"chat template does not render a one-user-message conversation "
-                         f"({type(e).__name__}: {e}); cannot tell whether it emits the BOS token") from e
-    return text.startswith(bos_token)
-
-
-def _chat_template(folder: Path, cfg: dict) -> str | list | None:
-    """The folder's chat template; one that reaches Python internals is refused, never written to the GGUF
-    (its readers render it, and not all of them sandbox Jinja)."""
-
-    jinja = folder / "chat_template.jinja"
-    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else cfg.get("chat_template")
-    check_chat_template(template, folder)
-    return template
-
-
-def _special_strings(cfg: dict) -> set[str]:
-    """Token strings the tokenizer config declares special."""
-    out: set[str] = set()
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
-        v = cfg.get(key)
-        if isinstance(v, dict):
-            v = v.get("content")
-        if isinstance(v, str):
-            out.add(v)
-    for key in ("additional_special_tokens", "extra_special_tokens"):
-        vals = cfg.get(key) or []
-        if isinstance(vals, dict):
-            vals = list(vals.values())
-        for v in vals:
-            out.add(v.get("content") if isinstance(v, dict) else v)
-    for v in (cfg.get("added_tokens_decoder") or {}).values():
-        if v.get("special"):
-            out.add(v["content"])
-    return out
-
-
-def _read_spm(folder: Path, cfg: dict) -> TokenizerData:
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    path = folder / "tokenizer.model"
-    proto = pb.ModelProto()
-    proto.ParseFromString(path.read_bytes())
-    if proto.trainer_spec.model_type not in (pb.TrainerSpec.BPE, pb.TrainerSpec.UNIGRAM):
-        raise ValueError(f"{path}: SentencePiece model type {proto.trainer_spec.model_type} not supported")
-    if proto.normalizer_spec.precompiled_charsmap:
-        raise ValueError(
-            f"{path}: the SentencePiece normalizer has a precompiled char map (e.g. NFKC); llama.cpp's "
-            "'llama' tokenizer does not apply it, so GGUF tokenization would differ. Train with "
-            "normalization_rule_name='identity'."
-        )
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    special = _special_strings(cfg)
-    tokens, scores, types = [], [], []
-    for i in range(sp.get_piece_size()):
-        piece = sp.id_to_piece(i)
-        tokens.append(piece)
-        scores.append(float(sp.get_score(i)))
-        if sp.is_unknown(i):
-            t = TokenType.UNKNOWN
-        elif sp.is_control(i):
-            t = TokenType.CONTROL
-        elif sp.is_byte(i):
-            t = TokenType.BYTE
-        elif sp.is_unused(i):
-            t = TokenType.UNUSED
-        elif proto.pieces[i].type == pb.ModelProto.SentencePiece.USER_DEFINED:
-            t = TokenType.CONTROL if (piece in special or CHAT_SPECIAL_RE.match(piece)) else TokenType.USER_DEFINED
-        else:
-            t = TokenType.NORMAL
-        types.append(int(t))
-    ts = proto.trainer_spec
-    tok = TokenizerData(
-        model="llama", tokens=tokens, types=types, scores=scores,
-        bos_id=ts.bos_id if ts.bos_id >= 0 else None,
-        eos_id=ts.eos_id if ts.eos_id >= 0 else None,
-        unk_id=ts.unk_id if ts.unk_id >= 0 else None,
-        pad_id=ts.pad_id if ts.pad_id >= 0 else None,
-        add_bos=bool(cfg.get("add_bos_token", True)),  # HF's LlamaTokenizer default is True
-        add_eos=bool(cfg.get("add_eos_token", False)),
-        add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix),
-        remove_extra_whitespaces=bool(proto.normalizer_spec.remove_extra_whitespaces),
-    )
-    return tok
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
-def derive_bpe_pre(pre_tokenizer: dict | None, where: str = "tokenizer.json") -> str:
-    """Name of the llama.cpp pre-tokenizer matching a ``tokenizer.json`` ``pre_tokenizer`` config.
-
-    Collects the ``Split`` regexes (and checks the ``ByteLevel`` step) and compares them with the
-    known Qwen2 / Llama-3 patterns; raises ``ValueError`` when they match none (llama.cpp would
-    otherwise refuse the file or, worse, split text differently from training).
-    """
-    if not pre_tokenizer:
-        raise ValueError(f"{where}: byte-level BPE without a pre_tokenizer; cannot name a llama.cpp pre-tokenizer")
-    steps = pre_tokenizer.get("pretokenizers") if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
-    regexes: list[str] = []
-    byte_level = None
-    for s in steps:
-        if s.get("type") == "Split":
-            pat = s.get("pattern") or {}
-            if "Regex" not in pat or s.get("invert") or s.get("behavior", "Isolated").lower() != "isolated":
-                raise ValueError(f"{where}: unsupported Split pre-tokenizer step {json.dumps(s)[:200]}")
-            regexes.append(pat["Regex"])
-        elif s.get("type") == "ByteLevel":
-            byte_level = s
-        else:
-            raise ValueError(f"{where}: unsupported pre-tokenizer step {s.get('type')!r}")
-    if byte_level is None:
-        raise ValueError(f"{where}: pre_tokenizer has no ByteLevel step: not a byte-level BPE tokenizer")
-    if byte_level.get("add_prefix_space"):
-        raise ValueError(f"{where}: ByteLevel add_prefix_space=true is not supported by llama.cpp's BPE")
-    if not regexes and byte_level.get("use_regex", True):
-        return "gpt-2"
-    if byte_level.get("use_regex", True) and regexes:
-        raise ValueError(f"{where}: ByteLevel use_regex=true after a Split regex: unknown combination")
-    name = KNOWN_PRE_TOKENIZERS.get(tuple(regexes))
-    if name is None:
-        raise ValueError(
-            f"{where}: unknown pre-tokenizer regex {regexes!r}; known: "
-            + "; ".join(f"{v} = {k[0]!r}" for k, v in KNOWN_PRE_TOKENIZERS.items())
-        )
-    return name
-
-
-def _read_hf_bpe(folder: Path, cfg: dict) -> TokenizerData:
-    path = folder / "tokenizer.json"
-    tj = json.loads(path.read_text(encoding="utf-8"))
-    model = tj.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ValueError(f"{path}: tokenizer model {model.get('type')!r} not supported (byte-level BPE or SentencePiece)")
-    pre = derive_bpe_pre(tj.get("pre_tokenizer"), str(path))
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {a["content"]: a for a in tj.get("added_tokens") or []}
-    for content, a in added.items():
-        vocab[content] = int(a["id"])
-    n = max(vocab.values()) + 1
-    by_id: dict[int, str] = {i: t for t, i in vocab.items()}
-    alphabet = set(_bytes_to_unicode().values())
-    special = _special_strings(cfg)
-    tokens, types = [], []
-    for i in range(n):
-        t = by_id.get(i)
-        if t is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(int(TokenType.UNUSED))
-            continue
-        tokens.append(t)
-        if t in added:
-            is_special = added[t].get("special") or t in special
-            types.append(int(TokenType.CONTROL if is_special else TokenType.USER_DEFINED))
-        elif not set(t) <= alphabet:
-            raise ValueError(f"{path}: vocabulary token {t!r} (id {i}) is not byte-level encoded")
-        else:
-            types.append(int(TokenType.NORMAL))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    return TokenizerData(
-        model="gpt2", tokens=tokens, types=types, merges=merges, pre=pre,
-        add_bos=bool(cfg.get("add_bos_token", False)), add_eos=bool(cfg.get("add_eos_token", False)),
-    )
-
-
-def _set_special_ids(tok: TokenizerData, cfg: dict, folder: Path) -> None:
-    index = {t: i for i, t in enumerate(tok.tokens)}
-
-    def tid(key: str) -> int | None:
-        v = cfg.get(key)
-        if isinstance(v, dict):
-            v = v.get("content")
-        return index.get(v) if isinstance(v, str) else None
-
-    for attr, key in (("bos_id", "bos_token"), ("eos_id", "eos_token"), ("unk_id", "unk_token"),
-                      ("pad_id", "pad_token")):
-        v = tid(key)
-        if v is not None:
-            setattr(tok, attr, v)
-    # Chat models stop at the end of an assistant turn: EOS (and EOT) = <|im_end|> when the chat
-    # template uses it, whatever the tokenizer config calls eos.
-    tmpl = tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(tok.chat_template or "")
-    if IM_END in index and IM_END in tmpl:
-        tok.eos_id = index[IM_END]
-        tok.eot_id = index[IM_END]
-        tok.types[index[IM_END]] = int(TokenType.CONTROL)
-    if "<|eot_id|>" in index:
-        tok.eot_id = index["<|eot_id|>"]
-    if "<|eom_id|>" in index:
-        tok.eom_id = index["<|eom_id|>"]
-    for attr in ("bos_id", "eos_id", "unk_id", "pad_id"):
-        v = getattr(tok, attr)
-        if v is not None and tok.types[v] == TokenType.NORMAL:
-            tok.types[v] = int(TokenType.CONTROL)
-
-
 def gguf_summary(path: str | os.PathLike) -> dict:
     """Small metadata summary of a GGUF (architecture, file type, tensor types, size)."""
+    import gguf
+
     r = gguf.GGUFReader(str(path))
     f = r.fields
     arch = bytes(f["general.architecture"].parts[-1]).decode()
@@ -802,8 +495,7 @@ def gguf_summary(path: str | os.PathLike) -> dict:
 
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES", "NATIVE_TYPES", "KQUANT_TYPES", "KNOWN_PRE_TOKENIZERS",
-    "export_gguf", "requantize_with_llamacpp", "MissingDependency", "read_model", "read_tokenizer", "derive_bpe_pre",
-    "chat_template_renders_bos",
-    "permute_rope_rows", "choose_type", "write_gguf", "gguf_summary", "TokenizerData", "ModelSource",
+    "SUPPORTED_ARCHITECTURES", "NATIVE_QUANTS", "KQUANTS", "GGUF_QUANTS", "DEFAULT_GGUF_QUANT", "tensor_type",
+    "file_type", "export_gguf", "requantize_with_llamacpp", "MissingDependency", "read_model", "read_export_config",
+    "permute_rope_rows", "choose_quant", "write_gguf", "gguf_summary", "ModelSource",
 ]

@@ -1,6 +1,7 @@
 """Export a Hugging Face Llama / Qwen2 model folder to ONNX: a decoder with KV cache, fp32/fp16, plus int8.
 
-One folder per type (``out_dir/fp32``, ``out_dir/int8``, ...), each self-contained the way
+One folder per quant (``out_dir/fp32``, ``out_dir/int8``, ...: :data:`ONNX_QUANTS`, default
+:data:`DEFAULT_ONNX_QUANT`, the names of the recipe key ``export.onnx.quant``), each self-contained the way
 onnxruntime-genai and optimum lay models out: ``model.onnx``, ``config.json``,
 ``generation_config.json`` and the training tokenizer files with its chat template. A chat template that
 reaches Python internals is refused before anything is written (:func:`check_templates`), as for GGUF.
@@ -37,10 +38,15 @@ from banklm.finetune.tokenizer import check_chat_template
 from banklm.io import atomic_dir
 from banklm.runtime import onnx_file_bytes
 
+from .gguf import read_export_config
+
 log = logging.getLogger(__name__)
 
-ONNX_TYPES = ("fp32", "fp16", "int8")
-DEFAULT_OPSET = 17
+#: Every ONNX quant (recipe ``export.onnx.quant``, ``banklm export --format onnx --quant``), and the default.
+ONNX_QUANTS = ("fp32", "fp16", "int8")
+DEFAULT_ONNX_QUANT = ("fp32", "int8")
+#: Opsets the export supports (scaled_dot_product_attention needs >= 14), and the default.
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 14, 21, 17
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA = "model.onnx.data"  # weights of graphs over protobuf's 2 GB limit
 _INLINE_LIMIT = 1_800_000_000
@@ -75,8 +81,6 @@ def dynamic_axes(n_layers: int) -> dict[str, dict[int, str]]:
 
 def read_config(model_dir: str | os.PathLike) -> dict:
     """``config.json`` of ``model_dir``; refuses architectures other than Llama / Qwen2."""
-    from .gguf import read_export_config
-
     return read_export_config(model_dir, "ONNX")
 
 
@@ -88,38 +92,38 @@ def read_config(model_dir: str | os.PathLike) -> dict:
 def export_onnx(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    types: Sequence[str] = ("fp32", "int8"),
+    quant: Sequence[str] = DEFAULT_ONNX_QUANT,
     opset: int = DEFAULT_OPSET,
 ) -> list[Path]:
-    """Export ``model_dir`` to one ONNX folder per type (``out_dir/<type>/model.onnx`` + side files).
+    """Export ``model_dir`` to one ONNX folder per quant (``out_dir/<quant>/model.onnx`` + side files).
 
-    ``types``: any of ``fp32``, ``fp16``, ``int8`` (int8 is quantized from an fp32 graph, which is
-    traced into a temporary folder when ``fp32`` itself is not requested). Each folder is written
-    atomically. Returns the folders in the order of ``types``. Raises ``ValueError`` for an
-    unsupported architecture or type before writing anything.
+    ``quant``: any of :data:`ONNX_QUANTS` (``fp32``, ``fp16``, ``int8``; int8 is quantized from an fp32 graph,
+    which is traced into a temporary folder when ``fp32`` itself is not requested). Each folder is written
+    atomically. Returns the folders in the order of ``quant``. Raises ``ValueError`` for an
+    unsupported architecture or quant before writing anything.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    types = [t.lower() for t in types]
-    unknown = [t for t in types if t not in ONNX_TYPES]
-    if unknown or not types:
-        raise ValueError(f"export_onnx: unknown type(s) {unknown or types}; supported: {', '.join(ONNX_TYPES)}")
-    if not 14 <= int(opset) <= 21:
-        raise ValueError(f"export_onnx: opset {opset} outside the supported range 14-21 "
+    quant = [q.lower() for q in quant]
+    unknown = [q for q in quant if q not in ONNX_QUANTS]
+    if unknown or not quant:
+        raise ValueError(f"export_onnx: unknown quant(s) {unknown or quant}; supported: {', '.join(ONNX_QUANTS)}")
+    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
+        raise ValueError(f"export_onnx: opset {opset} outside the supported range {MIN_OPSET}-{MAX_OPSET} "
                          "(scaled_dot_product_attention needs >= 14)")
     read_config(model_dir)
     check_templates(model_dir)  # before tracing: refused up front, nothing written
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    for t in dict.fromkeys(t for t in types if t in ("fp32", "fp16")):
-        written[t] = _export_float_folder(model_dir, out_dir / t, t, opset)
-    if "int8" in types:
+    for q in dict.fromkeys(q for q in quant if q in ("fp32", "fp16")):
+        written[q] = _export_float_folder(model_dir, out_dir / q, q, opset)
+    if "int8" in quant:
         if "fp32" in written:
             written["int8"] = quantize_int8(written["fp32"], out_dir / "int8")
         else:
             with tempfile.TemporaryDirectory(prefix=".fp32-src-", dir=out_dir) as tmp:
                 src = _export_float_folder(model_dir, Path(tmp) / "fp32", "fp32", opset)
                 written["int8"] = quantize_int8(src, out_dir / "int8")
-    return [written[t] for t in types]
+    return [written[q] for q in quant]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,11 +161,11 @@ def _head_dim(config) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
-def _export_float_folder(model_dir: Path, dst: Path, type_: str, opset: int) -> Path:
+def _export_float_folder(model_dir: Path, dst: Path, quant: str, opset: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if type_ == "fp32" else torch.float16
+    dtype = torch.float32 if quant == "fp32" else torch.float16
     t0 = time.perf_counter()
     # sdpa: the attention the model is evaluated with; its masks trace without data-dependent branches
     # when an attention_mask is given (transformers skips the "mask can be dropped" shortcut under tracing).
@@ -187,11 +191,11 @@ def _export_float_folder(model_dir: Path, dst: Path, type_: str, opset: int) -> 
                               dynamic_axes=dynamic_axes(n_layers), opset_version=int(opset),
                               do_constant_folding=True, dynamo=False)
         del model
-        _resave(trace / MODEL_FILE, tmp / MODEL_FILE, {"banklm.type": type_, "banklm.architecture":
+        _resave(trace / MODEL_FILE, tmp / MODEL_FILE, {"banklm.type": quant, "banklm.architecture":
                                                        cfg.architectures[0], "banklm.opset": str(opset)})
         shutil.rmtree(trace)
         _copy_side_files(model_dir, tmp)
-    log.info("onnx: wrote %s (%s, opset %d, %.1f MB, %.1f s)", dst / MODEL_FILE, type_, opset,
+    log.info("onnx: wrote %s (%s, opset %d, %.1f MB, %.1f s)", dst / MODEL_FILE, quant, opset,
              onnx_file_bytes(dst / MODEL_FILE) / 1e6, time.perf_counter() - t0)
     return dst
 
@@ -294,6 +298,6 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {p.key: p.value for p in m.metadata_props}
 
 
-__all__ = ["ONNX_TYPES", "DEFAULT_OPSET", "MODEL_FILE", "export_onnx", "read_config", "check_templates",
+__all__ = ["ONNX_QUANTS", "DEFAULT_ONNX_QUANT", "MIN_OPSET", "MAX_OPSET", "DEFAULT_OPSET", "MODEL_FILE", "export_onnx", "read_config", "check_templates",
            "input_names", "output_names", "onnx_metadata",
            "quantize_int8", "EXTERNAL_DATA"]

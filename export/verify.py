@@ -43,6 +43,7 @@ from banklm.runtime import (
     onnx_file_bytes,
 )
 
+from .gguf import GGUF_QUANTS, SUPPORTED_ARCHITECTURES, file_type
 from .onnx import input_names, onnx_metadata, output_names, read_config
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ LOGIT_THRESHOLDS: dict[str, float] = {
     "q4_k_m": 1.0,
     "q4_0": 1.5,
 }
-#: Types whose greedy continuation must equal the PyTorch model's token for token.
-GREEDY_EXACT_TYPES = ("f32", "f16")
+#: Quants whose greedy continuation must equal the PyTorch model's token for token.
+GREEDY_EXACT_QUANTS = ("f32", "f16")
 #: New tokens compared in the greedy check.
 GREEDY_TOKENS = 8
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -83,7 +84,7 @@ CHAT_CHECK = ({"role": "user", "content": DEFAULT_PROMPTS[0]},)
 #: models / trained quickstart model: fp32 1.4e-6 / 5.4e-6, fp16 3.1e-3 / 3.8e-3, int8 (dynamic
 #: quantization) 0.124 / 4.4e-2. Each threshold is >= 2x the worst figure measured.
 ONNX_LOGIT_THRESHOLDS: dict[str, float] = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.3}
-ONNX_GREEDY_EXACT_TYPES = ("fp32",)
+ONNX_GREEDY_EXACT_QUANTS = ("fp32",)
 #: GGUF run by llama.cpp vs PyTorch, same normalisation. llama.cpp rounds more than the weights: its
 #: KV cache is f16 (so even an f32 file is not exact) and quantized files multiply with 8-bit
 #: activations. Measured, sharpened tiny models / trained quickstart model: f32 1.1e-3 / 1.2e-4,
@@ -105,10 +106,10 @@ def verify_gguf(
     model_dir: str | os.PathLike,
     gguf_path: str | os.PathLike,
     prompts: list[str],
-    qtype: str,
+    quant: str,
     llama_cpp: bool | None = None,
 ) -> dict:
-    """Compare ``gguf_path`` (of type ``qtype``) with the PyTorch model in ``model_dir`` on ``prompts``.
+    """Compare ``gguf_path`` (a file of ``quant``, e.g. ``q8_0``) with the PyTorch model in ``model_dir`` on ``prompts``.
 
     Returns ``{"passed": bool, "failures": [...], "metadata": {...}, "tokenizer": {...},
     "logits": {...}, "generation": {...}, "llama_cpp": {...}, ...}``; never raises for a mismatch or
@@ -116,18 +117,18 @@ def verify_gguf(
     when ``llama-cpp-python`` is installed; ``res["llama_cpp"]["checked"]`` says whether it ran).
     """
     model_dir, gguf_path = Path(model_dir), Path(gguf_path)
-    qtype = qtype.lower()
+    quant = quant.lower()
     res: dict = {
         "gguf": str(gguf_path),
         "model_dir": str(model_dir),
-        "qtype": qtype,
+        "quant": quant,
         "bytes": gguf_path.stat().st_size if gguf_path.is_file() else None,
-        "threshold": LOGIT_THRESHOLDS.get(qtype),
+        "threshold": LOGIT_THRESHOLDS.get(quant),
         "failures": [],
     }
     fails: list[str] = res["failures"]
     if res["threshold"] is None:
-        fails.append(f"no logit threshold for type {qtype!r} (known: {', '.join(LOGIT_THRESHOLDS)})")
+        fails.append(f"no logit threshold for quant {quant!r} (known: {', '.join(LOGIT_THRESHOLDS)})")
     if not gguf_path.is_file():
         fails.append(f"GGUF file not found: {gguf_path}")
         res["passed"] = False
@@ -137,13 +138,13 @@ def verify_gguf(
 
     ref = _section(res, "reference", lambda: reference_outputs(model_dir, prompts))
     ref_tok = ref.tokenizer if ref is not None else None
-    res["metadata"] = _section(res, "metadata", lambda: _check_metadata(model_dir, gguf_path, qtype, ref_tok)) or {}
+    res["metadata"] = _section(res, "metadata", lambda: _check_metadata(model_dir, gguf_path, quant, ref_tok)) or {}
     gguf_tok = _section(res, "gguf_tokenizer", lambda: _load_gguf_tokenizer(gguf_path, res))
     res["tokenizer"] = _section(res, "tokenizer", lambda: _compare_tokenizers(
         ref_tok, gguf_tok, prompts, server_encode=_llama_cpp_style(gguf_tok, gguf_path))) or {}
     if ref is not None and prompts:
-        out = _section(res, "model", lambda: _compare_lm(ref, _gguf_in_transformers(gguf_path), qtype,
-                                                           LOGIT_THRESHOLDS, GREEDY_EXACT_TYPES))
+        out = _section(res, "model", lambda: _compare_lm(ref, _gguf_in_transformers(gguf_path), quant,
+                                                           LOGIT_THRESHOLDS, GREEDY_EXACT_QUANTS))
         if out:
             res["logits"], res["generation"] = out
 
@@ -152,7 +153,7 @@ def verify_gguf(
     if not llama_cpp:
         res["llama_cpp"] = {"checked": False, "note": LLAMA_CPP_MISSING}
     elif ref is not None and prompts:
-        res["llama_cpp"] = _section(res, "llama_cpp", lambda: _check_llama_cpp(gguf_path, ref, qtype)) or {}
+        res["llama_cpp"] = _section(res, "llama_cpp", lambda: _check_llama_cpp(gguf_path, ref, quant)) or {}
     for part in ("metadata", "tokenizer", "logits", "generation", "llama_cpp"):
         fails.extend(f"{part}: {f}" for f in (res.get(part) or {}).get("failures", []))
     res["passed"] = not fails
@@ -163,9 +164,9 @@ def verify_onnx(
     model_dir: str | os.PathLike,
     onnx_dir: str | os.PathLike,
     prompts: list[str],
-    qtype: str,
+    quant: str,
 ) -> dict:
-    """Compare the ONNX folder ``onnx_dir`` (type ``fp32``/``fp16``/``int8``) with the PyTorch model.
+    """Compare the ONNX folder ``onnx_dir`` (quant ``fp32``/``fp16``/``int8``) with the PyTorch model.
 
     Checks: the graph (``onnx.checker``, the optimum / onnxruntime-genai input and output names for
     the model's layer count, the declared ``banklm.type``), the shipped tokenizer (same ids on every
@@ -174,19 +175,19 @@ def verify_onnx(
     PyTorch's for fp32). Same result layout as :func:`verify_gguf`; never raises for a mismatch.
     """
     model_dir, onnx_dir = Path(model_dir), Path(onnx_dir)
-    qtype = qtype.lower()
+    quant = quant.lower()
     path = onnx_dir / "model.onnx"
     res: dict = {
         "onnx": str(path),
         "model_dir": str(model_dir),
-        "qtype": qtype,
+        "quant": quant,
         "bytes": None,
-        "threshold": ONNX_LOGIT_THRESHOLDS.get(qtype),
+        "threshold": ONNX_LOGIT_THRESHOLDS.get(quant),
         "failures": [],
     }
     fails: list[str] = res["failures"]
     if res["threshold"] is None:
-        fails.append(f"no logit threshold for ONNX type {qtype!r} (known: {', '.join(ONNX_LOGIT_THRESHOLDS)})")
+        fails.append(f"no logit threshold for ONNX quant {quant!r} (known: {', '.join(ONNX_LOGIT_THRESHOLDS)})")
     if not path.is_file():
         fails.append(f"ONNX model not found: {path}")
         res["passed"] = False
@@ -197,13 +198,13 @@ def verify_onnx(
         fails.append("no prompts given")
     ref = _section(res, "reference", lambda: reference_outputs(model_dir, prompts))
     ref_tok = ref.tokenizer if ref is not None else None
-    res["metadata"] = _section(res, "metadata", lambda: _check_onnx_metadata(model_dir, onnx_dir, qtype, ref_tok)) or {}
+    res["metadata"] = _section(res, "metadata", lambda: _check_onnx_metadata(model_dir, onnx_dir, quant, ref_tok)) or {}
     onnx_tok = _section(res, "onnx_tokenizer", lambda: _load_training_tokenizer(onnx_dir))
     res["tokenizer"] = _section(res, "tokenizer", lambda: _compare_tokenizers(ref_tok, onnx_tok, prompts)) or {}
     if ref is not None and prompts:
 
-        out = _section(res, "model", lambda: _compare_lm(ref, OnnxCausalLM(onnx_dir), qtype, ONNX_LOGIT_THRESHOLDS,
-                                                           ONNX_GREEDY_EXACT_TYPES))
+        out = _section(res, "model", lambda: _compare_lm(ref, OnnxCausalLM(onnx_dir), quant, ONNX_LOGIT_THRESHOLDS,
+                                                           ONNX_GREEDY_EXACT_QUANTS))
         if out:
             res["logits"], res["generation"] = out
     for part in ("metadata", "tokenizer", "logits", "generation"):
@@ -268,10 +269,8 @@ def _fields(gguf_path: Path) -> dict:
     return out
 
 
-def _check_metadata(model_dir: Path, gguf_path: Path, qtype: str, ref_tok) -> dict:
+def _check_metadata(model_dir: Path, gguf_path: Path, quant: str, ref_tok) -> dict:
     import gguf
-
-    from .gguf import KQUANT_TYPES, NATIVE_TYPES, SUPPORTED_ARCHITECTURES
 
     cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     f = _fields(gguf_path)
@@ -281,13 +280,13 @@ def _check_metadata(model_dir: Path, gguf_path: Path, qtype: str, ref_tok) -> di
     out["architecture"] = arch
     hf_arch = (cfg.get("architectures") or [""])[0]
     want_arch = SUPPORTED_ARCHITECTURES.get(hf_arch)
-    if want_arch is None or arch != gguf.MODEL_ARCH_NAMES[want_arch]:
+    if want_arch is None or arch != want_arch:
         fails.append(f"architecture {arch!r} does not match config {hf_arch!r}")
     ftype = f.get("general.file_type")
     out["file_type"] = ftype
-    want_ft = NATIVE_TYPES[qtype][1] if qtype in NATIVE_TYPES else KQUANT_TYPES.get(qtype)
+    want_ft = file_type(quant) if quant in GGUF_QUANTS else None
     if want_ft is not None and ftype != int(want_ft):
-        fails.append(f"general.file_type {ftype} != {int(want_ft)} ({qtype})")
+        fails.append(f"general.file_type {ftype} != {int(want_ft)} ({quant})")
     tmpl = f.get("tokenizer.chat_template")
     out["chat_template_present"] = bool(tmpl)
     if not tmpl:
@@ -463,13 +462,13 @@ def _gguf_in_transformers(gguf_path: Path):
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval())
 
 
-def _compare_lm(ref: Reference, lm, qtype: str, thresholds: dict[str, float], exact_types: Sequence[str]):
+def _compare_lm(ref: Reference, lm, quant: str, thresholds: dict[str, float], exact_quants: Sequence[str]):
     """Logit figures and greedy equality of ``lm`` (any :mod:`banklm.export.runtime` model) vs the reference.
 
     Rows ``lm`` does not compute (NaN: llama.cpp keeps only the last position) are left out of the
     all-positions figures.
     """
-    thr = thresholds.get(qtype, 0.0)
+    thr = thresholds.get(quant, 0.0)
     last_max, last_mean, all_max, agree, n_pos, scale, norm = [], [], [], 0, 0, [], []
     for ids, a in zip(ref.encoded, ref.logits, strict=True):
         b = lm.logits(ids)
@@ -491,18 +490,18 @@ def _compare_lm(ref: Reference, lm, qtype: str, thresholds: dict[str, float], ex
     }
     if max(norm) > thr:
         logits["failures"].append(
-            f"next-token logit max-abs diff {max(last_max):.3g} (normalized {max(norm):.3g}) > {thr:g} for {qtype}")
+            f"next-token logit max-abs diff {max(last_max):.3g} (normalized {max(norm):.3g}) > {thr:g} for {quant}")
     # one prompt at a time, as the reference: no padding, so fp32 must agree token for token
     got = lm.greedy(ref.encoded, GREEDY_TOKENS, ref.eos_ids, batch_size=1)
     same = [a == b for a, b in zip(ref.greedy, got, strict=True)]
-    gen: dict = {"checked": qtype in exact_types, "n_new_tokens": GREEDY_TOKENS, "equal": all(same),
+    gen: dict = {"checked": quant in exact_quants, "n_new_tokens": GREEDY_TOKENS, "equal": all(same),
                  "equal_per_prompt": same, "failures": []}
     if gen["checked"] and not gen["equal"]:
         gen["failures"].append(f"greedy continuation differs on {same.count(False)} of {len(same)} prompts")
     return logits, gen
 
 
-def _check_llama_cpp(gguf_path: Path, ref: Reference, qtype: str) -> dict:
+def _check_llama_cpp(gguf_path: Path, ref: Reference, quant: str) -> dict:
     """Tokenizer, next-token logits and greedy continuation of the GGUF in llama.cpp itself."""
 
     n_ctx = max(len(ids) for ids in ref.encoded) + GREEDY_TOKENS + 16
@@ -525,13 +524,13 @@ def _check_llama_cpp(gguf_path: Path, ref: Reference, qtype: str) -> dict:
         if not all(text_equal):
             out["failures"].append(f"llama.cpp detokenized text differs on {text_equal.count(False)} of "
                                    f"{len(text_equal)} token sequences")
-        logits, gen = _compare_lm(ref, lm, qtype, LLAMACPP_LOGIT_THRESHOLDS, GREEDY_EXACT_TYPES)
+        logits, gen = _compare_lm(ref, lm, quant, LLAMACPP_LOGIT_THRESHOLDS, GREEDY_EXACT_QUANTS)
     out["logits"], out["generation"] = logits, gen
     out["failures"] += logits.pop("failures") + gen.pop("failures")
     return out
 
 
-def _check_onnx_metadata(model_dir: Path, onnx_dir: Path, qtype: str, ref_tok) -> dict:
+def _check_onnx_metadata(model_dir: Path, onnx_dir: Path, quant: str, ref_tok) -> dict:
     import onnx
 
 
@@ -549,8 +548,8 @@ def _check_onnx_metadata(model_dir: Path, onnx_dir: Path, qtype: str, ref_tok) -
     if got_out != output_names(n):
         fails.append(f"graph outputs {got_out[:3]}... != logits + present.i.key/value for {n} layers")
     meta = onnx_metadata(path)
-    if meta.get("banklm.type") != qtype:
-        fails.append(f"declared type {meta.get('banklm.type')!r} != {qtype!r}")
+    if meta.get("banklm.type") != quant:
+        fails.append(f"declared type {meta.get('banklm.type')!r} != {quant!r}")
     out: dict = {"opset": max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None),
                  "type": meta.get("banklm.type"), "architecture": meta.get("banklm.architecture"),
                  "n_layers": n, "failures": fails}
@@ -558,7 +557,7 @@ def _check_onnx_metadata(model_dir: Path, onnx_dir: Path, qtype: str, ref_tok) -
     for node in m.graph.node:
         op_types[node.op_type] = op_types.get(node.op_type, 0) + 1
     out["quantized_matmuls"] = op_types.get("MatMulInteger", 0) + op_types.get("DynamicQuantizeMatMul", 0)
-    if qtype == "int8" and not out["quantized_matmuls"]:
+    if quant == "int8" and not out["quantized_matmuls"]:
         fails.append("int8 model has no quantized MatMul")
     for name in ("config.json", "generation_config.json"):
         if not (onnx_dir / name).is_file():

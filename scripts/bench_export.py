@@ -68,7 +68,7 @@ def build_random_llama(out: Path, tokenizer_dir: Path, cfg: dict) -> Path:
 
 def scenario_records(model_dir: Path, per_task: int) -> list[dict] | None:
     """The test records of the run folder the model sits in (None when it is not inside a run)."""
-    from banklm.corpora.build import load_split
+    from banklm.corpora.splits import load_split
 
     for parent in model_dir.resolve().parents:
         if (parent / "corpora" / "scenario" / "data").is_dir():
@@ -177,7 +177,7 @@ def bench_model(model_dir: Path, name: str, work: Path, records: list[dict] | No
     del model
 
     t0 = time.perf_counter()
-    (fp32,) = export_onnx(model_dir, work / "onnx", types=("fp32",))
+    (fp32,) = export_onnx(model_dir, work / "onnx", quant=("fp32",))
     t_fp32 = time.perf_counter() - t0
     t0 = time.perf_counter()
     int8 = quantize_int8(fp32, work / "onnx" / "int8")
@@ -192,7 +192,7 @@ def bench_model(model_dir: Path, name: str, work: Path, records: list[dict] | No
     ggufs = {}
     for t in ("f16", "q8_0"):
         t0 = time.perf_counter()
-        (ggufs[t],) = export_gguf(model_dir, work / "gguf", types=(t,), name=name)
+        (ggufs[t],) = export_gguf(model_dir, work / "gguf", quant=(t,), name=name)
         ggufs[t] = (ggufs[t], time.perf_counter() - t0)
     if have_llama:
         t0 = time.perf_counter()

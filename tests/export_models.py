@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from banklm.export.gguf import QWEN2_PRE_REGEX
+from banklm.export.gguf_vocab import QWEN2_PRE_REGEX
 from banklm.finetune.models import build_tiny_model
 from banklm.finetune.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer
 

@@ -13,8 +13,8 @@ from banklm.corpora.build import (
     build_scenario,
     build_vertical,
     resolve_source_path,
-    scenario_test_prompts,
 )
+from banklm.corpora.splits import corpus_splits, load_split, scenario_test_prompts
 
 from banklm.cli import main
 
@@ -109,7 +109,7 @@ def test_build_private_leaks_no_canary(tmp_path, repo):
 def test_private_requires_pii_first(tmp_path):
     with pytest.raises(ValueError, match="only 'normalize' may come before 'pii'"):
         build_private(_samples("private/records.jsonl"), tmp_path / "p", steps=["exact_dedup", "pii"])
-    with pytest.raises(ValueError, match="must include 'pii'"):
+    with pytest.raises(ValueError, match="needs the 'pii' step"):
         build_private(_samples("private/records.jsonl"), tmp_path / "p", steps=["normalize"])
 
 
@@ -370,6 +370,32 @@ def test_cli_missing_source_and_bad_step(tmp_path, capsys):
     assert rc == 2 and "near_dedup: threshold = 1.5" in err
 
 
+def test_scrub_and_build_read_a_mixed_encoding_file_alike(tmp_path, capsys):
+    """`banklm corpus scrub` and `banklm corpus build` decode with the one detector (banklm.corpora.sources): a
+    file mixing UTF-8 and GBK lines (GBK "实时" is also valid UTF-8, as "ʵʱ") and an undecodable line gives the
+    same records and quarantines the same line in both. (scrub used to sniff the file alone: GB18030 mojibake
+    for the UTF-8 lines, or a refused file.)"""
+    want = {"u1": "第一条 利率调整通知", "g1": "第二条 客户经理应当如实记录", "u2": "第三条 贷后检查制度", "g2": "实时"}
+    rows = [("utf-8", "u1"), ("gbk", "g1"), (None, b"\x80\xff\x80 not UTF-8 nor GB18030\n"), ("utf-8", "u2"),
+            ("gbk", "g2")]
+    f = tmp_path / "in" / "docs" / "mixed.jsonl"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"".join(x if enc is None else (json.dumps({"id": x, "text": want[x]}, ensure_ascii=False)
+                                                  + "\n").encode(enc) for enc, x in rows))
+    out = tmp_path / "scrubbed.jsonl"
+    assert main(["corpus", "scrub", str(f), str(out)]) == 0
+    assert "(mixed)" in capsys.readouterr().out
+    scrubbed = {r["id"]: r["text"] for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    scrub_q = (tmp_path / "scrubbed.quarantine.jsonl").read_text(encoding="utf-8").splitlines()
+    rc, err = _run(tmp_path, {"vertical": {"sources": [{"path": "docs"}], "steps": []}}, capsys)
+    assert rc == 0, err
+    corpus = tmp_path / "run" / "corpora" / "vertical"
+    built = {r["id"]: r["text"] for split in corpus_splits(corpus) for r in load_split(corpus, split)}
+    assert scrubbed == built == want
+    assert [json.loads(x)["line"] for x in scrub_q] == [q["line"] for q in _quarantine(tmp_path)] == [3]
+    assert _stats(tmp_path)["encodings"] == {"mixed": 1}
+
+
 def test_cli_changed_source_reruns_stage(tmp_path, capsys):
     f = tmp_path / "in" / "docs" / "a.jsonl"
     _write_jsonl(f, _good())
@@ -398,17 +424,3 @@ def test_quickstart_corpus_build(tmp_path, repo, monkeypatch, capsys):
     for kind in ("general", "vertical", "private"):
         st = json.loads((tmp_path / "run" / "corpora" / kind / "stats.json").read_text(encoding="utf-8"))
         assert st["decontamination"]["eval_prompts"] == 600
-
-
-def test_recipe_defaults_match_the_builders():
-    import typing
-
-    from banklm.corpora.build import DEFAULT_STEPS
-    from banklm.corpora.sources import FORMATS
-
-    from banklm.recipe import GeneralCorpus, PrivateCorpus, SourceFormat, StepSpec, VerticalCorpus
-
-    for kind, cls in (("general", GeneralCorpus), ("vertical", VerticalCorpus), ("private", PrivateCorpus)):
-        got = [s.model_dump() for s in cls(sources=["x"]).steps]
-        assert got == [StepSpec.model_validate(s).model_dump() for s in DEFAULT_STEPS[kind]], kind
-    assert set(typing.get_args(SourceFormat)) == set(FORMATS)

@@ -95,3 +95,25 @@ def test_eval_help_documents_model_comparison(capsys):
         main(["eval", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--model [NAME=]PATH" in out and "comparison.md" in out and ".gguf" in out
+
+
+def test_export_quant_help_and_defaults_are_exports(capsys):
+    """`--quant` lists the quants export defines (one tuple, one default each), and the parser is split per group."""
+    import ast
+    import inspect
+
+    from banklm.export.gguf import DEFAULT_GGUF_QUANT, GGUF_QUANTS
+    from banklm.export.onnx import DEFAULT_ONNX_QUANT, DEFAULT_OPSET, ONNX_QUANTS
+
+    from banklm import cli
+
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for q in (*GGUF_QUANTS, *ONNX_QUANTS):
+        assert q in text
+    assert f"default {','.join(DEFAULT_GGUF_QUANT)}" in text and f"default {','.join(DEFAULT_ONNX_QUANT)}" in text
+    assert cli._DEFAULT_QUANT == {"gguf": DEFAULT_GGUF_QUANT, "onnx": DEFAULT_ONNX_QUANT}
+    assert cli.build_parser().parse_args(["export", "--model", "m"]).opset == DEFAULT_OPSET
+    node = ast.parse(inspect.getsource(cli.build_parser)).body[0]
+    assert node.end_lineno - node.lineno + 1 <= 150

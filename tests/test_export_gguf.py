@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from banklm.export import gguf as eg  # noqa: E402
+from banklm.export import gguf_vocab as ev  # noqa: E402
 from banklm.export.ollama import (  # noqa: E402
     jinja_to_ollama_template,
     read_modelfile_template,
@@ -71,7 +72,7 @@ def models(work, spm_tok):
 
 @pytest.fixture(scope="module")
 def exported(work, models):
-    return {arch: eg.export_gguf(d, work / f"out_{arch}", types=("f16", "q8_0", "q4_0"), name=f"tiny-{arch}")
+    return {arch: eg.export_gguf(d, work / f"out_{arch}", quant=("f16", "q8_0", "q4_0"), name=f"tiny-{arch}")
             for arch, d in models.items()}
 
 
@@ -137,9 +138,9 @@ def test_q4_0_keeps_output_head_at_q8_0(exported):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("idx,qtype", [(0, "f16"), (1, "q8_0"), (2, "q4_0")])
-def test_verify_roundtrip(arch, idx, qtype, exported, models):
-    res = verify_gguf(models[arch], exported[arch][idx], PROMPTS, qtype)
+@pytest.mark.parametrize("idx,quant", [(0, "f16"), (1, "q8_0"), (2, "q4_0")])
+def test_verify_roundtrip(arch, idx, quant, exported, models):
+    res = verify_gguf(models[arch], exported[arch][idx], PROMPTS, quant)
     assert res["passed"], res["failures"]
     assert res["tokenizer"]["ids_equal"]
     assert res["metadata"]["chat_template_present"]
@@ -147,9 +148,9 @@ def test_verify_roundtrip(arch, idx, qtype, exported, models):
     # ChatML renders no BOS and the file adds none: the served chat prompt is exactly the training one
     assert res["tokenizer"]["chat_prompt"] == {"equal": True, "leading_bos": {"training": 0, "served": 0}}
     lg = res["logits"]
-    assert lg["max_abs"] <= LOGIT_THRESHOLDS[qtype] * lg["logit_scale"]
+    assert lg["max_abs"] <= LOGIT_THRESHOLDS[quant] * lg["logit_scale"]
     assert lg["max_abs"] > 0  # really quantized
-    if qtype == "f16":
+    if quant == "f16":
         assert res["generation"]["checked"] and res["generation"]["equal"]
         assert lg["max_abs"] < 5e-3
     lc = res["llama_cpp"]
@@ -157,9 +158,9 @@ def test_verify_roundtrip(arch, idx, qtype, exported, models):
     if HAVE_LLAMA_CPP:  # the runtime banks serve with: same tokens, logits within its threshold
         assert lc["tokenizer"]["ids_equal"]
         assert lc["tokenizer"]["chat_prompt"]["equal"]
-        assert lc["logits"]["normalized_max_abs"] <= LLAMACPP_LOGIT_THRESHOLDS[qtype]
+        assert lc["logits"]["normalized_max_abs"] <= LLAMACPP_LOGIT_THRESHOLDS[quant]
         assert lc["logits"]["max_abs"] > 0
-        if qtype == "f16":
+        if quant == "f16":
             assert lc["generation"]["checked"] and lc["generation"]["equal"]
     else:
         assert "pip install 'banklm[llamacpp]'" in lc["note"]
@@ -167,7 +168,7 @@ def test_verify_roundtrip(arch, idx, qtype, exported, models):
 
 
 def test_f32_is_exact_and_transformers_reads_config(work, models):
-    (p,) = eg.export_gguf(models["llama"], work / "f32", types=("f32",))
+    (p,) = eg.export_gguf(models["llama"], work / "f32", quant=("f32",))
     res = verify_gguf(models["llama"], p, PROMPTS[:2], "f32")
     assert res["passed"], res["failures"]
     assert res["logits"]["max_abs"] < 1e-5
@@ -179,7 +180,7 @@ def test_f32_is_exact_and_transformers_reads_config(work, models):
 def test_bf16_roundtrip(arch, work, models):
     """bf16 files hold torch's bf16 rounding of every matrix (1-D tensors stay F32) and pass verification
     within the bf16 thresholds, in transformers' reader and in llama.cpp."""
-    (p,) = eg.export_gguf(models[arch], work / f"bf16_{arch}", types=("bf16",), name=f"tiny-{arch}")
+    (p,) = eg.export_gguf(models[arch], work / f"bf16_{arch}", quant=("bf16",), name=f"tiny-{arch}")
     assert p.name == f"tiny-{arch}-bf16.gguf"
     r = gguf.GGUFReader(str(p))
     assert r.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_BF16) == 32
@@ -223,14 +224,14 @@ def bos_model(work, spm_tok):
 
 
 def test_chat_template_renders_bos():
-    assert eg.chat_template_renders_bos(BOS_TEMPLATE, "<s>")
-    assert not eg.chat_template_renders_bos(CHAT_TEMPLATE, "<s>")
-    assert not eg.chat_template_renders_bos(CHAT_TEMPLATE + "{{ bos_token }}", "<s>")  # not at the start
-    assert not eg.chat_template_renders_bos(BOS_TEMPLATE, None)
-    assert eg.chat_template_renders_bos([{"name": "tool_use", "template": CHAT_TEMPLATE},
+    assert ev.chat_template_renders_bos(BOS_TEMPLATE, "<s>")
+    assert not ev.chat_template_renders_bos(CHAT_TEMPLATE, "<s>")
+    assert not ev.chat_template_renders_bos(CHAT_TEMPLATE + "{{ bos_token }}", "<s>")  # not at the start
+    assert not ev.chat_template_renders_bos(BOS_TEMPLATE, None)
+    assert ev.chat_template_renders_bos([{"name": "tool_use", "template": CHAT_TEMPLATE},
                                          {"name": "default", "template": BOS_TEMPLATE}], "<s>")
     with pytest.raises(ValueError, match="does not render a one-user-message conversation"):
-        eg.chat_template_renders_bos("{{ raise_exception('system message required') }}", "<s>")
+        ev.chat_template_renders_bos("{{ raise_exception('system message required') }}", "<s>")
 
 
 def test_template_bos_is_not_doubled(work, bos_model):
@@ -240,7 +241,7 @@ def test_template_bos_is_not_doubled(work, bos_model):
     assert tok.add_bos_token  # the premise: the training config asks for BOS...
     ids = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert ids[0] == tok.bos_token_id != ids[1]  # ...and training saw exactly one, from the template
-    (p,) = eg.export_gguf(bos_model, work / "bos_out", types=("f16",))
+    (p,) = eg.export_gguf(bos_model, work / "bos_out", quant=("f16",))
     f = {k: v.contents() for k, v in gguf.GGUFReader(str(p)).fields.items()}
     assert f["tokenizer.ggml.add_bos_token"] is False
     assert f["tokenizer.ggml.bos_token_id"] == tok.bos_token_id == 1
@@ -259,7 +260,7 @@ def test_template_bos_is_not_doubled(work, bos_model):
 
     # planted: the same model written with add_bos_token=true (what the exporter did before)
     m = eg.read_model(bos_model)
-    t = eg.read_tokenizer(bos_model, m.n_vocab)
+    t = ev.read_tokenizer(bos_model, m.n_vocab)
     t.add_bos = True
     bad = eg.write_gguf(m, t, work / "bos_out" / "planted-f16.gguf", "f16")
     res = verify_gguf(bos_model, bad, PROMPTS[:1], "f16")
@@ -332,15 +333,15 @@ def test_refuses_unsupported_architecture(work, spm_tok):
 
 def test_unknown_type_and_kquant_without_llama_cpp(work, models, monkeypatch):
     with pytest.raises(ValueError, match="q3_x"):
-        eg.export_gguf(models["llama"], work / "bad", types=("q3_x",))
+        eg.export_gguf(models["llama"], work / "bad", quant=("q3_x",))
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
     out = work / "kq"
     with pytest.raises(RuntimeError, match=r"banklm\[llamacpp\]"):
-        eg.export_gguf(models["llama"], out, types=("f16", "q4_k_m"))
+        eg.export_gguf(models["llama"], out, quant=("f16", "q4_k_m"))
     assert not out.exists() or not list(out.glob("*.gguf"))  # refused before writing anything
     with pytest.raises(RuntimeError, match=r"banklm\[llamacpp\]"):
         eg.requantize_with_llamacpp(work / "x.gguf", work / "y.gguf", "q4_k_m")
-    (p,) = eg.export_gguf(models["llama"], work / "no_llamacpp", types=("q8_0",))
+    (p,) = eg.export_gguf(models["llama"], work / "no_llamacpp", quant=("q8_0",))
     res = verify_gguf(models["llama"], p, PROMPTS[:1], "q8_0")
     assert res["passed"] and res["llama_cpp"] == {"checked": False, "note": LLAMA_CPP_MISSING}
 
@@ -349,12 +350,12 @@ def test_unknown_type_and_kquant_without_llama_cpp(work, models, monkeypatch):
 def test_kquants_through_llama_cpp(arch, work, models):
     """q4_k_m / q5_k_m / q6_k come from llama.cpp's own quantizer and are checked in llama.cpp."""
     require_llama_cpp()
-    types = ("q4_k_m", "q5_k_m", "q6_k")
-    paths = eg.export_gguf(models[arch], work / f"kq_{arch}", types=types, name=f"tiny-{arch}")
-    assert [p.name for p in paths] == [f"tiny-{arch}-{t}.gguf" for t in types]
+    quants = eg.KQUANTS
+    paths = eg.export_gguf(models[arch], work / f"kq_{arch}", quant=quants, name=f"tiny-{arch}")
+    assert [p.name for p in paths] == [f"tiny-{arch}-{t}.gguf" for t in quants]
     assert not [f for f in (work / f"kq_{arch}").iterdir() if f.name.startswith(".")]  # no temporary left
-    for p, t in zip(paths, types, strict=True):
-        assert gguf.GGUFReader(str(p)).fields["general.file_type"].contents() == int(eg.KQUANT_TYPES[t])
+    for p, t in zip(paths, quants, strict=True):
+        assert gguf.GGUFReader(str(p)).fields["general.file_type"].contents() == int(eg.file_type(t))
         res = verify_gguf(models[arch], p, PROMPTS, t)
         assert res["passed"], res["failures"]
         assert res["llama_cpp"]["checked"] and res["llama_cpp"]["tokenizer"]["ids_equal"]
@@ -366,11 +367,11 @@ def test_block_size_fallback(work, spm_tok, caplog):
                          num_kv_heads=4, intermediate_size=80, max_position_embeddings=128)
     _sharpen(Path(d))
     with caplog.at_level("INFO", logger="banklm.export.gguf"):
-        (p,) = eg.export_gguf(d, work / "odd", types=("q4_0",))
+        (p,) = eg.export_gguf(d, work / "odd", quant=("q4_0",))
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(p)).tensors}
     assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 80: not a multiple of 32
     assert types["blk.0.ffn_up.weight"] == "Q4_0"
-    assert "blk.0.ffn_down.weight" in caplog.text and "F16" in caplog.text
+    assert "blk.0.ffn_down.weight" in caplog.text and "stored as f16" in caplog.text  # logged in quant names
     res = verify_gguf(d, p, PROMPTS[1:], "q4_0")
     assert res["passed"], res["failures"]
 
@@ -381,24 +382,24 @@ def test_atomic_write_leaves_nothing_on_failure(work, models, monkeypatch):
     calls = {"n": 0}
     real = eg.quantize_tensor
 
-    def flaky(data, qtype):
+    def flaky(data, quant):
         calls["n"] += 1
         if calls["n"] == 4:
             raise RuntimeError("disk on fire")
-        return real(data, qtype)
+        return real(data, quant)
 
     monkeypatch.setattr(eg, "quantize_tensor", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        eg.export_gguf(models["qwen2"], out, types=("q8_0",))
+        eg.export_gguf(models["qwen2"], out, quant=("q8_0",))
     assert list(out.iterdir()) == []  # neither a final nor a temporary file
     # an existing good file survives a failed re-export
     monkeypatch.setattr(eg, "quantize_tensor", real)
-    (good,) = eg.export_gguf(models["qwen2"], out, types=("q8_0",))
+    (good,) = eg.export_gguf(models["qwen2"], out, quant=("q8_0",))
     before = good.read_bytes()
     calls["n"] = 0
     monkeypatch.setattr(eg, "quantize_tensor", flaky)
     with pytest.raises(RuntimeError):
-        eg.export_gguf(models["qwen2"], out, types=("q8_0",))
+        eg.export_gguf(models["qwen2"], out, quant=("q8_0",))
     assert good.read_bytes() == before and [x.name for x in out.iterdir()] == [good.name]
 
 
@@ -411,7 +412,7 @@ def bpe_model(work):
 
 
 def test_bpe_tokenizer_export(work, bpe_model):
-    p16, p8 = eg.export_gguf(bpe_model, work / "bpe_out", types=("f16", "q8_0"))
+    p16, p8 = eg.export_gguf(bpe_model, work / "bpe_out", quant=("f16", "q8_0"))
     f = {k: v.contents() for k, v in gguf.GGUFReader(str(p16)).fields.items()}
     assert f["tokenizer.ggml.model"] == "gpt2"
     assert f["tokenizer.ggml.pre"] == "qwen2"
@@ -435,20 +436,20 @@ def test_pre_tokenizer_derivation():
     from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    assert eg.QWEN2_PRE_REGEX == PRETOKENIZE_REGEX and eg.LLAMA3_PRE_REGEX == _LLAMA3_SPLIT
+    assert ev.QWEN2_PRE_REGEX == PRETOKENIZE_REGEX and ev.LLAMA3_PRE_REGEX == _LLAMA3_SPLIT
 
     def seq(regex, use_regex=False):
         return {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": use_regex}]}
 
-    assert eg.derive_bpe_pre(seq(eg.QWEN2_PRE_REGEX)) == "qwen2"
-    assert eg.derive_bpe_pre(seq(eg.LLAMA3_PRE_REGEX)) == "llama-bpe"
-    assert eg.derive_bpe_pre({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}) == "gpt-2"
+    assert ev.derive_bpe_pre(seq(ev.QWEN2_PRE_REGEX)) == "qwen2"
+    assert ev.derive_bpe_pre(seq(ev.LLAMA3_PRE_REGEX)) == "llama-bpe"
+    assert ev.derive_bpe_pre({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}) == "gpt-2"
     with pytest.raises(ValueError, match="unknown pre-tokenizer regex"):
-        eg.derive_bpe_pre(seq(r"\p{N}{1,5}|\s+"))
+        ev.derive_bpe_pre(seq(r"\p{N}{1,5}|\s+"))
     with pytest.raises(ValueError, match="Whitespace"):
-        eg.derive_bpe_pre({"type": "Whitespace"})
+        ev.derive_bpe_pre({"type": "Whitespace"})
 
 
 def test_unknown_bpe_pre_tokenizer_refused(work, bpe_model):
@@ -458,7 +459,7 @@ def test_unknown_bpe_pre_tokenizer_refused(work, bpe_model):
     tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{N}{1,2}|\S+|\s+"
     (d / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(ValueError, match="unknown pre-tokenizer regex"):
-        eg.export_gguf(d, work / "bpe_odd_out", types=("f16",))
+        eg.export_gguf(d, work / "bpe_odd_out", quant=("f16",))
     assert not list((work / "bpe_odd_out").glob("*.gguf")) if (work / "bpe_odd_out").exists() else True
 
 
@@ -515,7 +516,7 @@ def test_llama_cpp_detokenizes_long_pieces(work):
     assert max(len(tok.decode([i]).encode()) for i in ids) > 32  # the case under test
     d = build_tiny_model("llama", tokdir, work / "m_long", hidden_size=64, num_layers=1, num_heads=4,
                          num_kv_heads=4, intermediate_size=128, max_position_embeddings=128)
-    (p,) = eg.export_gguf(d, work / "long_out", types=("f16",))
+    (p,) = eg.export_gguf(d, work / "long_out", quant=("f16",))
     with LlamaCppLM(p, n_ctx=128) as lm:
         assert lm.tokenize(f"理由：{phrase}") == ids
         assert lm.detokenize(ids) == f"理由：{phrase}" == tok.decode(ids, skip_special_tokens=True)

@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from banklm.export.bundle import build_export, check_sha256sums  # noqa: E402
 from banklm.export.ollama import read_modelfile_template, render_ollama_template  # noqa: E402
-from banklm.export.onnx import ONNX_TYPES, export_onnx, input_names, onnx_metadata, output_names  # noqa: E402
+from banklm.export.onnx import ONNX_QUANTS, export_onnx, input_names, onnx_metadata, output_names  # noqa: E402
 from banklm.export.verify import ONNX_LOGIT_THRESHOLDS, verify_onnx  # noqa: E402
 from banklm.finetune.tokenizer import CHAT_TEMPLATE, load_tokenizer  # noqa: E402
 
@@ -43,7 +43,7 @@ def models(work):
 
 @pytest.fixture(scope="module")
 def exported(work, models):
-    return {arch: export_onnx(d, work / f"onnx_{arch}", types=("fp32", "int8")) for arch, d in models.items()}
+    return {arch: export_onnx(d, work / f"onnx_{arch}", quant=("fp32", "int8")) for arch, d in models.items()}
 
 
 def _torch(model_dir):
@@ -80,15 +80,15 @@ def test_graph_names_files_and_template(arch, exported, models):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("qtype", ["fp32", "int8"])
-def test_verify_roundtrip(arch, qtype, exported, models):
-    folder = exported[arch][0 if qtype == "fp32" else 1]
-    res = verify_onnx(models[arch], folder, PROMPTS, qtype)
+@pytest.mark.parametrize("quant", ["fp32", "int8"])
+def test_verify_roundtrip(arch, quant, exported, models):
+    folder = exported[arch][0 if quant == "fp32" else 1]
+    res = verify_onnx(models[arch], folder, PROMPTS, quant)
     assert res["passed"], res["failures"]
     assert res["tokenizer"]["ids_equal"] and res["metadata"]["chat_template_present"]
     lg = res["logits"]
-    assert lg["normalized_max_abs"] <= ONNX_LOGIT_THRESHOLDS[qtype]
-    if qtype == "fp32":
+    assert lg["normalized_max_abs"] <= ONNX_LOGIT_THRESHOLDS[quant]
+    if quant == "fp32":
         assert lg["max_abs"] < 1e-4 and lg["top1_agreement"] == 1.0
         assert res["generation"]["checked"] and res["generation"]["equal"]
     else:
@@ -98,7 +98,7 @@ def test_verify_roundtrip(arch, qtype, exported, models):
 
 
 def test_fp16_export_runs_on_cpu(work, models):
-    (folder,) = export_onnx(models["qwen2"], work / "onnx_fp16", types=("fp16",))
+    (folder,) = export_onnx(models["qwen2"], work / "onnx_fp16", quant=("fp16",))
     lm = OnnxCausalLM(folder)
     assert lm.float_type == np.float16
     res = verify_onnx(models["qwen2"], folder, PROMPTS[:2], "fp16")
@@ -142,7 +142,7 @@ def test_batched_left_padded_greedy_equals_per_prompt_and_pytorch(arch, exported
 
 def test_bpe_tokenizer_model(work):
     d = bpe_model(work)
-    (folder,) = export_onnx(d, work / "onnx_bpe", types=("fp32",))
+    (folder,) = export_onnx(d, work / "onnx_bpe", quant=("fp32",))
     assert (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").exists()
     res = verify_onnx(d, folder, PROMPTS, "fp32")
     assert res["passed"], res["failures"]
@@ -157,10 +157,10 @@ def test_refuses_unsupported_architecture_and_bad_options(work, models):
         export_onnx(d, work / "gpt2_out")
     assert not (work / "gpt2_out").exists()
     with pytest.raises(ValueError, match="int4"):
-        export_onnx(models["llama"], work / "bad", types=("int4",))
+        export_onnx(models["llama"], work / "bad", quant=("int4",))
     with pytest.raises(ValueError, match="opset 11"):
         export_onnx(models["llama"], work / "bad", opset=11)
-    assert set(ONNX_TYPES) == {"fp32", "fp16", "int8"}
+    assert set(ONNX_QUANTS) == {"fp32", "fp16", "int8"}
 
 
 def test_verify_reports_mismatches_without_raising(work, exported, models):
@@ -198,8 +198,8 @@ def bundle(work, models):
     out = work / "bundle" / "export"
     tok = load_tokenizer(models["llama"])
     prompts = [tok.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True), PROMPTS[1]]
-    summary = build_export(models["llama"], out, name="tiny", prompts=prompts, gguf_types=("f16", "q8_0"),
-                           onnx_types=("fp32", "int8"), records=_records(), eval_max_new_tokens=24,
+    summary = build_export(models["llama"], out, name="tiny", prompts=prompts, gguf_quant=("f16", "q8_0"),
+                           onnx_quant=("fp32", "int8"), records=_records(), eval_max_new_tokens=24,
                            system="你是银行审计助手。", model_card=lambda s: f"# card\n\npassed: {s['passed']}\n")
     return out, summary
 
@@ -374,7 +374,7 @@ def test_weights_over_the_protobuf_limit_go_to_one_external_file(work, models, m
     from banklm.export import onnx as eo
 
     monkeypatch.setattr(eo, "_INLINE_LIMIT", 10_000)
-    fp32, int8 = export_onnx(models["qwen2"], work / "onnx_external", types=("fp32", "int8"))
+    fp32, int8 = export_onnx(models["qwen2"], work / "onnx_external", quant=("fp32", "int8"))
     assert sorted(f.name for f in fp32.iterdir() if f.name.startswith("model.")) == ["model.onnx", "model.onnx.data"]
     assert not (fp32 / ".trace").exists()
     graph, data = (fp32 / "model.onnx").stat().st_size, (fp32 / "model.onnx.data").stat().st_size

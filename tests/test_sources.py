@@ -334,3 +334,20 @@ def test_spec_errors(tmp_path):
         read_sources([{"path": str(tmp_path / "*.parquet")}])
     with pytest.raises(ValueError, match="format 'xml' unknown"):
         read_sources([{"path": str(p), "format": "xml"}])
+
+
+def test_one_encoding_detector_for_every_reader(tmp_path):
+    """`corpus scrub` (pii.scrub_jsonl) decodes with the readers' detector and line decoder, not a copy."""
+    from banklm.corpora import sources
+    from banklm.corpora.ops import pii
+
+    assert pii.detect_encoding is sources.detect_encoding and pii.decode_line is sources.decode_line
+    p = _mixed(tmp_path / "m.jsonl", [("utf-8", '{"id": "u", "text": "第一条 利率调整通知"}\n'),
+                                      ("gbk", '{"id": "g", "text": "第二条 客户经理"}\n')])
+    stats = pii.scrub_jsonl(p, tmp_path / "out.jsonl")
+    assert stats["encoding"] == detect_encoding(p) == "mixed"
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in out] == read_sources([{"path": str(p)}])[0]["text"] == ["第一条 利率调整通知", "第二条 客户经理"]
+    (tmp_path / "u16.jsonl").write_bytes("\ufeff{}".encode("utf-16-le"))
+    with pytest.raises(pii.PIIInputError, match="UTF-16"):
+        pii.scrub_jsonl(tmp_path / "u16.jsonl", tmp_path / "o.jsonl")

@@ -14,9 +14,9 @@ from banklm.corpora.build import (
     build_vertical,
     check_sources,
     check_tables,
-    scenario_test_prompts,
     source_files,
 )
+from banklm.corpora.splits import scenario_test_prompts
 from banklm.finetune.tokenizer import load_tokenizer
 from banklm.ledger import data_lineage
 from banklm.pipeline import RunContext

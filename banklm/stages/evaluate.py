@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from banklm.corpora.build import load_split
+from banklm.corpora.splits import load_split
 from banklm.evaluation.evaluate import evaluate_model_dir, load_model_dir
 from banklm.evaluation.perplexity import perplexity
 from banklm.io import atomic_write_json

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from banklm.corpora.build import load_split
 from banklm.corpora.ops.pii import scrub_text
+from banklm.corpora.splits import load_split
 from banklm.export.bundle import build_export, verify_export
 from banklm.export.verify import DEFAULT_PROMPTS
 from banklm.finetune.tokenizer import load_tokenizer
@@ -26,7 +26,7 @@ def run_export(ctx: RunContext) -> list[Path]:
     out = ctx.path("export")
     summary = build_export(
         model_dir, out, name=ctx.recipe.name, prompts=_verify_prompts(ctx, tok) if scenario else _default_prompts(tok),
-        gguf_types=x.gguf.quant if x.gguf.enabled else (), onnx_types=x.onnx.quant if x.onnx.enabled else (),
+        gguf_quant=x.gguf.quant if x.gguf.enabled else (), onnx_quant=x.onnx.quant if x.onnx.enabled else (),
         opset=x.onnx.opset, records=_export_eval_records(ctx) if (x.evaluate and scenario) else None,
         eval_batch_size=ctx.recipe.eval.batch_size, eval_max_new_tokens=ctx.recipe.eval.max_new_tokens,
         max_accuracy_drop=x.max_accuracy_drop, device=run_device(ctx), system=x.gguf.system, num_ctx=x.gguf.num_ctx,

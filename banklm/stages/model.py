@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from banklm.corpora.build import corpus_texts, token_counts
+from banklm.corpora.splits import corpus_texts, token_counts
 from banklm.finetune.models import build_tiny_model, convert_pickled_model
 from banklm.finetune.tokenizer import load_tokenizer, train_tokenizer
 from banklm.io import atomic_write_json

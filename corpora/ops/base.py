@@ -11,6 +11,11 @@ plus step-specific details. ``in == kept + dropped + quarantined`` holds for eve
 :func:`run_steps` asserts it. Steps that only rewrite text (normalisation, PII) report ``kept == in``
 and their own counts (records changed, placeholders per type, ...).
 
+Parameters a recipe may set (``steps: [{near_dedup: {threshold: 0.85}}]``) are declared once, on the step:
+steps are dataclasses whose recipe parameters are :func:`param` fields (default and bounds); the step checks
+the bounds when built, and the recipe schema (``banklm.recipe``) builds its validation from
+:func:`step_params`.
+
 Records hold their content in one column, found by :func:`resolve_field`: ``text`` (raw documents),
 ``messages`` (instruction data, ``[{role, content}]``) or ``prompt`` (+ ``completion``). Steps read it
 with :func:`text_of` and rewrite it with :func:`map_content`, so every step works on both kinds.
@@ -18,9 +23,12 @@ with :func:`text_of` and rewrite it with :func:`map_content`, so every step work
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import operator
 import os
 import time
+import typing
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -114,10 +122,50 @@ def filter_by_reasons(step: Step, ds, reasons: Sequence[str | None], field: str,
     return StepResult(out, make_stats(step, len(ds), len(keep), counts, examples, **details))
 
 
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+def param(default: Any, **bounds: float) -> Any:
+    """A step parameter a recipe may set: a dataclass field with its ``default`` and ``bounds`` (``ge``, ``gt``,
+    ``le``, ``lt``), the one place both the step and the recipe schema read them from."""
+    unknown = sorted(set(bounds) - set(_BOUNDS))
+    if unknown:
+        raise TypeError(f"param: unknown bound {unknown[0]!r} (allowed: {', '.join(_BOUNDS)})")
+    return field(default=default, metadata={"param": bounds})
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared step parameter, as :func:`step_params` returns it."""
+
+    name: str
+    type: Any
+    default: Any
+    bounds: dict
+
+
+def step_params(cls: type) -> dict[str, Param]:
+    """The parameters a recipe may set on the step class ``cls`` (its :func:`param` fields), in order."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    hints = typing.get_type_hints(cls)
+    return {f.name: Param(f.name, hints[f.name], f.default, dict(f.metadata["param"]))
+            for f in dataclasses.fields(cls) if "param" in f.metadata}
+
+
 class Step:
-    """Base class: subclasses set ``name``, store parameters as public attributes and implement ``apply``."""
+    """Base class: subclasses set ``name``, store parameters as public attributes and implement ``apply``.
+    Dataclass steps declare the parameters a recipe may set with :func:`param`; their bounds are checked here."""
 
     name = "step"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for bound, limit in f.metadata.get("param", {}).items():
+                op, sign = _BOUNDS[bound]
+                if not op(value, limit):
+                    raise ValueError(f"{self.name}: {f.name} must be {sign} {limit}, got {value!r}")
 
     def params(self) -> dict:
         return {k: _plain(v) for k, v in vars(self).items() if not k.startswith("_")}

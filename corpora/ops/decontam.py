@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-from .base import Step, StepResult, filter_by_reasons, resolve_field, text_of
+from .base import Step, StepResult, filter_by_reasons, param, resolve_field, text_of
 from .normalize import _FW_TABLE
 
 _WS = re.compile(r"\s+")
@@ -40,18 +41,22 @@ def texts_of(ds_or_texts) -> list[str]:
     return out
 
 
+@dataclass(repr=False, eq=False)
 class Decontaminate(Step):
-    """``eval_sets``: ``{name: Dataset | list[str] | list[dict]}`` (or one of those, named ``eval``)."""
+    """``eval_sets``: ``{name: Dataset | list[str] | list[dict]}`` (or one of those, named ``eval``); after
+    construction, the sorted names of the eval sets."""
 
     name = "decontam"
 
-    def __init__(self, eval_sets: Mapping[str, Iterable] | Iterable, n: int = 13, field: str | None = None):
-        if n < 1:
-            raise ValueError(f"decontam: n must be >= 1, got {n}")
+    eval_sets: Mapping[str, Iterable] | Iterable
+    n: int = param(13, ge=5, le=200)
+    field: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        eval_sets, n = self.eval_sets, self.n
         if not isinstance(eval_sets, Mapping):
             eval_sets = {"eval": eval_sets}
-        self.n = n
-        self.field = field
         self._grams: dict[str, str] = {}  # n-gram -> name of the first eval set holding it
         self._short = 0
         self._sizes = {}

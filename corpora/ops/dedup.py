@@ -20,10 +20,11 @@ import hashlib
 import re
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Step, StepResult, filter_by_reasons, resolve_field, text_of
+from .base import Step, StepResult, filter_by_reasons, param, resolve_field, text_of
 from .normalize import normalize_text
 
 _WS = re.compile(r"\s+")
@@ -43,13 +44,13 @@ def char_ngrams(text: str, n: int) -> set[str]:
     return {text[i:i + n] for i in range(len(text) - n + 1)}
 
 
+@dataclass(repr=False, eq=False)
 class ExactDedup(Step):
     """Drop records whose dedup key equals that of an earlier record (reason ``exact_duplicate``)."""
 
     name = "exact_dedup"
 
-    def __init__(self, field: str | None = None):
-        self.field = field
+    field: str | None = None
 
     def apply(self, ds, num_proc: int = 1) -> StepResult:
         field = resolve_field(ds, self.field)
@@ -70,23 +71,22 @@ class ExactDedup(Step):
             1 for c in Counter(hashes).values() if c > 1))
 
 
+@dataclass(repr=False, eq=False)
 class NearDedup(Step):
     """MinHash-LSH near-duplicate removal over character n-grams; keeps one record per cluster."""
 
     name = "near_dedup"
 
-    def __init__(self, ngram: int = 5, threshold: float = 0.8, num_perm: int = 128, seed: int = 42,
-                 lsh_weights: tuple[float, float] = (0.1, 0.9), field: str | None = None):
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"near_dedup: threshold must be in (0, 1], got {threshold}")
-        if ngram < 1:
-            raise ValueError(f"near_dedup: ngram must be >= 1, got {ngram}")
-        self.ngram = ngram
-        self.threshold = threshold
-        self.num_perm = num_perm
-        self.seed = seed
-        self.lsh_weights = tuple(lsh_weights)
-        self.field = field
+    ngram: int = param(5, ge=1, le=64)
+    threshold: float = param(0.8, gt=0.0, le=1.0)
+    num_perm: int = param(128, ge=16, le=1024)
+    seed: int = param(42)
+    lsh_weights: tuple[float, float] = (0.1, 0.9)
+    field: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.lsh_weights = tuple(self.lsh_weights)
 
     def signatures(self, ds, field: str, num_proc: int = 1) -> np.ndarray:
         """``(len(ds), num_perm)`` uint32 MinHash signatures."""

@@ -27,11 +27,12 @@ import math
 import re
 import unicodedata
 from collections import Counter
+from dataclasses import dataclass
 
 from banklm.tasks.base import FULLWIDTH_TO_ASCII as _FW_TABLE  # one table for corpora and serving
 from banklm.tasks.base import KEEP_FULLWIDTH  # noqa: F401  (re-exported)
 
-from .base import Step, StepResult, filter_by_reasons, make_stats, map_content, resolve_field
+from .base import Step, StepResult, filter_by_reasons, make_stats, map_content, param, resolve_field
 
 _CONTROL = "".join(chr(c) for c in [*range(0, 9), 11, 12, *range(14, 32), 127, *range(0x80, 0xA0)])
 _ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
@@ -61,15 +62,15 @@ def normalize_text(text: str, fullwidth: bool = True, html_remnants: bool = True
     return text.strip()
 
 
+@dataclass(repr=False, eq=False)
 class Normalize(Step):
     """Rewrite the content with :func:`normalize_text`; reports how many records changed."""
 
     name = "normalize"
 
-    def __init__(self, fullwidth: bool = True, html_remnants: bool = True, field: str | None = None):
-        self.fullwidth = fullwidth
-        self.html_remnants = html_remnants
-        self.field = field
+    fullwidth: bool = param(True)
+    html_remnants: bool = param(True)
+    field: str | None = None
 
     def apply(self, ds, num_proc: int = 1) -> StepResult:
         field = resolve_field(ds, self.field)
@@ -90,6 +91,7 @@ def _line_key(line: str) -> str:
     return hashlib.blake2b(line.strip().encode("utf-8"), digest_size=8).hexdigest()
 
 
+@dataclass(repr=False, eq=False)
 class RemoveBoilerplate(Step):
     """Remove lines found in at least ``max(min_docs, min_fraction * N)`` distinct documents.
 
@@ -100,12 +102,10 @@ class RemoveBoilerplate(Step):
 
     name = "boilerplate"
 
-    def __init__(self, min_docs: int = 3, min_fraction: float = 0.0, min_line_chars: int = 4,
-                 field: str | None = None):
-        self.min_docs = min_docs
-        self.min_fraction = min_fraction
-        self.min_line_chars = min_line_chars
-        self.field = field
+    min_docs: int = param(3, ge=2)
+    min_fraction: float = param(0.0, ge=0.0, le=1.0)
+    min_line_chars: int = param(4, ge=1)
+    field: str | None = None
 
     def apply(self, ds, num_proc: int = 1) -> StepResult:
         field = resolve_field(ds, self.field)

@@ -23,8 +23,9 @@ instruction records).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
-from .base import Step, StepResult, filter_by_reasons, resolve_field
+from .base import Step, StepResult, filter_by_reasons, param, resolve_field
 
 
 def prompt_side(record: dict, field: str) -> str:
@@ -53,22 +54,20 @@ def ngram_set(text: str, min_n: int, max_n: int) -> set[str]:
     return {g for g in out if not g.isspace()}
 
 
+@dataclass(repr=False, eq=False)
 class PoisonScreen(Step):
     name = "poison"
 
-    def __init__(self, label_field: str = "label", min_n: int = 3, max_n: int = 6, min_count: int = 5,
-                 max_doc_frac: float = 0.02, min_purity: float = 0.9, min_lift: float = 2.0,
-                 drop: bool = False, top_k: int = 20, field: str | None = None):
-        self.label_field = label_field
-        self.min_n = min_n
-        self.max_n = max_n
-        self.min_count = min_count
-        self.max_doc_frac = max_doc_frac
-        self.min_purity = min_purity
-        self.min_lift = min_lift
-        self.drop = drop
-        self.top_k = top_k
-        self.field = field
+    label_field: str = param("label")
+    min_n: int = param(3, ge=1)
+    max_n: int = param(6, ge=1)
+    min_count: int = param(5, ge=2)
+    max_doc_frac: float = param(0.02, gt=0.0, le=1.0)
+    min_purity: float = param(0.9, gt=0.0, le=1.0)
+    min_lift: float = param(2.0, ge=1.0)
+    drop: bool = param(False)
+    top_k: int = param(20, ge=1)
+    field: str | None = None
 
     def screen(self, prompts: list[str], labels: list[str]) -> list[dict]:
         """Suspect strings, highest lift first; each has ``ngrams`` (the rare n-grams it merges)."""

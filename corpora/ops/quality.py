@@ -21,8 +21,9 @@ removed from the text (raw-text corpora; instruction records are only judged, ne
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import dataclass
 
-from .base import Step, StepResult, filter_by_reasons, resolve_field, text_of
+from .base import Step, StepResult, filter_by_reasons, param, resolve_field, text_of
 
 JUNK_PATTERNS = ("点击", "扫码", "扫一扫", "关注公众号", "关注我们", "长按识别", "广告", "推广链接", "分享到",
                  "版权所有", "copyright", "©", "all rights reserved", "上一篇", "下一篇", "返回顶部",
@@ -57,24 +58,21 @@ def is_junk_line(line: str, max_chars: int = 40, patterns=JUNK_PATTERNS) -> bool
     return any(p in low for p in patterns)
 
 
+@dataclass(repr=False, eq=False)
 class QualityFilter(Step):
     name = "quality"
 
-    def __init__(self, min_chars: int = 20, max_chars: int = 100_000, min_cjk_ratio: float = 0.3,
-                 max_symbol_ratio: float = 0.2, max_digit_ratio: float = 0.5, repeat_ngram: int = 10,
-                 max_repeat_ratio: float = 0.3, max_junk_line_ratio: float = 0.3, junk_line_max_chars: int = 40,
-                 strip_junk_lines: bool = True, field: str | None = None):
-        self.min_chars = min_chars
-        self.max_chars = max_chars
-        self.min_cjk_ratio = min_cjk_ratio
-        self.max_symbol_ratio = max_symbol_ratio
-        self.max_digit_ratio = max_digit_ratio
-        self.repeat_ngram = repeat_ngram
-        self.max_repeat_ratio = max_repeat_ratio
-        self.max_junk_line_ratio = max_junk_line_ratio
-        self.junk_line_max_chars = junk_line_max_chars
-        self.strip_junk_lines = strip_junk_lines
-        self.field = field
+    min_chars: int = param(20, ge=0)
+    max_chars: int = param(100_000, ge=1)
+    min_cjk_ratio: float = param(0.3, ge=0.0, le=1.0)
+    max_symbol_ratio: float = param(0.2, ge=0.0, le=1.0)
+    max_digit_ratio: float = param(0.5, ge=0.0, le=1.0)
+    repeat_ngram: int = param(10, ge=2, le=200)
+    max_repeat_ratio: float = param(0.3, ge=0.0, le=1.0)
+    max_junk_line_ratio: float = param(0.3, ge=0.0, le=1.0)
+    junk_line_max_chars: int = param(40, ge=1)
+    strip_junk_lines: bool = param(True)
+    field: str | None = None
 
     def reason(self, text: str) -> str | None:
         """The first rule ``text`` fails, or None."""

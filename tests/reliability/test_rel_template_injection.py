@@ -85,7 +85,7 @@ def test_export_never_writes_a_poisoned_template(tiny_model, tmp_path):
 
     folder = _poisoned(tiny_model, tmp_path / "model", _payloads(tmp_path)[2])
     with pytest.raises(UnsafeTemplate, match="__globals__"):
-        export_gguf(folder, tmp_path / "gguf", types=("f16",))
+        export_gguf(folder, tmp_path / "gguf", quant=("f16",))
     assert not list((tmp_path / "gguf").glob("*.gguf"))  # (a missing folder globs to nothing)
     for payload in _payloads(tmp_path):
         with pytest.raises(UnsafeTemplate):
@@ -94,7 +94,7 @@ def test_export_never_writes_a_poisoned_template(tiny_model, tmp_path):
     # the clean folder still exports, with its template in the GGUF metadata
     import gguf
 
-    (f16,) = export_gguf(tiny_model, tmp_path / "clean", types=("f16",))
+    (f16,) = export_gguf(tiny_model, tmp_path / "clean", quant=("f16",))
     field = gguf.GGUFReader(f16).get_field("tokenizer.chat_template")
     assert bytes(field.parts[field.data[0]]).decode("utf-8") == CHAT_TEMPLATE
 
@@ -109,14 +109,14 @@ def test_onnx_export_never_ships_a_poisoned_template(tiny_model, tmp_path):
     payload = _payloads(tmp_path)[1]
     folder = _poisoned(tiny_model, tmp_path / "model", payload)
     with pytest.raises(UnsafeTemplate, match=r"chat_template\.jinja: chat template .*__globals__"):
-        export_onnx(folder, tmp_path / "onnx", types=("fp32", "int8"))
+        export_onnx(folder, tmp_path / "onnx", quant=("fp32", "int8"))
     assert not (tmp_path / "onnx").exists()
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")  # only the config is poisoned now
     with pytest.raises(UnsafeTemplate, match=r"tokenizer_config\.json: chat template .*__globals__"):
-        export_onnx(folder, tmp_path / "onnx", types=("int8",))
+        export_onnx(folder, tmp_path / "onnx", quant=("int8",))
     assert not (tmp_path / "onnx").exists()
     # a clean folder exports with its template; a poisoned copy of that fp32 folder is not quantized
-    (fp32,) = export_onnx(tiny_model, tmp_path / "clean", types=("fp32",))
+    (fp32,) = export_onnx(tiny_model, tmp_path / "clean", quant=("fp32",))
     assert (fp32 / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
     bad_fp32 = tmp_path / "bad_fp32"
     shutil.copytree(fp32, bad_fp32)
