@@ -5,12 +5,11 @@ from __future__ import annotations
 import codecs
 import importlib.util
 import json
+import re
 import time
 
 import pytest
-
-from banklm.cli import main
-from corpora.ops.pii import (
+from banklm.corpora.ops.pii import (
     ALL_TYPES,
     PIIError,
     PIIInputError,
@@ -243,6 +242,148 @@ def test_names_without_context_are_not_guessed():
     assert types_of("张伟和李娜去了银行") == []
 
 
+# ------------------------------------------------------------- names that leaked before issue 26
+# Each case below was missed by the detector of a3d5591 (scripts/bench_pii.py measures it against that
+# version on the whole benchmark); one test per pattern family.
+
+
+def persons_in(text: str) -> list[str]:
+    return [v for t, v in types_of(text) if t == "PERSON"]
+
+
+@pytest.mark.parametrize("text,names", [
+    ("审计人员：白河朴\n复核人：方雨可", ["白河朴", "方雨可"]),
+    ("催收员：苏宏（坐席A9170）", ["苏宏"]),
+    ("访谈对象：汤晟逸，运营主管。", ["汤晟逸"]),
+    ("共同借款人邓怡，联系电话见附件", ["邓怡"]),
+    ("接电话者自称沙焱，称借款人已离职", ["沙焱"]),
+    ("客户表示我爱人付汤镇会代为还款", ["付汤镇"]),
+    ("要求将款项转出至朱松明名下的账户", ["朱松明"]),
+    ("整改责任人：徐彤浩，高新区支行。", ["徐彤浩"]),
+])
+def test_names_after_role_and_relation_words(text, names):
+    assert persons_in(text) == names
+
+
+@pytest.mark.parametrize("text,names", [
+    ("客户经理陶行长建议放款", ["陶"]), ("是你们支行的夏总，还有一个姓蔡的柜员", ["夏", "蔡"]),
+    ("与申屠竹鑫女士面谈", ["申屠竹鑫"]), ("另据巫经理介绍", ["巫"]), ("另据尹主任介绍，客户常年在温州从事批发", ["尹"]),
+])
+def test_names_before_titles_and_honorifics(text, names):
+    assert persons_in(text) == names
+
+
+def test_names_listed_with_separators():
+    assert persons_in("审计人员：白河朴、蒋华溪 钟离蓉天") == ["白河朴", "蒋华溪", "钟离蓉天"]
+    assert persons_in("由郝建军、林芳夫妇提供连带责任保证") == ["郝建军", "林芳"]
+    assert persons_in("会议签到表：杭海波（零售部）、仇婷（风控部）") == ["杭海波", "仇婷"]
+
+
+@pytest.mark.parametrize("text,name", [
+    ("由尉迟峰汇报", "尉迟峰"), ("与令狐冲共同借款", "令狐冲"), ("风险管理部诸葛明负责", "诸葛明"),
+    ("其丈夫司马馨名下有房产", "司马馨"), ("经皇甫一鸣审批", "皇甫一鸣"), ("欧阳静、上官婉儿出席", "欧阳静"),
+])
+def test_compound_surnames_without_a_cue(text, name):
+    assert name in persons_in(text)
+
+
+def test_surname_outside_the_lexicon_in_a_labelled_field():
+    assert persons_in("调查人：年志乐；复核人 蒋霏军") == ["年志乐", "蒋霏军"]
+    assert persons_in("联系人：本人") == [] and persons_in("经办人：无") == []
+
+
+def test_email_display_names_and_signatures():
+    mail = ('From: "伯子玥" <wangfang88@163.com>\n收件人：严忠奕 <lixm@sina.com>; 爱瑾 <w@126.com>\n抄送：魏钧琦\n'
+            "Cc: 侯莲森\n\n请查收。\n\n此致\n敬礼\n伯子玥\n余杭区支行 公司金融部")
+    assert persons_in(mail) == ["伯子玥", "严忠奕", "爱瑾", "魏钧琦", "侯莲森", "伯子玥"]
+    en = "From: Li Yirong <li.yirong@example.com>\nTo: Risk Team <risk@example.com>\n\nBest regards,\nGrace Zhou\n"
+    assert persons_in(en) == ["Li Yirong", "Grace Zhou"]
+
+
+@pytest.mark.parametrize("text,name", [
+    ("Contact person: Li Yirong, tel. below", "Li Yirong"), ("Please call customer Jia Xu today", "Jia Xu"),
+    ("Prepared by Yuhang Sima.", "Yuhang Sima"), ("RM Leo Wang visited the site", "Leo Wang"),
+    ("客户Leo Wang来电咨询", "Leo Wang"), ("Reviewed by ZHONG Shuanglin on Monday", "ZHONG Shuanglin"),
+    ("联系人：Vivian Gong Song，电话", "Vivian Gong Song"), ("Dear Ms. Ouyang,", "Ouyang"),
+    ("relationship manager Chan Tai-man will call", "Chan Tai-man"), ("his partner Sun Li at the office", "Sun Li"),
+])
+def test_romanised_names(text, name):
+    assert persons_in(text) == [name]
+
+
+@pytest.mark.parametrize("text", [
+    "Ping An Bank raised its dividend", "Hang Seng Bank and Bank of China", "Zhang Jiang Hi-Tech Park tenants",
+    "He Long Road branch", "You Can Pay Online", "Suzhou Industrial Park", "the Wenzhou branch", "Jin Jiang Hotel",
+])
+def test_romanised_place_and_company_names_are_kept(text):
+    assert persons_in(text) == []
+
+
+@pytest.mark.parametrize("text", [
+    "客户经理建议关注高峰期回款", "联系人：金华分行营业部", "客户来自温州，在石家庄经营建材", "担保人：常熟市联合担保有限公司",
+    "转出至江苏银行账户", "高新区管委会与江苏银行签署协议", "借款人在金华经营，高峰时段排队", "客户常年在宁波从事批发",
+    "经营地位于海宁，主营建材批发", "工单将转常年相关部门", "建议在龙岗区网点放款", "由金华分行审批", "客户表示于高峰期无其他负债",
+    "借款人向银行申请", "请于月底前还款", "依据银发〔2021〕12号文件", "第二还款来源为保证人代偿。", "客户经理建议放款。",
+    "客户常年在温州从事批发", "报告人：运营主管",
+])
+def test_ambiguous_words_are_kept_when_context_says_not_a_person(text):
+    assert persons_in(text) == [], text
+
+
+@pytest.mark.parametrize("text,name", [("联系人：高峰，电话见下", "高峰"), ("高峰先生来电", "高峰"),
+                                       ("借款人：金华，男", "金华")])
+def test_ambiguous_words_are_names_when_context_says_so(text, name):
+    assert persons_in(text) == [name]
+
+
+# -------------------------------------------------------------- numbers that leaked before issue 26
+
+
+@pytest.mark.parametrize("phone", ["(0991) 5217 654", "0571 8765 4321", "+86 576 4763 981", "86-755-42765444",
+                                   "+86 (21) 6234 5678", "0086-10-6522 1188", "+86 (0)512 5215 3300",
+                                   "(+86)0571-87654321", "+8645188656355", "010 3412 6906 ext. 3198",
+                                   "0571-87654321 x123", "0755-8600-1234", "021-6033 8800-2231", "0579 2707 118转58"])
+def test_landline_formats(phone):
+    assert scrubbed(f"电话 {phone}，工作日") == "电话 <PHONE>，工作日"
+
+
+@pytest.mark.parametrize("text", ["请拨打95580咨询", "热线95319", "拨打4006695566", "400 800 9888", "4008-208-888",
+                                  "800-820-8888", "客服96588", "call 95511 now"])
+def test_service_numbers_are_kept(text):
+    assert scrubbed(text) == text
+
+
+@pytest.mark.parametrize("text,value", [
+    ("护照号EA1234567", "EA1234567"), ("passport No. EF3043520", "EF3043520"), ("Passport No.: E12345678", "E12345678"),
+    ("往来港澳通行证CA1234567", "CA1234567"), ("回乡证号码：M12345678", "M12345678"), ("台胞证号码：12345678", "12345678"),
+    ("passport number 783848372", "783848372"), ("外籍护照号码：K12345678", "K12345678"),
+    ("港澳居民来往内地通行证，号码H60123456", "H60123456"), ("持EB7654321出境", "EB7654321"),
+])
+def test_passport_formats(text, value):
+    assert types_of(text) == [("PASSPORT", value)]
+
+
+def test_passport_cue_does_not_take_dates():
+    assert scrubbed("签证日期20240315，有效期5年") == "签证日期20240315，有效期5年"
+
+
+@pytest.mark.parametrize("text,addr", [
+    ("现住和谐家园二十四号楼五单元五〇一室。", "和谐家园二十四号楼五单元五〇一室"),
+    ("联系地址：上海市浦东新区东风大道六八八号\n", "上海市浦东新区东风大道六八八号"),
+    ("现住上海市浦东新区和谐家园2-5-402室。", "上海市浦东新区和谐家园2-5-402室"),
+    ("住在南京西路143号和谐家园17号楼2单元1701室。", "南京西路143号和谐家园17号楼2单元1701室"),
+    ("地址东莞市南城区鸿福路一〇六号汇一城5栋2单元908。", "东莞市南城区鸿福路一〇六号汇一城5栋2单元908"),
+    ("address Room 1502, Building 3, No. 200 Century Avenue, Pudong", "Room 1502, Building 3, No. 200 Century Avenue"),
+])
+def test_addresses_down_to_the_room(text, addr):
+    assert types_of(text) == [("ADDRESS", addr)]
+
+
+def test_dates_and_citations_with_chinese_numerals_are_not_addresses():
+    for s in ("三月五号前还款", "第三十九条", "2024年第3号公告", "二〇二四年三月"):
+        assert scrubbed(s) == s, s
+
+
 # ---------------------------------------------------------------------------------- addresses
 
 
@@ -332,6 +473,29 @@ def test_scrub_record_messages_and_missing_field():
     assert pc == {"prompt": "手机<PHONE>", "completion": "已登记<PHONE>"}
 
 
+def test_pseudonyms_let_a_reviewer_follow_who_did_what(tmp_path):
+    """Within a document and across a corpus (same key), one person keeps one pseudonym, whatever the cue
+    or the spelling of a romanised name; two people never share one; the key decides the mapping."""
+    docs = ["审计人员：欧阳明月\n访谈对象：司马光（信贷部经理）。欧阳明月认为司马光未按规定核实身份，司马光承认。",
+            "催收员：欧阳明月 外呼借款人Li Yirong，客户经理LI Yirong称已还款；Contact person: Yirong Li."]
+    a = [scrub_text(d, mode="pseudonym", key="seed-1")[0] for d in docs]
+    tokens = [re.findall(r"<PERSON_[0-9a-f]{8}>", x) for x in a]
+    assert len(tokens[0]) == 5 and len(set(tokens[0])) == 2  # 欧阳明月 x2, 司马光 x3
+    assert tokens[0][0] == tokens[0][2] and tokens[0][1] == tokens[0][3] == tokens[0][4]
+    assert tokens[1][0] == tokens[0][0]  # the auditor in another document
+    assert len(set(tokens[1][1:])) == 1  # Li Yirong, LI Yirong, Yirong Li
+    again = [scrub_text(d, mode="pseudonym", key="seed-1")[0] for d in docs]
+    other = [scrub_text(d, mode="pseudonym", key="seed-2")[0] for d in docs]
+    assert again == a and not set(tokens[0]) & set(re.findall(r"<PERSON_[0-9a-f]{8}>", other[0]))
+    # scope="document": consistent inside a record, unrelated across records
+    src = tmp_path / "in.jsonl"
+    _write_lines(src, [json.dumps({"id": f"d{i}", "text": d}, ensure_ascii=False) for i, d in enumerate(docs)])
+    scrub_jsonl(src, tmp_path / "out.jsonl", mode="pseudonym", key="seed-1", scope="document")
+    out = [json.loads(x)["text"] for x in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    per_doc = [re.findall(r"<PERSON_[0-9a-f]{8}>", x) for x in out]
+    assert len(set(per_doc[0])) == 2 and per_doc[0][0] == per_doc[0][2] and per_doc[1][0] != per_doc[0][0]
+
+
 # ---------------------------------------------------------------------------------------- files
 
 
@@ -358,7 +522,7 @@ def test_scrub_jsonl_counts_and_quarantine(tmp_path):
     q = (tmp_path / "out.quarantine.jsonl").read_text(encoding="utf-8")
     rows = [json.loads(x) for x in q.splitlines()]
     assert [r["line"] for r in rows] == [2, 5, 6, 7]
-    assert all(set(r) == {"file", "line", "reason", "line_sha256"} for r in rows)
+    assert all(set(r) == {"file", "line", "reason", "line_hmac"} for r in rows)
     assert "13912345678" not in q and "13912345678" not in json.dumps(stats, ensure_ascii=False)
 
     d = scrub_jsonl(src, tmp_path / "drop.jsonl", mode="drop", quarantine_path=tmp_path / "q.jsonl")
@@ -426,6 +590,71 @@ def test_sample_generator_is_deterministic(repo, tmp_path):
         assert (tmp_path / name).read_bytes() == (repo / "corpora" / "samples" / "private" / name).read_bytes()
 
 
+def test_quarantine_digest_is_keyed(tmp_path, monkeypatch):
+    """A quarantined line that is only an identifier: its digest is an HMAC, not SHA-256 of the line; with a
+    key it is stable across runs, without one it changes every run (a per-run secret)."""
+    import hashlib
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"13912345678\n")  # valid JSON (a number), not an object: quarantined
+    monkeypatch.delenv("BANKLM_PII_KEY", raising=False)
+    digests = []
+    for run in range(2):
+        stats = scrub_jsonl(src, tmp_path / f"o{run}.jsonl")
+        (row,) = [json.loads(x) for x in (tmp_path / f"o{run}.quarantine.jsonl").read_text().splitlines()]
+        digests.append(row["line_hmac"])
+        assert "per run" in stats["quarantine_digest"]
+    assert digests[0] != digests[1] and hashlib.sha256(b"13912345678").hexdigest() not in digests
+    monkeypatch.setenv("BANKLM_PII_KEY", "s3cret-k3y")
+    keyed = []
+    for run in range(2):
+        stats = scrub_jsonl(src, tmp_path / f"k{run}.jsonl")
+        keyed.append(json.loads((tmp_path / f"k{run}.quarantine.jsonl").read_text())["line_hmac"])
+        assert stats["quarantine_digest"] == "HMAC-SHA256, key derived from $BANKLM_PII_KEY"
+    assert keyed[0] == keyed[1] != digests[0] and "s3cret-k3y" not in json.dumps(stats)
+
+
+def test_heldout_records_keep_their_recall():
+    """The hand-written records (batches A-D) stay at least at the figures measured after the last change."""
+    import importlib.util as iu
+    from pathlib import Path
+
+    spec = iu.spec_from_file_location("bench_pii", Path(__file__).resolve().parent.parent / "scripts" / "bench_pii.py")
+    bench = iu.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.score(heldout_records(), bench.spans_of(find_pii))
+    assert bench.ratio(res["overall"]) >= 0.94 and bench.ratio(res["names"]) >= 0.92, res["misses"]
+    assert res["keep"][0] == res["keep"][1], res["destroyed"]
+
+
+def test_benchmark_scripts_smoke(repo, tmp_path):
+    """make_pii_bench.py writes labelled records without importing banklm; bench_pii.py scores them."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.jsonl"
+    check = ("import runpy, sys\nsys.argv = ['make_pii_bench', '--n', '40', '--out', sys.argv[1]]\n"
+             "before = set(sys.modules)\n"
+             "try:\n    runpy.run_path('scripts/make_pii_bench.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    assert not e.code\n"
+             "new = [m for m in set(sys.modules) - before if m.startswith('banklm')]\n"
+             "print('banklm imported' if new else 'clean')")
+    r = subprocess.run([sys.executable, "-c", check, str(out)], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "clean", r.stdout + r.stderr
+    recs = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert len(recs) == 40 and len({r["style"] for r in recs}) == 8
+    for rec in recs:
+        for lab in rec["pii"] + rec["keep"]:
+            assert rec["text"][lab["start"]:lab["end"]] == lab["value"]
+    js = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "scripts/bench_pii.py", "--n", "40", "--no-extras", "--prose-mb", "0.05",
+                        "--repeat", "1", "--json", str(js)], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(js.read_text(encoding="utf-8"))["results"]
+    assert set(res) == {"banklm", "baseline a3d5591"} and "| PERSON |" in r.stdout
+    assert res["banklm"]["benchmark"]["overall"][1] > 100 and res["banklm"]["prose_mb_s"] > 0
+
+
 def test_throughput_is_reported(repo):
     src, _ = _load_sample(repo)
     texts = [json.loads(x)["text"] for x in src.read_text(encoding="utf-8").splitlines()]
@@ -445,6 +674,8 @@ def test_throughput_is_reported(repo):
 
 
 def test_cli_scrub(tmp_path, capsys, monkeypatch):
+    from banklm.cli import main  # imported here: the held-out records above load without the CLI
+
     src = tmp_path / "in.jsonl"
     _write_lines(src, [json.dumps({"id": "a", "text": DOC}, ensure_ascii=False), "{bad"])
     out = tmp_path / "out.jsonl"
@@ -465,3 +696,203 @@ def test_cli_scrub(tmp_path, capsys, monkeypatch):
     q = tmp_path / "q.jsonl"
     assert main(["corpus", "scrub", str(src), str(out), "--mode", "pseudonym", "--quarantine", str(q)]) == 0
     assert q.exists() and "<PERSON_" in out.read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------ held-out records
+# Hand-written after the detector, in templates the benchmark generator (scripts/make_pii_bench.py) does
+# not use; each batch was scored once before the detector was changed in response (first scores in
+# BENCHMARKS.md): committee minutes, chat logs, incident reports, STR narratives, memos, legal letters, business
+# cards, table rows. [[TYPE:value]] marks PII (PERSON_ROMAN = a romanised name), {{kind:value}} a value
+# that must survive. scripts/bench_pii.py scores them too (``heldout_records``).
+
+HELDOUT = [
+    "贷审会纪要（{{date:2024年6月3日}}）\n出席：[[PERSON:周文斌]]（主任委员）、[[PERSON:欧阳静]]、[[PERSON:皇甫一鸣]]\n"
+    "列席：{{place:金华}}分行公司部[[PERSON:钱]]经理\n审议事项：{{company:金华市恒达五金有限公司}}流动资金贷款{{amount:800万元}}，"
+    "由[[PERSON:尉迟峰]]汇报。会议认为该客户经营稳定，同意按{{rate:LPR+35BP}}定价。",
+    "【微信聊天记录截图整理】\n客户（[[PERSON:林晓雯]]）：你好，我卡号[[BANK_CARD:6228480012345678903]]转不出去\n"
+    "客服：请提供预留手机号\n客户：[[MOBILE:139 1234 5678]]\n客服：已为您登记，工单号{{serial:WX20240603001}}，"
+    "如需帮助请致电{{service:95599}}。",
+    "网点突发事件报告\n报告人：运营主管[[PERSON:司徒慧敏]]  联系电话：[[LANDLINE:0571 8765 4321转606]]\n"
+    "{{date:6月3日}}上午，客户[[PERSON:龚建华]]先生在{{branch:杭州高新区支行}}柜面办理业务时情绪激动，"
+    "其陪同人员[[PERSON:上官婉清]]称系[[PERSON:龚]]先生的女儿。事件未造成损失。",
+    "可疑交易报告（STR）摘要：自然人[[PERSON:宇文泰]]（证件号码[[ID_CARD:330702198506124312]]）于"
+    "{{date:2024-05-01}}至{{date:2024-05-20}}期间，通过[[BANK_CARD:6214835512345677]]分散转入{{amount:49,000.00元}}共"
+    "{{amount:17笔}}，随后集中转出至[[PERSON:慕容秋]]名下账户[[ACCOUNT:33050161712700000123]]。",
+    "关于调整个贷审批权限的通知\n各分支行：\n经总行研究，自{{date:2024年7月1日}}起调整权限。联系人：风险管理部"
+    "[[PERSON:诸葛明]]，[[LANDLINE:(021)5888-1234]]，[[EMAIL:zhuge.ming@hq.example-bank.cn]]。",
+    "律师函\n[[PERSON:夏侯敏]]女士：\n受{{company:江苏银行}}委托，就您与[[PERSON:令狐冲]]共同借款合同（编号{{serial:JSB-2021-0088}}）"
+    "逾期事宜致函。请于收函后{{amount:7日}}内联系本所[[PERSON:端木蓉]]律师，电话[[LANDLINE:025-8668 9900]]。",
+    "名片：[[PERSON:王志刚]] 高级客户经理\n{{company:平安银行}}{{place:常熟}}支行\n"
+    "T: [[LANDLINE:+86 (0)512 5215 3300]]  M: [[MOBILE:+86 138 1234 5678]]\n"
+    "E: [[EMAIL:wangzhigang@pingan-example.com]]\n地址：[[ADDRESS:常熟市海虞北路八号]]",
+    "客户号\t姓名\t手机\t开户行\n{{serial:C00012345}}\t[[PERSON:郑晓燕]]\t[[MOBILE:15057123456]]\t{{branch:温州分行}}\n"
+    "{{serial:C00012346}}\t[[PERSON:司马相如]]\t[[MOBILE:18688889999]]\t{{branch:石家庄分行}}",
+    "| 序号 | 借款人 | 担保人 | 金额 |\n| 1 | [[PERSON:赵丽颖]] | [[PERSON:冯绍峰]] | {{amount:30万元}} |\n"
+    "| 2 | [[PERSON:高峰]] | [[PERSON:金华]] | {{amount:12万元}} |",
+    "A：喂，是[[PERSON:邱]]先生吗？我是{{company:华夏银行}}信用卡中心的。\nB：对，什么事？\n"
+    "A：您尾号{{serial:8821}}的卡本期应还{{amount:3,280.50元}}，已逾期{{amount:5天}}。\n"
+    "B：我让我媳妇[[PERSON:吕丹]]今天下午还。",
+    "Dear Ms. [[PERSON_ROMAN:Ouyang]],\nThank you for choosing {{company:Hang Seng Bank}}. Your relationship manager "
+    "[[PERSON_ROMAN:Chan Tai-man]] will call you at [[LANDLINE:+86 21 6888 1234]] before {{date:30 June 2024}}.\n"
+    "Kind regards,\n[[PERSON_ROMAN:Grace Zhou]]\nPremier Banking, {{place:Lujiazui}} Branch",
+    "KYC review: the client, [[PERSON_ROMAN:Zhang Xiaowei]], holds passport [[PASSPORT:EH1234567]] and lives at "
+    "[[ADDRESS:Room 1502, Building 3, No. 200 Century Avenue]], {{place:Pudong, Shanghai}}. Source of funds: "
+    "salary from {{company:Ping An Insurance}} ({{amount:CNY 650,000}} p.a.). Spouse: [[PERSON_ROMAN:Liu Yang]].",
+    "Meeting note {{date:2024-06-03}}: [[PERSON_ROMAN:Kevin Huang]] (RM) met the borrower [[PERSON_ROMAN:Wei Jie]] "
+    "and his partner [[PERSON_ROMAN:Sun Li]] at the {{place:Wenzhou}} office; the loan of {{amount:USD 1.2m}} is "
+    "guaranteed by {{company:China Merchants Bank}}.",
+    "催收小结：[[PERSON:鲍]]女士称其丈夫[[PERSON:屈志强]]在外地务工，手机[[MOBILE:13588776655]]长期关机，"
+    "家中座机[[LANDLINE:0579-82345678]]无人接听。已上门至[[ADDRESS:义乌市稠城街道宾王路十八号三幢二单元七〇一室]]，未见本人。"
+    "{{place:高新区}}网点协助。",
+    "投诉录音转写：\n客户：我叫[[PERSON:鞠婧]]，身份证[[ID_CARD:440306199211032828]]，"
+    "你们{{branch:龙岗区支行}}的[[PERSON:曹]]主任答应给我退{{amount:2000块}}的，到现在都没退！\n坐席：好的女士，"
+    "我这边记录下来，会在{{amount:48小时}}内回复您。",
+    "审计发现：信贷员[[PERSON:车晓]]与借款人[[PERSON:牛犇]]系表兄弟关系，未按规定回避。[[PERSON:车晓]]"
+    "承认知情。整改期限{{date:2024年8月31日}}，底稿{{serial:SJ-2024-117}}。",
+    "From: \"[[PERSON:魏思远]]\" <[[EMAIL:weisiyuan@example-bank.cn]]>\nSent: {{date:2024-06-03}}\n"
+    "To: [[PERSON_ROMAN:Amy Qian]] <[[EMAIL:amy.qian@example.com]]>\nSubject: 授信材料\n\nAmy，附件是{{company:万科}}项目的材料。\n\n"
+    "Best,\n[[PERSON:魏思远]]",
+    "开户资料：户名[[PERSON:闻人杰]]，证件类型港澳居民来往内地通行证，号码[[PASSPORT:H60123456]]；"
+    "联系地址[[ADDRESS:深圳市福田区福华三路88号时代财富大厦28楼2801]]，联系电话[[LANDLINE:0755-8888 6666]]。",
+    "贷后检查：检查人[[PERSON:佘小勇]]、[[PERSON:南宫雪]]于{{date:2024年5月}}实地查看抵押物，位于"
+    "[[ADDRESS:石家庄市长安区中山东路一百二十八号]]。借款人[[PERSON:阎立本]]配合检查。",
+    "柜面差错通报：柜员[[PERSON:岑]]（工号{{serial:006812}}）为客户[[PERSON:喻文州]]办理转账时，将收款人[[PERSON:喻文洲]]"
+    "误录为他人，金额{{amount:5.6万元}}，已于当日追回。",
+    "客户来自{{place:温州}}，在{{place:石家庄}}经营建材，经营地址不详。{{company:江苏银行}}、{{company:民生银行}}均有授信。"
+    "客户经理建议关注{{ambiguous:高峰期}}回款。",
+    "联系人：{{branch:金华分行营业部}}。担保人：{{company:常熟市联合担保有限公司}}。收款人：{{company:平安银行信用卡中心}}。"
+    "转出至{{company:江苏银行}}账户。",
+    "{{place:高新区}}管委会与{{company:江苏银行}}{{place:常熟}}分行签署合作协议，{{place:金华}}、{{place:温州}}两地同步推进。"
+    "热线{{service:95319}}、{{service:400-669-5566}}，机构号{{branch:3301}}，柜员号{{branch:0123}}。",
+    "借款人名下房产位于{{place:常熟}}，评估价{{amount:260万元}}。{{ambiguous:黄金周}}期间{{place:黄山}}客流{{ambiguous:高峰}}，"
+    "{{company:石化}}行业景气。",
+    "{{company:Ping An}} and {{company:Hang Seng}} both report results; {{company:Ping An Bank}} raised its dividend, {{place:Zhang Jiang}} Hi-Tech Park "
+    "tenants grew {{amount:8%}}. Call {{service:95511}}.",
+    "我是[[PERSON:吴]]女士的代理人[[PERSON:宁浩然]]，代她咨询。她的房子在[[ADDRESS:翠湖花园5-2-1201]]，"
+    "她的车牌[[PLATE:浙A·D12345]]。",
+    "紧急联系人1：[[PERSON:柏青]]（母亲）[[LANDLINE:86-571-86001234]]\n紧急联系人2：[[PERSON:竺可桢]]（朋友）"
+    "[[MOBILE:(+86) 188 0000 1111]]",
+    "企业：{{company:宁波港城贸易有限公司}}（[[USCC:91330782MA2K3L5P1G]]），法定代表人"
+    "[[PERSON:缪晨曦]]。",
+    "护照号码为[[PASSPORT:E98765432]]的客户[[PERSON_ROMAN:Tony Leung]]（[[PERSON:梁朝伟]]）到{{branch:宁波分行}}办理外汇业务。",
+    "Witness: [[PERSON_ROMAN:Li Na]]; Notary: [[PERSON_ROMAN:Robert Chen]]; Ref {{serial:NTR-2024-0093}}; "
+    "fax [[LANDLINE:0086-10-6522 1188]].",
+]
+
+# a second batch, written after the first batch had been scored and the detector adjusted to it, and
+# scored once before the changes it prompted
+HELDOUT_B = [
+    "贷款调查报告\n一、借款人基本情况\n借款人[[PERSON:孟凡超]]，男，{{amount:42岁}}，户籍所在地{{place:金华}}，现居"
+    "[[ADDRESS:金华市婺城区八一南街三百号丽景花园9幢1单元1102室]]。其妻[[PERSON:潘美玲]]在{{company:金华市第一医院}}任护士。",
+    "二、担保情况\n由[[PERSON:郝建军]]、[[PERSON:林芳]]夫妇提供连带责任保证；保证人月收入约{{amount:1.2万元}}。",
+    "三、调查结论\n经与借款人当面访谈并电话核实（[[LANDLINE:0579-8923 1177]]），同意上报。\n调查人：[[PERSON:应晓光]]　复核：[[PERSON:骆佳]]",
+    "坐席备注：来电人[[PERSON:詹]]女士反映其信用卡（尾号{{serial:3306}}）被盗刷{{amount:4笔}}，共{{amount:12,600元}}，"
+    "已冻结并建议报警，回访电话[[MOBILE:17706543210]]。",
+    "信用卡分期申请：申请人[[PERSON:练志豪]]，单位{{company:东莞市长安镇某电子厂}}，单位电话[[LANDLINE:0769-8541 2233]]，"
+    "直系亲属[[PERSON:练国栋]]（父亲），电话[[MOBILE:135-0988-7766]]。",
+    "合规检查记录：经查，客户经理[[PERSON:贺晨]]于{{date:2024年3月}}为其表弟[[PERSON:邵宇航]]办理贷款时未履行回避程序，"
+    "违反{{serial:《员工行为守则》第十二条}}。",
+    "会议签到表：[[PERSON:杭海波]]（零售部）、[[PERSON:仇婷]]（风控部）、[[PERSON:浦晓东]]（科技部）",
+    "邮件：\n发件人：[[PERSON:瞿颖]]\n收件人：零售信贷部\n内容：请于{{date:周五}}前将{{place:温州}}片区逾期清单发给我，"
+    "谢谢！\n[[PERSON:瞿颖]] | 零售信贷部 | [[LANDLINE:021-6033 8800-2231]]",
+    "Dear Mr. [[PERSON_ROMAN:Qiu]],\nYour mortgage application {{serial:ML-2024-3391}} has been approved.\nRegards,\n"
+    "[[PERSON_ROMAN:Fiona Tang]]\nCredit Officer, {{company:Bank of Jiangsu}}",
+    "Loan file note: the applicant [[PERSON_ROMAN:Huang Zihan]] and co-applicant [[PERSON_ROMAN:Ethan Lin]] "
+    "(mobile [[MOBILE:+86 139 0571 2288]]) requested {{amount:CNY 2,000,000}} from our {{place:Ningbo}} branch. "
+    "Referral: [[PERSON_ROMAN:Zhou Mingyu]] of {{company:Bank of Ningbo}}.",
+    "Please contact [[PERSON_ROMAN:Cheng Yu]] or [[PERSON_ROMAN:Xiaoling Deng]] at [[EMAIL:risk-desk@example.com]] "
+    "for the audit of {{company:Huaxia Bank}} records dated {{date:12 May 2024}}.",
+    "外汇业务：[[PERSON:宋嘉树]]持护照[[PASSPORT:EJ2345678]]，汇出{{amount:USD 48,000}}至境外账户，收款人[[PERSON_ROMAN:SONG Meiling]]。",
+    "车贷档案：借款人[[PERSON:莫少聪]]，车牌[[PLATE:粤B·8K2D9]]，车架号{{serial:LSVAM4187C2123456}}，"
+    "联系地址[[ADDRESS:东莞市南城区鸿福路一〇六号汇一城5栋2单元908]]。",
+    "对公开户：法人[[PERSON:戚继光]]，经办人[[PERSON:俞大猷]]，注册地址[[ADDRESS:台州市椒江区市府大道三八八号]]，"
+    "办公电话[[LANDLINE:（0576）88516600]]，机构信用代码[[USCC:91331002MA2D8K4L7N]]。",
+    "理财回访：客户[[PERSON:薛宝琴]]（风险等级{{serial:C3}}）确认已知晓产品风险，回访人[[PERSON:邢岫烟]]，"
+    "录音编号{{serial:HF-20240603-0077}}。",
+    "{{company:常熟农商银行}}与{{company:温州银行}}联合授信{{amount:3亿元}}，牵头行联系人为授信部[[PERSON:韦小宝]]，"
+    "热线{{service:96588}}。",
+    "借款人称其弟[[PERSON:鲁智深]]可代为偿还，但[[PERSON:鲁智深]]本人未到场。{{place:高新区}}网点{{ambiguous:高峰期}}排队较长。",
+    "收件人：[[PERSON:欧阳修]]\n地址：[[ADDRESS:滁州市琅琊区丰乐路十号醉翁苑3-1-502]]\n电话：[[MOBILE:13905501234]]",
+]
+
+# a third batch, written after the changes batch B prompted and scored once before the changes it prompted
+# itself (BENCHMARKS.md quotes each batch's first score as the unseen figure)
+HELDOUT_C = [
+    "民事判决书\n原告：{{company:浙江稠州商业银行股份有限公司}}。\n被告：[[PERSON:蒋国平]]，男，{{date:1975年3月12日}}出生，"
+    "汉族，住[[ADDRESS:义乌市福田街道宗泽路二十二号]]。\n被告：[[PERSON:蒋丽萍]]，女，系[[PERSON:蒋国平]]之妻。",
+    "工资代发明细（{{date:2024年5月}}）\n[[PERSON:卢晓峰]]  {{amount:8,650.00}}  [[BANK_CARD:6228480012345678903]]\n"
+    "[[PERSON:谷雨桐]]  {{amount:7,920.00}}  [[BANK_CARD:6214835512345677]]",
+    "贷款重组说明：经与[[PERSON:晏]]总（借款人实际控制人）协商，展期{{amount:12个月}}。借款人原法定代表人[[PERSON:靳东]]已于"
+    "{{date:2023年}}离职，现由其弟[[PERSON:靳南]]负责经营。",
+    "理赔受理：出险人[[PERSON:封晓雅]]，联系电话[[MOBILE:186 5712 3344]]，保单号{{serial:PA2024060300123}}，"
+    "开户行{{branch:平安银行杭州分行}}。",
+    "【群聊记录】\n[[PERSON:柴进]]：明天{{date:9点}}在{{branch:金华分行}}三楼会议室开会\n[[PERSON:史进]]：收到\n"
+    "[[PERSON:鲁达]]：我晚点到，先找[[PERSON:林冲]]拿材料",
+    "【{{company:江苏银行}}】尊敬的[[PERSON:杨]]先生，您尾号{{serial:6677}}的账户于{{date:06月03日}}转入{{amount:5,000.00元}}。"
+    "客服{{service:95319}}。",
+    "公证书：兹证明[[PERSON:穆桂英]]（身份证号[[ID_CARD:330702198506124312]]）与[[PERSON:杨宗保]]系夫妻关系。",
+    "身份核验日志：{{date:2024-06-03 10:21}} 柜员{{serial:A0312}}核验客户[[PERSON:詹天佑]]证件，结果：一致；"
+    "{{date:10:25}} 核验客户[[PERSON:冼星海]]，结果：人像比对不通过。",
+    "质检评语：坐席{{serial:30418}}在与客户[[PERSON:宁采臣]]通话中未核实身份即告知余额，扣{{amount:5分}}。",
+    "Memo to file: Mr. [[PERSON_ROMAN:Zhang Wei]] (passport [[PASSPORT:E87654321]]) and Ms [[PERSON_ROMAN:Chen]] "
+    "visited on {{date:3 June 2024}}. Account holder: [[PERSON_ROMAN:WANG, Xiaoming]]; beneficiary [[PERSON_ROMAN:Xiaoming WANG]].",
+    "Site visit by [[PERSON_ROMAN:Ouyang Feng]] and [[PERSON_ROMAN:Situ Lan]] to {{company:Zhejiang Geely}} in "
+    "{{place:Ningbo}}; contact [[LANDLINE:+86-574-8727 1234]].",
+    "回单：付款人[[PERSON:邓超]]，收款人[[PERSON:孙俪]]，金额{{amount:¥20,000.00}}，附言“房租”，流水{{serial:LS2024060312345678}}。",
+    "客户身份资料变更：原住址[[ADDRESS:温州市鹿城区五马街一百号]]变更为[[ADDRESS:温州市瓯海区梧田街道南湖路八十八号七栋一单元三〇一室]]。"
+    "{{place:温州}}分行受理。",
+    "风险提示：近期有不法分子冒充{{company:民生银行}}客服致电客户，请认准{{service:95568}}。",
+]
+
+# a fourth batch, written after the changes batch C prompted, scored once before the last ones (labels
+# before a colon)
+HELDOUT_D = [
+    "授信审批表\n申请单位：{{company:温州瓯江电器有限公司}}\n法定代表人：[[PERSON:池明远]]  实际控制人：[[PERSON:池明远]]\n"
+    "财务负责人：[[PERSON:包佳慧]]  联系方式：[[MOBILE:13857712345]]\n申请金额：{{amount:1500万元}}  期限：{{amount:1年}}",
+    "反洗钱调查：客户[[PERSON:祁同伟]]在{{date:三个月}}内向[[PERSON:高小琴]]转账{{amount:23次}}，累计{{amount:460万元}}，"
+    "[[PERSON:高小琴]]随即将资金转入{{company:山水集团}}账户。",
+    "会议记录\n时间：{{date:2024年6月4日}}\n主持：[[PERSON:陆毅]]\n参会：[[PERSON:沙瑞金]]、[[PERSON:李达康]]、[[PERSON:易学习]]\n"
+    "记录：[[PERSON:钟小艾]]",
+    "回访记录：客户[[PERSON:郑西坡]]反映{{branch:京州分行}}柜员态度差，要求更换客户经理[[PERSON:孙连城]]。",
+    "贷款用途说明：借款人[[PERSON:蔡成功]]将贷款用于购买设备，供应商联系人[[PERSON:王大路]]（电话[[LANDLINE:0512-6521 7788]]）。",
+    "Customer complaint: Ms. [[PERSON_ROMAN:He Jing]] said the teller at the {{place:Hangzhou}} branch refused her "
+    "withdrawal of {{amount:RMB 50,000}}; her husband [[PERSON_ROMAN:Zhao Lei]] was present.",
+    "Board minutes: present [[PERSON_ROMAN:Dong Mingzhu]] (Chair), [[PERSON_ROMAN:Lei Jun]], [[PERSON_ROMAN:Frank Liu]]; "
+    "secretary [[PERSON_ROMAN:Amy Xu]]. Next meeting {{date:July 2, 2024}}.",
+    "网点巡检：检查人[[PERSON:程度]]、[[PERSON:侯亮平]]，检查时间{{date:6月4日}}，发现{{place:高新区}}支行自助设备故障{{amount:2台}}。",
+    "客户信息：姓名[[PERSON:季昌明]]，电话[[LANDLINE:0571-8808 6688]]，地址[[ADDRESS:杭州市西湖区文二路三十八号]]，"
+    "邮箱[[EMAIL:jicm@example.cn]]，车牌[[PLATE:浙A8K2M7]]。",
+    "{{company:华夏银行}}与{{company:江苏银行}}在{{place:常熟}}、{{place:温州}}开展合作；{{ambiguous:高峰期}}请拨{{service:95577}}。",
+    "借款人[[PERSON:田国富]]（身份证[[ID_CARD:440306199211032828]]）之子[[PERSON:田园]]为共同还款人。",
+    "致：[[PERSON:梁璐]]女士\n您于{{date:5月28日}}提交的投诉已受理，工单{{serial:TS20240528007}}，经办人[[PERSON:吴惠芬]]。",
+]
+
+_MARK_RE = re.compile(r"\[\[([A-Z_]+):(.+?)\]\]|\{\{([a-z]+):(.+?)\}\}", re.S)
+
+
+def parse_marked(marked: str, rid: str = "") -> dict:
+    """``[[TYPE:value]]`` / ``{{kind:value}}`` markup -> a record with offsets, like the benchmark's."""
+    text, pii, keep, pos = [], [], [], 0
+    length = 0
+    for m in _MARK_RE.finditer(marked):
+        text.append(marked[pos:m.start()])
+        length += m.start() - pos
+        value = m.group(2) if m.group(1) else m.group(4)
+        if m.group(1):
+            roman = m.group(1) == "PERSON_ROMAN"
+            pii.append({"start": length, "end": length + len(value), "type": "PERSON" if roman else m.group(1),
+                        "kind": "roman" if roman else ""})
+        else:
+            keep.append({"start": length, "end": length + len(value), "kind": m.group(3)})
+        text.append(value)
+        length += len(value)
+        pos = m.end()
+    text.append(marked[pos:])
+    return {"id": rid, "style": "heldout", "text": "".join(text), "pii": pii, "keep": keep}
+
+
+def heldout_records(batch: str = "all") -> list[dict]:
+    """The hand-written records as benchmark records: batch ``A``, ``B``, ``C``, ``D`` or ``all``."""
+    marked = {"A": HELDOUT, "B": HELDOUT_B, "C": HELDOUT_C, "D": HELDOUT_D,
+              "all": HELDOUT + HELDOUT_B + HELDOUT_C + HELDOUT_D}[batch]
+    return [parse_marked(s, f"h{i:03d}") for i, s in enumerate(marked)]

@@ -5,7 +5,8 @@ validated in Python (check digits, dates, region codes, context), so only checks
 are replaced and serial numbers, amounts, dates and citations that merely look numeric are kept.
 
 Types: ``ID_CARD`` ``PHONE`` ``BANK_CARD`` ``ACCOUNT`` ``USCC`` ``PASSPORT`` ``PLATE`` ``EMAIL``
-``PERSON`` ``ADDRESS`` (see ``docs/pii.md`` for the exact rules and the known gaps).
+``PERSON`` ``ADDRESS`` (see ``docs/pii.md`` for the exact rules and the known gaps). Person names come
+from ``persons.py`` (surname lexicon + context cues + romanised names; lexicons in ``names.py``).
 
 Overlaps are resolved longest span first, then by specificity (checksum-validated types before
 context-only ones). Detection always runs for every type, so an identifier kept on purpose (e.g. a
@@ -20,6 +21,7 @@ Modes
     ``drop``         a text with PII is not returned (``None``); the caller drops and counts the record.
 
 Nothing here logs, stores or returns a detected value except :func:`find_pii` (in memory, to the caller).
+Quarantined lines are identified by a keyed digest (HMAC, :func:`quarantine_key`), never by content.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import hmac
 import json
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,9 +42,13 @@ from pathlib import Path
 
 from banklm.io import atomic_open
 
+from ..sources import Bad, decode_line, detect_encoding  # the one encoding detector of every reader
+from .persons import find_persons
+
 __all__ = [
     "ALL_TYPES", "DEFAULT_KEY_ENV", "MODES", "PIIError", "PIIKeyError", "PIIInputError", "MissingField",
-    "Span", "find_pii", "scrub_text", "scrub_record", "scrub_jsonl", "detect_encoding",
+    "Span", "find_pii", "scrub_text", "scrub_record", "scrub_jsonl", "detect_encoding", "quarantine_key",
+    "QUARANTINE_DIGEST_CONTEXT",
 ]
 
 ALL_TYPES = ("ID_CARD", "PHONE", "BANK_CARD", "ACCOUNT", "USCC", "PASSPORT", "PLATE", "EMAIL", "PERSON",
@@ -209,15 +216,25 @@ _MOBILE_RE = re.compile(
     r"(?<![0-9A-Za-z+\-])(?:(?:\+|00)86[\- ]?|\(\+?86\)[\- ]?|（\+?86）[\- ]?|86-)?"
     r"1[3-9]\d(?:[\- ]?\d{4}){2}(?![0-9A-Za-z]|[.,]\d)")
 _AREA = r"0(?:10|2\d|[3-9]\d{2})"
-_EXT = r"(?:[\- ]?(?:转|分机|ext\.?|EXT\.?|x)[ ]?\d{1,6}|-\d{1,6})?"
+_AREA_NO0 = r"(?:10|2\d|[3-9]\d{2})"
+_COUNTRY = r"(?:\+[ ]?86|0086|86)"
+_SUBSCRIBER = r"(?:[2-9]\d{2,3}[\- ]?\d{4}|[2-9]\d{3}[\- ]\d{3})"  # 7-8 digits, maybe split 3-4 / 4-4 / 4-3
+_EXT = r"(?:[ ]?(?:转|分机|内线|ext\.?|Ext\.?|EXT\.?|x|X)[ ]?\d{1,6}|-\d{1,6})?"
+# 010-65881234, (0755) 8600 1234, +86 10 6588 1234, 86-10-65881234, 0086-571-87654321, +86 (21) 62345678,
+# (+86)0571-87654321, +8657187654321, each with an optional extension (转123, ext. 123, -123)
 _LANDLINE_RE = re.compile(
-    r"(?<![0-9A-Za-z\-])(?:(?:(?:\+|00)86[\- ]?)?"
-    r"(?:" + _AREA + r"[\- ]|\(" + _AREA + r"\)[ ]?|（" + _AREA + r"）[ ]?)"
-    r"|(?:\+|00)86[\- ]?(?:10|2\d|[3-9]\d{2})[\- ])"
-    r"[2-9]\d{6,7}" + _EXT + r"(?![0-9A-Za-z])")
-# an unseparated landline only right after 电话/座机/...: 电话：02112345678
+    r"(?<![0-9A-Za-z+\-])(?:"
+    r"(?:" + _COUNTRY + r"[\- ]?)?(?:" + _AREA + r"[\- ]|[(（]" + _AREA + r"[)）][ \-]?)"
+    r"|" + _COUNTRY + r"[\- ]?" + _AREA_NO0 + r"[\- ]"
+    r"|" + _COUNTRY + r"[\- ]?[(（]0?" + _AREA_NO0 + r"[)）][ \-]?"
+    r"|" + _COUNTRY + r"[\- ]?[(（]0[)）][ ]?" + _AREA_NO0 + r"[\- ]"
+    r"|[(（]\+?86[)）][\- ]?" + _AREA + r"[\- ]?"
+    r"|(?:\+[ ]?86|0086)[ ]?" + _AREA_NO0 + r"(?=[2-9]\d{6,7}(?!\d))"
+    r")" + _SUBSCRIBER + _EXT + r"(?![0-9A-Za-z])")
+# an unseparated landline only after a phone word: 电话：02112345678, Tel 075586001234
 _LANDLINE_CTX_RE = re.compile(
-    r"(?:电话|座机|固话|传真|[Tt]el|TEL)(?:号码)?[：: ]?(" + _AREA + r"[2-9]\d{6,7})(?![0-9A-Za-z])")
+    r"(?:电话|座机|固话|传真|联系方式|号码|致电|拨打|回电|[Tt]el|TEL|[Pp]hone|PHONE|[Ff]ax|FAX)(?:号码)?[.：:（()）\w]{0,6}?[ ]?"
+    r"(" + _AREA + r"[2-9]\d{6,7}" + _EXT + r")(?![0-9A-Za-z])")
 
 
 def _v_phone(m: re.Match) -> bool:
@@ -249,9 +266,15 @@ _ACCOUNT_RE = re.compile(
 
 _USCC_RE = re.compile(r"[1-9ANY](?<![0-9A-Za-z][1-9ANY])[1-9]\d{6}[0-9A-HJ-NPQRTUWXY]{10}(?![0-9A-Za-z])")
 
+# anywhere: Chinese ordinary passports E/G + 8 digits and E + letter + 7 digits; after a document word:
+# 1-2 letters + 6-10 digits (HK/Macau permits C..., home-return permits H/M..., foreign passports) or
+# 8-10 digits (Taiwan compatriot permits, some foreign passports)
 _PASSPORT_RE = re.compile(
     r"[EG](?<![0-9A-Za-z][EG])\d{8}(?![0-9A-Za-z])"
-    r"|(?:护照|通行证|回乡证|旅行证|签证)(?:号码|号)?[^0-9A-Za-z\n]{0,8}?([A-Z]{1,2}\d{7,10})(?![0-9A-Za-z])")
+    r"|E(?<![0-9A-Za-z]E)[A-HJ-NP-Z]\d{7}(?![0-9A-Za-z])"
+    r"|(?:护照|通行证|回乡证|旅行证|签证|台胞证|居留证|[Pp]assport|PASSPORT)"
+    r"(?:[，,]?[ ]?(?:号码|号|[Nn]o\.?|NO\.?|[Nn]umber|#))?[ \t:：（(#为是]{0,3}"
+    r"([A-Z]{1,2}\d{6,10}|\d{8,10})(?![0-9A-Za-z])")
 
 _PROV = "京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼"
 _PLATE_RE = re.compile(
@@ -270,165 +293,40 @@ def _v_plate(m: re.Match) -> bool:
 _EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63}@[A-Za-z0-9](?:[A-Za-z0-9\-]{0,62})"
                        r"(?:\.[A-Za-z0-9\-]{1,63})*\.[A-Za-z]{2,24}(?![A-Za-z0-9])")
 
-# ---- person names -----------------------------------------------------------------------------
+# ---- person names: see persons.py (lexicons in names.py) -------------------------------------------
 
-_COMPOUND_SURNAMES = frozenset(
-    "欧阳 司马 诸葛 上官 东方 皇甫 尉迟 公孙 慕容 长孙 宇文 司徒 令狐 夏侯 轩辕 端木 独孤 南宫 西门 呼延 "
-    "申屠 澹台 公冶 太史 百里 钟离 闻人 赫连 万俟 司空 拓跋 第五 濮阳 单于 左丘 东郭 淳于".split())
-_SURNAMES = frozenset(
-    "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘蒋蔡余杜叶程苏魏吕丁任沈姚"
-    "卢姜崔钟谭陆汪范金石廖贾夏韦付方白邹孟熊秦邱江尹薛闫段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃武戴莫孔汤"
-    "向常温康施文牛樊葛邢安齐易乔伍庞颜倪庄聂章鲁岳翟殷詹申欧耿关兰焦俞左柳甘祝包宁尚符舒阮纪梅童凌"
-    "毕单季裴霍涂成苗谷盛曲翁冉骆蓝路游辛靳管柴蒙鲍华喻祁蒲房滕屈饶解牟艾尤阳时穆农司卓古吉缪简车项"
-    "连芦麦褚娄窦戚岑景党宫费卜冷晏席卫米柏宗瞿桂全佟应臧闵苟邬边卞姬师和仇栾隋商刁沙荣巫寇桑郎甄丛"
-    "仲虞敖巩明佘池查麻苑迟邝官封谈匡鞠惠荆乐冀郁胥南班储原栗燕楚鄢劳谌奚皮粟冼蔺楼盘满闻位厉伊仝区"
-    "郜海阚花权强帅屠豆朴盖练廉禹井祖漆巴丰支卿国狄平计索宣晋相初门云容敬来扈晁芮都普阙浦戈伏鹿薄邸"
-    "雍辜羊阿乌母裘亓修邰赫杭况那宿鲜印逯隆茹诸战慕危玉银亢嵇公哈湛宾戎勾茅利於呼居揭干但尉冶斯元束"
-    "檀衣信展阴昝智幸奉植衡富尧闭由于")
-# characters (practically) never inside a given name: a name cannot contain them
-_NOT_GIVEN = frozenset(
-    "的了在是于与及或等将已未被把对向从因为而且也都就还又再所其此该本各每某这那哪谁什么年日时分秒"
-    "号亿个名款项笔期率额户账卡证码省市区县镇乡村路街巷弄楼栋室层门银行司厂店部处科局院会社团队组"
-    "说称表示要需拟请签申办来去到经曾欠逾借贷收付转存取开销挂补填登留预约回联告问答打拨投诉认否拒"
-    "先女士您你我他她它们啊吗呢吧哦嗯喂好谢感系现目妻配偶父母亲属客人员面上下前后内外今近当次"
-    "以自通过提持确咨反核查询审批复同意均即仍并但则虽无没不非很最更较太"
-    "职住用划制电访续序台域务作产品资财险税费债息况情负共担陪")
-# chars that may follow a name (besides punctuation, digits, latin, whitespace)
-_BOUNDARY = _NOT_GIVEN | frozenset("和同名先女生之月中")
-_NOT_NAME_WORDS = ("经理", "王府井", "王府", "信息", "关系", "方面", "方式", "余额", "金额", "黄金", "金融", "高级",
-                   "高端", "高新", "高管", "高速", "高于", "成功", "成立", "成本", "安全", "安排", "文件", "明确",
-                   "明细", "常规", "车辆", "车贷", "房产", "房贷", "房屋", "全部", "全额", "商户", "商业", "商品",
-                   "利息", "利率", "华为", "江苏", "江西", "湖南", "湖北", "广东", "广西", "海南", "海外", "云南",
-                   "贵州", "宁夏", "宁波", "福建", "平安", "建设", "工商", "农业", "交通", "招商", "民生", "兴业",
-                   "光大", "浦发", "中信", "邮储", "国有", "国家", "国内", "国际", "姓名", "性别", "电话", "手机",
-                   "地址", "邮箱", "身份", "职业", "单位", "名称", "万元", "包括", "管理", "简称", "司法", "司机",
-                   "时间", "应当", "应该", "连续", "段时", "任何", "任务", "曾经", "孔子", "齐全", "向其", "于其",
-                   "宋体", "严重", "任职", "居住", "常住", "信用", "计划", "文化", "强制", "钱款", "毛利",
-                   "谈话", "解释", "解除", "程序", "平台", "卫生", "来电", "来访", "陆续", "初步", "相关", "宣传",
-                   "容易", "危险", "修改", "印章", "区域", "经营", "苏州", "杭州", "温州", "柳州", "兰州", "贺州", "郑州", "常州", "徐州", "梅州")
-_NN_LENS = sorted({len(w) for w in _NOT_NAME_WORDS})
-_NN_SET = frozenset(_NOT_NAME_WORDS)
+# ---- addresses --------------------------------------------------------------------------------
 
-
-_CORP_TAIL = re.compile(r"[" + _CJK + r"A-Za-z0-9（）()]{0,12}?(有限责任公司|有限公司|股份公司|公司|集团|银行|支行|分行|"
-                        r"商行|商店|超市|工厂|厂|中心|合作社|事务所|门市部|经营部|营业部|医院|学校|大学|协会|委员会|"
-                        r"小区|大厦|广场|酒店|餐厅|饭店|市场)")
-_VERBISH = frozenset("在于是为了的已将向从与及称说因被把对到")
-
-_PERSON_KW = (
-    "共同借款人", "借款人配偶", "紧急联系人", "法定代表人", "实际控制人", "客户姓名", "账户名称", "开户名称", "客户经理",
-    "借款人", "联系人", "法人代表", "担保人", "保证人", "抵押人", "出质人", "申请人", "户名", "账户名", "开户名", "收款人",
-    "付款人", "经办人", "姓名", "持卡人", "配偶", "被保险人", "投保人", "受益人", "委托人", "代理人", "负责人",
-    "来电人", "来电客户", "柜员", "复核人", "审批人", "调查人", "催收员", "业务员", "户主", "承租人", "出租人",
-    "债务人", "债权人", "被执行人", "被告", "原告", "股东", "客户", "法人", "本人", "员工", "坐席", "专员",
-    "我叫", "名叫", "叫做", "我是", "署名",
-)
-_PERSON_KW_RE = re.compile(
-    "(?:" + "|".join(sorted(map(re.escape, _PERSON_KW), key=len, reverse=True)) + r")"
-    r"(?:[ \t]*[:：][ \t]*|[ \t]*(?:为|是|系)[ \t]*|[ \t]+|[（(])?")
-_HONORIFIC_RE = re.compile(r"(?:先生|女士|小姐|同志)(?![产活成效意])")
-_ENUM_RE = re.compile(r"[ \t]*(?:、|，|,|和|及|与)[ \t]*")
+_CN_NUM = "〇零一二三四五六七八九十百千两"
+_ADDR_NUM = r"(?:\d{1,5}(?:-\d{1,5})?|[" + _CN_NUM + r"]{1,7})"
+# anchors: a street number (建设路88号, 八一北街十二号, 500弄), a building + unit/floor/room (5号楼1单元,
+# 十二号楼三单元), or an estate's building-unit-room triple (幸福里小区3-2-501室)
+_ADDR_ANCHOR_RE = re.compile(
+    r"(?:(?:路|街|大道|道|巷|弄|胡同|里|村|组|屯|社区|公路)[ ]?(" + _ADDR_NUM + r")[ ]?[号弄]"
+    r"|(?<=[" + _CJK + r"A-Za-z])(" + _ADDR_NUM + r")[ ]?(?:号楼|栋|幢|座)[ ]?" + _ADDR_NUM + r"(?:单元|层|楼|室|号)"
+    r"|(?<=[" + _CJK + r"])(\d{1,3}-\d{1,2}-\d{3,4})室?(?![\d\-]))")
+_ADDR_TAIL_RE = re.compile(
+    r"(?:[^\W\d_的了在是于为和与及或向从说称已将]{0,10}?[A-Za-z0-9" + _CN_NUM + r"]{1,6}[ ]?"
+    r"(?:号楼|号院|栋|幢|座|单元|楼|层|室|号|户|院)"
+    r"(?:[ ]?(?:\d{1,5}(?:-\d{1,5})?|[" + _CN_NUM + r"]{1,5})(?:室|号|户)?)?)*"
+    r"(?:(?:(?<=单元)|(?<=[楼层座栋幢]))[ ]?\d{2,5}(?![\d\-年月日万元%.]))?")
+_EN_ROAD = r"(?:Road|Rd\.?|Street|St\.?|Avenue|Ave\.?|Lane|Boulevard|Blvd\.?|Lu|Jie|Dajie|Hutong)"
+_EN_ADDR_RE = re.compile(
+    r"(?:(?:Room|Rm\.?|Flat|Unit|Suite|Apt\.?)[ ]?\d{1,5}[A-Z]?,?[ ]+)?"
+    r"(?:(?:Building|Bldg\.?|Block|Tower)[ ]?\d{1,3}[A-Z]?,?[ ]+)?"
+    r"(?:No\.[ ]?)?\d{1,5}(?:-\d{1,5})?,?[ ]+(?:[A-Z][a-z]+[ ]){1,3}" + _EN_ROAD + r"(?![A-Za-z])"
+    r"|(?:Room|Rm\.?|Flat|Unit|Suite|Apt\.?)[ ]?\d{1,5}[A-Z]?,?[ ]+(?:Building|Bldg\.?|Block|Tower)[ ]?\d{1,3}[A-Z]?")
+# every address anchor needs one of these: skip the address pass on text without them
+_ADDR_GATE_CJK = re.compile(r"[号弄栋幢座室]")
+_ADDR_GATE_DASHED = re.compile(r"\d-\d{1,2}-\d")
+_EN_ADDR_HINT = re.compile(r"Road|Rd\.|Street|Avenue|Lane|Room|Flat|Building|Block|Tower|Lu\b|Jie\b")
+_ADMIN_SUFFIX = frozenset("省市区县旗州盟镇乡")
+_ADDR_STOP1 = frozenset("在于到至往为是从住址的及与或向位居现原即系：:，,。；;、（()）【】《》\"'“”‘’ 　\t\n的了他她我你说称")
+_ADDR_STOP2 = ("地址", "住址", "位于", "住在", "家住", "居住", "户籍", "地点", "现居")
 
 
 def _is_cjk(c: str) -> bool:
     return "\u4e00" <= c <= "\u9fff"
-
-
-def _surname_len(text: str, i: int) -> int:
-    if text[i:i + 2] in _COMPOUND_SURNAMES:
-        return 2
-    return 1 if i < len(text) and text[i] in _SURNAMES else 0
-
-
-def _boundary_at(text: str, j: int) -> bool:
-    if j >= len(text):
-        return True
-    c = text[j]
-    return not _is_cjk(c) or c in _BOUNDARY
-
-
-def _blacklisted_len(text: str, i: int) -> int:
-    """Length of the longest common word (经理, 黄金, 王府井 ...) starting at ``i``, else 0."""
-    return max((n for n in _NN_LENS if text[i:i + n] in _NN_SET), default=0)
-
-
-def _strong_end(text: str, j: int) -> bool:
-    return j >= len(text) or not _is_cjk(text[j]) or text.startswith(("先生", "女士", "小姐"), j)
-
-
-def _parse_name(text: str, i: int) -> int | None:
-    """End of a person name starting at ``i`` (surname + 1-2 given chars), or None."""
-    s = _surname_len(text, i)
-    if not s:
-        return None
-    bl = _blacklisted_len(text, i)
-    for g in (2, 1):
-        j = i + s + g
-        if j > len(text) or (bl and j - i <= bl):
-            continue
-        given = text[i + s:j]
-        if not all(_is_cjk(c) and c not in _NOT_GIVEN for c in given):
-            continue
-        if not _boundary_at(text, j) or (bl and not _strong_end(text, j)):
-            continue  # 黄金凤 is a name only when nothing follows it: 黄金业务 is not
-        c = _CORP_TAIL.match(text, i)
-        if c and not any(ch in _VERBISH for ch in text[i:c.start(1)]):
-            return None  # 王记餐饮有限公司: a company, not a person
-        return j
-    return None
-
-
-def _find_persons(text: str) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for m in _PERSON_KW_RE.finditer(text):
-        i = m.end()
-        while i < len(text):
-            j = _parse_name(text, i)
-            if j is None:
-                break
-            out.append((i, j))
-            e = _ENUM_RE.match(text, j)
-            if not e:
-                break
-            i = e.end()
-    for m in _HONORIFIC_RE.finditer(text):
-        a = m.start()
-        best = None
-        shortest = None
-        for n in (4, 3, 2, 1):  # name length before the honorific
-            i = a - n
-            if i < 0:
-                continue
-            s = _surname_len(text, i)
-            if not s or s > n:
-                continue
-            given = text[i + s:a]
-            if len(given) > 2:
-                continue
-            if given and not all(_is_cjk(c) and c not in _NOT_GIVEN for c in given):
-                continue
-            if _blacklisted_len(text, i) >= n:
-                continue
-            shortest = i
-            if best is None and text[i] not in _BOUNDARY and (i == 0 or _boundary_at(text, i - 1)):
-                best = i
-        start = best if best is not None else shortest
-        if start is not None:
-            out.append((start, a))
-    return out
-
-
-# ---- addresses --------------------------------------------------------------------------------
-
-_ADDR_ANCHOR_RE = re.compile(
-    r"(?:(?:路|街|大道|道|巷|弄|胡同|里|村|组|屯|社区|公路)[ ]?(\d{1,5}(?:-\d{1,5})?)[ ]?[号弄]"
-    r"|(?<=[" + _CJK + r"])(\d{1,4})[ ]?(?:号楼|栋|幢|座)[ ]?\d{1,4}(?:单元|层|楼|室|号))")
-_ADDR_TAIL_RE = re.compile(
-    r"(?:[^\W\d_的了在是于为和与及或向从说称已将]{0,10}?[A-Za-z0-9]{1,6}[ ]?(?:号楼|号院|栋|幢|座|单元|楼|层|室|号|户|院)"
-    r"(?:[ ]?\d{1,5}(?:-\d{1,5})?(?:室|号|户)?)?)*")
-_ADMIN_SUFFIX = frozenset("省市区县旗州盟镇乡")
-_ADDR_STOP1 = frozenset("在于到至往为是从住址的及与或向位居现原即系：:，,。；;、（()）【】《》\"'“”‘’ 　\t\n的了他她我你说称")
-_ADDR_STOP2 = ("地址", "住址", "位于", "住在", "家住", "居住", "户籍", "地点", "现居")
 
 
 def _extend_left(text: str, k: int, limit: int) -> int:
@@ -448,7 +346,7 @@ def _extend_left(text: str, k: int, limit: int) -> int:
 def _find_addresses(text: str) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for m in _ADDR_ANCHOR_RE.finditer(text):
-        a = m.start() if m.group(1) is not None else m.start(2)
+        a = m.start() if m.group(1) is not None else m.start(2) if m.group(2) is not None else m.start(3)
         # road / estate name: up to 8 chars, stopping after an admin unit (区, 市, ...)
         k = _extend_left(text, a, 8)
         if k == a and m.group(1) is not None and m.group().startswith(("路", "街", "道")):
@@ -461,7 +359,20 @@ def _find_addresses(text: str) -> list[tuple[int, int]]:
             k = k2
         t = _ADDR_TAIL_RE.match(text, m.end())
         out.append((k, t.end() if t else m.end()))
-    return out
+    if _EN_ADDR_HINT.search(text):
+        out += [m.span() for m in _EN_ADDR_RE.finditer(text)]
+    return _merge_touching(out)
+
+
+def _merge_touching(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """One span per address: a street number and the building after it are found by two anchors."""
+    merged: list[tuple[int, int]] = []
+    for s, e in sorted(spans):
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
+        else:
+            merged.append((s, e))
+    return merged
 
 
 # ------------------------------------------------------------------------------------ detection
@@ -495,7 +406,8 @@ def _candidates(text: str) -> Iterator[tuple[int, int, str]]:
         for s, e in _regex_spans(_LANDLINE_RE, text, _v_phone):
             yield s, e, "PHONE"
         for m in _LANDLINE_CTX_RE.finditer(text):
-            yield m.start(1), m.end(1), "PHONE"
+            if not _is_public_number(_digits(m.group(1))):
+                yield m.start(1), m.end(1), "PHONE"
         for s, e in _regex_spans(_CARD_RE, text, _v_card):
             yield s, e, "BANK_CARD"
         for m in _ACCOUNT_RE.finditer(text):
@@ -508,12 +420,13 @@ def _candidates(text: str) -> Iterator[tuple[int, int, str]]:
     if any(c in text for c in "0123456789"):
         for s, e in _regex_spans(_PLATE_RE, text, _v_plate):
             yield s, e, "PLATE"
+    if _ADDR_GATE_CJK.search(text) or ("-" in text and _ADDR_GATE_DASHED.search(text)) or _EN_ADDR_HINT.search(text):
         for s, e in _find_addresses(text):
             yield s, e, "ADDRESS"
     if "@" in text:
         for s, e in _regex_spans(_EMAIL_RE, text):
             yield s, e, "EMAIL"
-    for s, e in _find_persons(text):
+    for s, e in find_persons(text):
         yield s, e, "PERSON"
 
 
@@ -590,6 +503,9 @@ def _normalise(value: str, type_: str) -> str:
         return d
     if type_ == "EMAIL":
         return v.lower()
+    if type_ == "PERSON" and v.isascii():
+        # Li Yirong, LI Yirong, Yirong Li, Li Yi-rong: one person, one pseudonym
+        return " ".join(sorted(re.sub(r"[\-.]", "", v).lower().split()))
     return re.sub(r"\s", "", v)
 
 
@@ -684,31 +600,27 @@ def scrub_record(record: dict, fields: str | Sequence[str] = ("text",), mode: st
 
 # -------------------------------------------------------------------------------------------- files
 
-_SNIFF = 1 << 20
+QUARANTINE_DIGEST_CONTEXT = b"banklm pii quarantine line digest v1"
 
 
-def detect_encoding(path: str | os.PathLike) -> str:
-    """``utf-8``, ``utf-8-sig`` or ``gb18030`` (a superset of GBK/GB2312) from the file's first MB."""
-    with open(path, "rb") as fh:
-        head = fh.read(_SNIFF)
-    if head.startswith(codecs.BOM_UTF8):
-        return "utf-8-sig"
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise PIIInputError(f"{path}: UTF-16 input is not supported; convert it to UTF-8")
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < _SNIFF)
-        return "utf-8"
-    except UnicodeDecodeError:
-        pass
-    try:
-        codecs.getincrementaldecoder("gb18030")().decode(head, final=len(head) < _SNIFF)
-        return "gb18030"
-    except UnicodeDecodeError:
-        raise PIIInputError(f"{path}: neither UTF-8 nor GB18030/GBK text") from None
+def quarantine_key(key: str | bytes | None = None, key_env: str = DEFAULT_KEY_ENV) -> tuple[bytes, str]:
+    """``(key, source)`` for the digests of quarantined lines.
+
+    A plain SHA-256 of a line that holds only an identifier (an 18-digit ID, an 11-digit mobile) is
+    reversed by hashing every candidate, so the digest is an HMAC. Its key is derived from the PII key
+    (``key=`` or ``$BANKLM_PII_KEY``) when one is set, so digests of one line match across runs with the
+    same key; otherwise it is a random per-run secret that is never stored, so digests only match within
+    one run. ``source`` names where the key came from (never the key)."""
+    raw = key if key is not None else os.environ.get(key_env) or None
+    if raw:
+        base = raw.encode("utf-8") if isinstance(raw, str) else raw
+        source = "key argument" if key is not None else f"${key_env}"
+        return hmac.new(base, QUARANTINE_DIGEST_CONTEXT, hashlib.sha256).digest(), f"derived from {source}"
+    return secrets.token_bytes(32), "random per run (not stored)"
 
 
-def _line_hash(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
+def _line_digest(qkey: bytes, raw: bytes) -> str:
+    return hmac.new(qkey, raw, hashlib.sha256).hexdigest()
 
 
 def scrub_jsonl(in_path: str | os.PathLike, out_path: str | os.PathLike, field: str | Sequence[str] = "text",
@@ -721,8 +633,9 @@ def scrub_jsonl(in_path: str | os.PathLike, out_path: str | os.PathLike, field: 
     ``messages`` scrubs every message's content, ``prompt`` also scrubs ``completion``.
 
     Malformed lines, non-object lines, undecodable lines and records missing ``field`` go to the
-    quarantine file (default ``<out>.quarantine.jsonl``) as ``{file, line, reason, line_sha256}`` --
-    never their content. ``records_in == kept + dropped + quarantined``; blank lines are not records.
+    quarantine file (default ``<out>.quarantine.jsonl``) as ``{file, line, reason, line_hmac}`` --
+    never their content; ``line_hmac`` is keyed (see :func:`quarantine_key`), so a line holding only an
+    identifier cannot be recovered by hashing candidates. ``records_in == kept + dropped + quarantined``; blank lines are not records.
     ``scope="document"`` makes pseudonyms consistent within a record only (salted with its ``id``).
     """
     mode = _MODE_ALIASES.get(mode, mode)
@@ -738,14 +651,19 @@ def scrub_jsonl(in_path: str | os.PathLike, out_path: str | os.PathLike, field: 
     qpath = Path(quarantine_path) if quarantine_path else _default_quarantine(out_path)
     sel = _check_types(types)
     kbytes = _resolve_key(key, key_env) if mode == "pseudonym" else None
-    enc = detect_encoding(in_path)
+    qkey, qkey_source = quarantine_key(key, key_env)
+    try:  # as `banklm corpus build` reads it: utf-8(-sig), gb18030, or mixed (each line UTF-8, else GB18030)
+        enc = detect_encoding(in_path)
+    except Bad as e:
+        raise PIIInputError(f"{in_path}: {e.reason}") from None
     line_enc = "utf-8" if enc == "utf-8-sig" else enc
     fields = tuple(f.strip() for f in field.split(",") if f.strip()) if isinstance(field, str) else tuple(field)
     counts: dict[str, int] = {}
     stats = {"input": str(in_path), "output": str(out_path), "quarantine_file": str(qpath), "mode": mode,
              "fields": list(fields), "types": [t for t in ALL_TYPES if t in sel], "encoding": enc,
              "records_in": 0, "kept": 0, "dropped": 0, "quarantined": 0, "records_with_pii": 0,
-             "blank_lines": 0, "bytes_in": 0, "counts": counts, "quarantine_reasons": {}}
+             "blank_lines": 0, "bytes_in": 0, "counts": counts, "quarantine_reasons": {},
+             "quarantine_digest": f"HMAC-SHA256, key {qkey_source}"}
     if enc != "utf-8":
         stats["encoding_note"] = f"input decoded as {enc}, written as UTF-8"
     reasons: dict[str, int] = stats["quarantine_reasons"]
@@ -756,7 +674,7 @@ def scrub_jsonl(in_path: str | os.PathLike, out_path: str | os.PathLike, field: 
         short = reason.split(":")[0]
         reasons[short] = reasons.get(short, 0) + 1
         qfh.write(json.dumps({"file": str(in_path), "line": lineno, "reason": reason,
-                              "line_sha256": _line_hash(raw)}, ensure_ascii=False) + "\n")
+                              "line_hmac": _line_digest(qkey, raw)}, ensure_ascii=False) + "\n")
 
     with open(in_path, "rb") as src, atomic_open(out_path, "w") as out, atomic_open(qpath, "w") as qfh:
         for lineno, raw in enumerate(src, 1):
@@ -769,9 +687,12 @@ def scrub_jsonl(in_path: str | os.PathLike, out_path: str | os.PathLike, field: 
                 continue
             stats["records_in"] += 1
             try:
-                line = body.decode(line_enc)
+                line = decode_line(body)[0] if enc == "mixed" else body.decode(line_enc)
             except UnicodeDecodeError:
-                quarantine(qfh, lineno, body, f"undecodable: bytes invalid for {line_enc}")
+                line = None
+            if line is None:
+                quarantine(qfh, lineno, body, "undecodable: bytes invalid for "
+                           + ("UTF-8 and GB18030" if enc == "mixed" else line_enc))
                 continue
             try:
                 rec = json.loads(line)

@@ -8,9 +8,9 @@ import json
 import shutil
 
 import pytest
+from banklm.corpora.ops.pii import find_values_in_files, pii_values
 
 from banklm.evaluation.memorization import canary_contexts, probe_canaries
-from corpora.ops.pii import find_values_in_files, pii_values
 
 
 def _samples(repo):
@@ -33,10 +33,9 @@ def test_canary_contexts_find_values_as_written(repo):
 def test_probe_catches_a_model_that_memorised_a_canary(tiny_model, tmp_path):
     """Power of the probe: train the tiny model on text repeating one canary; the probe must flag it, and not
     flag a canary the model never saw."""
+    from banklm.finetune.models import load_model_and_tokenizer
+    from banklm.finetune.sft import train_causal_lm
     from datasets import Dataset
-
-    from finetune.models import load_model_and_tokenizer
-    from finetune.sft import train_causal_lm
 
     seen = {"type": "PHONE", "value": "14858641172"}
     unseen = {"type": "PHONE", "value": "13912345678"}
@@ -71,7 +70,7 @@ def test_no_canary_or_other_private_value_leaves_the_run(quickstart_run, repo):
 def test_trained_model_does_not_complete_canaries(quickstart_run, repo):
     """The quickstart trains on the de-identified private text (continued pre-training) then fine-tunes: given
     the text that preceded each canary in the raw records, neither model continues with the canary."""
-    from finetune.models import load_model_and_tokenizer
+    from banklm.finetune.models import load_model_and_tokenizer
 
     _, run_dir, _ = quickstart_run
     canaries, texts = _samples(repo)
@@ -84,3 +83,37 @@ def test_trained_model_does_not_complete_canaries(quickstart_run, repo):
         assert [r["type"] for r in rows if r["completed"]] == [], model_dir.name
         # not even half of any value (a region code or a phone prefix alone identifies no one)
         assert max(r["prefix_chars"] / r["value_chars"] for r in rows) < 0.5, model_dir.name
+
+
+def test_quarantined_identifier_lines_cannot_be_recovered_by_enumeration(tmp_path, monkeypatch):
+    """A quarantined line that is only a mobile number: an attacker who enumerates the number space and hashes
+    each candidate finds it from a plain SHA-256 digest in a second, but not from the keyed digest the
+    quarantine file holds (neither without the key nor with another run's per-run secret)."""
+    import hashlib
+    import hmac
+
+    from banklm.corpora.ops.pii import QUARANTINE_DIGEST_CONTEXT, scrub_jsonl
+
+    secret_line = b"13912345678"
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(secret_line + b"\n")  # valid JSON, not an object: quarantined
+    candidates = [f"139123{n:05d}".encode() for n in range(100_000)]
+
+    def attack(digest: str, hash_fn) -> bytes | None:
+        return next((c for c in candidates if hash_fn(c) == digest), None)
+
+    assert attack(hashlib.sha256(secret_line).hexdigest(), lambda c: hashlib.sha256(c).hexdigest()) == secret_line
+
+    monkeypatch.delenv("BANKLM_PII_KEY", raising=False)
+    scrub_jsonl(src, tmp_path / "out.jsonl")
+    digest = json.loads((tmp_path / "out.quarantine.jsonl").read_text(encoding="utf-8"))["line_hmac"]
+    assert attack(digest, lambda c: hashlib.sha256(c).hexdigest()) is None
+    assert attack(digest, lambda c: hmac.new(b"", c, hashlib.sha256).hexdigest()) is None
+
+    monkeypatch.setenv("BANKLM_PII_KEY", "bank-secret")
+    scrub_jsonl(src, tmp_path / "keyed.jsonl")
+    keyed = json.loads((tmp_path / "keyed.quarantine.jsonl").read_text(encoding="utf-8"))["line_hmac"]
+    wrong = hmac.new(b"guess", QUARANTINE_DIGEST_CONTEXT, hashlib.sha256).digest()
+    assert attack(keyed, lambda c: hmac.new(wrong, c, hashlib.sha256).hexdigest()) is None
+    right = hmac.new(b"bank-secret", QUARANTINE_DIGEST_CONTEXT, hashlib.sha256).digest()
+    assert attack(keyed, lambda c: hmac.new(right, c, hashlib.sha256).hexdigest()) == secret_line  # the key holder can
