@@ -6,6 +6,7 @@ Every validation error names the file, the dotted key, the bad value and what is
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import types
 import typing
@@ -13,12 +14,31 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from banklm.corpora.build import DEFAULT_STEPS, STEPS, private_steps_problem
+from banklm.corpora.mix import DEFAULT_SPLITS
+from banklm.corpora.ops.base import step_params
+from banklm.corpora.ops.pii import ALL_TYPES as PII_TYPES
+from banklm.corpora.ops.pii import DEFAULT_KEY_ENV as PII_KEY_ENV
+from banklm.corpora.ops.pii import MODES as PII_MODES
+from banklm.corpora.sources import FORMATS
+from banklm.export.gguf import DEFAULT_GGUF_QUANT, GGUF_QUANTS
+from banklm.export.onnx import DEFAULT_ONNX_QUANT, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ONNX_QUANTS
+from banklm.finetune.config import Method, TrainConfig
 
 TaskName = Literal["credit", "aml", "audit"]
 CorpusKind = Literal["general", "vertical", "private", "scenario"]
-GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
-OnnxType = Literal["fp32", "fp16", "int8"]
+GgufQuant = Literal[GGUF_QUANTS]  # quant names and defaults are owned by export, steps by corpora
+OnnxQuant = Literal[ONNX_QUANTS]
 
 MAX_OVERRIDE_CHARS = 10_000
 
@@ -54,12 +74,9 @@ class ScenarioTable(Section):
 
 # ---- corpora: sources, steps, options (the builders live in corpora/build.py; docs/corpora.md)
 
-SourceFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "txt", "md", "html", "hf",
-                       "alpaca", "sharegpt", "messages", "prompt_completion"]
-StepName = Literal["normalize", "boilerplate", "pii", "exact_dedup", "near_dedup", "quality", "decontam",
-                   "poison"]
-PiiType = Literal["ID_CARD", "PHONE", "BANK_CARD", "ACCOUNT", "USCC", "PASSPORT", "PLATE", "EMAIL", "PERSON",
-                  "ADDRESS"]
+SourceFormat = Literal[FORMATS]
+StepName = Literal[tuple(STEPS)]
+PiiType = Literal[PII_TYPES]
 
 
 class SourceSpec(Section):
@@ -89,57 +106,23 @@ class SourceSpec(Section):
         return data
 
 
-class NormalizeParams(Section):
-    fullwidth: bool = True
-    html_remnants: bool = True
-
-
-class BoilerplateParams(Section):
-    min_docs: int = Field(3, ge=2)
-    min_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    min_line_chars: int = Field(4, ge=1)
-
-
-class NoParams(Section):
-    pass
-
-
-class NearDedupParams(Section):
-    ngram: int = Field(5, ge=1, le=64)
-    threshold: float = Field(0.8, gt=0.0, le=1.0)
-    num_perm: int = Field(128, ge=16, le=1024)
-    seed: int = 42
-
-
-class QualityParams(Section):
-    min_chars: int = Field(20, ge=0)
-    max_chars: int = Field(100_000, ge=1)
-    min_cjk_ratio: float = Field(0.3, ge=0.0, le=1.0)
-    max_symbol_ratio: float = Field(0.2, ge=0.0, le=1.0)
-    max_digit_ratio: float = Field(0.5, ge=0.0, le=1.0)
-    repeat_ngram: int = Field(10, ge=2, le=200)
-    max_repeat_ratio: float = Field(0.3, ge=0.0, le=1.0)
-    max_junk_line_ratio: float = Field(0.3, ge=0.0, le=1.0)
-    junk_line_max_chars: int = Field(40, ge=1)
-    strip_junk_lines: bool = True
-
-
-class PoisonParams(Section):
-    label_field: str = "label"
-    min_n: int = Field(3, ge=1)
-    max_n: int = Field(6, ge=1)
-    min_count: int = Field(5, ge=2)
-    max_doc_frac: float = Field(0.02, gt=0.0, le=1.0)
-    min_purity: float = Field(0.9, gt=0.0, le=1.0)
-    min_lift: float = Field(2.0, ge=1.0)
-    drop: bool = False
-    top_k: int = Field(20, ge=1)
-
-
-STEP_PARAMS: dict[str, type[Section]] = {
-    "normalize": NormalizeParams, "boilerplate": BoilerplateParams, "pii": NoParams, "exact_dedup": NoParams,
-    "near_dedup": NearDedupParams, "quality": QualityParams, "decontam": NoParams, "poison": PoisonParams}
 _STEP_PARAMS_ELSEWHERE = {"pii": "corpora.<kind>.pii", "decontam": "corpora.<kind>.decontaminate"}
+
+
+def _step_field(step: str, name: str) -> Any:
+    """The schema field of one step parameter, from its declaration on the step (``banklm.corpora.ops.base.param``)."""
+    p = step_params(STEPS[step])[name]
+    return Field(p.default, **p.bounds)
+
+
+def _step_params_model(step: str) -> type[Section]:
+    """The keys a recipe may give a step in ``steps:``: the parameters the step class declares."""
+    declared = {} if step in _STEP_PARAMS_ELSEWHERE else step_params(STEPS[step])
+    fields = {n: (p.type, _step_field(step, n)) for n, p in declared.items()}
+    return create_model(f"{STEPS[step].__name__}Params", __base__=Section, __module__=__name__, **fields)
+
+
+STEP_PARAMS: dict[str, type[Section]] = {name: _step_params_model(name) for name in STEPS}
 
 
 class StepSpec(Section):
@@ -181,17 +164,17 @@ def _steps(*items: str | dict):
 class PiiOptions(Section):
     """PII de-identification for the ``pii`` step (rules in docs/pii.md)."""
 
-    mode: Literal["placeholder", "pseudonym", "drop"] = "placeholder"
-    key_env: str = Field("BANKLM_PII_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    mode: Literal[PII_MODES] = "placeholder"
+    key_env: str = Field(PII_KEY_ENV, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     types: list[PiiType] | None = None
 
 
 class SplitSpec(Section):
     """Seeded train/validation/test fractions (normalised), stratified by ``stratify`` when that column exists."""
 
-    train: float = Field(0.9, ge=0.0, le=1.0)
-    validation: float = Field(0.05, ge=0.0, le=1.0)
-    test: float = Field(0.05, ge=0.0, le=1.0)
+    train: float = Field(DEFAULT_SPLITS["train"], ge=0.0, le=1.0)
+    validation: float = Field(DEFAULT_SPLITS["validation"], ge=0.0, le=1.0)
+    test: float = Field(DEFAULT_SPLITS["test"], ge=0.0, le=1.0)
     seed: int | None = None
     stratify: str | None = "label"
 
@@ -206,7 +189,7 @@ class DecontamSpec(Section):
     """Drop records sharing an ``n``-character n-gram with the run's scenario test prompts (user turns)."""
 
     enabled: bool = True
-    n: int = Field(13, ge=5, le=200)
+    n: int = _step_field("decontam", "n")
 
 
 class TextCorpus(Section):
@@ -230,39 +213,32 @@ class TextCorpus(Section):
 class GeneralCorpus(TextCorpus):
     """Broad instruction/chat data that keeps general ability."""
 
-    # arithmetic and English answers are fine in instruction data: relaxed CJK and digit ratios
-    steps: list[StepSpec] = Field(default_factory=_steps(
-        "normalize", "exact_dedup", {"quality": {"min_chars": 5, "min_cjk_ratio": 0.0, "max_digit_ratio": 0.8}}))
+    steps: list[StepSpec] = Field(default_factory=_steps(*DEFAULT_STEPS["general"]))
 
 
 class VerticalCorpus(TextCorpus):
     """Finance text: regulations, manuals, reports."""
 
-    steps: list[StepSpec] = Field(default_factory=_steps("normalize", "boilerplate", "exact_dedup", "near_dedup",
-                                                         "quality"))
+    steps: list[StepSpec] = Field(default_factory=_steps(*DEFAULT_STEPS["vertical"]))
 
 
 class PrivateCorpus(TextCorpus):
     """The bank's own documents: must be de-identified before anything else sees them."""
 
-    steps: list[StepSpec] = Field(default_factory=_steps("normalize", "pii", "exact_dedup", "near_dedup", "quality"))
+    steps: list[StepSpec] = Field(default_factory=_steps(*DEFAULT_STEPS["private"]))
 
     @model_validator(mode="after")
     def _pii_first(self) -> PrivateCorpus:
-        names = [s.step for s in self.steps]
-        if "pii" not in names:
-            raise ValueError("steps: the private corpus needs the 'pii' step")
-        before = [n for n in names[: names.index("pii")] if n != "normalize"]
-        if before:
-            raise ValueError(f"steps: only 'normalize' may come before 'pii' in the private corpus (found "
-                             f"'{before[0]}': its removed examples would show raw PII)")
+        problem = private_steps_problem([s.step for s in self.steps])
+        if problem:
+            raise ValueError(f"steps: {problem}")
         return self
 
 
 class ScenarioCorpus(Section):
     synth: dict[TaskName, SynthSpec] = Field(default_factory=dict)
     tables: list[ScenarioTable] = Field(default_factory=list)
-    steps: list[StepSpec] = Field(default_factory=list)  # applied to table records only
+    steps: list[StepSpec] = Field(default_factory=_steps(*DEFAULT_STEPS["scenario"]))  # table records only
     pii: PiiOptions = Field(default_factory=PiiOptions)
     splits: SplitSpec = Field(default_factory=SplitSpec)  # for tables with split: auto
     licence: str = "generated by banklm (synthetic, no real customer data)"
@@ -360,54 +336,34 @@ class BaseSection(Section):
         return self
 
 
-class LoraSpec(Section):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # as PEFT, torchtune: masks took 44-60% of a CPU LoRA step
-    targets: str | list[str] = "all-linear"
-    rslora: bool = False
-    dora: bool = False
+def _section_of(config: type, name: str) -> type[Section]:
+    """The recipe section of a stage's frozen settings dataclass: its fields by the same names, with their types,
+    defaults and bounds (``metadata["bounds"]``, as pydantic constraints); a nested settings dataclass becomes a
+    nested section. The setting is declared once, in the stage (banklm.finetune.config), and the recipe follows."""
+    hints = typing.get_type_hints(config)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            nested = _section_of(kind, kind.__name__)
+            fields[f.name] = (nested, Field(default_factory=nested))
+        else:
+            fields[f.name] = (kind, Field(f.default, **f.metadata.get("bounds", {})))
+    return create_model(name, __base__=Section, __module__=__name__, __doc__=config.__doc__, **fields)
 
 
-class TrainHyper(Section):
-    """Optimisation settings shared by ``cpt``, ``train`` and ``distill.train``."""
-
-    method: Literal["lora", "qlora", "full"] = "lora"
-    lr: float = Field(2e-4, gt=0, lt=1)
-    epochs: float = Field(1.0, gt=0, le=10_000)
-    max_steps: int = Field(-1, ge=-1, le=1_000_000_000)
-    time_budget_s: float | None = Field(None, gt=0, le=31_536_000)  # at most a year
-    batch_size: int = Field(16, ge=1, le=65_536)
-    grad_accum: int = Field(1, ge=1, le=65_536)
-    max_length: int = Field(512, ge=16, le=1_048_576)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    # auto: SFT batches of examples in random order, concatenated into one row without padding (varlen
-    # attention), CPT packed rows (finetune.sft.batch_layout); true: always packed rows; false: padded rows
-    packing: Literal[True, False, "auto"] = "auto"
-    # unpacked batches of similar-length examples: less padding, but where length goes with the task (the
-    # scenario mix) it cost the quickstart 0.81 -> 0.59 accuracy (finetune.sft.length_grouped_sampler)
-    group_by_length: bool = False
-    completion_only_loss: bool = True
-    gradient_checkpointing: bool = False
-    # torch.compile each decoder layer (finetune.sft.wants_compile): auto = runs with a time budget of 5 min or
-    # more (without one: 300+ steps); faster after compiling in the first steps (BENCHMARKS.md)
-    compile: Literal[True, False, "auto"] = "auto"
-    logging_steps: int = Field(10, ge=1)
-    eval_steps: int | None = Field(None, ge=1)  # validation loss every N steps (default: each epoch end)
-    early_stopping_patience: int | None = Field(None, ge=1)  # stop after N evaluations without a lower loss
-    task_eval_steps: int | None = Field(None, ge=1)  # greedy task accuracy on validation records every N steps
-    task_eval_samples: int = Field(20, ge=1)  # validation records per task for task_eval_steps
-    save_steps: int | None = Field(None, ge=1)  # checkpoint every N steps: an interrupted run resumes there
-    keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept while training (removed at the end)
+class TrainHyper(_section_of(TrainConfig, "TrainSettings")):
+    """Optimisation settings shared by ``cpt``, ``train`` and ``distill.train``: the fields of
+    ``banklm.finetune.config.TrainConfig`` (names, types, defaults, bounds and the comments that explain them)."""
 
     @model_validator(mode="after")
-    def _early_stopping_needs_eval_steps(self) -> TrainHyper:
-        if self.early_stopping_patience is not None and self.eval_steps is None:
-            raise ValueError("early_stopping_patience needs eval_steps (evaluate every N steps)")
+    def _valid_config(self) -> TrainHyper:
+        self.to_config()  # the config's own checks, e.g. early_stopping_patience needs eval_steps
         return self
+
+    def to_config(self) -> TrainConfig:
+        """These settings as the object ``banklm.finetune.sft.train_causal_lm`` takes."""
+        return TrainConfig(**self.model_dump(include={f.name for f in dataclasses.fields(TrainConfig)}))
 
 
 class TrainParams(TrainHyper):
@@ -418,7 +374,7 @@ class CptSection(TrainParams):
     """Continued pre-training on raw text (instruction records are rendered with the chat template)."""
 
     enabled: bool = False
-    method: Literal["lora", "qlora", "full"] = "full"
+    method: Method = "full"
     corpora: list[CorpusKind] = Field(default_factory=lambda: ["scenario"])
 
 
@@ -444,7 +400,7 @@ class GgufSection(Section):
     """GGUF files for llama.cpp / Ollama (k-quants q4_k_m, q5_k_m, q6_k need ``banklm[llamacpp]``)."""
 
     enabled: bool = True
-    quant: list[GgufType] = Field(default_factory=lambda: ["f16", "q8_0"], min_length=1)
+    quant: list[GgufQuant] = Field(default_factory=lambda: list(DEFAULT_GGUF_QUANT), min_length=1)
     system: str | None = None  # the Ollama Modelfile's SYSTEM prompt
     num_ctx: int | None = Field(None, ge=64)  # Modelfile num_ctx (default: the model's context, at most 8192)
 
@@ -455,8 +411,8 @@ class OnnxSection(Section):
     """ONNX decoder with KV cache: fp32, fp16 (for GPUs) and int8 (dynamic quantization of fp32)."""
 
     enabled: bool = False
-    opset: int = Field(17, ge=14, le=21)
-    quant: list[OnnxType] = Field(default_factory=lambda: ["fp32", "int8"], min_length=1)
+    opset: int = Field(DEFAULT_OPSET, ge=MIN_OPSET, le=MAX_OPSET)
+    quant: list[OnnxQuant] = Field(default_factory=lambda: list(DEFAULT_ONNX_QUANT), min_length=1)
 
     _unique = field_validator("quant")(_no_duplicates)
 
@@ -527,7 +483,7 @@ class SeqKdParams(Section):
 
 
 class DistillTrain(TrainHyper):
-    method: Literal["lora", "qlora", "full"] = "full"
+    method: Method = "full"
 
 
 class DistillSection(Section):

@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 
 from banklm.finetune.attention import NAME as VARLEN_ATTENTION
+from banklm.finetune.config import TrainConfig
 from banklm.finetune.models import load_model, pick_device
 from banklm.finetune.sft import PackedRowsCollator, forward_inputs, make_trainer_classes, train_causal_lm
 from banklm.finetune.tokenizer import load_tokenizer
@@ -65,15 +66,33 @@ class TeacherCacheCollator(PackedRowsCollator):
 
 @functools.cache
 def kd_trainer_class():
-    """``BudgetTrainer`` subclass whose training loss is :func:`banklm.distill.losses.kd_loss`."""
+    """``BudgetTrainer`` subclass whose training loss is :func:`banklm.distill.losses.kd_loss`.
+
+    Its extras are keyword arguments of the constructor, under the recipe's ``distill.kd`` names
+    (``divergence``, ``beta``, ``temperature``, ``alpha``, ``tail``), plus ``vocab_size`` (the logit width
+    teacher and student share: either embedding may be padded beyond it), ``teacher`` (a live teacher model)
+    or ``teacher_cache`` (``(rows, student, pad_token_id) -> TeacherCache``, called once TRL has prepared the
+    rows, whose batches then carry the cached top-k); everything else goes to ``BudgetTrainer``."""
     import torch
 
     BudgetTrainer, _ = make_trainer_classes()
 
     class KDTrainer(BudgetTrainer):
-        kd: dict = {}
-        teacher = None  # live teacher, or None when batches carry cached top-k
-        vocab_size: int | None = None  # shared logit width (teacher and student embeddings may be padded)
+        def __init__(self, *args, divergence: str = "forward", beta: float = 0.5, temperature: float = 1.0,
+                     alpha: float = 0.5, tail: str = "bucket", vocab_size: int | None = None, teacher=None,
+                     teacher_cache=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kd = {"divergence": divergence, "beta": beta, "temperature": temperature, "alpha": alpha,
+                       "tail": tail}
+            self.vocab_size = vocab_size
+            self.teacher = teacher
+            self._kd_sums = [0.0, 0.0, 0]
+            if teacher is not None and self.model.config._attn_implementation == VARLEN_ATTENTION:
+                teacher.set_attn_implementation(VARLEN_ATTENTION)  # flat batches: the teacher needs the same kernel
+            if teacher_cache is not None:  # fill (or reopen) the cache for the rows TRL has just prepared
+                pad = self.processing_class.pad_token_id
+                cache = teacher_cache(self.train_dataset, self.model, pad)
+                self.data_collator = TeacherCacheCollator(pad, cache, flat=self.data_collator.flat)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             topk = [inputs.pop(k, None) for k in TEACHER_KEYS]
@@ -95,18 +114,19 @@ def kd_trainer_class():
                     t_out = self.teacher(**forward_inputs(fwd, t_dev), use_cache=False)
                     teacher_logits = t_out.logits[..., :v] if v else t_out.logits
                     teacher_logits = teacher_logits.to(student_logits.device)
+            kd = self.kd  # the recipe's names; kd_loss calls the divergence ``kind``
             parts = kd_loss(student_logits, inputs["labels"], teacher_logits=teacher_logits,
                             teacher_topk=None if topk[0] is None else tuple(topk), num_items=num_items_in_batch,
-                            **self.kd)
-            self._kd_sums = getattr(self, "_kd_sums", [0.0, 0.0, 0])
+                            kind=kd["divergence"], beta=kd["beta"], temperature=kd["temperature"],
+                            alpha=kd["alpha"], tail=kd["tail"])
             self._kd_sums[0] += float(parts["kd"].detach())
             self._kd_sums[1] += float(parts["ce"].detach())
             self._kd_sums[2] += 1
             return (parts["loss"], outputs) if return_outputs else parts["loss"]
 
         def log(self, logs, *args, **kwargs):
-            sums = getattr(self, "_kd_sums", None)
-            if "loss" in logs and sums and sums[2]:
+            sums = self._kd_sums
+            if "loss" in logs and sums[2]:
                 # per micro-batch values, normalised like the loss (by the accumulation steps' token count)
                 ga = max(1, self.args.gradient_accumulation_steps)
                 logs["kd_loss"] = round(sums[0] / sums[2] * ga, 6)
@@ -166,6 +186,7 @@ def train_logit_kd(
     train_ds,
     eval_ds,
     out_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
     *,
     divergence: str = "forward",
     beta: float = 0.5,
@@ -182,12 +203,13 @@ def train_logit_kd(
 ) -> dict:
     """Train the student in ``student_dir`` on ``train_ds`` (``messages`` records) with the KD loss.
 
-    ``alpha`` weighs the (``T**2``-scaled) divergence against the ground-truth cross-entropy; ``top_k``
-    switches to the on-disk teacher cache in ``cache_dir`` (default ``out_dir/teacher_cache``).
-    ``train_kwargs`` go to :func:`banklm.finetune.sft.train_causal_lm` (method, lr, time_budget_s, batch_size, ...).
-    Returns the training summary with a ``distill`` block (also written to ``train_summary.json``).
+    ``config`` (:class:`banklm.finetune.config.TrainConfig`) and ``train_kwargs`` go to
+    :func:`banklm.finetune.sft.train_causal_lm` (``seed``, ``mixed_precision``, ... or config fields such as
+    ``method``, ``lr``, ``time_budget_s``, ``batch_size``). ``alpha`` weighs the (``T**2``-scaled) divergence
+    against the ground-truth cross-entropy; ``top_k`` switches to the on-disk teacher cache in ``cache_dir``
+    (default ``out_dir/teacher_cache``). Returns the training summary with a ``distill`` block (also written to
+    ``train_summary.json``).
     """
-
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if tail not in TAILS:
@@ -199,52 +221,52 @@ def train_logit_kd(
     out_dir = Path(out_dir)
     device = pick_device(device)
     vocab = check_same_vocabulary(teacher_dir, student_dir)
-    kd = {"kind": divergence, "beta": beta, "temperature": temperature, "alpha": alpha, "tail": tail}
-    info: dict = {"teacher": str(teacher_dir), "mode": "live" if top_k is None else "topk_cache", **kd,
-                  "top_k": top_k, "teacher_quantization": teacher_quantization if device.startswith("cuda") else None,
+    kd = {"divergence": divergence, "beta": beta, "temperature": temperature, "alpha": alpha, "tail": tail}
+    # the summary's distill block keeps the key "kind" for the divergence: banklm.report reads it
+    info: dict = {"teacher": str(teacher_dir), "mode": "live" if top_k is None else "topk_cache",
+                  "kind": divergence, **{k: v for k, v in kd.items() if k != "divergence"}, "top_k": top_k, "teacher_quantization": teacher_quantization if device.startswith("cuda") else None,
                   "vocab_size": vocab}
-    state: dict = {}
-
-    def setup(trainer) -> None:
-        trainer.kd = kd
-        trainer.vocab_size = vocab
-        if top_k is None:
-            trainer.teacher = state["teacher"] = load_teacher(teacher_dir, device, teacher_quantization,
-                                                              teacher_dtype)
-            if trainer.model.config._attn_implementation == VARLEN_ATTENTION:  # flat batches: the same kernel
-                trainer.teacher.set_attn_implementation(VARLEN_ATTENTION)
-            return
-        rows = trainer.train_dataset
-        fingerprint = data_fingerprint(rows)
+    extras: dict = {**kd, "vocab_size": vocab}
+    if top_k is None:
+        extras["teacher"] = load_teacher(teacher_dir, device, teacher_quantization, teacher_dtype)
+    else:
         key = {"teacher": _folder_hashes(Path(teacher_dir)), "top_k": top_k, "temperature": temperature,
                "vocab_size": vocab, "teacher_quantization": info["teacher_quantization"],
                "teacher_dtype": str(teacher_dtype)}
-        where = Path(cache_dir) if cache_dir else out_dir / "teacher_cache"
-        cache = open_teacher_cache(where, key, fingerprint)
-        info["cache_reused"] = cache is not None
-        if cache is None:
-            student = trainer.model
-            offload = device.startswith("cuda") and not getattr(student, "is_quantized", False)
-            if offload:  # the teacher gets the GPU to itself
-                student.to("cpu")
-            teacher = load_teacher(teacher_dir, device, teacher_quantization, teacher_dtype)
-            cache = build_teacher_cache(teacher, rows, where, vocab_size=vocab,
-                                        pad_token_id=trainer.processing_class.pad_token_id, top_k=top_k,
-                                        temperature=temperature, key=key, batch_rows=cache_batch_rows,
-                                        fingerprint=fingerprint)
-            _free(teacher)
-            if offload:
-                student.to(device)
-        info["cache"] = {"folder": str(where), "rows": cache.meta["rows"], "positions": cache.meta["positions"],
-                         "bytes": sum(f.stat().st_size for f in where.iterdir())}
-        trainer.data_collator = TeacherCacheCollator(trainer.processing_class.pad_token_id, cache,
-                                                     flat=trainer.data_collator.flat)
-
-    summary = train_causal_lm(student_dir, train_ds, eval_ds, out_dir, mode="sft", device=device,
-                              trainer_class=kd_trainer_class(), setup_trainer=setup, **train_kwargs)
-    if "teacher" in state:
-        _free(state.pop("teacher"))
+        extras["teacher_cache"] = functools.partial(
+            _teacher_cache, folder=Path(cache_dir) if cache_dir else out_dir / "teacher_cache", key=key, info=info,
+            teacher=functools.partial(load_teacher, teacher_dir, device, teacher_quantization, teacher_dtype),
+            device=device, top_k=top_k, temperature=temperature, vocab_size=vocab, batch_rows=cache_batch_rows)
+    try:
+        summary = train_causal_lm(student_dir, train_ds, eval_ds, out_dir, config, mode="sft", device=device,
+                                  trainer_class=kd_trainer_class(), trainer_kwargs=extras, **train_kwargs)
+    finally:
+        if "teacher" in extras:
+            _free(extras.pop("teacher"))
     summary["distill"] = info
     atomic_write_json(out_dir / "train_summary.json", summary)
     return summary
 
+
+def _teacher_cache(rows, student, pad_token_id: int, *, folder: Path, key: dict, info: dict, teacher, device: str,
+                   top_k: int, temperature: float, vocab_size: int, batch_rows: int):
+    """The top-k cache of ``rows`` (the student's prepared training rows) in ``folder``: reopened when ``key``
+    and the rows match, else filled by the teacher (``teacher()`` loads it) while the student waits on the CPU;
+    the teacher is freed afterwards. Notes what it did in ``info``."""
+    fingerprint = data_fingerprint(rows)
+    cache = open_teacher_cache(folder, key, fingerprint)
+    info["cache_reused"] = cache is not None
+    if cache is None:
+        offload = device.startswith("cuda") and not getattr(student, "is_quantized", False)
+        if offload:  # the teacher gets the GPU to itself
+            student.to("cpu")
+        model = teacher()
+        cache = build_teacher_cache(model, rows, folder, vocab_size=vocab_size, pad_token_id=pad_token_id,
+                                    top_k=top_k, temperature=temperature, key=key, batch_rows=batch_rows,
+                                    fingerprint=fingerprint)
+        _free(model)
+        if offload:
+            student.to(device)
+    info["cache"] = {"folder": str(folder), "rows": cache.meta["rows"], "positions": cache.meta["positions"],
+                     "bytes": sum(f.stat().st_size for f in folder.iterdir())}
+    return cache

@@ -1,7 +1,7 @@
 """Trainer callbacks banklm adds to TRL's ``SFTTrainer``.
 
-* :class:`TrainClock` + :class:`BudgetCallback`: elapsed training time (agreed across processes), the
-  time-budget learning-rate schedule and the clean stop when the budget is spent.
+* :class:`TrainClock` + :class:`BudgetCallback`: elapsed training time (agreed across processes) and tokens
+  trained, the time-budget learning-rate schedule and the clean stop when the budget is spent.
 * :class:`MetricsRecorder`: one ``metrics.jsonl`` row per log (loss, LR, real tokens/s, eval loss, ...),
   and a tqdm progress bar with tokens/s and ETA.
 * :class:`CheckpointState`: writes ``banklm_state.json`` last into each checkpoint (what makes it
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from banklm.corpora.splits import first_per_task
 from transformers import TrainerCallback
 
 from banklm.evaluation.evaluate import score_records
@@ -90,12 +91,13 @@ def lr_factor(progress: float, warmup: float, scheduler: str) -> float:
 
 
 class TrainClock:
-    """Training time across attempts, and the schedule's progress.
+    """Training time across attempts, tokens trained, and the schedule's progress.
 
     ``elapsed`` = time trained before this attempt (``offset``, restored from the checkpoint) + time in
     this attempt, updated after each optimizer step (before the scheduler step) with the maximum over
     all ranks, so every process computes the same learning rate and stops at the same step. With a budget, progress is
-    max(step / planned steps, elapsed / budget).
+    max(step / planned steps, elapsed / budget). ``tokens``: real (non-pad) tokens this process trained in this
+    attempt, counted by the trainer (:class:`MetricsRecorder` sums them over ranks).
     """
 
     def __init__(self, budget_s: float | None, warmup_ratio: float, scheduler: str):
@@ -106,6 +108,7 @@ class TrainClock:
         self.elapsed = 0.0
         self.t0: float | None = None
         self.stopped = False
+        self.tokens = 0
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
@@ -154,13 +157,12 @@ class BudgetCallback(TrainerCallback):
 class MetricsRecorder(TrainerCallback):
     """Collects ``metrics.jsonl`` rows with real (non-pad) tokens/s; draws the progress bar.
 
-    Token counts come from ``trainer.banklm_tokens`` (this process) summed over ranks at each log.
+    Token counts come from ``clock.tokens`` (this process, counted by the trainer) summed over ranks at each log.
     """
 
     def __init__(self, clock: TrainClock, progress: bool = False):
         self.clock = clock
         self.progress = progress
-        self.trainer = None
         self.rows: list[dict] = []
         self.tokens_offset = 0  # tokens trained before this attempt (resume)
         self.last_tokens = 0
@@ -187,8 +189,7 @@ class MetricsRecorder(TrainerCallback):
 
     def global_tokens(self) -> int:
         """Tokens trained so far over all ranks and attempts (a collective call under DDP)."""
-        local = int(getattr(self.trainer, "banklm_tokens", 0)) if self.trainer is not None else 0
-        return self.tokens_offset + agree_sum(local)
+        return self.tokens_offset + agree_sum(self.clock.tokens)
 
     def on_train_begin(self, args, state, control, **kw):
         self.last_t = time.perf_counter()
@@ -197,10 +198,7 @@ class MetricsRecorder(TrainerCallback):
 
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", desc="train",
                             file=sys.stderr, dynamic_ncols=True, leave=True)
-            self._bar_t0, self._bar_tokens0 = time.perf_counter(), self._local_tokens()
-
-    def _local_tokens(self) -> int:
-        return int(getattr(self.trainer, "banklm_tokens", 0)) if self.trainer is not None else 0
+            self._bar_t0, self._bar_tokens0 = time.perf_counter(), self.clock.tokens
 
     def on_step_end(self, args, state, control, **kw):
         if self.bar is not None:
@@ -211,7 +209,7 @@ class MetricsRecorder(TrainerCallback):
             if self.last_train_loss is not None:
                 post["loss"] = f"{self.last_train_loss:.3f}"
             if dt > 0:  # this rank's tokens x ranks: the bar must not add a collective per step
-                post["tok/s"] = f"{(self._local_tokens() - self._bar_tokens0) * world / dt:,.0f}"
+                post["tok/s"] = f"{(self.clock.tokens - self._bar_tokens0) * world / dt:,.0f}"
             self.bar.set_postfix(post, refresh=False)
 
     def on_train_end(self, args, state, control, **kw):
@@ -282,38 +280,37 @@ class CheckpointState(TrainerCallback):
 
 
 class TaskEvalCallback(TrainerCallback):
-    """Every ``every`` steps: greedy answers to ``records`` (scenario records with ``task``/``gold``),
-    parsed and scored by ``banklm.evaluation``; logs ``task_accuracy``, ``task_format_compliance`` and
-    ``task_accuracy_<task>`` with that step's training loss.
+    """Every ``every`` steps: greedy answers to ``records`` (scenario records with ``task``/``gold``; the first
+    ``per_task`` of each task), parsed and scored by ``banklm.evaluation``; logs ``task_accuracy``,
+    ``task_format_compliance`` and ``task_accuracy_<task>`` with that step's training loss.
 
-    The main process generates with the unwrapped model (no collectives) and hands the figures to the
-    trainer's next log (``trainer.banklm_extra_logs``); every rank asks for a log at that step, so the
-    loss gather inside the Trainer's logging stays in step under DDP.
+    The main process generates with the unwrapped model (no collectives) and leaves the figures in ``logs``,
+    which the trainer adds to its next log (``BudgetTrainer(extra_logs=...)``); every rank asks for a log at
+    that step, so the loss gather inside the Trainer's logging stays in step under DDP.
     """
 
     def __init__(self, records: list[dict], every: int, tokenizer, max_new_tokens: int = 96,
-                 batch_size: int = 64):
-        self.records = list(records)
+                 batch_size: int = 64, per_task: int | None = None):
+        self.records = list(records) if per_task is None else [
+            records[i] for i in first_per_task([r["task"] for r in records], per_task)]
         self.every = every
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.trainer = None
+        self.logs: dict = {}  # figures waiting for the trainer's next log
         self.history: list[dict] = []
 
-    def on_step_end(self, args, state, control, **kw):
+    def on_step_end(self, args, state, control, model=None, **kw):
         if not self.records or state.global_step % self.every:
             return control
         control.should_log = True
         if state.is_world_process_zero:
-            logs = self.evaluate()
+            logs = self.evaluate(model)
             self.history.append({"step": state.global_step, **logs})
-            self.trainer.banklm_extra_logs.update(logs)
+            self.logs.update(logs)
         return control
 
-    def evaluate(self) -> dict:
-
-        model = self.trainer.model
+    def evaluate(self, model) -> dict:
         convs = [[{**m, "content": fold_fullwidth(m["content"])} if m["role"] == "user" else m
                   for m in iter_user_messages(r)] for r in self.records]
         import torch

@@ -3,9 +3,9 @@
 The Trainer writes ``checkpoint-<step>/`` (weights or adapter, optimizer, scheduler, RNG states,
 ``trainer_state.json``) into the checkpoint folder. A crash can leave that folder half written, so
 banklm writes ``banklm_state.json`` into it *last* and atomically (:class:`banklm.finetune.callbacks.CheckpointState`):
-a checkpoint is complete only when that file exists. It also records the run's *fingerprint* (training
-settings, base model files, data content, world size), so a checkpoint left by different settings or
-data is never resumed: it is deleted and training starts over.
+a checkpoint is complete only when that file exists. It also records the run's *fingerprint* (every field
+of the training config, seed, device, precision, base model files, data content, world size), so a
+checkpoint left by different settings or data is never resumed: it is deleted and training starts over.
 
 Rotation (keep the last K) is done here too, after the marker is written, so at every moment the newest
 complete checkpoint exists on disk.
@@ -13,6 +13,7 @@ complete checkpoint exists on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -101,10 +102,13 @@ def model_folder_stamp(folder: str | os.PathLike) -> list:
     return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
-def training_fingerprint(settings: dict, model_dir: str | os.PathLike, train_ds, eval_ds=None) -> str:
-    """Identity of a training run for resuming: settings, base model files, data content."""
+def training_fingerprint(config, model_dir: str | os.PathLike, train_ds, eval_ds=None, **runtime) -> str:
+    """Identity of a training run for resuming: every field of ``config`` (a settings dataclass, nested ones
+    included: nothing is listed twice), the ``runtime`` facts that also decide the weights (seed, device,
+    precision, world size, ...), the base model files and the data content."""
     material = {
-        "settings": settings,
+        "config": dataclasses.asdict(config),
+        "runtime": runtime,
         "model": model_folder_stamp(model_dir),
         "train": dataset_digest(train_ds),
         "eval": dataset_digest(eval_ds) if eval_ds is not None else None,

@@ -253,6 +253,15 @@ class Setup:
         return "full" if self.method in ("full", "cpt") else self.method
 
 
+def training_setup(config) -> dict:
+    """The :class:`Setup` fields a run's :class:`banklm.finetune.config.TrainConfig` decides (the planner's own
+    names from the recipe's: ``max_length`` -> ``seq_len``, ``lora.r`` -> ``lora_r``, ``gradient_checkpointing``
+    -> ``grad_ckpt``, ...); the rest (device, precision, attention, loss) is the planner's to choose."""
+    return {"method": config.method, "seq_len": config.max_length, "batch_size": config.batch_size,
+            "grad_accum": config.grad_accum, "lora_r": config.lora.r, "lora_dropout": config.lora.dropout,
+            "dora": config.lora.dora, "grad_ckpt": config.gradient_checkpointing}
+
+
 @dataclass(frozen=True)
 class _Dtypes:
     """Bytes per element of each tensor family for a setup (see docs/memory.md, 'Precision regimes')."""

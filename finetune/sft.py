@@ -1,14 +1,15 @@
 """Supervised fine-tuning and continued pre-training with TRL ``SFTTrainer`` + PEFT, one function.
 
 :func:`train_causal_lm` trains ``mode="sft"`` (instruction pairs, loss on the answer only) or
-``mode="cpt"`` (raw text, plain language-model loss) with ``method`` ``"lora"``, ``"qlora"`` or
-``"full"``, and writes into ``out_dir``::
+``mode="cpt"`` (raw text, plain language-model loss) with the settings of a
+:class:`banklm.finetune.config.TrainConfig` (``method`` ``"lora"``, ``"qlora"`` or ``"full"``, ``lr``,
+``epochs``, ...: the recipe's ``train:`` keys), and writes into ``out_dir``::
 
     adapter/              PEFT adapter + tokenizer files (lora/qlora)
     merged/               standalone model: safetensors, tokenizer files, generation_config.json
     metrics.jsonl         one line per log step: step, epoch, seconds, loss, learning_rate, tokens_per_s,
                           tokens_seen, eval_loss, task_accuracy*, ...
-    train_summary.json    steps, tokens seen, seconds, losses, method, parameter counts, device
+    train_summary.json    the config's fields, then steps, tokens seen, seconds, losses, parameter counts, device
     tensorboard/          event files (when the ``tensorboard`` package is installed)
     checkpoints/          only while training (``save_steps``); removed when the stage completes
 
@@ -44,7 +45,8 @@ With ``save_steps`` the Trainer saves ``checkpoints/checkpoint-<step>/`` (weight
 scheduler, RNG states, trainer state); banklm then writes ``banklm_state.json`` into it, last and
 atomically, which is what makes a checkpoint complete (:mod:`banklm.finetune.checkpoints`); the newest
 ``keep_checkpoints`` complete ones are kept. ``resume=True`` continues from the newest complete
-checkpoint whose fingerprint (settings, base model files, data content, world size) matches this call:
+checkpoint whose fingerprint (every config field, seed, device, precision, base model files, data content,
+world size: :func:`banklm.finetune.checkpoints.training_fingerprint`) matches this call:
 same weights, optimizer and scheduler state, RNG states, and the same data order mid-epoch (the
 Trainer's seeded sampler skips the batches already trained). Incomplete or foreign checkpoints are
 deleted and training starts over. The stage removes ``checkpoints/`` once its outputs are written.
@@ -75,6 +77,7 @@ from banklm.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 
 from .attention import prefers_eager, register
 from .checkpoints import find_resumable, training_fingerprint
+from .config import TaskEval, TrainConfig
 from .merge import merge_adapter
 from .models import (
     count_parameters,
@@ -90,8 +93,6 @@ from .tokenizer import EOS, copy_tokenizer_files, load_tokenizer, render_chat
 log = logging.getLogger("banklm")
 
 MODES = ("sft", "cpt")
-METHODS = ("lora", "qlora", "full")
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
 # --------------------------------------------------------------------------- data
@@ -329,25 +330,45 @@ def make_trainer_classes():
     subclass ``BudgetTrainer`` (e.g. ``distill`` adds a distillation term) and pass it as ``trainer_class``."""
     import torch
     from peft.helpers import disable_input_dtype_casting
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
 
-    from .callbacks import MetricsRecorder
+    from .callbacks import MetricsRecorder, TrainClock
 
     class BudgetTrainer(SFTTrainer):
         """SFTTrainer that counts real (non-pad) tokens and, with a time budget, schedules the LR on
-        max(step, time) progress (:class:`banklm.finetune.callbacks.TrainClock`)."""
+        max(step, time) progress (:class:`banklm.finetune.callbacks.TrainClock`).
 
-        banklm_clock = None
-        banklm_tokens: int = 0
-        banklm_sparse_head: bool = False
-        banklm_grouped: bool = False  # group_by_length: batches of examples of similar length
-        # LoRA on a 16-bit base under autocast: PEFT would cast each adapter's input to fp32 (the adapter
-        # dtype) only for autocast to cast it back; the training forward skips that round trip
-        banklm_autocast_lora: bool = False
-        banklm_extra_logs: dict  # figures a callback adds to the next training-loss log (task accuracy)
+        banklm's extras are keyword arguments; everything else goes to ``SFTTrainer``:
+
+        * ``clock``: the run's :class:`~banklm.finetune.callbacks.TrainClock` (time budget, schedule, tokens
+          trained); default: a clock without budget (the step-based schedule).
+        * ``collator``: replaces TRL's collator once TRL has prepared the data (TRL refuses a custom collator
+          for padding-free rows, which the ``packed`` layout is).
+        * ``grouped``: ``group_by_length`` batches (:func:`length_grouped_sampler`).
+        * ``autocast_lora``: LoRA on a 16-bit base under autocast: PEFT would cast each adapter's input to
+          fp32 (the adapter dtype) only for autocast to cast it back; the training forward skips that round trip.
+        * ``sparse_head``: the LM head on label positions only (:meth:`compute_loss`); default: without triton.
+        * ``extra_logs``: a dict whose figures join the next training-loss log (task accuracy), then cleared.
+        """
+
+        def __init__(self, *args, clock: TrainClock | None = None, collator=None, grouped: bool = False,
+                     autocast_lora: bool = False, sparse_head: bool | None = None, extra_logs: dict | None = None,
+                     **kwargs):
+            self.banklm_clock = clock if clock is not None else TrainClock(None, 0.0, "constant")
+            self.banklm_grouped = grouped
+            self.banklm_autocast_lora = autocast_lora
+            self.banklm_sparse_head = (importlib.util.find_spec("triton") is None if sparse_head is None
+                                       else sparse_head)
+            self.banklm_extra_logs = {} if extra_logs is None else extra_logs
+            super().__init__(*args, **kwargs)
+            if collator is not None:
+                self.data_collator = collator
+            for quiet in (PrinterCallback, ProgressCallback):  # metrics.jsonl + our bar replace the printed dicts
+                self.remove_callback(quiet)
 
         def log(self, logs, *args, **kwargs):
-            extra = getattr(self, "banklm_extra_logs", None)
+            extra = self.banklm_extra_logs
             if extra and "loss" in logs:
                 logs.update(extra)
                 extra.clear()
@@ -399,15 +420,15 @@ def make_trainer_classes():
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if "attention_mask" in inputs:
-                self.banklm_tokens += int(inputs["attention_mask"].sum())
+                self.banklm_clock.tokens += int(inputs["attention_mask"].sum())
             else:
-                self.banklm_tokens += int((inputs["input_ids"] != self.processing_class.pad_token_id).sum())
+                self.banklm_clock.tokens += int((inputs["input_ids"] != self.processing_class.pad_token_id).sum())
             with disable_input_dtype_casting(model, active=self.banklm_autocast_lora):
                 return super().training_step(model, inputs, num_items_in_batch)
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             clock = self.banklm_clock
-            if clock is None or clock.budget_s is None:
+            if clock.budget_s is None:
                 return super().create_scheduler(num_training_steps, optimizer)
             if self.lr_scheduler is None:
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer,
@@ -537,70 +558,47 @@ def train_causal_lm(
     train_ds,
     eval_ds,
     out_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
     *,
     mode: str = "sft",
-    method: str = "lora",
-    lr: float = 2e-4,
-    num_epochs: float = 1,
-    max_steps: int = -1,
-    time_budget_s: float | None = None,
-    batch_size: int = 16,
-    grad_accum: int = 1,
-    max_length: int = 512,
-    warmup_ratio: float = 0.05,
-    scheduler: str = "cosine",
-    weight_decay: float = 0.0,
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.0,
-    lora_targets: str | list[str] = "all-linear",
-    use_rslora: bool = False,
-    use_dora: bool = False,
-    packing: bool | str = "auto",
-    group_by_length: bool = False,
-    completion_only_loss: bool = True,
-    gradient_checkpointing: bool = False,
     seed: int = 0,
     device: str = "auto",
-    logging_steps: int = 10,
-    eval_steps: int | None = None,
-    save_steps: int | None = None,
     resume: bool = False,
     merge: bool = True,
     merged_dtype: Any = "auto",
     cpt_eos_token: str = EOS,
     num_threads: int | None = None,
     mixed_precision: str = "auto",
-    compile: bool | str = "auto",
-    trainer_class=None,
-    setup_trainer=None,
-    keep_checkpoints: int = 2,
-    early_stopping_patience: int | None = None,
-    task_eval_records: list[dict] | None = None,
-    task_eval_steps: int | None = None,
-    task_eval_max_new_tokens: int = 96,
+    task_eval: TaskEval | None = None,
     progress: bool | None = None,
     tensorboard: bool | None = None,
     callbacks: list | None = None,
+    trainer_class=None,
+    trainer_kwargs: dict | None = None,
+    **settings,
 ) -> dict:
     """Train ``model_dir`` on ``train_ds`` (SFT or CPT; LoRA, QLoRA or full) and write ``out_dir``.
 
-    Returns the training summary (also written to ``out_dir/train_summary.json``). See the module
-    docstring for data formats, packing, the time-budget schedule, checkpoints and resume. ``eval_ds``
-    may be None; ``eval_steps`` evaluates it every N steps (else at each epoch end) and always at the end.
+    ``config`` (:class:`banklm.finetune.config.TrainConfig`; default: the recipe's defaults) holds the training
+    settings under the recipe's ``train:`` names; ``settings`` given as keywords replace fields of it
+    (``train_causal_lm(..., lr=1e-3, max_steps=100, lora={"r": 8})``). Returns the training summary (also
+    written to ``out_dir/train_summary.json``): the config's fields, then what the run did. See the module
+    docstring for data formats, packing, the time-budget schedule, checkpoints and resume. ``eval_ds`` may be
+    None; ``config.eval_steps`` evaluates it every N steps (else at each epoch end) and always at the end.
 
-    ``save_steps``/``keep_checkpoints``: a checkpoint every N optimizer steps, the newest K kept, in
+    ``config.save_steps``/``keep_checkpoints``: a checkpoint every N optimizer steps, the newest K kept, in
     ``out_dir/checkpoints/``; ``resume=True`` continues from the newest matching one.
-    ``early_stopping_patience``: stop after that many evaluations without a lower eval loss (needs
+    ``config.early_stopping_patience``: stop after that many evaluations without a lower eval loss (needs
     ``eval_ds`` and ``eval_steps``; the patience counter restarts on resume).
-    ``task_eval_records``/``task_eval_steps``: scenario records (``task``, ``gold``, ``messages``) answered
-    greedily every N steps and scored with ``banklm.evaluation`` (``task_accuracy*`` in metrics.jsonl).
+    ``task_eval`` (:class:`~banklm.finetune.config.TaskEval`) with ``config.task_eval_steps``: scenario records
+    (``task``, ``gold``, ``messages``) answered greedily every N steps and scored with ``banklm.evaluation``
+    (``task_accuracy*`` in metrics.jsonl).
     ``progress``: tqdm bar with tokens/s and ETA (default: when stderr is a terminal).
     ``tensorboard``: event files in ``out_dir/tensorboard`` (default: when the package is installed).
     ``callbacks``: extra ``TrainerCallback`` objects.
 
-    ``compile``: compile each decoder layer with ``torch.compile`` (:func:`compile_decoder_layers`): True,
-    False, or ``"auto"`` (long runs only, :func:`wants_compile`); skipped where the backend cannot build
+    ``config.compile``: compile each decoder layer with ``torch.compile`` (:func:`compile_decoder_layers`):
+    True, False, or ``"auto"`` (long runs only, :func:`wants_compile`); skipped where the backend cannot build
     kernels (no C++ compiler on CPU, no triton on CUDA).
 
     ``mixed_precision``: ``"auto"`` = bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on
@@ -612,312 +610,426 @@ def train_causal_lm(
     N processes x batch B train exactly what one process with batch N x B trains (tested); at an epoch's
     end accelerate fills the last, short batch of each rank by repeating examples (``even_batches``).
 
-    Extension points (used by ``distill``): ``trainer_class`` replaces the trainer with a subclass of
-    ``make_trainer_classes()[0]``; ``setup_trainer(trainer)`` runs after the trainer (and its prepared,
-    packed ``train_dataset``) exists and before training, e.g. to install another collator.
-    """
-    import torch
-    from accelerate import PartialState
-    from transformers import EarlyStoppingCallback, set_seed
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTConfig
+    Extension point (used by ``distill``): ``trainer_class``, a subclass of ``make_trainer_classes()[0]``,
+    is built with ``trainer_kwargs`` as its own extras (keyword arguments of its constructor, as TRL's trainers
+    take theirs).
 
-    from .callbacks import BudgetCallback, CheckpointState, TaskEvalCallback, TrainClock
+    The phases, in order: :func:`_start_run` (checks, device, precision, tokenizer), :func:`_prepare_data`,
+    :func:`_prepare_model`, :func:`_build_trainer`, :func:`_resume_point`, :func:`_train`, :func:`_outputs`.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **settings)
+    run = _start_run(model_dir, out_dir, config, mode, seed=seed, device=device, num_threads=num_threads,
+                     mixed_precision=mixed_precision, cpt_eos_token=cpt_eos_token, merge=merge,
+                     merged_dtype=merged_dtype, has_eval=eval_ds is not None and len(eval_ds) > 0,
+                     train_examples=len(train_ds), task_eval=task_eval)
+    data = _prepare_data(run, train_ds, eval_ds)
+    model = _prepare_model(run, data)
+    training = _build_trainer(run, data, model, fingerprint_data=(train_ds, eval_ds if run.has_eval else None),
+                              task_eval=task_eval, progress=progress, tensorboard=tensorboard,
+                              callbacks=callbacks, trainer_class=trainer_class, trainer_kwargs=trainer_kwargs)
+    checkpoint = _resume_point(run, training, resume)
+    outcome = _train(training, checkpoint)
+    return _outputs(run, data, model, training, outcome)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One call of :func:`train_causal_lm`: its settings and options, resolved (device, precision plan,
+    tokenizer), shared by the phases."""
+
+    config: TrainConfig
+    mode: str
+    model_dir: Path
+    out_dir: Path
+    seed: int
+    device: str
+    plan: dict  # precision_plan(): autocast flags, dtype of the base, attention kernel, quantization
+    tokenizer: Any
+    has_eval: bool
+    cpt_eos_token: str
+    merge: bool
+    merged_dtype: Any
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+@dataclasses.dataclass
+class _Data:
+    train: Any  # prompt/completion (SFT) or input_ids (CPT) dataset, before TRL tokenizes/packs it
+    eval: Any
+    lengths: list[int]  # tokens per training example
+    truncated: int  # training examples longer than max_length
+    layout: str  # batch_layout()
+
+
+@dataclasses.dataclass
+class _Model:
+    model: Any
+    peft: bool  # a LoRA/QLoRA adapter on a frozen base
+    trainable: int
+    total: int
+    compile_run: bool  # wants_compile()
+    compiled: str | None  # compile_decoder_layers(): what was compiled
+
+
+@dataclasses.dataclass
+class _Training:
+    trainer: Any
+    clock: Any  # callbacks.TrainClock
+    recorder: Any  # callbacks.MetricsRecorder
+    task_cb: Any  # callbacks.TaskEvalCallback or None
+    fingerprint: str  # identity of the run's checkpoints (training_fingerprint)
+    answerless: int  # examples with no answer token left after the cut at max_length
+
+
+@dataclasses.dataclass
+class _Outcome:
+    result: Any  # Trainer.train()'s TrainOutput
+    seconds: float  # this attempt's trainer.train(), wall time
+    final_eval: dict | None
+    tokens_seen: int
+    resumed_from: int | None
+
+
+def _start_run(model_dir, out_dir, config: TrainConfig, mode: str, *, seed: int, device: str,
+               num_threads: int | None, mixed_precision: str, cpt_eos_token: str, merge: bool, merged_dtype: Any,
+               has_eval: bool, train_examples: int, task_eval: TaskEval | None) -> _Run:
+    """Check the arguments against each other (the config checked its own fields), then set up the process:
+    device, threads, seed, precision plan, tokenizer."""
+    import torch
+    from transformers import set_seed
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-    if time_budget_s is not None and time_budget_s <= 0:
-        raise ValueError(f"time_budget_s must be positive, got {time_budget_s}")
-    if save_steps is not None and save_steps < 1:
-        raise ValueError(f"save_steps must be >= 1 or None, got {save_steps}")
-    if keep_checkpoints < 1:
-        raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
-    has_eval = eval_ds is not None and len(eval_ds) > 0
-    if early_stopping_patience is not None and not (has_eval and eval_steps):
+    device = pick_device(device)
+    if config.early_stopping_patience is not None and not (has_eval and config.eval_steps):
         raise ValueError("early_stopping_patience needs evaluation data and eval_steps (evaluate every N steps)")
-    if task_eval_steps is not None and not task_eval_records:
-        raise ValueError("task_eval_steps needs task_eval_records (validation records with task and gold)")
-    if len(train_ds) == 0:
+    if config.task_eval_steps is not None and not (task_eval and task_eval.records):
+        raise ValueError("task_eval_steps needs task_eval records (validation records with task and gold)")
+    if train_examples == 0:
         raise ValueError("train_ds is empty")
+    if config.method == "qlora" and device == "mps":
+        raise ValueError("method=qlora needs bitsandbytes, which does not support MPS; use method=lora")
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(device)
     if num_threads:
         torch.set_num_threads(num_threads)
     set_seed(seed)
-    on_cuda = device.startswith("cuda")
-    plan = precision_plan(device, method, mixed_precision)
-
+    plan = precision_plan(device, config.method, mixed_precision)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{model_dir}: tokenizer has no pad token (banklm never pads with the EOS)")
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{model_dir}: pad token equals the EOS {tokenizer.eos_token!r}; the EOS would be "
                          "masked out of the labels. Give the tokenizer a distinct pad token.")
+    return _Run(config=config, mode=mode, model_dir=model_dir, out_dir=out_dir, seed=seed, device=device,
+                plan=plan, tokenizer=tokenizer, has_eval=has_eval,
+                cpt_eos_token=cpt_eos_token, merge=merge, merged_dtype=merged_dtype)
 
-    # ---- data
-    if mode == "sft":
-        train_data = prepare_sft_dataset(train_ds, tokenizer)
-        eval_data = prepare_sft_dataset(eval_ds, tokenizer) if has_eval else None
+
+def _prepare_data(run: _Run, train_ds, eval_ds) -> _Data:
+    """SFT: prompt/completion columns; CPT: token ids with the document separator. Counts what the cut at
+    ``max_length`` truncates and picks the batch layout."""
+    tok, cfg = run.tokenizer, run.config
+    if run.mode == "sft":
+        train = prepare_sft_dataset(train_ds, tok)
+        ev = prepare_sft_dataset(eval_ds, tok) if run.has_eval else None
     else:
-        train_data = prepare_cpt_dataset(train_ds, tokenizer, cpt_eos_token)
-        eval_data = prepare_cpt_dataset(eval_ds, tokenizer, cpt_eos_token) if has_eval else None
-
-    lengths = token_lengths(train_data, tokenizer, mode)
-    truncated = sum(n > max_length for n in lengths)
+        train = prepare_cpt_dataset(train_ds, tok, run.cpt_eos_token)
+        ev = prepare_cpt_dataset(eval_ds, tok, run.cpt_eos_token) if run.has_eval else None
+    lengths = token_lengths(train, tok, run.mode)
+    truncated = sum(n > cfg.max_length for n in lengths)
     if truncated:
         log.warning("%d of %d training examples are longer than max_length=%d tokens and are truncated",
-                    truncated, len(lengths), max_length)
-    layout = batch_layout(packing, mode, group_by_length)
+                    truncated, len(lengths), cfg.max_length)
+    return _Data(train=train, eval=ev, lengths=lengths, truncated=truncated,
+                 layout=batch_layout(cfg.packing, run.mode, cfg.group_by_length))
 
-    # ---- model
-    if method == "qlora" and device == "mps":
-        raise ValueError("method=qlora needs bitsandbytes, which does not support MPS; use method=lora")
-    model = load_model(model_dir, device=device, dtype=plan["model_dtype"], quantization=plan["quantization"],
-                       attn_implementation=plan["attn_implementation"])
+
+def _prepare_model(run: _Run, data: _Data) -> _Model:
+    """Load the base as the precision plan says, add the LoRA adapter (``config.lora``), pick the attention
+    kernel for the batch layout and compile the decoder layers when :func:`wants_compile`."""
+    from accelerate import PartialState
+
+    cfg, plan = run.config, run.plan
+    model = load_model(run.model_dir, device=run.device, dtype=plan["model_dtype"],
+                       quantization=plan["quantization"], attn_implementation=plan["attn_implementation"])
     model.config.use_cache = False
     model.train()
-
-    peft_model = None
-    if method in ("lora", "qlora"):
+    if cfg.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        if method == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-        targets = lora_targets if isinstance(lora_targets, str) else list(lora_targets)
-        peft_cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                              task_type="CAUSAL_LM", use_rslora=use_rslora, use_dora=use_dora, bias="none")
-        model = get_peft_model(model, peft_cfg)
-        peft_model = model
+        if cfg.method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        lora = cfg.lora  # the recipe's train.lora names, mapped to PEFT's here only
+        targets = lora.targets if isinstance(lora.targets, str) else list(lora.targets)
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM",
+                                                 use_rslora=lora.rslora, use_dora=lora.dora, bias="none"))
     trainable, total = count_parameters(model)
-    eval_lengths = token_lengths(eval_data, tokenizer, mode) if eval_data is not None else []
-    longest_row = min(max([*lengths, *eval_lengths]), max_length)
-    attn = training_attention(device, plan, layout, longest_row)
+    eval_lengths = token_lengths(data.eval, run.tokenizer, run.mode) if data.eval is not None else []
+    longest_row = min(max([*data.lengths, *eval_lengths]), cfg.max_length)
+    attn = training_attention(run.device, plan, data.layout, longest_row)
     if attn != plan["attn_implementation"]:
-        (peft_model.get_base_model() if peft_model is not None else model).set_attn_implementation(attn)
+        (model.get_base_model() if cfg.method != "full" else model).set_attn_implementation(attn)
         plan["attn_implementation"] = attn
-    state = PartialState()
-    planned_steps = max_steps if max_steps is not None and max_steps > 0 else num_epochs * -(
-        -len(train_data) // (batch_size * grad_accum * state.num_processes))
-    compile_run = wants_compile(compile, time_budget_s, planned_steps)
-    compiled = compile_decoder_layers(model, device, quiet=compile == "auto") if compile_run else None
+    processes = PartialState().num_processes
+    planned_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * -(
+        -len(data.train) // (cfg.batch_size * cfg.grad_accum * processes))
+    compile_run = wants_compile(cfg.compile, cfg.time_budget_s, planned_steps)
+    compiled = compile_decoder_layers(model, run.device, quiet=cfg.compile == "auto") if compile_run else None
+    return _Model(model=model, peft=cfg.method != "full", trainable=trainable, total=total,
+                  compile_run=compile_run, compiled=compiled)
 
-    # ---- trainer
-    ckpt_dir = out_dir / "checkpoints"
+
+def _sft_args(run: _Run, data: _Data):
+    """TRL's ``SFTConfig`` for this run: the one place the recipe's names become TRL's (``epochs`` ->
+    ``num_train_epochs``, ``lr`` -> ``learning_rate``, ...)."""
+    from trl import SFTConfig
+
+    cfg, plan = run.config, run.plan
     eval_strategy = "no"
-    if eval_data is not None:
-        eval_strategy = "steps" if eval_steps else "epoch"
+    if run.has_eval:
+        eval_strategy = "steps" if cfg.eval_steps else "epoch"
     # transformers 5 renamed gradient_checkpointing -> activation_checkpointing (TRL defaults it to True)
     ckpt_field = "activation_checkpointing" if "activation_checkpointing" in {
         f.name for f in dataclasses.fields(SFTConfig)} else "gradient_checkpointing"
-    args = SFTConfig(
-        output_dir=str(ckpt_dir),
-        learning_rate=lr,
-        num_train_epochs=num_epochs if max_steps is None or max_steps < 0 else 1,
-        max_steps=max_steps if max_steps is not None else -1,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum,
-        warmup_steps=warmup_ratio,
-        lr_scheduler_type=scheduler,
-        weight_decay=weight_decay,
-        logging_steps=logging_steps,
+    return SFTConfig(
+        output_dir=str(run.ckpt_dir),
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs if cfg.max_steps < 0 else 1,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.scheduler,
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
-        eval_steps=eval_steps,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
         save_total_limit=None,  # CheckpointState rotates, after a checkpoint is complete
-        metric_for_best_model="eval_loss" if early_stopping_patience else None,
-        greater_is_better=False if early_stopping_patience else None,
-        seed=seed,
-        data_seed=seed,
+        metric_for_best_model="eval_loss" if cfg.early_stopping_patience else None,
+        greater_is_better=False if cfg.early_stopping_patience else None,
+        seed=run.seed,
+        data_seed=run.seed,
         bf16=plan["bf16"],
         fp16=plan["fp16"],
-        use_cpu=(device == "cpu"),
-        dataloader_pin_memory=on_cuda,
-        report_to="none",  # TensorBoard is added below with an explicit folder
+        use_cpu=(run.device == "cpu"),
+        dataloader_pin_memory=run.device.startswith("cuda"),
+        report_to="none",  # TensorBoard is added by _callbacks with an explicit folder
         torch_compile=False,
-        max_length=max_length,
-        packing=layout == "packed",
+        max_length=cfg.max_length,
+        packing=data.layout == "packed",
         packing_strategy="bfd",
-        train_sampling_strategy="group_by_length" if layout == "grouped" else "random",
-        completion_only_loss=completion_only_loss if mode == "sft" else None,
+        train_sampling_strategy="group_by_length" if data.layout == "grouped" else "random",
+        completion_only_loss=cfg.completion_only_loss if run.mode == "sft" else None,
         dataset_num_proc=None,
         remove_unused_columns=True,
         # every trainable parameter takes part in each forward (LoRA, full): skip DDP's extra graph walk
         ddp_find_unused_parameters=False,
         disable_tqdm=True,
         save_only_model=False,
-        **{ckpt_field: gradient_checkpointing},
+        **{ckpt_field: cfg.gradient_checkpointing},
     )
-    world_size = int(args.world_size)
 
-    # ---- resume point (decided before training; the main process cleans up first, the others then
-    # read the same folder)
-    settings = {"mode": mode, "method": method, "lr": lr, "num_epochs": num_epochs, "max_steps": max_steps,
-                "time_budget_s": time_budget_s, "batch_size": batch_size, "grad_accum": grad_accum,
-                "max_length": max_length, "warmup_ratio": warmup_ratio, "scheduler": scheduler,
-                "weight_decay": weight_decay, "lora": [lora_r, lora_alpha, lora_dropout, lora_targets,
-                                                       use_rslora, use_dora],
-                "packing": packing, "layout": layout, "completion_only_loss": completion_only_loss,
-                "gradient_checkpointing": gradient_checkpointing, "seed": seed, "device": device,
-                "precision": [plan["bf16"], plan["fp16"], str(plan["model_dtype"])],
-                "cpt_eos_token": cpt_eos_token, "world_size": world_size, "compile": compile_run,
-                "trainer": (trainer_class or make_trainer_classes()[0]).__name__}
-    fingerprint = training_fingerprint(settings, model_dir, train_ds, eval_ds if has_eval else None)
-    resume_point = None
-    with state.main_process_first():
-        if resume:
-            resume_point = find_resumable(ckpt_dir, fingerprint, clean=state.is_main_process)
-        elif state.is_main_process and ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
 
-    # ---- callbacks
-    BudgetTrainer, Recorder = make_trainer_classes()
-    if trainer_class is not None and not issubclass(trainer_class, BudgetTrainer):
-        raise TypeError("trainer_class must subclass finetune.sft.make_trainer_classes()[0]")
-    clock = TrainClock(time_budget_s, warmup_ratio, scheduler)
-    show_progress = sys.stderr.isatty() if progress is None else progress
-    recorder = Recorder(clock, progress=show_progress and state.is_main_process)
+def _callbacks(run: _Run, clock, recorder, fingerprint: str, task_cb, tensorboard: bool | None,
+               is_main: bool) -> list:
+    """banklm's trainer callbacks: time budget, metrics, checkpoint state, early stopping, task eval, TensorBoard."""
+    from transformers import EarlyStoppingCallback
+
+    from .callbacks import BudgetCallback, CheckpointState
+
+    cfg = run.config
     cbs: list = [BudgetCallback(clock), recorder]
-    if save_steps:
-        cbs.append(CheckpointState(fingerprint, keep_checkpoints, clock, recorder))
-    if early_stopping_patience:
-        cbs.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
-    task_cb = None
-    if task_eval_steps:
-        task_cb = TaskEvalCallback(task_eval_records, task_eval_steps, tokenizer, task_eval_max_new_tokens)
+    if cfg.save_steps:
+        cbs.append(CheckpointState(fingerprint, cfg.keep_checkpoints, clock, recorder))
+    if cfg.early_stopping_patience:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    if task_cb is not None:
         cbs.append(task_cb)
     use_tb = importlib.util.find_spec("tensorboard") is not None if tensorboard is None else tensorboard
-    if use_tb and state.is_main_process:
+    if use_tb and is_main:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        cbs.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out_dir / "tensorboard"))))
-    cbs += list(callbacks or [])
+        cbs.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.out_dir / "tensorboard"))))
+    return cbs
 
-    trainer = (trainer_class or BudgetTrainer)(
-        model=model,
-        args=args,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        processing_class=tokenizer,
-        callbacks=cbs,
-    )
-    trainer.banklm_clock = clock
-    trainer.banklm_extra_logs = {}
-    trainer.banklm_sparse_head = importlib.util.find_spec("triton") is None
-    for quiet in (PrinterCallback, ProgressCallback):  # metrics.jsonl + our bar replace the printed dicts
-        trainer.remove_callback(quiet)
-    answerless = answerless_examples(trainer.train_dataset, len(train_data)) if mode == "sft" else 0
+
+def _build_trainer(run: _Run, data: _Data, model: _Model, *, fingerprint_data: tuple, task_eval: TaskEval | None,
+                   progress: bool | None, tensorboard: bool | None, callbacks: list | None, trainer_class,
+                   trainer_kwargs: dict | None) -> _Training:
+    """The trainer with its extras (clock, collator, layout, callbacks) and the run's checkpoint fingerprint:
+    every field of the config plus what else decides the weights (:func:`training_fingerprint`)."""
+    import torch
+    from accelerate import PartialState
+
+    from .callbacks import TaskEvalCallback, TrainClock
+
+    cfg, plan = run.config, run.plan
+    BudgetTrainer, Recorder = make_trainer_classes()
+    trainer_class = trainer_class or BudgetTrainer
+    if not issubclass(trainer_class, BudgetTrainer):
+        raise TypeError("trainer_class must subclass banklm.finetune.sft.make_trainer_classes()[0]")
+    args = _sft_args(run, data)
+    fingerprint = training_fingerprint(
+        cfg, run.model_dir, *fingerprint_data, mode=run.mode, seed=run.seed, device=run.device,
+        precision=[plan["bf16"], plan["fp16"], str(plan["model_dtype"])], cpt_eos_token=run.cpt_eos_token,
+        world_size=int(args.world_size), compile=model.compile_run, trainer=trainer_class.__name__)
+    is_main = PartialState().is_main_process
+    clock = TrainClock(cfg.time_budget_s, cfg.warmup_ratio, cfg.scheduler)
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    recorder = Recorder(clock, progress=show_progress and is_main)
+    task_cb = None
+    if cfg.task_eval_steps:
+        task_cb = TaskEvalCallback(task_eval.records, cfg.task_eval_steps, run.tokenizer, task_eval.max_new_tokens,
+                                   per_task=cfg.task_eval_samples)
+    cbs = _callbacks(run, clock, recorder, fingerprint, task_cb, tensorboard, is_main) + list(callbacks or [])
+    trainer = trainer_class(
+        model=model.model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+        processing_class=run.tokenizer, callbacks=cbs,
+        clock=clock, collator=PackedRowsCollator(run.tokenizer.pad_token_id, flat=data.layout in FLAT_LAYOUTS),
+        grouped=data.layout == "grouped", extra_logs=task_cb.logs if task_cb is not None else None,
+        autocast_lora=(cfg.method == "lora" and not cfg.lora.dora and (plan["bf16"] or plan["fp16"])
+                       and plan["model_dtype"] in (torch.bfloat16, torch.float16)),
+        **(trainer_kwargs or {}))
+    n = len(data.train)
+    answerless = answerless_examples(trainer.train_dataset, n) if run.mode == "sft" else 0
     if answerless:
         log.warning("%d of %d training examples lose their whole answer at max_length=%d: nothing to learn "
-                    "from them", answerless, len(train_data), max_length)
-    if answerless == len(train_data):
+                    "from them", answerless, n, cfg.max_length)
+    if answerless == n:
         raise ValueError(f"no training example is left: all {answerless} lose their whole answer when cut at "
-                         f"max_length={max_length} tokens (the longest has {max(lengths)}); raise max_length")
-    trainer.banklm_grouped = layout == "grouped"
-    trainer.banklm_autocast_lora = (method == "lora" and not use_dora and (plan["bf16"] or plan["fp16"])
-                                    and plan["model_dtype"] in (torch.bfloat16, torch.float16))
-    trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id, flat=layout in FLAT_LAYOUTS)
-    recorder.trainer = trainer
-    if task_cb is not None:
-        task_cb.trainer = trainer
-    if setup_trainer is not None:
-        setup_trainer(trainer)
+                         f"max_length={cfg.max_length} tokens (the longest has {max(data.lengths)}); raise "
+                         "max_length")
+    return _Training(trainer=trainer, clock=clock, recorder=recorder, task_cb=task_cb, fingerprint=fingerprint,
+                     answerless=answerless)
 
-    resumed_from = None
-    if resume_point is not None:
-        ck, saved = resume_point
-        clock.offset = float(saved.get("elapsed_s", 0.0))
-        recorder.restore(saved)
-        resumed_from = int(saved["step"])
-        log.info("resuming training from %s (step %d, %.0f s trained)", ck, resumed_from, clock.offset)
+
+def _resume_point(run: _Run, training: _Training, resume: bool) -> tuple[Path, dict] | None:
+    """With ``resume``, the newest complete checkpoint of this fingerprint, its clock and metrics restored;
+    foreign or incomplete checkpoints are deleted (without ``resume``, all of them). The main process cleans up
+    first, the others then read the same folder."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    point = None
+    with state.main_process_first():
+        if resume:
+            point = find_resumable(run.ckpt_dir, training.fingerprint, clean=state.is_main_process)
+        elif state.is_main_process and run.ckpt_dir.exists():
+            shutil.rmtree(run.ckpt_dir)
+    if point is not None:
+        ck, saved = point
+        training.clock.offset = float(saved.get("elapsed_s", 0.0))
+        training.recorder.restore(saved)
+        log.info("resuming training from %s (step %d, %.0f s trained)", ck, int(saved["step"]),
+                 training.clock.offset)
+    return point
+
+
+def _train(training: _Training, checkpoint: tuple[Path, dict] | None) -> _Outcome:
+    """Train (from ``checkpoint`` when resuming), then the final evaluation unless the last step had one."""
+    trainer, recorder = training.trainer, training.recorder
     t_start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_point[0]) if resume_point else None)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint[0]) if checkpoint else None)
     seconds = time.perf_counter() - t_start
-
     final_eval = None
-    if eval_data is not None:
+    if trainer.eval_dataset is not None:
         if recorder.last_eval_step == trainer.state.global_step:
             final_eval = {"eval_loss": recorder.last_eval_loss}
         else:
             final_eval = trainer.evaluate()  # on_log records it (a collective under DDP: every rank)
-    tokens_seen = recorder.global_tokens()
+    return _Outcome(result=result, seconds=seconds, final_eval=final_eval, tokens_seen=recorder.global_tokens(),
+                    resumed_from=int(checkpoint[1]["step"]) if checkpoint else None)
 
-    # ---- outputs (main process only)
-    stopped_by = "max_steps" if max_steps and max_steps > 0 else "epochs"
-    if clock.stopped:
-        stopped_by = "time_budget"
-    elif any(isinstance(cb, EarlyStoppingCallback) and cb.early_stopping_patience_counter >= early_stopping_patience
-             for cb in trainer.callback_handler.callbacks):
-        stopped_by = "early_stopping"
-    summary = {
-        "mode": mode,
-        "method": method,
-        "steps": int(trainer.state.global_step),
-        "planned_steps": int(trainer.state.max_steps),
-        "epochs": round(float(trainer.state.epoch or 0.0), 4),
-        "tokens_seen": int(tokens_seen),
-        "seconds": round(seconds, 2),
-        "train_seconds_total": round(clock.elapsed, 2),
-        "tokens_per_s": round(tokens_seen / clock.elapsed, 1) if clock.elapsed > 0 else None,
-        "final_loss": recorder.last_train_loss,
-        "mean_train_loss": float(result.training_loss) if result.training_loss is not None else None,
-        "eval_loss": (final_eval or {}).get("eval_loss"),
+
+def _stopped_by(run: _Run, training: _Training) -> str:
+    from transformers import EarlyStoppingCallback
+
+    patience = run.config.early_stopping_patience
+    if training.clock.stopped:
+        return "time_budget"
+    if any(isinstance(cb, EarlyStoppingCallback) and cb.early_stopping_patience_counter >= patience
+           for cb in training.trainer.callback_handler.callbacks):
+        return "early_stopping"
+    return "max_steps" if run.config.max_steps > 0 else "epochs"
+
+
+def _summary(run: _Run, data: _Data, model: _Model, training: _Training, outcome: _Outcome) -> dict:
+    """``train_summary.json``: the mode and every config field (LoRA settings only where an adapter was
+    trained), then what the run did."""
+    trainer, clock, plan = training.trainer, training.clock, run.plan
+    state, elapsed, task_cb = trainer.state, clock.elapsed, training.task_cb
+    settings = dataclasses.asdict(run.config)
+    if not model.peft:
+        settings["lora"] = None
+    return {
+        "mode": run.mode,
+        **settings,
+        "seed": run.seed,
+        "device": run.device,
+        "steps": int(state.global_step),
+        "planned_steps": int(state.max_steps),
+        "trained_epochs": round(float(state.epoch or 0.0), 4),
+        "tokens_seen": int(outcome.tokens_seen),
+        "seconds": round(outcome.seconds, 2),
+        "train_seconds_total": round(elapsed, 2),
+        "tokens_per_s": round(outcome.tokens_seen / elapsed, 1) if elapsed > 0 else None,
+        "final_loss": training.recorder.last_train_loss,
+        "mean_train_loss": float(outcome.result.training_loss) if outcome.result.training_loss is not None else None,
+        "eval_loss": (outcome.final_eval or {}).get("eval_loss"),
         "task_eval": task_cb.history[-1] if task_cb is not None and task_cb.history else None,
-        "trainable_params": int(trainable),
-        "total_params": int(total),
-        "device": device,
-        "world_size": world_size,
+        "trainable_params": int(model.trainable),
+        "total_params": int(model.total),
+        "world_size": int(trainer.args.world_size),
         "mixed_precision": "bf16" if plan["bf16"] else ("fp16" if plan["fp16"] else "no"),
         "attn_implementation": plan["attn_implementation"],
-        "compiled": compiled,
+        "compiled": model.compiled,
         "lm_head_loss": "label positions only" if trainer.banklm_sparse_head else "TRL fused",
-        "stopped_by": stopped_by,
-        "resumed_from_step": resumed_from,
-        "lr": lr,
-        "scheduler": scheduler,
-        "batch_size": batch_size,
-        "grad_accum": grad_accum,
-        "max_length": max_length,
-        "packing": packing,
-        "batch_layout": layout,
-        "examples_truncated": int(truncated),
-        "examples_without_answer": int(answerless),
-        "lora": ({"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "targets": lora_targets,
-                  "rslora": use_rslora, "dora": use_dora} if peft_model is not None else None),
-        "train_examples": len(train_data),
-        "seed": seed,
+        "stopped_by": _stopped_by(run, training),
+        "resumed_from_step": outcome.resumed_from,
+        "batch_layout": data.layout,
+        "examples_truncated": int(data.truncated),
+        "examples_without_answer": int(training.answerless),
+        "train_examples": len(data.train),
     }
+
+
+def _outputs(run: _Run, data: _Data, model: _Model, training: _Training, outcome: _Outcome) -> dict:
+    """The main process writes ``adapter/`` (LoRA/QLoRA), ``merged/``, ``metrics.jsonl`` and
+    ``train_summary.json``, then removes the checkpoints; every rank returns the summary."""
+    summary = _summary(run, data, model, training, outcome)
+    trainer, out_dir = training.trainer, run.out_dir
     if trainer.is_world_process_zero():
         trained = trainer.model
         trained.config.use_cache = True
-        if peft_model is not None:
+        if model.peft:
             with atomic_dir(out_dir / "adapter") as tmp:
                 trained.save_pretrained(tmp, safe_serialization=True)
-                copy_tokenizer_files(model_dir, tmp)
-            _fix_adapter_base_path(out_dir / "adapter", model_dir)
-            if merge:
-                merge_adapter(model_dir, out_dir / "adapter", out_dir / "merged", merged_dtype,
-                              dequantize_from=plan["quantization"])
+                copy_tokenizer_files(run.model_dir, tmp)
+            _fix_adapter_base_path(out_dir / "adapter", run.model_dir)
+            if run.merge:
+                merge_adapter(run.model_dir, out_dir / "adapter", out_dir / "merged", run.merged_dtype,
+                              dequantize_from=run.plan["quantization"])
         else:
-            set_generation_config(trained, tokenizer)
-            if merged_dtype not in (None, "auto"):
-
-                trained = trained.to(resolve_dtype(merged_dtype, "cpu"))
-            save_model_folder(trained, out_dir / "merged", model_dir)
+            set_generation_config(trained, run.tokenizer)
+            if run.merged_dtype not in (None, "auto"):
+                trained = trained.to(resolve_dtype(run.merged_dtype, "cpu"))
+            save_model_folder(trained, out_dir / "merged", run.model_dir)
         names = {p.name for p in out_dir.iterdir() if not p.name.startswith(".")} - {"checkpoints"}
         summary["outputs"] = sorted(names | {"metrics.jsonl", "train_summary.json"})
-        atomic_write_jsonl(out_dir / "metrics.jsonl", recorder.rows)
+        atomic_write_jsonl(out_dir / "metrics.jsonl", training.recorder.rows)
         atomic_write_json(out_dir / "train_summary.json", summary)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # outputs are complete: checkpoints are no longer needed
+        shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # outputs are complete: checkpoints are no longer needed
     trainer.accelerator.wait_for_everyone()
     return summary
 

@@ -63,7 +63,7 @@ MODELS = {
 }
 CONFIGS = ("banklm", "banklm-eager", "banklm-packed", "banklm-padded", "banklm-fp32", "baseline", "baseline-bf16")
 PACKING = {"banklm-packed": True, "banklm-padded": False}  # the others: packing auto
-LORA = dict(r=16, alpha=32, dropout=0.0)  # banklm.recipe.LoraSpec defaults (--lora-dropout to change)
+LORA = dict(r=16, alpha=32, dropout=0.0)  # banklm.finetune.config.LoraSettings defaults (--lora-dropout to change)
 LR = 2e-4
 MAX_LENGTH = 512
 LONG_RUN_S = 3600
@@ -130,16 +130,15 @@ def _completion_rows(tok, records: list[dict]) -> list[dict]:
 
 def run_banklm(model_dir: str, records: list[dict], out: Path, steps: int, batch: int, bf16: bool, probe,
                packing: bool | str = "auto", compile: bool | str = "auto", time_budget_s: float = LONG_RUN_S) -> list:
+    from banklm.finetune.config import TrainConfig
     from banklm.finetune.sft import train_causal_lm
     from datasets import Dataset
 
     # a long run (a 1-hour budget, as a user's run would have) cut after ``steps`` steps: what compile: auto sees
-    train_causal_lm(model_dir, Dataset.from_list(records), None, out, method="lora", lr=LR, max_steps=steps,
-                    time_budget_s=time_budget_s,
-                    batch_size=batch, max_length=MAX_LENGTH, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
-                    lora_dropout=LORA["dropout"], logging_steps=1, device="cpu", merge=False, progress=False,
-                    tensorboard=False, mixed_precision="auto" if bf16 else "no", callbacks=[probe], packing=packing,
-                    compile=compile)
+    config = TrainConfig(method="lora", lr=LR, max_steps=steps, time_budget_s=time_budget_s, batch_size=batch,
+                         max_length=MAX_LENGTH, lora=LORA, logging_steps=1, packing=packing, compile=compile)
+    train_causal_lm(model_dir, Dataset.from_list(records), None, out, config, device="cpu", merge=False,
+                    progress=False, tensorboard=False, mixed_precision="auto" if bf16 else "no", callbacks=[probe])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     return [(r["step"], r["seconds"], r["tokens_seen"]) for r in rows if "tokens_seen" in r]
 

@@ -41,7 +41,7 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from banklm.corpora.build import load_split
+    from banklm.corpora.splits import load_split
     from banklm.finetune.sft import train_causal_lm
     from transformers import TrainerCallback
 
@@ -89,7 +89,7 @@ def main() -> None:
     summary = train_causal_lm(
         model_dir, train, val, args.out / "sft", mode="sft", method=args.method, lr=args.lr,
         max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-        setup_trainer=lambda tr: tr.add_callback(TaskEval()), merge=False,
+        callbacks=[TaskEval()], merge=False,
     )
     rows = [json.loads(x) for x in curve_path.read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))

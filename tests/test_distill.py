@@ -451,6 +451,38 @@ def test_kd_training_live_and_cached(tiny, tmp_path, top_k):
         assert s2["distill"]["cache_reused"] is True
 
 
+def test_kd_trainer_takes_its_extras_in_the_constructor(tiny, tmp_path):
+    """The KD trainer's settings (the recipe's distill.kd names), the shared vocabulary and the live teacher are
+    constructor arguments; its training loss is kd_loss with exactly those settings."""
+    import torch
+    from banklm.distill.logit import kd_trainer_class
+    from banklm.distill.losses import kd_loss
+    from banklm.distill.student import student_from_teacher_layers
+    from banklm.finetune.sft import PackedRowsCollator, forward_inputs, prepare_sft_dataset
+    from trl import SFTConfig
+
+    tok = load_tokenizer(tiny["teacher"])
+    student_from_teacher_layers(tiny["teacher"], tmp_path / "s", every=2)
+    student = load_model(tmp_path / "s", device="cpu")
+    teacher = load_model(tiny["teacher"], device="cpu")
+    args = SFTConfig(output_dir=str(tmp_path / "ck"), packing=False, max_length=256, bf16=False, report_to="none",
+                     use_cpu=True, dataloader_pin_memory=False)
+    trainer = kd_trainer_class()(model=student, args=args, processing_class=tok, teacher=teacher,
+                                 train_dataset=prepare_sft_dataset(_sft_data(tiny["records"][:8])),
+                                 divergence="reverse", temperature=2.0, alpha=0.8, vocab_size=len(tok))
+    assert trainer.kd == {"divergence": "reverse", "beta": 0.5, "temperature": 2.0, "alpha": 0.8, "tail": "bucket"}
+    assert trainer.teacher is teacher and trainer.vocab_size == len(tok)
+    batch = PackedRowsCollator(tok.pad_token_id)([trainer.train_dataset[i] for i in range(4)])
+    student.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, dict(batch))
+        v = len(tok)
+        want = kd_loss(student(**forward_inputs(batch)).logits[..., :v], batch["labels"],
+                       teacher_logits=teacher(**forward_inputs(batch)).logits[..., :v], kind="reverse",
+                       temperature=2.0, alpha=0.8)["loss"]
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_kd_refuses_different_vocabularies(tiny, tmp_path):
     from banklm.distill.logit import train_logit_kd
 

@@ -186,3 +186,88 @@ def test_export_keys(recipe_file):
         load_recipe(recipe_file, ["export.max_accuracy_drop=2"])
     with pytest.raises(RecipeError, match=r"unknown key 'export.onnx.dtype' \(allowed here: enabled, opset, quant\)"):
         load_recipe(recipe_file, ["export.onnx.dtype=fp16"])
+
+
+# ------------------------------------------------------------- one definition: export's quants, the steps' parameters
+
+def test_quant_names_and_defaults_are_exports(recipe_file):
+    import typing
+
+    from banklm.export.gguf import DEFAULT_GGUF_QUANT, GGUF_QUANTS
+    from banklm.export.onnx import DEFAULT_ONNX_QUANT, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ONNX_QUANTS
+
+    from banklm.recipe import ExportSection, GgufQuant, OnnxQuant
+
+    assert typing.get_args(GgufQuant) == GGUF_QUANTS and typing.get_args(OnnxQuant) == ONNX_QUANTS
+    x = ExportSection()
+    assert (x.gguf.quant, x.onnx.quant, x.onnx.opset) == (list(DEFAULT_GGUF_QUANT), list(DEFAULT_ONNX_QUANT),
+                                                          DEFAULT_OPSET)
+    # the error names the key and lists export's own tuple
+    with pytest.raises(RecipeError, match=r"export\.gguf\.quant\.0 = 'q3_k'.*" + "'" + GGUF_QUANTS[-1] + "'"):
+        load_recipe(recipe_file, ["export.gguf.quant=[q3_k]"])
+    for bad in (MIN_OPSET - 1, MAX_OPSET + 1):
+        with pytest.raises(RecipeError, match=rf"export\.onnx\.opset = {bad}"):
+            load_recipe(recipe_file, [f"export.onnx.opset={bad}"])
+
+
+def _out_of_bounds(bounds: dict) -> list:
+    return ([bounds["ge"] - 1] if "ge" in bounds else []) + ([bounds["gt"]] if "gt" in bounds else []) + \
+        ([bounds["le"] + 1] if "le" in bounds else []) + ([bounds["lt"]] if "lt" in bounds else [])
+
+
+def test_every_step_parameter_comes_from_the_step():
+    """The recipe's step names, parameters (names, types, defaults, bounds) and default steps are the corpora's."""
+    import typing
+
+    from banklm.corpora.build import DEFAULT_STEPS, STEPS
+    from banklm.corpora.ops.base import step_params
+    from banklm.corpora.sources import FORMATS
+
+    from banklm.recipe import (
+        STEP_PARAMS,
+        DecontamSpec,
+        GeneralCorpus,
+        PrivateCorpus,
+        ScenarioCorpus,
+        SourceFormat,
+        StepName,
+        StepSpec,
+        VerticalCorpus,
+    )
+
+    assert typing.get_args(StepName) == tuple(STEPS) and typing.get_args(SourceFormat) == FORMATS
+    checked = 0
+    for name, cls in STEPS.items():
+        declared = step_params(cls) if name not in ("pii", "decontam") else {}
+        fields = STEP_PARAMS[name].model_fields
+        assert list(fields) == list(declared), name
+        assert StepSpec.model_validate(name).params == {k: p.default for k, p in declared.items()}
+        for k, p in declared.items():
+            assert fields[k].annotation is p.type and fields[k].default == p.default, (name, k)
+            for bad in _out_of_bounds(p.bounds):  # both the step and the recipe refuse it, naming the parameter
+                with pytest.raises(ValueError, match=rf"{name}: {k}"):
+                    cls(**{k: bad})
+                with pytest.raises(ValueError, match=rf"step {name}: {k} = {bad!r}"):
+                    StepSpec.model_validate({name: {k: bad}})
+                checked += 1
+    assert checked >= 20
+    n = step_params(STEPS["decontam"])["n"]
+    assert DecontamSpec().n == n.default and DecontamSpec.model_fields["n"].metadata  # bounds come along
+    with pytest.raises(ValueError, match="decontam: n must be >= 5"):
+        STEPS["decontam"](["x"], n=4)
+    for kind, cls in (("general", GeneralCorpus), ("vertical", VerticalCorpus), ("private", PrivateCorpus)):
+        got = [s.model_dump() for s in cls(sources=["x"]).steps]
+        assert got == [StepSpec.model_validate(s).model_dump() for s in DEFAULT_STEPS[kind]], kind
+    assert ScenarioCorpus().steps == [] == DEFAULT_STEPS["scenario"]
+
+
+def test_step_parameter_errors_keep_their_wording():
+    from banklm.recipe import StepSpec
+
+    with pytest.raises(ValueError, match=r"step near_dedup: unknown parameter 'k' \(allowed: ngram, threshold, "
+                                         r"num_perm, seed\)"):
+        StepSpec.model_validate({"near_dedup": {"k": 1}})
+    with pytest.raises(ValueError, match=r"step exact_dedup: unknown parameter 'x' \(allowed: none\)"):
+        StepSpec.model_validate({"exact_dedup": {"x": 1}})
+    with pytest.raises(ValueError, match=r"step pii takes no parameters here: set them under corpora.<kind>.pii"):
+        StepSpec.model_validate({"pii": {"mode": "drop"}})

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from banklm.finetune import callbacks as cb_module  # noqa: E402
 from banklm.finetune.checkpoints import STATE_FILE, find_resumable, rotate  # noqa: E402
+from banklm.finetune.config import LoraSettings, TaskEval, TrainConfig  # noqa: E402
 from banklm.finetune.merge import merge_adapter  # noqa: E402
 from banklm.finetune.models import build_tiny_model, load_model  # noqa: E402
 from banklm.finetune.sft import (  # noqa: E402
@@ -136,7 +137,7 @@ def lora_run(base_dir, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora_run")
     train, ev = data
     summary = train_causal_lm(base_dir, train, ev, out, mode="sft", method="lora", lr=3e-3, max_steps=24,
-                              batch_size=8, max_length=256, lora_r=8, lora_alpha=16, logging_steps=2, seed=0,
+                              batch_size=8, max_length=256, lora={"r": 8, "alpha": 16}, logging_steps=2, seed=0,
                               device="cpu", mixed_precision="no")
     return out, summary
 
@@ -302,8 +303,7 @@ def test_bf16_lora_step_skips_the_fp32_round_trip_exactly(base_dir, data):
     args = SFTConfig(output_dir=str(base_dir.parent / "bf16_ck"), packing=False, max_length=256, bf16=True,
                      completion_only_loss=True, report_to="none", use_cpu=True, dataloader_pin_memory=False)
     trainer = BudgetTrainer(model=model, args=args, train_dataset=prepare_sft_dataset(data[0].select(range(8))),
-                            processing_class=tok)
-    trainer.banklm_sparse_head = True
+                            processing_class=tok, sparse_head=True)
     trainer.current_gradient_accumulation_steps = 1  # set by train(); this test calls training_step alone
     batch = PackedRowsCollator(tok.pad_token_id)([trainer.train_dataset[i] for i in range(4)])
     layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
@@ -434,7 +434,7 @@ def test_cpt_full_and_time_budget(base_dir, data, tmp_path, monkeypatch):
     fake = _FakeTime()
     monkeypatch.setattr(cb_module, "time", fake)
     s = train_causal_lm(base_dir, texts, None, tmp_path / "cpt", mode="cpt", method="full", lr=6e-4,
-                        num_epochs=100, time_budget_s=5, batch_size=8, max_length=256, logging_steps=1,
+                        epochs=100, time_budget_s=5, batch_size=8, max_length=256, logging_steps=1,
                         device="cpu", callbacks=[_Tick(fake)])
     assert s["stopped_by"] == "time_budget" and s["steps"] == 5 and s["train_seconds_total"] == 5.0
     assert s["trainable_params"] == s["total_params"]
@@ -458,8 +458,9 @@ def test_lora_variants_gradient_checkpointing(base_dir, data, tmp_path, capsys):
     steps, tokens/s and ETA on stderr when asked for (off by default when stderr is not a terminal)."""
     train, _ = data
     s = train_causal_lm(base_dir, train, None, tmp_path / "v", method="lora", lr=3e-3, max_steps=3, batch_size=8,
-                        max_length=256, device="cpu", use_rslora=True, use_dora=True, gradient_checkpointing=True,
-                        lora_targets=["q_proj", "v_proj"], mixed_precision="no", progress=True, logging_steps=1)
+                        max_length=256, device="cpu", gradient_checkpointing=True, mixed_precision="no",
+                        lora=LoraSettings(rslora=True, dora=True, targets=["q_proj", "v_proj"]), progress=True,
+                        logging_steps=1)
     assert s["steps"] == 3 and s["lora"]["dora"] and s["final_loss"] is not None
     err = capsys.readouterr().err
     assert "3/3" in err and "tok/s=" in err and "loss=" in err
@@ -474,7 +475,7 @@ def test_qlora_cpu(base_dir, data, tmp_path):
 
     train, ev = data
     s = train_causal_lm(base_dir, train, None, tmp_path / "q", method="qlora", lr=3e-3, max_steps=6,
-                        batch_size=8, max_length=256, lora_r=8, device="cpu", logging_steps=1)
+                        batch_size=8, max_length=256, lora={"r": 8}, device="cpu", logging_steps=1)
     assert s["steps"] == 6 and s["method"] == "qlora"
     losses = _losses(tmp_path / "q")
     assert losses[6] < losses[1] - 0.1, losses
@@ -559,7 +560,7 @@ def stop_run(base_dir, tmp_path_factory):
     summary = train_causal_lm(base_dir, train.select_columns(["id", "messages"]), ev.select_columns(["messages"]),
                               out, method="full", lr=5e-3, max_steps=48, batch_size=8, max_length=256,
                               logging_steps=6, seed=0, device="cpu", mixed_precision="no", packing=True,
-                              task_eval_records=task_records, task_eval_steps=24, task_eval_max_new_tokens=48)
+                              task_eval=TaskEval(task_records, max_new_tokens=48), task_eval_steps=24)
     return out, summary, task_records
 
 
@@ -712,10 +713,10 @@ def test_resume_mid_epoch_equals_uninterrupted(base_dir, data, tmp_path, packing
     every layout: unpadded examples, grouped by length (the sampler's order is seeded per epoch), packed rows."""
     train, ev = data
     kw = dict(method="lora", lr=3e-3, max_steps=12, batch_size=16 if packing is True else 40, max_length=256,
-              lora_r=8, lora_dropout=0.1, logging_steps=1, seed=0, device="cpu", mixed_precision="no",
+              lora={"r": 8, "dropout": 0.1}, logging_steps=1, seed=0, device="cpu", mixed_precision="no",
               keep_checkpoints=1, merge=False, packing=packing, group_by_length=group_by_length)
     ref = train_causal_lm(base_dir, train, ev, tmp_path / "ref", **kw)
-    per_epoch = round(ref["planned_steps"] / ref["epochs"])
+    per_epoch = round(ref["planned_steps"] / ref["trained_epochs"])
     save = per_epoch + 1  # one batch into epoch 2
     assert 2 <= per_epoch and save + 3 < 12
     out = tmp_path / "run"
@@ -749,7 +750,7 @@ def test_time_budget_resume(base_dir, data, tmp_path, monkeypatch):
     train, _ = data
     fake = _FakeTime()
     monkeypatch.setattr(cb_module, "time", fake)
-    kw = dict(method="lora", lr=3e-3, num_epochs=50, time_budget_s=6, batch_size=8, max_length=256, lora_r=8,
+    kw = dict(method="lora", lr=3e-3, epochs=50, time_budget_s=6, batch_size=8, max_length=256, lora={"r": 8},
               logging_steps=1, seed=0, device="cpu", mixed_precision="no", save_steps=2, merge=False)
     ref = train_causal_lm(base_dir, train, None, tmp_path / "ref", callbacks=[_Tick(fake)], **kw)
     assert ref["stopped_by"] == "time_budget" and ref["steps"] == 6 and ref["train_seconds_total"] == 6.0
@@ -802,7 +803,7 @@ def test_two_process_ddp_matches_one_process(base_dir, data, tmp_path, repo):
     train, _ = data
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in train.to_list()), encoding="utf-8")
-    kw = dict(method="lora", lr=3e-3, max_steps=4, max_length=256, lora_r=8, lora_dropout=0.0, logging_steps=1,
+    kw = dict(method="lora", lr=3e-3, max_steps=4, max_length=256, lora={"r": 8, "dropout": 0.0}, logging_steps=1,
               seed=0, device="cpu", mixed_precision="no")
     budget_kw = {**kw, "max_steps": 10_000, "time_budget_s": 3, "merge": False}
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
@@ -967,7 +968,7 @@ def test_compiled_decoder_layers_train_like_eager(base_dir, data, tmp_path, prec
     from safetensors.torch import load_file
 
     train, _ = data
-    kw = dict(method="lora", lr=3e-3, max_steps=3, batch_size=8, max_length=256, lora_r=8, logging_steps=1,
+    kw = dict(method="lora", lr=3e-3, max_steps=3, batch_size=8, max_length=256, lora={"r": 8}, logging_steps=1,
               seed=0, device="cpu", mixed_precision=precision)
     ref = train_causal_lm(base_dir, train, None, tmp_path / "eager", **kw)  # auto: 3 steps are too few to compile
     s = train_causal_lm(base_dir, train, None, tmp_path / "compiled", compile=True, **kw)
@@ -993,3 +994,150 @@ def test_compile_is_skipped_with_a_warning_where_inductor_cannot_build(base_dir,
         assert compile_decoder_layers(model, "mps") is None
     assert "compile: skipped, a C++ compiler (g++) is not available" in caplog.text
     assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
+
+
+# --------------------------------------------------------------------------- the training config object
+
+
+def test_train_config_checks_its_fields():
+    """TrainConfig checks each field where it is built (the bounds the recipe schema also enforces), builds
+    the nested LoRA settings from a mapping, and is frozen."""
+    import dataclasses
+
+    assert TrainConfig(lora={"r": 8}).lora == LoraSettings(r=8)
+    assert dataclasses.replace(TrainConfig(), lr=1e-3).lr == 1e-3
+    for bad, match in (({"lr": 0}, "lr must be > 0"), ({"lr": "fast"}, "lr must be a number"),
+                       ({"method": "adapter"}, "method must be one of 'lora', 'qlora', 'full'"),
+                       ({"packing": "yes"}, "packing must be one of True, False, 'auto'"),
+                       ({"lora": {"dropout": 1.0}}, "dropout must be < 1.0"),
+                       ({"early_stopping_patience": 2}, "needs eval_steps")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().lr = 1.0  # type: ignore[misc]
+
+
+def test_recipe_train_sections_are_the_config():
+    """The recipe's train/cpt/distill.train sections have exactly the config's fields (nested LoRA settings
+    included) with its defaults, and build the config from what the file says."""
+    import dataclasses
+
+    from banklm.recipe import CptSection, DistillTrain, TrainHyper, validate_recipe
+
+    assert list(TrainHyper.model_fields) == [f.name for f in dataclasses.fields(TrainConfig)]
+    lora_section = TrainHyper.model_fields["lora"].annotation
+    assert list(lora_section.model_fields) == [f.name for f in dataclasses.fields(LoraSettings)]
+    assert TrainHyper().to_config() == TrainConfig()
+    assert CptSection().to_config() == DistillTrain().to_config() == TrainConfig(method="full")
+    r = validate_recipe({"name": "t", "base": {"path": "/m"},
+                         "train": {"lr": 1e-3, "epochs": 3, "lora": {"r": 8, "targets": ["q_proj"]},
+                                   "eval_steps": 5, "early_stopping_patience": 2}})
+    assert r.train.to_config() == TrainConfig(lr=1e-3, epochs=3, lora=LoraSettings(r=8, targets=["q_proj"]),
+                                              eval_steps=5, early_stopping_patience=2)
+
+
+def test_train_stage_passes_the_recipe_config(monkeypatch, tmp_path):
+    """`banklm train` hands train_causal_lm the recipe section's config object itself, the recipe's seed and
+    device, resume, and the task-eval records (the first task_eval_samples per task are kept by the trainer)."""
+    from banklm.pipeline import RunContext
+    from banklm.recipe import validate_recipe
+    from banklm.stages import common, training
+
+    records = [dict(r, gold="{}") for r in _records(6, seed=3)]
+    monkeypatch.setattr(training, "load_split", lambda *a, **k: Dataset.from_list(records))
+    monkeypatch.setattr(common, "load_split", lambda *a, **k: Dataset.from_list(records))
+    calls = []
+    monkeypatch.setattr(training, "train_causal_lm", lambda *a, **k: calls.append((a, k)) or {})
+    recipe = validate_recipe({"name": "t", "seed": 7, "device": "cpu", "base": {"path": str(tmp_path)},
+                              "train": {"lr": 1e-3, "max_steps": 9, "task_eval_steps": 3, "lora": {"r": 4}},
+                              "eval": {"max_new_tokens": 40}})
+    training.run_train(RunContext(recipe, tmp_path / "run"))
+    (args, kwargs), = calls
+    assert args[4] == recipe.train.to_config() and args[4].lora.r == 4
+    assert kwargs["mode"] == "sft" and kwargs["seed"] == 7 and kwargs["device"] == "cpu" and kwargs["resume"]
+    assert kwargs["task_eval"] == TaskEval(records, max_new_tokens=40)
+
+
+def _another(value, kind):
+    """A valid value of a config field other than ``value``."""
+    import typing
+
+    if typing.get_origin(kind) is typing.Literal:
+        return next(c for c in typing.get_args(kind) if c != value)
+    if isinstance(value, bool):
+        return not value
+    if value is None:
+        return 1
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    return [str(value), "v_proj"]  # lora targets
+
+
+def test_fingerprint_changes_with_every_config_field(base_dir):
+    """The checkpoint fingerprint is derived from the whole config: changing any field, nested LoRA settings
+    included, gives another fingerprint (so a checkpoint of other settings is never resumed)."""
+    import dataclasses
+    import typing
+
+    from banklm.finetune.checkpoints import training_fingerprint
+
+    ds = Dataset.from_list(_records(4, seed=5))
+    base = TrainConfig(eval_steps=5)  # early_stopping_patience may then change too
+
+    def fp(config):
+        return training_fingerprint(config, base_dir, ds, None, seed=0, device="cpu")
+
+    seen = {fp(base)}
+    variants = []
+    for f in dataclasses.fields(TrainConfig):
+        kind = typing.get_type_hints(TrainConfig)[f.name]
+        if dataclasses.is_dataclass(kind):
+            hints = typing.get_type_hints(kind)
+            variants += [dataclasses.replace(base, lora=dataclasses.replace(
+                base.lora, **{g.name: _another(getattr(base.lora, g.name), hints[g.name])}))
+                for g in dataclasses.fields(kind)]
+        else:
+            variants.append(dataclasses.replace(base, **{f.name: _another(getattr(base, f.name), kind)}))
+    assert len(variants) == len(dataclasses.fields(TrainConfig)) - 1 + len(dataclasses.fields(LoraSettings))
+    for v in variants:
+        seen.add(fp(v))
+    assert len(seen) == len(variants) + 1
+    assert fp(base) != training_fingerprint(base, base_dir, ds, None, seed=1, device="cpu")
+
+
+def test_trainer_extras_are_constructor_arguments(base_dir, data):
+    """BudgetTrainer takes banklm's extras in its constructor, as TRL's trainers take theirs: the clock, the
+    collator (installed even for padding-free packed rows, where TRL refuses a custom one), the grouped
+    sampler, the extra logs; the summary's run settings come from the config."""
+    from banklm.finetune.callbacks import TrainClock
+    from banklm.finetune.sft import make_trainer_classes
+    from trl import SFTConfig
+
+    tok = load_tokenizer(base_dir)
+    BudgetTrainer, _ = make_trainer_classes()
+    clock, logs = TrainClock(60.0, 0.1, "cosine"), {"task_accuracy": 0.5}
+    collator = PackedRowsCollator(tok.pad_token_id, flat=True)
+    args = SFTConfig(output_dir=str(base_dir.parent / "extras_ck"), packing=True, max_length=256, bf16=False,
+                     report_to="none", use_cpu=True, dataloader_pin_memory=False)
+    trainer = BudgetTrainer(model=load_model(base_dir, device="cpu"), args=args, processing_class=tok,
+                            train_dataset=prepare_sft_dataset(data[0].select(range(16))), clock=clock,
+                            collator=collator, grouped=True, sparse_head=False, extra_logs=logs)
+    assert trainer.banklm_clock is clock and trainer.data_collator is collator and trainer.banklm_extra_logs is logs
+    assert not trainer.banklm_sparse_head and trainer.banklm_grouped
+    assert type(trainer._get_train_sampler()).__name__ == "EpochLengthGroupedSampler"
+    default = BudgetTrainer(model=load_model(base_dir, device="cpu"), args=args, processing_class=tok,
+                            train_dataset=prepare_sft_dataset(data[0].select(range(16))))
+    assert default.banklm_clock.budget_s is None and default.banklm_extra_logs == {}
+
+
+def test_summary_is_derived_from_the_config(lora_run):
+    """train_summary.json holds every config field under its recipe name, then what the run did."""
+    import dataclasses
+
+    _, s = lora_run
+    config = TrainConfig(method="lora", lr=3e-3, max_steps=24, batch_size=8, max_length=256,
+                         lora=LoraSettings(r=8, alpha=16), logging_steps=2)
+    assert {k: s[k] for k in dataclasses.asdict(config)} == dataclasses.asdict(config)
+    assert s["trained_epochs"] > 0 and s["seed"] == 0

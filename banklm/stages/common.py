@@ -1,11 +1,12 @@
-"""What several stages share: where a stage finds its model, the device, the training settings."""
+"""What several stages share: where a stage finds its model, the device, the training options."""
 
 from __future__ import annotations
 
 import typing
 from pathlib import Path
 
-from banklm.corpora.build import load_split
+from banklm.corpora.splits import load_split
+from banklm.finetune.config import TaskEval
 from banklm.finetune.models import ModelFolderError, check_model_folder, pick_device
 from banklm.pipeline import RunContext
 from banklm.recipe import CorpusKind, Recipe, RecipeError
@@ -79,29 +80,19 @@ def run_device(ctx: RunContext) -> str:
     return dev
 
 
-def train_kwargs(p, seed: int, device: str) -> dict:
-    return dict(method=p.method, lr=p.lr, num_epochs=p.epochs, max_steps=p.max_steps,
-                time_budget_s=p.time_budget_s, batch_size=p.batch_size, grad_accum=p.grad_accum,
-                max_length=p.max_length, warmup_ratio=p.warmup_ratio, scheduler=p.scheduler,
-                weight_decay=p.weight_decay, lora_r=p.lora.r, lora_alpha=p.lora.alpha,
-                lora_dropout=p.lora.dropout, lora_targets=p.lora.targets, use_rslora=p.lora.rslora,
-                use_dora=p.lora.dora, packing=p.packing, group_by_length=p.group_by_length,
-                completion_only_loss=p.completion_only_loss,
-                gradient_checkpointing=p.gradient_checkpointing, compile=p.compile, seed=seed, device=device,
-                logging_steps=p.logging_steps, eval_steps=p.eval_steps,
-                early_stopping_patience=p.early_stopping_patience, save_steps=p.save_steps,
-                keep_checkpoints=p.keep_checkpoints, resume=True)  # resume: only a matching checkpoint
+def train_options(ctx: RunContext, p) -> dict:
+    """What ``train_causal_lm`` takes besides the section's config (``p.to_config()``): the recipe's seed and
+    device, ``resume`` (only from a checkpoint whose fingerprint matches) and the task-eval records."""
+    return dict(seed=ctx.recipe.seed, device=run_device(ctx), resume=True, task_eval=task_eval(ctx, p))
 
 
-def task_eval(ctx: RunContext, p) -> dict:
-    """Validation records for the periodic task-accuracy check (``task_eval_steps``), if asked for."""
+def task_eval(ctx: RunContext, p) -> TaskEval | None:
+    """Validation records for the periodic task-accuracy check (``task_eval_steps``), if asked for; the trainer
+    keeps the first ``task_eval_samples`` of each task."""
     if p.task_eval_steps is None:
-        return {}
-
-    records = load_split(ctx.path(SCENARIO), "validation", tasks=ctx.recipe.eval.tasks,
-                         limit_per_task=p.task_eval_samples).to_list()
-    return {"task_eval_records": records, "task_eval_steps": p.task_eval_steps,
-            "task_eval_max_new_tokens": ctx.recipe.eval.max_new_tokens}
+        return None
+    records = load_split(ctx.path(SCENARIO), "validation", tasks=ctx.recipe.eval.tasks).to_list()
+    return TaskEval(records, max_new_tokens=ctx.recipe.eval.max_new_tokens)
 
 
 def corpus_dirs(ctx: RunContext, kinds: list[str]) -> list[Path]:

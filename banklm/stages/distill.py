@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from banklm.corpora.build import load_split
+from banklm.corpora.splits import load_split
 from banklm.distill.seqkd import generate_and_filter, load_prompt_records
 from banklm.distill.student import student_from_config, student_from_path, student_from_teacher_layers
 from banklm.finetune.models import convert_pickled_model
@@ -17,9 +18,7 @@ from banklm.stages.common import (
     SCENARIO,
     corpus_dirs,
     model_dir_after,
-    run_device,
-    task_eval,
-    train_kwargs,
+    train_options,
 )
 from banklm.stages.corpus import corpus_base_dir
 
@@ -73,23 +72,21 @@ def run_distill(ctx: RunContext) -> list[Path]:
     the same number of optimizer steps, without the teacher."""
     from banklm.distill.logit import train_logit_kd
 
-    r, d = ctx.recipe, ctx.recipe.distill
-    device = run_device(ctx)
+    d = ctx.recipe.distill
+    config, options = d.train.to_config(), train_options(ctx, d.train)
+    device = options["device"]
     teacher = teacher_dir(ctx)
     start, init_info = _init_student(ctx, teacher)
     keep = ["id", "messages"]
     labelled = load_split(ctx.path(SCENARIO), "train", limit_per_task=d.limit)
     val = load_split(ctx.path(SCENARIO), "validation")
     train, val = (ds.remove_columns([c for c in ds.column_names if c not in keep]) for ds in (labelled, val))
-    kwargs = {**train_kwargs(d.train, r.seed, device), **task_eval(ctx, d.train)}
     out = ctx.path("distill")
     stats: dict = {"method": d.method, "teacher": run_relative(teacher, ctx.run_dir), "student_init": init_info}
     if d.method == "logit":
-        k = d.kd
-        summary = train_logit_kd(start, teacher, train, val, out / "student_train", divergence=k.divergence,
-                                 beta=k.beta, temperature=k.temperature, alpha=k.alpha, top_k=k.top_k, tail=k.tail,
+        summary = train_logit_kd(start, teacher, train, val, out / "student_train", config, **d.kd.model_dump(),
                                  teacher_quantization=d.teacher.quantization, teacher_dtype=d.teacher.dtype,
-                                 cache_dir=out / "teacher_cache", **kwargs)
+                                 cache_dir=out / "teacher_cache", **options)
     else:
         from datasets import Dataset
 
@@ -106,14 +103,15 @@ def run_distill(ctx: RunContext) -> list[Path]:
         if not kept:
             raise ValueError(f"sequence-level distillation kept none of {seq_stats['prompts']} teacher answers "
                              f"(rejections: {seq_stats['rejected']}); see {out / 'seqkd' / 'rejected.jsonl'}")
-        summary = train_causal_lm(start, Dataset.from_list(kept), val, out / "student_train", mode="sft", **kwargs)
+        summary = train_causal_lm(start, Dataset.from_list(kept), val, out / "student_train", config, mode="sft",
+                                  **options)
     _move_model(out / "student_train" / "merged", out / "student")
     stats["student"] = _summary_brief(summary)
     outputs = [out / "student", out / "student_train"]
     if d.baseline:
-        base_kwargs = {**kwargs, "time_budget_s": None, "max_steps": int(summary["steps"])}
+        same_steps = dataclasses.replace(config, time_budget_s=None, max_steps=int(summary["steps"]))
         # the gold answers of the same train prompts (logit KD: the very records the student saw)
-        base_summary = train_causal_lm(start, train, val, out / "baseline_train", mode="sft", **base_kwargs)
+        base_summary = train_causal_lm(start, train, val, out / "baseline_train", same_steps, mode="sft", **options)
         _move_model(out / "baseline_train" / "merged", out / "baseline")
         stats["baseline"] = _summary_brief(base_summary)
         outputs += [out / "baseline", out / "baseline_train"]

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from banklm.distill.student import pick_layers
 from banklm.distill.teacher_cache import CACHE_BATCH_ROWS
-from banklm.finetune.plan import PlanError, resolve_base, teacher_pass_bytes, teacher_weight_bytes
+from banklm.finetune.plan import (
+    PlanError,
+    resolve_base,
+    teacher_pass_bytes,
+    teacher_weight_bytes,
+    training_setup,
+)
 from banklm.recipe import Recipe
 
 
@@ -28,11 +34,8 @@ def plan_request(r: Recipe, section: str | None = None) -> dict:
         model = {"config": _build_config(r.base.build, r.tokenizer.vocab_size), "name": f"{r.name} base.build"}
     else:
         model = {"path": r.base.path, "config_name": r.plan.config}
-    setup = {"method": p.method, "seq_len": p.max_length, "batch_size": p.batch_size, "grad_accum": p.grad_accum,
-             "lora_r": p.lora.r, "lora_dropout": p.lora.dropout, "dora": p.lora.dora,
-             "grad_ckpt": p.gradient_checkpointing,
-             # no batch layout builds a mask: flat rows use varlen attention, padded rows plain causal
-             "packing": False}
+    # no batch layout builds a mask: flat rows use varlen attention, padded rows plain causal
+    setup = {**training_setup(p.to_config()), "packing": False}
     req = {"section": section, "model": model, "setup": setup, "gpu_mem": r.plan.gpu_mem}
     if section == "distill":
         d = r.distill

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from banklm.corpora.build import corpus_splits, load_split
+from banklm.corpora.splits import corpus_splits, load_split
 from banklm.finetune.sft import train_causal_lm
 from banklm.finetune.tokenizer import load_tokenizer
 from banklm.pipeline import RunContext
-from banklm.stages.common import SCENARIO, corpus_dirs, model_dir_after, run_device, task_eval, train_kwargs
+from banklm.stages.common import SCENARIO, corpus_dirs, model_dir_after, train_options
 
 
 def run_cpt(ctx: RunContext) -> list[Path]:
@@ -30,10 +30,10 @@ def run_cpt(ctx: RunContext) -> list[Path]:
                 texts += list(ds["text"])
         splits[split] = Dataset.from_dict({"text": texts})
     out = ctx.path("cpt")
-    summary = train_causal_lm(model_dir, splits["train"], splits["validation"], out, mode="cpt",
-                              **train_kwargs(ctx.recipe.cpt, ctx.recipe.seed, run_device(ctx)),
-                              **task_eval(ctx, ctx.recipe.cpt))
-    ctx.notes["cpt"] = {k: summary.get(k) for k in ("steps", "tokens", "seconds", "final_loss")}
+    p = ctx.recipe.cpt
+    summary = train_causal_lm(model_dir, splits["train"], splits["validation"], out, p.to_config(), mode="cpt",
+                              **train_options(ctx, p))
+    ctx.notes["cpt"] = {k: summary.get(k) for k in ("steps", "tokens_seen", "seconds", "final_loss")}
     return [out]
 
 
@@ -45,10 +45,10 @@ def run_train(ctx: RunContext) -> list[Path]:
     train = train.remove_columns([c for c in train.column_names if c not in keep])
     val = val.remove_columns([c for c in val.column_names if c not in keep])
     out = ctx.path("sft")
-    summary = train_causal_lm(model_dir_after(ctx, "train"), train, val, out, mode="sft",
-                              **train_kwargs(ctx.recipe.train, ctx.recipe.seed, run_device(ctx)),
-                              **task_eval(ctx, ctx.recipe.train))
-    ctx.notes["train"] = {k: summary.get(k) for k in ("steps", "tokens", "seconds", "final_loss")}
+    p = ctx.recipe.train
+    summary = train_causal_lm(model_dir_after(ctx, "train"), train, val, out, p.to_config(), mode="sft",
+                              **train_options(ctx, p))
+    ctx.notes["train"] = {k: summary.get(k) for k in ("steps", "tokens_seen", "seconds", "final_loss")}
     return [out]
 
 
