@@ -238,8 +238,12 @@ def test_name_false_positives(text):
     assert types_of(text) == [], text
 
 
-def test_names_without_context_are_not_guessed():
-    assert types_of("张伟和李娜去了银行") == []
+def test_names_without_a_cue_are_scored():
+    """Issue 26 reversed the old rule that a name without a cue is left alone (this test used to assert
+    ``张伟和李娜去了银行`` -> []): the statistical scorer (namescore.py) takes names in running text."""
+    assert persons_in("张伟和李娜去了银行") == ["张伟", "李娜"]
+    assert persons_in("客户祁同伟在三个月内向高小琴转账23次，高小琴随即将资金转入山水集团账户。") == [
+        "祁同伟", "高小琴", "高小琴"]
 
 
 # ------------------------------------------------------------- names that leaked before issue 26
@@ -615,7 +619,8 @@ def test_quarantine_digest_is_keyed(tmp_path, monkeypatch):
 
 
 def test_heldout_records_keep_their_recall():
-    """The hand-written records (batches A-D) stay at least at the figures measured after the last change."""
+    """The hand-written records (batches A-D) stay at least at the figures measured after the last change
+    (0.967 overall, 0.953 names with the name scorer; 0.949 / 0.926 before it)."""
     import importlib.util as iu
     from pathlib import Path
 
@@ -623,8 +628,84 @@ def test_heldout_records_keep_their_recall():
     bench = iu.module_from_spec(spec)
     spec.loader.exec_module(bench)
     res = bench.score(heldout_records(), bench.spans_of(find_pii))
-    assert bench.ratio(res["overall"]) >= 0.94 and bench.ratio(res["names"]) >= 0.92, res["misses"]
+    assert bench.ratio(res["overall"]) >= 0.96 and bench.ratio(res["names"]) >= 0.95, res["misses"]
     assert res["keep"][0] == res["keep"][1], res["destroyed"]
+
+
+def _bench_module():
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_pii", Path(__file__).resolve().parent.parent / "scripts" / "bench_pii.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+# tests/data/pii_heldout_{dev,final}.jsonl: 180 hand-written records (credit reports, collection calls, audit
+# tables with | and tabs, complaints, AML narratives, minutes, e-mails, mixed KYC notes, site visits, teller
+# logs, legal documents, chats, notices ...), written before the statistical name scorer, split by style into
+# a development half and a final half. Floors are the figures measured after the change (the detector before
+# it scored dev names 0.620, final names 0.565); the final half was scored once, after the last change.
+@pytest.mark.parametrize("name,names_floor,overall_floor,keep_floor", [
+    ("dev", 0.93, 0.93, 0.99), ("final", 0.84, 0.85, 0.98),
+])
+def test_heldout_files_keep_their_recall(name, names_floor, overall_floor, keep_floor):
+    bench = _bench_module()
+    recs = bench.load_heldout_file(name)
+    assert len(recs) == 90
+    for rec in recs:
+        for lab in rec["pii"] + rec["keep"]:
+            assert rec["text"][lab["start"]:lab["end"]] == lab["value"]
+    res = bench.score(recs, bench.spans_of(find_pii))
+    assert bench.ratio(res["names"]) >= names_floor, res["names"]
+    assert bench.ratio(res["overall"]) >= overall_floor, res["overall"]
+    assert bench.ratio(res["keep"]) >= keep_floor, res["keep"]
+
+
+@pytest.mark.parametrize("text,names", [
+    ("经查，毛建国于2024年3月将资金转给邹雨涵，邹雨涵随即取现。", ["毛建国", "邹雨涵", "邹雨涵"]),
+    ("晨会上詹俊峰通报了上月不良贷款情况。", ["詹俊峰"]),
+    ("资金经苗卫东、鲍晓芸和康乐平三人的账户转出。", ["苗卫东", "鲍晓芸", "康乐平"]),
+    ("借款人林国栋已还清欠款，林国栋表示不再续贷。", ["林国栋", "林国栋"]),
+])
+def test_names_in_running_text_without_a_cue(text, names):
+    assert persons_in(text) == names
+
+
+@pytest.mark.parametrize("text", [
+    "本行坚持稳健经营，持续加强对小微企业和个人客户的金融服务。", "支行应加强对高峰时段柜面业务的分流管理。",
+    "重点关注房地产、地方政府融资平台和产能过剩行业的信用风险。", "对方确认于文明无其他负债。", "对方表示于钟祥无其他负债。",
+    "客户来自张家港，在武侯区经营建材。", "此致\n敬礼\n", "顺祝商祺", "高新区管委会与江苏银行签署协议。",
+    "文明城市创建期间，安全检查从严。", "全行各项存款余额1,234.56亿元，较年初增长8.2%。",
+])
+def test_name_scorer_keeps_words_places_and_closings(text):
+    assert persons_in(text) == [], text
+
+
+def test_name_scorer_score_is_the_weighted_features():
+    from banklm.corpora.ops import namescore
+
+    assert len(namescore.WEIGHTS) == len(namescore.FEATURES)
+    texts = [r["text"] for r in _bench_module().load_heldout_file("dev")[:30]] + [
+        "客户祁同伟在三个月内向高小琴转账", "欧阳晓峰、司马南和上官云飞出席"]
+    n = 0
+    for t in texts:
+        for i in namescore.candidate_starts(t):
+            for s, j in namescore.candidates(t, i):
+                expected = sum(w * x for w, x in zip(namescore.WEIGHTS, namescore.features(t, i, j, s), strict=True))
+                assert namescore.score(t, i, j, s) == pytest.approx(expected, abs=1e-9), t[i:j]
+                n += 1
+    assert n > 100
+
+
+def test_name_scorer_reads_jieba_data_without_importing_jieba():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom banklm.corpora.ops.pii import find_pii\n"
+            "print([s.text for s in find_pii('客户祁同伟在三个月内向高小琴转账')], 'jieba' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "['祁同伟', '高小琴'] False", r.stdout + r.stderr
 
 
 def test_benchmark_scripts_smoke(repo, tmp_path):

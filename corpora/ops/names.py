@@ -25,7 +25,10 @@ SINGLE_SURNAMES = frozenset(
     "雍辜羊阿乌母裘亓修邰赫杭况那宿鲜印逯隆茹诸战慕危玉银亢嵇公哈湛宾戎勾茅利於呼居揭干但尉冶斯元束"
     "檀衣信展阴昝智幸奉植衡富尧闭由于阎"
     # less common ones seen in customer files
-    "郦钮逄隗璩濮扶堵宦鱼庾暨殳沃蔚夔厍晁訾毋乜鄂蒯笪郗佴暴琚钦缑竺桓汝墨谯禄颜邴茆蓟隽郏鄞")
+    "郦钮逄隗璩濮扶堵宦鱼庾暨殳沃蔚夔厍晁訾毋乜鄂蒯笪郗佴暴琚钦缑竺桓汝墨谯禄颜邴茆蓟隽郏鄞"
+    # the rest of the Hundred Family Surnames (百家姓) less those that are everyday words or function
+    # characters (水 家 松 山 秋 从 咸 籍 能 双 通 别 充 习 终 步 广 东 空 养 须 后 红 益 经)
+    "昌凤酆傅萧贝柯贲洪滑荀羿汲糜弓牧宓蓬仰钭韶怀赖苍莘贡宰郤寿慎弘越融巢")
 
 # ------------------------------------------------------------------------------ given-name filters
 
@@ -81,7 +84,9 @@ NOT_NAME_WORDS = frozenset(
     "阳台 卓越 古城 吉祥 费用 费率 席位 宗旨 边缘 边境 边界 查询 查看 查验 查封 查处 麻烦 迟延 迟到 迟缓 官方 "
     "官网 官员 封闭 封存 封面 储蓄 储备 储值 劳动 劳务 劳保 皮鞋 皮革 位于 位置 权利 权益 权限 权责 盖章 练习 "
     "廉洁 廉价 祖国 祖籍 戴帽 汤圆 鲁菜 施工 施行 康复 温度 温馨 易于 庄园 殷实 祝贺 祝福 宁可 宁愿 宁静 甄别 "
-    "甄选 仲裁 巩固 迟迟 惠及 惠民 班车 班组 燕窝 海洋 海运 花费 花园 花卉 豆浆 朴素 井下 伊始 卜卦 穆斯林".split())
+    "甄选 仲裁 巩固 迟迟 惠及 惠民 班车 班组 燕窝 海洋 海运 花费 花园 花卉 豆浆 朴素 井下 伊始 卜卦 穆斯林 "
+    # letter closings that start with a surname character (顺祝商祺, 祝好)
+    "祝商祺 祝时祺 祝安好 祝工作 祝您 祝好 敬礼 敬上 敬启 谨上".split())
 # place names (and a few words) that are also plausible personal names: not a person unless the context
 # says so (先生/女士 after it, or it alone fills a labelled field); a place suffix after it (市, 分行 ...) never
 AMBIGUOUS_NAME_WORDS = frozenset(
@@ -134,7 +139,8 @@ PINYIN_SURNAMES = frozenset(
     "sima ouyang zhuge shangguan dongfang huangfu yuchi gongsun murong zhangsun yuwen situ linghu xiahou "
     "duanmu dugu nangong ximen huyan shentu zhongli wenren sikong baili helian tuoba "
     "lau chan wong cheung leung ng ho lam tsang kwok yeung tse chow chiu lai fung yip tang cheng choi chu "
-    "tsui kwan lo kong mak kwong hui siu poon yiu ko".split())
+    "tsui kwan lo kong mak kwong hui siu poon yiu ko ip tam fong yuen mok hung chung lui kam szeto au lee choy "
+    "ngai cheuk lok".split())
 
 # valid pinyin syllables (toneless, lower case; v and ü both accepted as u-umlaut)
 PINYIN_SYLLABLES = frozenset(
@@ -196,7 +202,10 @@ ROMAN_NOT_PERSON_PAIRS = frozenset(
     "jin hua|chang zhou|wu han|cheng du|xi an|jin jiang|lu jia zui|zhang jiang|yi wu|kun shan|"
     "chang shu|ning bo|shi jia zhuang|he fei|fu zhou|xia men|qing dao|da lian|tai yuan|chang sha|"
     "nan chang|kun ming|gui yang|nan ning|hai kou|lan zhou|xi ning|yin chuan|ha er bin|chang chun|"
-    "shen yang|ji nan|zheng zhou|shi ji|ren min|zhong guo|zhong shan|jian guo|wen san|bin jiang".split("|"))
+    "shen yang|ji nan|zheng zhou|shi ji|ren min|zhong guo|zhong shan|jian guo|wen san|bin jiang|"
+    # Hong Kong districts and areas
+    "wan chai|sha tin|tai po|kwun tong|tsuen wan|mong kok|tai koo|sai kung|tin shui|tuen mun|yuen long|"
+    "sheung wan|wong tai|kwai chung|tseung kwan|tung chung|ma on".split("|"))
 # capitalised words that are not part of a name (pinyin surnames such as He, An, You stay possible)
 ROMAN_STOP_WORDS = frozenset(
     "the a an all sir madam madame customer customers colleague colleagues team manager department dept "

@@ -21,6 +21,11 @@ it must be. Words that are also places or
 companies (金华, 常熟, 高峰期, 江苏银行) are taken only when the context is strong (先生/女士 after them, or
 they alone fill a labelled field) and never when a place or organisation suffix follows (金华分行, 温州市).
 
+Names that stand in running text without any of these (``客户祁同伟在三个月内向高小琴转账``) are left to the
+statistical scorer of ``namescore.py`` (features from jieba's dictionary and name HMM): its names that do
+not overlap a rule's name are added, then names listed next to any found name, then every other mention of
+a found name in the text (``_from_scorer``).
+
 Romanised names: two or three capitalised words of which one is a pinyin surname and the other a pinyin
 given name (checked against the syllable inventory) or a Western given name, in either order
 (``Li Yirong``, ``Yuhang Sima``, ``Leo Wang``, ``LI Yirong``); after an English cue (customer, Contact
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import re
 
+from . import namescore
 from .names import (
     AMBIGUOUS_LENGTHS,
     AMBIGUOUS_NAME_WORDS,
@@ -104,6 +110,7 @@ _LABEL_CUES = (
     "From：", "To：", "Cc：", "名片", "出席", "列席", "参会人员", "汇报人", "参加人员", "陪同人员", "签发", "签批", "批准人", "核准人", "拟稿人", "报告人",
     "经手人", "交款人", "存款人", "取款人", "汇款人", "寄件人", "共有人", "房主", "车主", "自然人", "被调查人", "证人", "法人姓名", "借款人姓名", "联系人姓名",
     "客户名称", "收款方", "付款方", "收款户名", "付款户名", "对方户名", "户名为", "复核", "审核", "审批", "经办", "确认人", "回访人", "直系亲属",
+    "甲方", "乙方", "买方", "卖方", "交出人", "接收人", "接交人", "移交人", "交接人",
 )
 # relations and self-introductions: also a person whatever the surname
 _RELATION_CUES = (
@@ -115,13 +122,14 @@ _RELATION_CUES = (
     "男朋友", "女朋友", "男友", "女友", "未婚妻", "未婚夫", "前妻", "前夫", "亲戚", "侄子", "外甥", "孙子", "孙女",
     "表哥", "表姐", "表弟", "表妹", "堂哥", "堂弟", "舅舅", "姨妈", "叔叔", "伯伯", "合伙人", "同学", "室友", "房东", "租客",
     "其弟", "其兄", "其姐", "其妹", "其子", "其女", "其母", "其父", "其哥", "其嫂", "其侄", "其孙", "之子", "之女",
+    "之父", "之母", "之妻", "之夫", "之兄", "之弟", "之姐", "之妹",
 )
 # verbs whose object is a person: the surname must be in the lexicon
 _VERB_CUES = (
     "致电", "去电", "回电", "联系", "拜访", "约见", "询问", "告知", "委托", "授权", "陪同", "转出至",
     "转至", "转入", "转账给", "转账至", "转给", "汇给", "汇款给", "汇至", "付款给", "支付给", "借给", "交给",
     "另据", "提醒", "催告", "感谢", "走访", "约谈", "协助", "转交", "移交给", "证明",
-    "员", "签收人", "经理",
+    "员", "签收人", "经理", "本人",
 )
 _CUE_SEP = r"(?:[0-9一二三四五]?[ \t]*[:：][ \t]*|[ \t]*(?:为|是|系)[ \t]*|[ \t]+|[（(])?"
 # 其弟弟 / 我弟弟 as well as 弟弟: the trie takes the longest cue, so 其弟 would hide 弟弟 after it
@@ -452,7 +460,9 @@ def _from_table_cells(text: str) -> list[tuple[int, int]]:
     out = []
     for m in _CELL_RE.finditer(text):
         value = m.group(1)
-        if _surname_len(value, 0) and _cjk_name_alone(value):
+        s = _surname_len(value, 0)
+        # the given part must be possible in a name: not 房抵贷 (贷), not 周周享 (the surname repeated)
+        if s and _cjk_name_alone(value) and _given_ok(value[s:]) and value[s] != value[s - 1]:
             out.append(m.span(1))
     return out
 
@@ -565,13 +575,17 @@ def _split_pinyin(w: str, budget: int) -> bool:
     return False
 
 
+# a hyphenated Hong Kong given name (Siu-fai, Ka-ming, Chi-wai): two short syllables, not necessarily pinyin
+_CANTONESE_GIVEN_RE = re.compile(r"[A-Z][a-z]{1,4}-[a-z]{2,5}")
+
+
 def _roman_pair(a: str, b: str, *, lenient: bool) -> bool:
     la, lb = a.lower(), b.lower()
     if la in ROMAN_STOP_WORDS or lb in ROMAN_STOP_WORDS:
         return False
     sur_a, sur_b = la.replace("-", "") in PINYIN_SURNAMES, lb.replace("-", "") in PINYIN_SURNAMES
-    giv_a = _pinyin_word(la) or la in WESTERN_GIVEN_NAMES
-    giv_b = _pinyin_word(lb) or lb in WESTERN_GIVEN_NAMES
+    giv_a = _pinyin_word(la) or la in WESTERN_GIVEN_NAMES or bool(_CANTONESE_GIVEN_RE.fullmatch(a))
+    giv_b = _pinyin_word(lb) or lb in WESTERN_GIVEN_NAMES or bool(_CANTONESE_GIVEN_RE.fullmatch(b))
     ok = (sur_a and giv_b) or (sur_b and giv_a)
     if lenient:
         return ok or la in WESTERN_GIVEN_NAMES or (giv_a and giv_b)
@@ -607,11 +621,13 @@ def _has_en_cue(text: str, i: int) -> bool:
 
 def _from_roman(text: str) -> list[tuple[int, int]]:
     out = []
-    for m in _ROMAN_RE.finditer(text):
+    pos = 0
+    while m := _ROMAN_RE.search(text, pos):
         tokens = m.group().split(" ")
         starts = [m.start()]
         for t in tokens[:-1]:
             starts.append(starts[-1] + len(t) + 1)
+        pos = m.end()
         for k in range(len(tokens) - 1):  # try the window at each token (a cue word may lead the run)
             lenient = _has_en_cue(text, starts[k])
             n = _roman_tokens_ok(tokens[k:], lenient=lenient)
@@ -620,6 +636,9 @@ def _from_roman(text: str) -> list[tuple[int, int]]:
                 if _next_word(text, end) not in ROMAN_NOT_PERSON_NEXT:
                     out.append((starts[k], end))
                     break
+        else:
+            if len(tokens) == 3:  # 「Our RM Karen」 Yip: the last word may open a name with the next one
+                pos = starts[-1]
     for m in _INVERTED_RE.finditer(text):  # WANG, Xiaoming (passport order)
         if m.group(1).lower() in PINYIN_SURNAMES and _pinyin_word(m.group(2).lower()):
             out.append(m.span())
@@ -675,8 +694,13 @@ def _from_email_slots(text: str) -> list[tuple[int, int]]:
     return out
 
 
+_DASH_SIGNATURE_RE = re.compile(r"(?:——|—|--)[ \t]*([\u4e00-\u9fff]{2,4})[ \t]*(?=\r?\n|$)")
+
+
 def _from_signatures(text: str) -> list[tuple[int, int]]:
     out = []
+    if "—" in text or "--" in text:  # 「……请给出说明。——易建联」: a signature after a dash at the end of a line
+        out += [m.span(1) for m in _DASH_SIGNATURE_RE.finditer(text) if _cjk_name_alone(m.group(1))]
     for m in _SIGNOFF_RE.finditer(text):
         i = m.end()
         line_end = text.find("\n", i)
@@ -706,7 +730,7 @@ def find_persons(text: str) -> list[tuple[int, int]]:
         out += _from_surname_prefix(text)
     if "@" in text:
         out += _from_email_slots(text)
-    if "\n" in text:
+    if "\n" in text or "—" in text:
         out += _from_signatures(text)
     if _HAS_CAPITAL.search(text):
         out += _from_roman(text)
@@ -722,7 +746,29 @@ def find_persons(text: str) -> list[tuple[int, int]]:
         out += _from_bracketed_roles(text)
         out += _aliases(text, out)
     out += _list_neighbours(text, out)
-    return out
+    return out + _from_scorer(text, out)
+
+
+def _not_a_person(text: str, i: int, j: int) -> bool:
+    """The scorer's veto: a place or organisation word after the candidate (温州市, 金华分行), a surname that
+    is also a function character before a place or an ambiguous word (于文明, 于钟祥, 向温州), or a company
+    name starting there (王记餐饮有限公司)."""
+    if _place_after(text, j):
+        return True
+    if text[i] in FUNCTION_WORD_SURNAMES and text[i + 1:j] in AMBIGUOUS_NAME_WORDS:
+        return True
+    c = _CORP_TAIL.match(text, i)
+    return bool(c) and not any(ch in _VERBISH for ch in text[i:c.start(1)])
+
+
+def _from_scorer(text: str, found: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Names without a cue (namescore.py), names listed next to any found name, and the other occurrences
+    of every found name. Scored candidates overlapping a name the rules found are dropped."""
+    scored = [(i, j) for i, j in namescore.find_scored_names(text, veto=_not_a_person)
+              if all(j <= a or i >= b for a, b in found)]
+    spans = found + scored
+    spans += namescore.list_neighbours(text, spans, veto=_not_a_person)
+    return scored + [sp for sp in spans[len(found) + len(scored):]] + namescore.coreferences(text, spans, veto=_not_a_person)
 
 
 _HAS_CAPITAL = re.compile(r"[A-Z][a-zA-Z]")
