@@ -11,12 +11,12 @@ from pathlib import Path
 from banklm import __version__
 from banklm.chain import ChainError
 from banklm.compare import NotARun, compare_runs, format_comparison
-from banklm.corpora.ops.pii import ALL_TYPES, PIIError, scrub_jsonl
+from banklm.corpora.ops.pii import ALL_TYPES, PIIError, scrub_jsonl, scrub_text
 from banklm.corpora.splits import first_per_task, load_split
 from banklm.corpora.synth import generate_records
 from banklm.evaluation.comparison import write_comparison
 from banklm.evaluation.evaluate import evaluate_export, evaluate_model_dir, export_kind
-from banklm.export.bundle import build_export, verify_export
+from banklm.export.bundle import SUMS_FILE, VERIFY_FILE, build_export, verify_export
 from banklm.export.gguf import DEFAULT_GGUF_QUANT, KQUANTS, NATIVE_QUANTS
 from banklm.export.onnx import DEFAULT_ONNX_QUANT, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ONNX_QUANTS
 from banklm.export.verify import DEFAULT_PROMPTS
@@ -53,7 +53,8 @@ from banklm.stages import STAGES
 from banklm.stages.common import check_models
 from banklm.stages.export import export_dir_check
 from banklm.stages.plan import plan_request, plan_shape, plan_teacher
-from banklm.tasks import TASKS
+from banklm.tasks import TASKS, carried_specs, resolve_tasks
+from banklm.tasks.check import check_spec, check_table, example_prompts, format_examples
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -214,8 +215,9 @@ def cmd_eval(args) -> int:
         return _run_pipeline(args, upto="eval")
     if not args.model:
         raise UsageError("banklm eval needs RECIPE.yaml or --model DIR")
-    tasks = _tasks_arg(args.tasks)
     models = _eval_models_arg(args.model)  # every model checked before any is scored
+    tasks = _tasks_arg(args.tasks, [f for _, path, _ in models for f in _task_folders(path)],
+                       generated=args.data is None)
     records = _eval_records(args.data, tasks, args.limit, args.seed)
     if len(models) == 1:
         name, path, kind = models[0]
@@ -291,15 +293,39 @@ def _evaluate_one(args, name: str, path: Path, kind: str, records: list[dict], o
         raise UsageError(f"--model {path}: {e}") from None
 
 
-def _tasks_arg(value: str | None) -> list[str]:
+def _task_folders(path: Path) -> list[Path]:
+    """Where a model's task specs are (``tasks/<name>.yaml``): its folder (a .gguf file's folder) and the export
+    bundle holding it (``export/gguf/x.gguf``, ``export/onnx/fp32`` -> ``export/``)."""
+    folder = path.parent if path.is_file() else path
+    out = [folder]
+    for parent in list(folder.parents)[:2]:
+        if (parent / SUMS_FILE).is_file() or (parent / VERIFY_FILE).is_file():
+            out.append(parent)
+            break
+    return out
 
-    if not value:
-        return list(TASKS)
-    tasks = [t.strip() for t in value.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS]
-    if bad:
-        raise UsageError(f"--tasks: unknown task {bad[0]!r} (allowed: {', '.join(TASKS)})")
-    return tasks
+
+def _tasks_arg(value: str | None, folders: list[Path] = (), generated: bool = False) -> list[str]:
+    """``--tasks``, each name resolved (``banklm.tasks.resolve_tasks``): a built-in, a spec the model folder or
+    export bundle carries, or ``NAME=PATH``. Default: the built-ins, plus (records given with --data) every spec
+    the models carry. Generated records (no --data) need tasks with a synthetic sampler."""
+    try:
+        if value:
+            tasks = resolve_tasks([t.strip() for t in value.split(",") if t.strip()], folders)
+        else:
+            carried = [] if generated else [n for f in folders for n in carried_specs(f) if n not in TASKS]
+            tasks = [*TASKS.values(), *resolve_tasks(carried, folders)]
+    except ValueError as e:  # SpecError too: one line naming the spec file
+        raise UsageError(f"--tasks: {e}") from None
+    if not tasks:
+        raise UsageError("--tasks: no task given")
+    if generated:
+        for t in tasks:
+            if not t.has_sampler:
+                raise UsageError(f"--tasks {t.name}: the task has no synthetic sampler (its records come from the "
+                                 "bank's tables): give its test records with --data (a JSONL file, a built corpus "
+                                 "folder or a run folder)")
+    return [t.name for t in tasks]
 
 
 def _eval_records(data: str | None, tasks: list[str], limit: int | None, seed: int) -> list[dict]:
@@ -367,7 +393,8 @@ def _export_model_folder(args, model: Path, out: Path) -> int:
         raise UsageError(f"--model {model}: tokenizer does not load ({e})") from None
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                for p in DEFAULT_PROMPTS]
-    records = _eval_records(args.data, _tasks_arg(args.tasks), args.eval_limit, 12345) if args.eval_limit else None
+    records = _eval_records(args.data, _tasks_arg(args.tasks, [model], generated=args.data is None),
+                            args.eval_limit, 12345) if args.eval_limit else None
     card = model / "MODEL_CARD.md"
     try:
         summary = build_export(model, out, name=model.resolve().name, prompts=prompts,
@@ -460,6 +487,74 @@ def cmd_compare(args) -> int:
     return EXIT_OK
 
 
+def cmd_task_check(args) -> int:
+    """Validate a spec (exit 2 on a bad one), check a table against it (exit 1 on problems), print examples
+    with their answers; whatever is printed from the table or the examples is PII-scrubbed."""
+
+    spec = Path(args.spec)
+    try:
+        res = check_spec(spec if spec.exists() or spec.suffix.lower() in (".yaml", ".yml") else args.spec)
+    except ValueError as e:  # SpecError (one line: file, key, value, allowed) or an unknown task name
+        raise UsageError(str(e)) from None
+    task = res.task
+    cmap = _column_map_arg(args.column_map, task)
+    if args.examples < 0:
+        raise UsageError("--examples: give a number >= 0")
+
+    def scrub(text: str) -> str:
+        return scrub_text(text)[0]
+
+    for line in res.lines():
+        print(line)
+    table = None
+    if args.table:
+        try:
+            table = check_table(task, args.table, cmap, scrub=scrub)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"{args.table}: {e}" if str(args.table) not in str(e) else str(e)) from None
+        for line in table.lines():
+            print(line)
+    if args.examples:
+        for line in format_examples(example_prompts(task, n=args.examples, table=args.table, column_map=cmap,
+                                                    scrub=scrub)):
+            print(line)
+    if table is not None and not table.ok:
+        counts = ", ".join(f"{k} {v}" for k, v in table.counts().items())
+        raise _check_failed(f"{args.table}: {len(table.problems)} problem(s) in {table.rows} rows ({counts})")
+    return EXIT_OK
+
+
+def _column_map_arg(values: list[str] | None, task) -> dict[str, str]:
+    """``--column-map NAME=COLUMN[,NAME=COLUMN]`` (repeatable), or a JSON/YAML file of ``{name: column}``."""
+    import yaml
+
+    out: dict[str, str] = {}
+    for v in values or []:
+        if Path(v).suffix.lower() in (".json", ".yaml", ".yml") and Path(v).is_file():
+            try:
+                data = yaml.safe_load(Path(v).read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise UsageError(f"--column-map {v}: not a JSON/YAML mapping ({e})") from None
+            if not isinstance(data, dict) or not all(isinstance(x, str) for kv in data.items() for x in kv):
+                raise UsageError(f"--column-map {v}: give a mapping of task names to column names")
+            out.update(data)
+            continue
+        for part in v.split(","):
+            name, sep, col = (x.strip() for x in part.partition("="))
+            if not part.strip():
+                continue
+            if not sep or not name or not col:
+                raise UsageError(f"--column-map {part.strip()!r}: write NAME=COLUMN (a field or answer key of the "
+                                 "task = the table's column), e.g. 逾期天数=逾期日数")
+            out[name] = col
+    known = [*task.field_names, *task.answer_keys, "prompt"]
+    for name in out:
+        if name not in known:
+            raise UsageError(f"--column-map: {name!r} is not a field or answer key of the task {task.name!r} "
+                             f"(allowed: {', '.join(known)})")
+    return out
+
+
 # ----------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,17 +609,20 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_cmd("distill", "teacher -> smaller student (logit or sequence-level distillation, plus a baseline "
                "student trained without the teacher); runs the stages up to distill", cmd_distill)
 
-    ev = sub.add_parser("eval", help="evaluate a model on the credit / aml / audit tasks",
-                        description="evaluate a model on the credit / aml / audit tasks: from a recipe (runs the "
-                                    "stages up to eval), a model folder or a GGUF / ONNX export; several --model "
-                                    "are scored on the same records and compared side by side")
+    ev = sub.add_parser("eval", help="evaluate a model on its tasks (credit, aml, audit or a bank's own spec)",
+                        description="evaluate a model on its tasks (the built-in credit / aml / audit, or a bank's own "
+                                    "task spec): from a recipe (runs the stages up to eval), a model folder or a GGUF / "
+                                    "ONNX export; several --model are scored on the same records and compared side by "
+                                    "side")
     ev.add_argument("recipe", nargs="?", metavar="RECIPE.yaml")
     ev.add_argument("overrides", nargs="*", metavar="key.sub=value")
     ev.add_argument("--model", action="append", metavar="[NAME=]PATH",
                     help="a model folder (safetensors), a .gguf file or an ONNX export folder, instead of a "
                          "recipe; repeat it to compare models on the same records (each into OUT/NAME/, plus "
                          "OUT/comparison.md and OUT/comparison.png); NAME defaults to the folder or file name")
-    ev.add_argument("--tasks", help="comma-separated: credit,aml,audit (default all)")
+    ev.add_argument("--tasks", help="comma-separated: built-in names (credit,aml,audit), specs the model folder or "
+                                    "export bundle carries (tasks/<name>.yaml), or NAME=PATH for a spec file "
+                                    "(default: the built-ins, and with --data also the carried specs)")
     ev.add_argument("--data", help="test records: a JSONL file, a built corpus folder or a run folder "
                                    "(default: freshly generated test records)")
     ev.add_argument("--limit", type=int, help="at most N records per task")
@@ -541,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
 
     _add_plan_parser(sub)
+
+    _add_task_parser(sub)
 
     v = sub.add_parser("verify", help="re-hash a run folder's files and check its ledger chain (exit 1 on tamper)",
                        description="re-hash a run folder's files and check its ledger chain (exit 1 on tamper)")
@@ -576,12 +676,37 @@ def _add_export_parser(sub) -> None:
                     help=f"ONNX opset for --model ({MIN_OPSET}-{MAX_OPSET}, default {DEFAULT_OPSET})")
     ex.add_argument("--eval-limit", type=int, default=0,
                     help="with --model: score each artefact and the PyTorch model on N records per task (default 0: off)")
-    ex.add_argument("--tasks", help="with --eval-limit: comma-separated tasks (default all)")
+    ex.add_argument("--tasks", help="with --eval-limit: comma-separated tasks, resolved like banklm eval's "
+                                    "(built-ins, specs the model folder carries, NAME=PATH; default the built-ins)")
     ex.add_argument("--data", help="with --eval-limit: test records (JSONL, corpus or run folder; default generated)")
     ex.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                     help="device of the PyTorch side of the task evaluation")
     ex.add_argument("--run-dir", type=Path, default=None)
     ex.set_defaults(func=cmd_export)
+
+
+def _add_task_parser(sub) -> None:
+    task_help = "task specs: validate a spec (YAML), and a bank's table against it"
+    tk = sub.add_parser("task", help=task_help, description=task_help + " (format: docs/tasks.md)")
+    tsub = tk.add_subparsers(dest="task_command", metavar="ACTION")
+    check_help = ("validate a task spec (exit 2 with one error line when it is invalid), check a table against it "
+                  "(missing columns, empty required cells, values outside a category, numbers / yes-no / dates that "
+                  "do not parse, labels outside the label set, over-long reasons: counts and row numbers; exit 1 "
+                  "when it has problems, 0 when clean) and print example prompts with their answers, personal "
+                  "information scrubbed")
+    tc = tsub.add_parser("check", help="validate a spec (and a table against it); print example prompts",
+                         description=check_help)
+    tc.add_argument("spec", metavar="SPEC.yaml", help="a task spec file (or a built-in task name: credit, aml, audit)")
+    tc.add_argument("table", nargs="?", metavar="TABLE", help="a CSV/TSV/Parquet table to check against the spec "
+                                                              "(columns named like the fields, their labels, or mapped)")
+    tc.add_argument("--column-map", action="append", metavar="NAME=COLUMN[,...]",
+                    help="the table's column of a field or answer key (repeatable; or a JSON/YAML file of the "
+                         "mapping), e.g. 逾期天数=逾期日数,预警等级=等级")
+    tc.add_argument("--examples", type=int, default=3, metavar="N",
+                    help="example prompts to print (default 3; from the table's first clean rows, else the sampler "
+                         "or the spec's examples)")
+    tc.set_defaults(func=cmd_task_check)
+    tk.set_defaults(func=lambda a: (tk.print_help(), EXIT_USAGE)[1])
 
 
 def _add_plan_parser(sub) -> None:

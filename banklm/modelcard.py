@@ -19,6 +19,7 @@ from banklm.compare import NotARun, compare_runs, data_rows, previous_run, recip
 from banklm.ledger import card_artefacts_section, file_records
 from banklm.recipe import TO_BE_FILLED
 from banklm.results import distill_tables
+from banklm.tasks import TASKS, get_task
 
 PII_TYPES_ZH = {"ID_CARD": "身份证号", "PHONE": "电话号码", "BANK_CARD": "银行卡号", "ACCOUNT": "账号",
                 "USCC": "统一社会信用代码", "PASSPORT": "护照号", "PLATE": "车牌号", "EMAIL": "电子邮箱",
@@ -37,6 +38,20 @@ DEFAULT_OUT_OF_SCOPE = {
     "en": "Not for automatic loan refusal, automatic regulatory filing or customer-facing answers without human "
           "review; not for work outside the credit, AML and audit tasks; the scores come from rule-generated test "
           "data and do not promise performance on real customers.",
+}
+
+# the same defaults for a run with a bank's own task: the run's task titles instead of the built-ins' uses
+DEFAULT_USE_TASKS = {
+    "zh": "银行内部的决策辅助：{titles}。模型给出的结论和理由均为建议，须由有资质的业务人员复核后方可采用。",
+    "en": "Internal decision support at a bank: {titles}. The model's conclusions and reasons are suggestions for "
+          "a qualified reviewer.",
+}
+DEFAULT_OUT_OF_SCOPE_TASKS = {
+    "zh": "不得用于无人工复核的自动决策、自动上报或直接答复客户；不得用于以下任务以外的业务：{titles}；"
+          "评估分数来自本次运行的测试集，不代表在全部真实客户上的表现。",
+    "en": "Not for automatic decisions, automatic regulatory filing or customer-facing answers without human "
+          "review; not for work outside these tasks: {titles}; the scores come from this run's test split and do "
+          "not promise performance on every real customer.",
 }
 
 
@@ -103,12 +118,47 @@ def _header(d: dict, recipe, t: _Lang) -> list[str]:
     return lines
 
 
+def _run_tasks(recipe) -> list:
+    """The run's tasks (``Recipe.task_names``) that can be looked up."""
+    out = []
+    for name in recipe.task_names():
+        try:
+            out.append(get_task(name))
+        except ValueError:
+            continue
+    return out
+
+
 def _use(recipe, t: _Lang) -> list[str]:
     rep = recipe.report
     note = t("（默认文本；可在配方 report.{} 中改写）", " (default text; set report.{} in the recipe)")
-    use = rep.intended_use or DEFAULT_USE[t.lang] + note.format("intended_use")
-    oos = rep.out_of_scope or DEFAULT_OUT_OF_SCOPE[t.lang] + note.format("out_of_scope")
+    use_text, oos_text = DEFAULT_USE[t.lang], DEFAULT_OUT_OF_SCOPE[t.lang]
+    tasks = _run_tasks(recipe)
+    if any(task.name not in TASKS for task in tasks):  # a bank's own task: name the run's tasks, not the built-ins
+        titles = t("、", ", ").join(f"{task.title}（{task.name}）" if t.lang == "zh" else f"{task.title} ({task.name})"
+                                    for task in tasks)
+        use_text, oos_text = DEFAULT_USE_TASKS[t.lang].format(titles=titles), \
+            DEFAULT_OUT_OF_SCOPE_TASKS[t.lang].format(titles=titles)
+    use = rep.intended_use or use_text + note.format("intended_use")
+    oos = rep.out_of_scope or oos_text + note.format("out_of_scope")
     return ["## 预期用途 Intended use", "", use, "", "## 不适用范围 Out-of-scope use", "", oos]
+
+
+def _tasks(recipe, t: _Lang) -> list[str]:
+    """The run's tasks with the sha256 of their specs: what the model folders and the export bundle carry."""
+    tasks = _run_tasks(recipe)
+    if not tasks:
+        return []
+    rows = [[f"`{task.name}`", task.title, t("内置", "built-in") if task.name in TASKS else t("本行自定义", "bank's own"),
+             f"`{task.spec.sha256}`"] for task in tasks]
+    return ["## 任务 Tasks", "",
+            t("每个模型目录和导出包都携带其任务的规格 `tasks/<name>.yaml`（字段、提示、答案格式、规则；见 docs/tasks.md），"
+              "无需配方即可评估和部署；文件的 sha256 即下表所列（导出包另见 SHA256SUMS）：",
+              "Every model folder and the export bundle carry the specs of their tasks as `tasks/<name>.yaml` "
+              "(fields, prompt, answer layout, rules; docs/tasks.md), so the model can be evaluated and served "
+              "without its recipe; each file's sha256 is listed below (the bundle's also in SHA256SUMS):"), "",
+            md_table([t("任务 task", "task"), t("名称 title", "title"), t("来源 kind", "kind"),
+                      t("规格 sha256 spec sha256", "spec sha256")], rows)]
 
 
 def _responsible(recipe, t: _Lang) -> list[str]:
@@ -549,7 +599,8 @@ def _distillation(d: dict, t: _Lang) -> list[str]:
 def render_model_card(d: dict, recipe, mask_pii: Callable[[str], str] | None = None) -> str:
     """The card's Markdown, from ``banklm.results.collect(run_dir)`` and the run's recipe."""
     t = _Lang(recipe.report.language)
-    sections = [_header(d, recipe, t), _use(recipe, t), _responsible(recipe, t), _base_model(d, recipe, t),
+    sections = [_header(d, recipe, t), _use(recipe, t), _tasks(recipe, t), _responsible(recipe, t),
+                _base_model(d, recipe, t),
                 _training_data(d, recipe, t), _deid(d, t), _training(d, recipe, t), _evaluation(d, t),
                 _distillation(d, t), _quantization(d, t), _artefacts(d, t), _limitations(d, recipe, t, mask_pii),
                 _change_log(d, recipe, t), _traceability(d, t)]

@@ -137,15 +137,18 @@ def _read_pid(path: Path) -> int | None:
 
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
-    """SHA-256 over banklm's own source files (every package of the pipeline).
+    """SHA-256 over banklm's own source files (every package of the pipeline) and the built-in task specs.
 
-    Part of every stage key: an edited generator, trainer or converter must not reuse outputs made by
-    the old code even when the version number did not move (a stale reuse is worse than a recompute)."""
+    Part of every stage key: an edited generator, trainer, converter or built-in spec must not reuse outputs
+    made by the old code even when the version number did not move (a stale reuse is worse than a recompute).
+    A recipe's own specs are inputs of the stages that use them (``banklm.stages``)."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for pkg in ("banklm", "corpora", "finetune", "distill", "export"):
         for f in sorted((root / pkg).rglob("*.py")):
             h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in sorted((root / "banklm" / "tasks" / "specs").glob("*.yaml")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 

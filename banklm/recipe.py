@@ -15,10 +15,12 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -34,8 +36,8 @@ from banklm.corpora.sources import FORMATS
 from banklm.export.gguf import DEFAULT_GGUF_QUANT, GGUF_QUANTS
 from banklm.export.onnx import DEFAULT_ONNX_QUANT, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ONNX_QUANTS
 from banklm.finetune.config import Method, TrainConfig
+from banklm.tasks import TASKS, SpecError, Task, all_tasks, register_spec, task_from_spec
 
-TaskName = Literal["credit", "aml", "audit"]
 CorpusKind = Literal["general", "vertical", "private", "scenario"]
 GgufQuant = Literal[GGUF_QUANTS]  # quant names and defaults are owned by export, steps by corpora
 OnnxQuant = Literal[ONNX_QUANTS]
@@ -45,6 +47,35 @@ MAX_OVERRIDE_CHARS = 10_000
 
 class RecipeError(ValueError):
     """A recipe (file or override) is invalid; the message is one line a user can act on."""
+
+
+# ---- tasks: the built-ins plus the recipe's own specs (``tasks: {name: path}``), known while validating
+
+def _known_tasks(info: ValidationInfo) -> dict[str, Task]:
+    """The tasks a recipe may name: the built-ins and its own specs (the validation context), or, outside a
+    recipe's validation (an assignment, a direct ``model_validate``), the built-in and registered tasks."""
+    known = (info.context or {}).get("tasks") if isinstance(info.context, dict) else None
+    return known if known is not None else all_tasks()
+
+
+def _task_name(v: str, info: ValidationInfo) -> str:
+    known = _known_tasks(info)
+    if v not in known:
+        raise ValueError(f"unknown task {v!r} (allowed: {', '.join(known)}; a bank's own task is a spec "
+                         "named in the recipe's tasks: {name: path})")
+    return v
+
+
+def _synth_task_name(v: str, info: ValidationInfo) -> str:
+    _task_name(v, info)
+    if not _known_tasks(info)[v].has_sampler:
+        raise ValueError(f"the task {v!r} has no synthetic sampler (a spec task cannot be generated): its data "
+                         "comes from the bank's tables (corpora.scenario.tables)")
+    return v
+
+
+TaskName = Annotated[str, AfterValidator(_task_name)]
+SynthTaskName = Annotated[str, AfterValidator(_synth_task_name)]
 
 
 class Section(BaseModel):
@@ -58,6 +89,20 @@ class SynthSpec(Section):
     validation: int = Field(100, ge=0, le=1_000_000)
     test: int = Field(200, ge=0, le=1_000_000)
     difficulty: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class TaskRef(Section):
+    """A bank's task spec named by the recipe (``tasks: {post_loan: specs/post_loan.yaml}``): resolved when the
+    recipe is loaded to the file's absolute path and the spec's sha256 (what recipe.yaml and the ledger record;
+    a resolved recipe re-loaded after the spec changed is an error)."""
+
+    path: str = Field(min_length=1)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, str) else data
 
 
 class ScenarioTable(Section):
@@ -236,7 +281,7 @@ class PrivateCorpus(TextCorpus):
 
 
 class ScenarioCorpus(Section):
-    synth: dict[TaskName, SynthSpec] = Field(default_factory=dict)
+    synth: dict[SynthTaskName, SynthSpec] = Field(default_factory=dict)
     tables: list[ScenarioTable] = Field(default_factory=list)
     steps: list[StepSpec] = Field(default_factory=_steps(*DEFAULT_STEPS["scenario"]))  # table records only
     pii: PiiOptions = Field(default_factory=PiiOptions)
@@ -380,7 +425,7 @@ class CptSection(TrainParams):
 
 class EvalSection(Section):
     enabled: bool = True
-    tasks: list[TaskName] = Field(default_factory=lambda: ["credit", "aml", "audit"])
+    tasks: list[TaskName] = Field(default_factory=lambda: list(TASKS))  # a recipe with tasks: adds its own
     limit: int | None = Field(None, ge=1, le=10_000_000)
     batch_size: int = Field(64, ge=1, le=65_536)
     max_new_tokens: int = Field(128, ge=1, le=4096)
@@ -531,6 +576,7 @@ class Recipe(Section):
     description: str = ""
     seed: int = Field(0, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    tasks: dict[str, TaskRef] = Field(default_factory=dict)  # the bank's own task specs (docs/tasks.md)
     corpora: CorporaSection = Field(default_factory=CorporaSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     base: BaseSection
@@ -557,6 +603,21 @@ class Recipe(Section):
                                                                  or self.corpora.scenario.tables)):
             raise ValueError("distill needs scenario training data (corpora.scenario)")
         return self
+
+    def task_names(self) -> list[str]:
+        """The tasks of the run's models (what their folders and the export bundle carry as ``tasks/<name>.yaml``):
+        the scenario corpus's (synth, then tables), then the recipe's own specs."""
+        sc = self.corpora.scenario
+        names = [*sc.synth, *(t.task for t in sc.tables)] if sc is not None else []
+        return list(dict.fromkeys([*names, *self.tasks]))
+
+    def allowed_tasks(self) -> list[str]:
+        """The task names this recipe accepts: the built-ins and its own specs."""
+        return [*TASKS, *self.tasks]
+
+    def spec_files(self) -> list[Path]:
+        """The recipe's own spec files (stage inputs: a changed spec re-runs the stages that use it)."""
+        return [Path(ref.path) for ref in self.tasks.values()]
 
 
 # ----------------------------------------------------------------------------------------- overrides
@@ -653,7 +714,7 @@ def _format_error(source: str, err: dict) -> str:
     value = err.get("input")
     if loc and loc[-1] == "[key]":
         key = ".".join(str(p) for p in loc[:-2])
-        return f"{source}: {key}: key {value!r} is not allowed: {err['msg']}"
+        return f"{source}: {key}: key {value!r} is not allowed: {err['msg'].removeprefix('Value error, ')}"
     shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."
@@ -664,16 +725,73 @@ def _format_error(source: str, err: dict) -> str:
     return f"{source}: {key} = {shown}: {msg}"
 
 
-def validate_recipe(data: Any, source: str = "recipe") -> Recipe:
+def _recipe_tasks(data: dict, source: str, base_dir: Path) -> dict[str, Task]:
+    """Load the specs of the recipe's ``tasks: {name: path}`` (paths relative to the recipe file's folder) and
+    replace each entry in ``data`` by ``{path: <absolute>, sha256: <the spec's>}``. One RecipeError line naming
+    the key: not a mapping, a built-in name, a missing file, a bad spec, a spec called otherwise, a changed spec."""
+    raw = data.get("tasks")
+    if raw is None:
+        data.pop("tasks", None)  # `tasks:` left empty: none
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: tasks: a mapping of task name -> spec file (e.g. post_loan: "
+                          f"specs/post_loan.yaml), got {type(raw).__name__}")
+    tasks: dict[str, Task] = {}
+    resolved: dict[str, dict] = {}
+    for name, ref in raw.items():
+        key = f"tasks.{name}"
+        if name in TASKS:
+            raise RecipeError(f"{source}: {key}: {name!r} is a built-in task (built-ins: {', '.join(TASKS)}); give "
+                              "the bank's task another name")
+        if (isinstance(ref, dict) and set(ref) <= {"path", "sha256"} and isinstance(ref.get("path"), str)
+                and (ref.get("sha256") is None or re.fullmatch(r"[0-9a-f]{64}", str(ref["sha256"])))):
+            path, pinned = ref["path"], ref.get("sha256")
+        elif isinstance(ref, str) and ref.strip():
+            path, pinned = ref, None
+        else:
+            raise RecipeError(f"{source}: {key}: give the spec file's path (or {{path: ..., sha256: <64 hex "
+                              f"digits>}}), got {ref!r}")
+        p = Path(path).expanduser()
+        p = (p if p.is_absolute() else base_dir / p).resolve()
+        if not p.is_file():
+            raise RecipeError(f"{source}: {key}: spec file not found: {p}")
+        try:
+            task = task_from_spec(p)
+        except SpecError as e:
+            raise RecipeError(f"{source}: {key}: {e}") from None
+        if task.name != name:
+            raise RecipeError(f"{source}: {key}: the spec {p} is called {task.name!r}, not {name!r} (the key is the "
+                              "spec's name)")
+        if pinned is not None and pinned != task.spec.sha256:
+            raise RecipeError(f"{source}: {key}: {p} changed since this recipe was resolved (sha256 {pinned[:12]}... "
+                              f"recorded, {task.spec.sha256[:12]}... now); give the path alone to take the new spec")
+        tasks[name] = task
+        resolved[name] = {"path": str(p), "sha256": task.spec.sha256}
+    data["tasks"] = resolved
+    ev = data.get("eval")
+    if tasks and (ev is None or isinstance(ev, dict)) and "tasks" not in (ev or {}):
+        data["eval"] = {**(ev or {}), "tasks": [*TASKS, *tasks]}  # evaluate the recipe's own tasks by default
+    return tasks
+
+
+def validate_recipe(data: Any, source: str = "recipe", base_dir: str | Path | None = None) -> Recipe:
+    """Validate a recipe's data. Its own task specs (``tasks:``, relative to ``base_dir``: the recipe file's
+    folder, default the current one) are loaded first, so every task key accepts their names, and registered
+    once the recipe is valid (``banklm.tasks.get_task`` then finds them)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping of sections, got {type(data).__name__}")
+    data = dict(data)
+    own = _recipe_tasks(data, source, Path(base_dir) if base_dir is not None else Path.cwd())
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data, context={"tasks": {**TASKS, **own}})
     except ValidationError as e:
         errors = e.errors()
         first = _format_error(source, errors[0])
         more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
         raise RecipeError(first + more) from None
+    for task in own.values():
+        register_spec(task, replace=True)  # the recipe's spec wins in this process
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -694,7 +812,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: recipe is empty")
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
-    return validate_recipe(data, source=str(path))
+    return validate_recipe(data, source=str(path), base_dir=path.resolve().parent)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -25,7 +25,7 @@ from banklm.finetune.tokenizer import load_tokenizer
 
 from banklm.evaluation.generate import generate
 from banklm.io import atomic_write_json, atomic_write_jsonl, read_jsonl
-from banklm.tasks import TASKS, get_task
+from banklm.tasks import all_tasks, get_task
 from banklm.tasks.base import iter_user_messages
 
 REASONS = ("unparseable", "not_strict_format", "disagrees_with_gold", "disagrees_with_rule", "no_reference")
@@ -122,20 +122,23 @@ def _stats(by_task: dict[str, Counter]) -> dict:
     return {**one(total), "by_task": {t: one(c) for t, c in sorted(by_task.items())}}
 
 
-def load_prompt_records(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+def load_prompt_records(path: str | os.PathLike,
+                        tasks: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
     """Unlabelled prompts from a JSONL file: ``{"task", "prompt"}`` or ``{"task", "messages"}`` (+ optional
-    ``id``, ``meta``, ``gold``). Returns ``(records, problems)``; a problem is ``{line, reason}`` (nothing is
-    dropped silently)."""
+    ``id``, ``meta``, ``gold``). ``tasks``: the task names accepted (default: the built-in and registered
+    tasks, e.g. a recipe's own specs). Returns ``(records, problems)``; a problem is ``{line, reason}`` (nothing
+    is dropped silently)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompt file not found")
+    allowed = list(tasks) if tasks is not None else list(all_tasks())
     records, problems = [], []
     for i, row in enumerate(read_jsonl(path), start=1):
         if not isinstance(row, dict):
             problems.append({"line": i, "reason": "not a JSON object"})
             continue
-        if row.get("task") not in TASKS:
-            problems.append({"line": i, "reason": f"task {row.get('task')!r} is not one of {', '.join(TASKS)}"})
+        if row.get("task") not in allowed:
+            problems.append({"line": i, "reason": f"task {row.get('task')!r} is not one of {', '.join(allowed)}"})
             continue
         if isinstance(row.get("prompt"), str) and row["prompt"].strip():
             messages = [{"role": "user", "content": row["prompt"]}]

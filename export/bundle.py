@@ -7,6 +7,8 @@
       onnx/<type>/model.onnx + config, generation config, tokenizer, chat template
       eval/<artefact>/results.json + predictions.jsonl    (task evaluation of each artefact, and of PyTorch)
       verify.json                                          (every check and figure, see docs/export.md)
+      tasks/<name>.yaml                                    (the specs of its tasks: evaluated and served without
+                                                            the recipe; banklm.tasks.resolve_task finds them)
       MODEL_CARD.md                                        (when given)
       SHA256SUMS                                           (``cd export && sha256sum -c SHA256SUMS``)
 
@@ -29,8 +31,9 @@ from pathlib import Path
 from banklm.finetune.tokenizer import load_tokenizer
 
 from banklm.evaluation.evaluate import evaluate_artefact, evaluate_model_dir
-from banklm.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from banklm.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from banklm.runtime import OnnxCausalLM, context_length, open_gguf, stop_token_ids
+from banklm.tasks import SPECS_FOLDER, Task, carried_specs, carry_specs
 from banklm.tasks.base import iter_user_messages
 
 from .gguf import export_gguf
@@ -121,11 +124,16 @@ def build_export(
     device: str = "cpu",
     system: str | None = None,
     num_ctx: int | None = None,
+    tasks: Sequence[str | Task] = (),
     model_card: str | Callable[[dict], str] | None = None,
 ) -> dict:
     """Export ``model_dir`` to ``out_dir`` as GGUF (``gguf_quant``) and ONNX (``onnx_quant``), verify every
     artefact on ``prompts``, evaluate each (and the PyTorch model) on ``records`` when given, write the
-    Modelfiles, ``verify.json``, the model card (text, or a function of the summary) and ``SHA256SUMS``.
+    Modelfiles, ``verify.json``, the task specs, the model card (text, or a function of the summary) and
+    ``SHA256SUMS``.
+
+    The bundle carries ``tasks/<name>.yaml``: the specs ``model_dir`` carries, plus those of ``tasks`` and of
+    the records' tasks (these as registered now, which is what the records were scored with).
 
     Returns the summary written to ``verify.json``: ``passed``, ``failures`` (each naming the artefact
     and the check), and one entry per artefact under ``gguf`` / ``onnx``. Conversion errors raise (the
@@ -223,12 +231,21 @@ def build_export(
             for c in summary[kind]:
                 summary["failures"] += [f"{kind} {c['type']} ({c['file']}): {f}" for f in c["failures"]]
         summary["passed"] = not summary["failures"]
+        summary["tasks"] = _carry_task_specs(model_dir, tmp, [*tasks, *(r["task"] for r in records or ())])
         atomic_write_json(tmp / VERIFY_FILE, summary)
         card = model_card(summary) if callable(model_card) else model_card
         if card:
             atomic_write_text(tmp / "MODEL_CARD.md", card)
         write_sha256sums(tmp)
     return summary
+
+
+def _carry_task_specs(model_dir: Path, bundle: Path, tasks: Sequence[str | Task]) -> dict[str, str]:
+    """Copy the specs ``model_dir`` carries into the bundle, then write those of ``tasks``; ``{name: sha256}``."""
+    for name, path in carried_specs(model_dir).items():
+        atomic_write_bytes(bundle / SPECS_FOLDER / f"{name}.yaml", path.read_bytes())
+    carry_specs(bundle, tasks)
+    return {name: sha256_file(path) for name, path in carried_specs(bundle).items()}
 
 
 def _listed_artefacts(export_dir: Path) -> list[tuple[str, str, Path]]:

@@ -6,7 +6,7 @@ import pytest
 from banklm.cli import main
 
 SUBCOMMANDS = [["run"], ["corpus"], ["corpus", "build"], ["corpus", "scrub"], ["train"], ["distill"], ["eval"],
-               ["export"], ["plan"], ["verify"], ["compare"]]
+               ["export"], ["plan"], ["verify"], ["compare"], ["task"], ["task", "check"]]
 
 
 def _banklm(*args):
@@ -16,7 +16,7 @@ def _banklm(*args):
 def test_top_level_help_lists_every_subcommand():
     out = _banklm("--help")
     assert out.returncode == 0
-    for name in ("run", "corpus", "train", "distill", "eval", "export", "plan", "verify", "compare"):
+    for name in ("run", "corpus", "train", "distill", "eval", "export", "plan", "verify", "compare", "task"):
         assert name in out.stdout
 
 

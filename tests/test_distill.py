@@ -342,6 +342,30 @@ def test_prompt_file_problems_are_reported(tmp_path):
     assert [(q["line"], q["reason"].split()[0]) for q in problems] == [(2, "task"), (3, "no")]
 
 
+def test_prompt_files_and_the_checker_take_a_registered_spec_task(tmp_path):
+    from banklm.distill.seqkd import check_answer, load_prompt_records
+
+    from banklm.tasks import register_spec, unregister
+    from tests.test_task_spec import POST_LOAN
+
+    spec = tmp_path / "post_loan.yaml"
+    spec.write_text(POST_LOAN, encoding="utf-8")
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"task": "post_loan", "prompt": "逾期120天。"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_prompt_records(p)[1][0]["reason"] == "task 'post_loan' is not one of credit, aml, audit"
+    register_spec(spec)  # e.g. by the recipe's tasks: {post_loan: ...}
+    try:
+        recs, problems = load_prompt_records(p)
+        assert [r["task"] for r in recs] == ["post_loan"] and problems == []
+        answer = "预警等级：预警；风险标签：逾期；理由：逾期120天，超过90天"
+        gold = {"预警等级": "预警", "风险标签": ["逾期"], "理由": "逾期120天，超过90天"}
+        assert check_answer("post_loan", answer, gold=gold, match="fields") == (True, None)
+        assert check_answer("post_loan", answer.replace("预警；", "关注；", 1), gold=gold) == (False,
+                                                                                         "disagrees_with_gold")
+    finally:
+        unregister("post_loan")
+
+
 # --------------------------------------------------------------------------- student initialisation
 
 

@@ -44,6 +44,9 @@ def test_curate_corpus_notebook_executes(repo, kernel_name, monkeypatch):
     text = "\n".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "builder and notebook agree" in text
     assert "corpora:" in text and "samples:private/records.jsonl" in text  # the recipe snippet
+    # a bank's own task spec written, checked and rendered (PII scrubbed in what is printed)
+    assert "task 'post_loan' (贷后预警等级) is valid" in text and "2 problems" in text
+    assert "(rows 3); e.g. '十天'" in text and "<PHONE>" in text and "13812345678" not in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # length distributions and PII counts
     # the notebook on disk stays without outputs (nothing was written back)

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from banklm.pipeline import Stage, launched_world_size
 from banklm.recipe import section_params
-from banklm.stages.common import CORPUS_KINDS, converts_pickle, corpus_dirs, model_dir_after
+from banklm.stages.common import (
+    CORPUS_KINDS,
+    converts_pickle,
+    corpus_dirs,
+    model_dir_after,
+    task_inputs,
+    task_params,
+)
 from banklm.stages.corpus import corpus_inputs, run_corpus
 from banklm.stages.distill import distill_inputs, run_distill
 from banklm.stages.evaluate import eval_inputs, run_eval
@@ -16,26 +23,29 @@ from banklm.stages.report import run_report
 from banklm.stages.training import model_and_corpus_inputs, run_cpt, run_train
 
 STAGES: list[Stage] = [
-    Stage("corpus", lambda r: bool(r.corpora.kinds()), lambda r: {**section_params(r, "corpora"), "seed": r.seed},
-          corpus_inputs, run_corpus),
+    Stage("corpus", lambda r: bool(r.corpora.kinds()),
+          lambda r: {**section_params(r, "corpora"), "seed": r.seed, **task_params(r)},
+          lambda ctx: sorted({*corpus_inputs(ctx), *task_inputs(ctx)}), run_corpus),
     Stage("tokenizer", lambda r: r.tokenizer.train, lambda r: {**section_params(r, "tokenizer"), "seed": r.seed},
           lambda ctx: corpus_dirs(ctx, list(CORPUS_KINDS)), run_tokenizer),
     Stage("base", lambda r: r.base.build is not None or converts_pickle(r.base),
           lambda r: {**section_params(r, "base"), "seed": r.seed},
           base_inputs, run_base),
     Stage("cpt", lambda r: r.cpt.enabled, lambda r: {**section_params(r, "cpt", "device"), "seed": r.seed,
-                                                     "processes": launched_world_size()},
-          lambda ctx: [model_dir_after(ctx, "cpt"), *corpus_dirs(ctx, ctx.recipe.cpt.corpora)], run_cpt,
-          distributed=True),
+                                                     "processes": launched_world_size(), **task_params(r)},
+          lambda ctx: [model_dir_after(ctx, "cpt"), *corpus_dirs(ctx, ctx.recipe.cpt.corpora), *task_inputs(ctx)],
+          run_cpt, distributed=True),
     Stage("train", lambda r: r.train.enabled, lambda r: {**section_params(r, "train", "device"), "seed": r.seed,
-                                                         "processes": launched_world_size()},
-          model_and_corpus_inputs("train"), run_train, distributed=True),
-    Stage("distill", lambda r: r.distill.enabled, lambda r: {**section_params(r, "distill", "device"), "seed": r.seed},
-          distill_inputs, run_distill),
-    Stage("eval", lambda r: r.eval.enabled, lambda r: section_params(r, "eval", "device"),
-          eval_inputs, run_eval),
-    Stage("export", lambda r: r.export.gguf.enabled or r.export.onnx.enabled, export_params,
-          model_and_corpus_inputs("eval"), run_export),
+                                                         "processes": launched_world_size(), **task_params(r)},
+          lambda ctx: [*model_and_corpus_inputs("train")(ctx), *task_inputs(ctx)], run_train, distributed=True),
+    Stage("distill", lambda r: r.distill.enabled,
+          lambda r: {**section_params(r, "distill", "device"), "seed": r.seed, **task_params(r)},
+          lambda ctx: [*distill_inputs(ctx), *task_inputs(ctx)], run_distill),
+    Stage("eval", lambda r: r.eval.enabled, lambda r: {**section_params(r, "eval", "device"), **task_params(r)},
+          lambda ctx: [*eval_inputs(ctx), *task_inputs(ctx)], run_eval),
+    Stage("export", lambda r: r.export.gguf.enabled or r.export.onnx.enabled,
+          lambda r: {**export_params(r), **task_params(r)},
+          lambda ctx: [*model_and_corpus_inputs("eval")(ctx), *task_inputs(ctx)], run_export),
     Stage("report", lambda r: r.report.enabled, lambda r: {}, lambda ctx: [], run_report, cacheable=False),
 ]
 

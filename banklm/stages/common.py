@@ -8,8 +8,9 @@ from pathlib import Path
 from banklm.corpora.splits import load_split
 from banklm.finetune.config import TaskEval
 from banklm.finetune.models import ModelFolderError, check_model_folder, pick_device
-from banklm.pipeline import RunContext
-from banklm.recipe import CorpusKind, Recipe, RecipeError
+from banklm.pipeline import RunContext, launched_rank
+from banklm.recipe import CorpusKind, Recipe, RecipeError, section_params
+from banklm.tasks import carry_specs
 
 SCENARIO = Path("corpora") / "scenario"
 CORPUS_KINDS = typing.get_args(CorpusKind)
@@ -97,3 +98,27 @@ def task_eval(ctx: RunContext, p) -> TaskEval | None:
 
 def corpus_dirs(ctx: RunContext, kinds: list[str]) -> list[Path]:
     return [ctx.path("corpora", k) for k in kinds if ctx.path("corpora", k).exists()]
+
+
+# ----------------------------------------------------------------------------------------- task specs
+
+def task_params(r: Recipe) -> dict:
+    """The recipe's own task specs (path and sha256) for the key of a stage that uses them (nothing when the
+    recipe names none: the built-in specs are part of banklm's source)."""
+    return section_params(r, "tasks") if r.tasks else {}
+
+
+def task_inputs(ctx: RunContext) -> list[Path]:
+    """The recipe's own spec files, as inputs of the stages that use them (a changed spec re-runs them)."""
+    return ctx.recipe.spec_files()
+
+
+def carry_tasks(ctx: RunContext, *folders: Path) -> None:
+    """Write the specs of the run's tasks (``Recipe.task_names``) into each model folder that exists, as
+    ``tasks/<name>.yaml``, so it can be evaluated and served without its recipe. Rank 0 writes."""
+    names = ctx.recipe.task_names()
+    if not names or launched_rank() != 0:
+        return
+    for folder in folders:
+        if folder.is_dir():
+            carry_specs(folder, names)

@@ -16,6 +16,7 @@ from banklm.pipeline import RunContext
 from banklm.stages.common import (
     PICKLE_RISK,
     SCENARIO,
+    carry_tasks,
     corpus_dirs,
     model_dir_after,
     train_options,
@@ -61,7 +62,8 @@ def _seqkd_records(ctx: RunContext, train) -> tuple[list[dict], list[dict]]:
     records = train.to_list() if q.train_prompts else []
     problems = []
     for f in q.extra_prompts:
-        recs, bad = load_prompt_records(corpus_base_dir(ctx.recipe) / Path(f).expanduser())
+        recs, bad = load_prompt_records(corpus_base_dir(ctx.recipe) / Path(f).expanduser(),
+                                        tasks=ctx.recipe.allowed_tasks())
         records += recs
         problems += [{"file": f, **b} for b in bad]
     return records, problems
@@ -106,6 +108,7 @@ def run_distill(ctx: RunContext) -> list[Path]:
         summary = train_causal_lm(start, Dataset.from_list(kept), val, out / "student_train", config, mode="sft",
                                   **options)
     _move_model(out / "student_train" / "merged", out / "student")
+    carry_tasks(ctx, out / "student")
     stats["student"] = _summary_brief(summary)
     outputs = [out / "student", out / "student_train"]
     if d.baseline:
@@ -113,6 +116,7 @@ def run_distill(ctx: RunContext) -> list[Path]:
         # the gold answers of the same train prompts (logit KD: the very records the student saw)
         base_summary = train_causal_lm(start, train, val, out / "baseline_train", same_steps, mode="sft", **options)
         _move_model(out / "baseline_train" / "merged", out / "baseline")
+        carry_tasks(ctx, out / "baseline")
         stats["baseline"] = _summary_brief(base_summary)
         outputs += [out / "baseline", out / "baseline_train"]
     if init_info.get("from") != "path" or init_info.get("converted_from_pickle"):

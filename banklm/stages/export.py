@@ -30,7 +30,7 @@ def run_export(ctx: RunContext) -> list[Path]:
         opset=x.onnx.opset, records=_export_eval_records(ctx) if (x.evaluate and scenario) else None,
         eval_batch_size=ctx.recipe.eval.batch_size, eval_max_new_tokens=ctx.recipe.eval.max_new_tokens,
         max_accuracy_drop=x.max_accuracy_drop, device=run_device(ctx), system=x.gguf.system, num_ctx=x.gguf.num_ctx,
-        model_card=lambda verify: _bundle_card(ctx, verify))
+        tasks=ctx.recipe.task_names(), model_card=lambda verify: _bundle_card(ctx, verify))
     if not summary["passed"]:
         raise CheckFailed(f"export verification failed ({len(summary['failures'])} check(s)): "
                           + "; ".join(summary["failures"][:3]) + f"; see {out / 'verify.json'}")

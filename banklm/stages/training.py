@@ -8,7 +8,7 @@ from banklm.corpora.splits import corpus_splits, load_split
 from banklm.finetune.sft import train_causal_lm
 from banklm.finetune.tokenizer import load_tokenizer
 from banklm.pipeline import RunContext
-from banklm.stages.common import SCENARIO, corpus_dirs, model_dir_after, train_options
+from banklm.stages.common import SCENARIO, carry_tasks, corpus_dirs, model_dir_after, train_options
 
 
 def run_cpt(ctx: RunContext) -> list[Path]:
@@ -33,6 +33,7 @@ def run_cpt(ctx: RunContext) -> list[Path]:
     p = ctx.recipe.cpt
     summary = train_causal_lm(model_dir, splits["train"], splits["validation"], out, p.to_config(), mode="cpt",
                               **train_options(ctx, p))
+    carry_tasks(ctx, out / "merged", out / "adapter")
     ctx.notes["cpt"] = {k: summary.get(k) for k in ("steps", "tokens_seen", "seconds", "final_loss")}
     return [out]
 
@@ -48,6 +49,7 @@ def run_train(ctx: RunContext) -> list[Path]:
     p = ctx.recipe.train
     summary = train_causal_lm(model_dir_after(ctx, "train"), train, val, out, p.to_config(), mode="sft",
                               **train_options(ctx, p))
+    carry_tasks(ctx, out / "merged", out / "adapter")
     ctx.notes["train"] = {k: summary.get(k) for k in ("steps", "tokens_seen", "seconds", "final_loss")}
     return [out]
 

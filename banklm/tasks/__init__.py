@@ -15,8 +15,11 @@ from banklm.tasks.check import check_spec, check_table, example_prompts
 from banklm.tasks.credit import CREDIT
 from banklm.tasks.perturb import PERTURBATIONS, perturb
 from banklm.tasks.registry import (
+    SPECS_FOLDER,
     TASKS,
     all_tasks,
+    carried_specs,
+    carry_specs,
     get_task,
     register_spec,
     resolve_task,
@@ -30,4 +33,4 @@ from banklm.tasks.tables import from_table
 __all__ = ["TASKS", "get_task", "all_tasks", "Task", "Rule", "AnswerField", "Sampler", "from_table", "perturb",
            "PERTURBATIONS", "to_fullwidth_digits", "CREDIT", "AML", "AUDIT", "SpecError", "TaskSpec", "load_spec",
            "parse_spec", "task_from_spec", "register_spec", "unregister", "resolve_task", "resolve_tasks",
-           "check_spec", "check_table", "example_prompts"]
+           "carried_specs", "carry_specs", "SPECS_FOLDER", "check_spec", "check_table", "example_prompts"]

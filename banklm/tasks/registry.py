@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from banklm.io import atomic_write_bytes
 from banklm.tasks.aml import AML
 from banklm.tasks.audit import AUDIT
 from banklm.tasks.base import Sampler, Task
@@ -98,6 +99,22 @@ def carried_specs(folder: str | os.PathLike) -> dict[str, Path]:
     if not d.is_dir():
         return {}
     return {p.stem: p for p in sorted(d.glob("*.yaml")) if p.is_file()}
+
+
+def carry_specs(folder: str | os.PathLike, tasks: Iterable[str | Task]) -> list[Path]:
+    """Write the specs of ``tasks`` into ``<folder>/tasks/<name>.yaml`` (atomically, the spec's text byte for
+    byte, so the file's sha256 is ``task.spec.sha256``): what a model folder or export bundle carries so it can
+    be evaluated and served without its recipe. Returns the files written."""
+    out: list[Path] = []
+    seen: set[str] = set()
+    for t in tasks:
+        task = get_task(t)
+        if task.name in seen:
+            continue
+        seen.add(task.name)
+        out.append(atomic_write_bytes(Path(folder) / SPECS_FOLDER / f"{task.name}.yaml",
+                                      task.spec_text.encode("utf-8")))
+    return out
 
 
 def resolve_task(arg: str, folders: Sequence[str | os.PathLike] = ()) -> Task:

@@ -23,6 +23,9 @@ def generate_records(task: str, n: int, seed: int, split: str, difficulty: float
     flat plus ``branch``, ``difficulty``, ``seed`` and ``split``.
     """
     t = get_task(task)
+    if not t.has_sampler:
+        raise ValueError(f"task {t.name!r} has no synthetic sampler: a spec task's records come from the bank's "
+                         "tables (banklm.tasks.from_table, corpora.scenario.tables)")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not 0.0 <= float(difficulty) <= 1.0:
@@ -44,7 +47,7 @@ def generate_records(task: str, n: int, seed: int, split: str, difficulty: float
 
 
 def generate_all(n_per_task: int, seed: int, split: str, tasks=None, difficulty: float = 0.0) -> list[dict]:
-    """Records of several tasks (default: all), concatenated in task order."""
+    """Records of several tasks (default: the built-ins), concatenated in task order."""
     out: list[dict] = []
     for name in tasks or list(TASKS):
         out.extend(generate_records(name, n_per_task, seed, split, difficulty))
