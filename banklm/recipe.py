@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -36,6 +35,7 @@ from banklm.corpora.sources import FORMATS
 from banklm.export.gguf import DEFAULT_GGUF_QUANT, GGUF_QUANTS
 from banklm.export.onnx import DEFAULT_ONNX_QUANT, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ONNX_QUANTS
 from banklm.finetune.config import Method, TrainConfig
+from banklm.schema import model_at, short_repr
 from banklm.tasks import TASKS, SpecError, Task, all_tasks, register_spec, task_from_spec
 
 CorpusKind = Literal["general", "vertical", "private", "scenario"]
@@ -670,43 +670,12 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def _unwrap(annotation: Any) -> list[Any]:
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        return [a for arg in typing.get_args(annotation) for a in _unwrap(arg)]
-    if origin is Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    return [annotation]
-
-
-def _section_at(loc: tuple) -> type[BaseModel] | None:
-    """The schema class that holds the keys under ``loc`` (to list the allowed keys in an error)."""
-    model: type[BaseModel] = Recipe
-    i = 0
-    while i < len(loc):
-        field = model.model_fields.get(str(loc[i]))
-        if field is None:
-            return None
-        nxt, step = None, 1
-        for cand in _unwrap(field.annotation):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                nxt = cand
-            elif typing.get_origin(cand) is dict:
-                inner = typing.get_args(cand)[1]
-                if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    nxt, step = inner, 2  # the next part is a free-form key (a task name)
-        if nxt is None:
-            return None
-        model, i = nxt, i + step
-    return model
-
-
 def _format_error(source: str, err: dict) -> str:
     loc = tuple(p for p in err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
-        parent = _section_at(loc[:-1])
+        parent = model_at(Recipe, loc[:-1])
         allowed = ", ".join(f.alias or n for n, f in parent.model_fields.items()) if parent else "?"
         return f"{source}: unknown key '{key}' (allowed here: {allowed})"
     if kind == "missing":
@@ -715,14 +684,11 @@ def _format_error(source: str, err: dict) -> str:
     if loc and loc[-1] == "[key]":
         key = ".".join(str(p) for p in loc[:-2])
         return f"{source}: {key}: key {value!r} is not allowed: {err['msg'].removeprefix('Value error, ')}"
-    shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
     msg = err["msg"]
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
         return f"{source}: {key}: {msg}" if loc else f"{source}: {msg}"
-    return f"{source}: {key} = {shown}: {msg}"
+    return f"{source}: {key} = {short_repr(value)}: {msg}"
 
 
 def _recipe_tasks(data: dict, source: str, base_dir: Path) -> dict[str, Task]:

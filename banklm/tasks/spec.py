@@ -19,8 +19,6 @@ import datetime as _dt
 import hashlib
 import json
 import re
-import types
-import typing
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from banklm.schema import model_at, short_repr
 from banklm.tasks.expr import ANY, BOOL, DATE, NUMBER, RECORDS, TEXT, Expr, ExprError, compile_expr
 from banklm.tasks.formats import MISSING_TEXT, NUMBER_FORMATS, display_value, norm_value
 from banklm.tasks.templates import Template, TemplateFailure
@@ -233,46 +232,12 @@ def _path(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The schema class holding the keys under ``loc`` (to list the allowed keys in an error)."""
-
-    def unwrap(ann):
-        origin = typing.get_origin(ann)
-        if origin in (typing.Union, types.UnionType):
-            return [a for arg in typing.get_args(ann) for a in unwrap(arg)]
-        return [ann]
-
-    model: type[BaseModel] = SpecModel
-    i = 0
-    while i < len(loc):
-        f = model.model_fields.get(str(loc[i]))
-        if f is None:
-            return None
-        nxt, step = None, 1
-        for cand in unwrap(f.annotation):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                nxt = cand
-            elif typing.get_origin(cand) in (dict, list):
-                inner = typing.get_args(cand)[-1]
-                if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    nxt, step = inner, 2  # the next part is a free-form key or a list index
-        if nxt is None:
-            return None
-        model, i = nxt, i + step
-    return model
-
-
-def _shown(value: Any) -> str:
-    s = repr(value)
-    return s if len(s) <= 80 else s[:77] + "..."
-
-
 def _format_error(source: str, err: dict) -> str:
     loc = tuple(err["loc"])
     key = _path(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1])
+        parent = model_at(SpecModel, loc[:-1])
         allowed = ", ".join(parent.model_fields) if parent else "?"
         return f"{source}: unknown key '{key}' (allowed here: {allowed})"
     if kind == "missing":
@@ -281,8 +246,8 @@ def _format_error(source: str, err: dict) -> str:
     if kind == "value_error":
         return f"{source}: {key}: {msg.removeprefix('Value error, ')}"
     if kind == "literal_error":
-        return f"{source}: {key} = {_shown(err.get('input'))}: {msg.replace('Input should be', 'allowed:')}"
-    return f"{source}: {key} = {_shown(err.get('input'))}: {msg}"
+        return f"{source}: {key} = {short_repr(err.get('input'))}: {msg.replace('Input should be', 'allowed:')}"
+    return f"{source}: {key} = {short_repr(err.get('input'))}: {msg}"
 
 
 def _allowed(values) -> str:
@@ -656,7 +621,7 @@ class _Checker:
             scalars = (str, int, float, bool)
             ok = isinstance(cv, scalars) or (isinstance(cv, list) and cv and all(isinstance(x, scalars) for x in cv))
             if not ok:
-                self.fail(p, f"a constant is a number, a text, true/false or a list of them, got {_shown(cv)}")
+                self.fail(p, f"a constant is a number, a text, true/false or a list of them, got {short_repr(cv)}")
         kinds = {n: _expr_kind(f) for n, f in m.fields.items()}
         kinds.update({b.into: TEXT for b in bands})
         categories = {n: f.values for n, f in m.fields.items() if f.type == "category"}
@@ -743,7 +708,7 @@ class _Checker:
 
     def template(self, path: str, source: Any, allowed: set[str]) -> Template:
         if not isinstance(source, str):
-            self.fail(path, f"a template is text, got {_shown(source)}")
+            self.fail(path, f"a template is text, got {short_repr(source)}")
         try:
             return Template(source, allowed)
         except TemplateFailure as e:
@@ -770,7 +735,7 @@ class _Checker:
                 alts = [fact] if isinstance(fact, str) else fact
                 if not isinstance(alts, list) or not alts:
                     self.fail(f"prompt.facts[{i}]", f"a fact is a template or a list of alternative templates, "
-                                                   f"got {_shown(fact)}")
+                                                   f"got {short_repr(fact)}")
                 facts.append([self.template(f"prompt.facts[{i}]" + (f"[{j}]" if len(alts) > 1 else ""), a, tpl_names)
                               for j, a in enumerate(alts)])
             for name, f in self.m.fields.items():
@@ -820,11 +785,11 @@ class _Checker:
                     self.fail(f"{p}.when", "the last rule is the catch-all: leave its condition out, so every input "
                                            "gets an answer")
                 if not isinstance(r.when, (str, bool)):
-                    self.fail(f"{p}.when", f"a condition is an expression, got {_shown(r.when)}")
+                    self.fail(f"{p}.when", f"a condition is an expression, got {short_repr(r.when)}")
                 try:
                     when = compile_expr(r.when, kinds, constants=self.m.constants, categories=categories)
                 except ExprError as e:
-                    self.fail(f"{p}.when", f"rule {r.name!r}: {e} in {_shown(r.when)}")
+                    self.fail(f"{p}.when", f"rule {r.name!r}: {e} in {short_repr(r.when)}")
                 for n in sorted(when.names & protected):
                     self.warnings.append(f"rule {r.name!r} reads the protected attribute {n!r}")
                 for n in sorted(when.names - shown - protected):
@@ -840,14 +805,14 @@ class _Checker:
                 if ks.type == "multi":
                     vals = [v] if isinstance(v, str) else v
                     if not isinstance(vals, list) or not vals or any(x not in ks.values for x in vals):
-                        self.fail(f"{p}.outcome.{key}", f"{_shown(v)}: a list of values of {key!r} "
+                        self.fail(f"{p}.outcome.{key}", f"{short_repr(v)}: a list of values of {key!r} "
                                                         f"(allowed: {_allowed(ks.values)})")
                     if len(set(vals)) != len(vals):
-                        self.fail(f"{p}.outcome.{key}", f"{_shown(v)}: a value is repeated")
+                        self.fail(f"{p}.outcome.{key}", f"{short_repr(v)}: a value is repeated")
                     outcome[key] = [x for x in ks.values if x in vals]
                 else:
                     if not isinstance(v, str) or v not in ks.values:
-                        self.fail(f"{p}.outcome.{key}", f"{_shown(v)} is not a value of {key!r} "
+                        self.fail(f"{p}.outcome.{key}", f"{short_repr(v)} is not a value of {key!r} "
                                                         f"(allowed: {_allowed(ks.values)})")
                     outcome[key] = v
             missing = [k for k, ks in a.keys.items() if ks.type != "reason" and k not in outcome]
@@ -920,7 +885,7 @@ class _Checker:
             for key, v in ex.expect.items():
                 if key == "rule":
                     if v not in [r.name for r in spec.rules]:
-                        self.fail(f"{p}.expect.rule", f"unknown rule {_shown(v)} (rules: {_allowed(r.name for r in spec.rules)})")
+                        self.fail(f"{p}.expect.rule", f"unknown rule {short_repr(v)} (rules: {_allowed(r.name for r in spec.rules)})")
                     continue
                 if key not in a.keys:
                     self.fail(f"{p}.expect.{key}", f"unknown answer key {key!r} (allowed: {_allowed([*a.keys, 'rule'])})")
