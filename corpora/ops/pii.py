@@ -398,6 +398,15 @@ _NUM_PREFILTER = re.compile(r"\d(?:[ \-]?\d){6}")
 
 
 def _candidates(text: str) -> Iterator[tuple[int, int, str]]:
+    others = list(_other_candidates(text))
+    yield from others
+    # a text with a phone, an ID, an e-mail ... is about people: the name recognizer may then spend its slow
+    # statistical second opinion (LAC) on doubtful names there
+    for s, e in find_persons(text, about_people=bool(others)):
+        yield s, e, "PERSON"
+
+
+def _other_candidates(text: str) -> Iterator[tuple[int, int, str]]:
     if _NUM_PREFILTER.search(text):
         for s, e in _regex_spans(_ID_RE, text, _v_id):
             yield s, e, "ID_CARD"
@@ -426,8 +435,6 @@ def _candidates(text: str) -> Iterator[tuple[int, int, str]]:
     if "@" in text:
         for s, e in _regex_spans(_EMAIL_RE, text):
             yield s, e, "EMAIL"
-    for s, e in find_persons(text):
-        yield s, e, "PERSON"
 
 
 def _resolve(cands: Iterable[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
