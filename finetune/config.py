@@ -18,28 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from banklm.settings import bound_problem, setting
+
 Method = Literal["lora", "qlora", "full"]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 Auto = Literal[True, False, "auto"]
-
-_BOUND_CHECKS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"),
-                 "le": (operator.le, "<=")}
-
-
-def setting(default: Any, **bounds: float) -> Any:
-    """A field with its allowed range (pydantic's names: ``gt``, ``ge``, ``lt``, ``le``; None always passes),
-    checked when the object is built and by the recipe schema."""
-    unknown = sorted(set(bounds) - set(_BOUND_CHECKS))
-    if unknown:
-        raise TypeError(f"setting: unknown bound {unknown[0]!r} (allowed: {', '.join(_BOUND_CHECKS)})")
-    return field(default=default, metadata={"bounds": bounds})
-
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
@@ -59,14 +47,9 @@ def check_fields(obj: Any) -> None:
         if typing.get_origin(kind) is Literal and value not in typing.get_args(kind):
             choices = ", ".join(repr(c) for c in typing.get_args(kind))
             raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
-        for name, limit in f.metadata.get("bounds", {}).items():
-            check, symbol = _BOUND_CHECKS[name]
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{f.name} must be a number, got {value!r}")
-            if not check(value, limit):
-                raise ValueError(f"{f.name} must be {symbol} {limit}, got {value!r}")
+        problem = None if value is None else bound_problem(f.name, value, f.metadata.get("bounds", {}))
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import operator
 import os
 import time
 import typing
@@ -33,6 +32,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from banklm.settings import bound_problem, setting
 
 from .pii import scrub_text
 
@@ -122,16 +123,9 @@ def filter_by_reasons(step: Step, ds, reasons: Sequence[str | None], field: str,
     return StepResult(out, make_stats(step, len(ds), len(keep), counts, examples, **details))
 
 
-_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
-
-
-def param(default: Any, **bounds: float) -> Any:
-    """A step parameter a recipe may set: a dataclass field with its ``default`` and ``bounds`` (``ge``, ``gt``,
-    ``le``, ``lt``), the one place both the step and the recipe schema read them from."""
-    unknown = sorted(set(bounds) - set(_BOUNDS))
-    if unknown:
-        raise TypeError(f"param: unknown bound {unknown[0]!r} (allowed: {', '.join(_BOUNDS)})")
-    return field(default=default, metadata={"param": bounds})
+#: A step parameter a recipe may set: a dataclass field with its default and bounds, the one place both the step
+#: and the recipe schema read them from (the same declaration as the training config's settings).
+param = setting
 
 
 @dataclass(frozen=True)
@@ -149,8 +143,8 @@ def step_params(cls: type) -> dict[str, Param]:
     if not dataclasses.is_dataclass(cls):
         return {}
     hints = typing.get_type_hints(cls)
-    return {f.name: Param(f.name, hints[f.name], f.default, dict(f.metadata["param"]))
-            for f in dataclasses.fields(cls) if "param" in f.metadata}
+    return {f.name: Param(f.name, hints[f.name], f.default, dict(f.metadata["bounds"]))
+            for f in dataclasses.fields(cls) if "bounds" in f.metadata}
 
 
 class Step:
@@ -161,11 +155,9 @@ class Step:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            for bound, limit in f.metadata.get("param", {}).items():
-                op, sign = _BOUNDS[bound]
-                if not op(value, limit):
-                    raise ValueError(f"{self.name}: {f.name} must be {sign} {limit}, got {value!r}")
+            problem = bound_problem(f.name, getattr(self, f.name), f.metadata.get("bounds", {}))
+            if problem:
+                raise ValueError(f"{self.name}: {problem}")
 
     def params(self) -> dict:
         return {k: _plain(v) for k, v in vars(self).items() if not k.startswith("_")}
