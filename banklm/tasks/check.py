@@ -33,7 +33,8 @@ from banklm.tasks.spec import (
     example_value,
     is_missing,
 )
-from banklm.tasks.tables import from_table, read_table, row_label
+from banklm.tasks.table_files import read_table, row_label
+from banklm.tasks.tables import from_table
 
 Scrub = Callable[[str], str]
 MAX_ROWS_LISTED = 10
