@@ -18,7 +18,7 @@ from typing import Any
 from banklm.compare import NotARun, compare_runs, data_rows, previous_run, recipe_rows, score_rows
 from banklm.ledger import card_artefacts_section, file_records
 from banklm.recipe import TO_BE_FILLED
-from banklm.results import distill_tables
+from banklm.results import distill_tables, task_rows
 from banklm.tasks import TASKS, get_task
 
 PII_TYPES_ZH = {"ID_CARD": "身份证号", "PHONE": "电话号码", "BANK_CARD": "银行卡号", "ACCOUNT": "账号",
@@ -303,8 +303,7 @@ def _evaluation(d: dict, t: _Lang) -> list[str]:
     lines += [t(f"最终模型 `{final}` 在 scenario 测试集上的结果（模型生成文本，经任务解析器解析后评分；无法解析计为错误）：",
                 f"Final model `{final}` on the scenario test split (generated text parsed by the task parser; "
                 "unparseable answers count as wrong):"), ""]
-    rows = [[task, r.get("n"), r.get("accuracy"), r.get("macro_f1"), r.get("mcc"), r.get("format_compliance"),
-             r.get("hallucination_rate"), r.get("unsupported_number_rate")] for task, r in tasks.items()]
+    rows = task_rows(tasks)  # a task scored on bank and synthetic rows gets a row per source too
     ov = res.get("overall", {})
     rows.append([t("合计 overall", "overall"), ov.get("n"), ov.get("accuracy"), None, None,
                  ov.get("format_compliance"), None, None])

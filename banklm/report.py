@@ -19,6 +19,7 @@ from banklm.results import (
     collect,
     distill_models,
     distill_tables,
+    task_rows,
 )
 
 # Plot labels are ASCII (no CJK font is guaranteed on a bank's server); tables keep the Chinese labels.
@@ -48,11 +49,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 # ----------------------------------------------------------------------------------------- data
 
 def eval_rows(results: dict) -> list[list[Any]]:
-    rows = []
-    for task, r in (results or {}).get("tasks", {}).items():
-        rows.append([task, r.get("n"), r.get("accuracy"), r.get("macro_f1"), r.get("mcc"),
-                     r.get("format_compliance"), r.get("hallucination_rate"), r.get("unsupported_number_rate")])
-    return rows
+    return task_rows((results or {}).get("tasks", {}))
 
 
 def comparison(evals: dict[str, dict]) -> tuple[list[str], list[list[Any]]]:

@@ -14,7 +14,22 @@ from banklm.ledger import Ledger, verify_run
 # Plot labels are ASCII (no CJK font is guaranteed on a bank's server); tables keep the Chinese labels.
 
 
-MODEL_ORDER = ("student", "sft", "cpt", "base")  # newest model of a run first (a distilled student is the final one)
+MODEL_ORDER = ("student", "sft", "cpt", "base")
+
+TASK_COLUMNS = ("n", "accuracy", "macro_f1", "mcc", "format_compliance", "hallucination_rate",
+                "unsupported_number_rate")  # the main metrics of a task row in the report and the model card
+
+
+def task_rows(tasks: dict) -> list[list[Any]]:
+    """One row per task of a results file, then, for a task scored on several data sources, one row per source
+    (``credit · bank.csv``, ``credit · synthetic``) with the same metrics: a bank's own rows are read on their
+    own, not only inside an average with generated ones."""
+    rows = []
+    for task, r in (tasks or {}).items():
+        rows.append([task, *(r.get(k) for k in TASK_COLUMNS)])
+        for source, sr in (r.get("by_source") or {}).items():
+            rows.append([f"{task} · {source}", *(sr.get(k) for k in TASK_COLUMNS)])
+    return rows  # newest model of a run first (a distilled student is the final one)
 
 
 def read_json(path: Path) -> Any:

@@ -11,6 +11,7 @@ from banklm.corpora.synth import generate_all, generate_records
 
 from banklm.evaluation.evaluate import evaluate_model_dir, evaluate_records, score_records
 from banklm.evaluation.generate import generate
+from banklm.results import task_rows
 from banklm.tasks import get_task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -355,6 +356,13 @@ def test_metrics_come_from_the_spec_of_a_bank_task(tmp_path):
         assert set(t["per_class"]) == {"预警等级"} and t["per_class"]["预警等级"]["关注"]["support"] == 0
         assert t["multi_label"]["风险标签"]["exact_set_match"] == 1.0
         assert set(t["by_source"]) == {"synthetic", "bank_table.csv"} and t["by_source"]["bank_table.csv"]["n"] == 2
+        bank = t["by_source"]["bank_table.csv"]  # every metric again on the bank's rows alone (7 wrong, 6 right)
+        assert bank["accuracy"] == 0.5 and t["by_source"]["synthetic"]["accuracy"] == 5 / 6
+        assert {"mcc", "macro_f1", "per_class", "multi_label", "format_compliance"} <= set(bank)
+        assert "by_source" not in bank
+        rows = task_rows(res["tasks"])
+        assert [r[0] for r in rows] == ["post_loan", "post_loan · bank_table.csv", "post_loan · synthetic"]
+        assert rows[1][:3] == ["post_loan · bank_table.csv", 2, 0.5]
         assert "positive" not in t
     finally:
         unregister("post_loan")

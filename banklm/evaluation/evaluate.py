@@ -104,8 +104,9 @@ def score_records(
     return results, preds
 
 
-def _task_metrics(task, P: list[dict], R: list[dict]) -> dict:
-    """One task's metrics, each chosen by what its spec declares (never by the task's name)."""
+def _task_metrics(task, P: list[dict], R: list[dict], *, split_sources: bool = True) -> dict:
+    """One task's metrics, each chosen by what its spec declares (never by the task's name); with records from
+    several sources (synthetic, each bank table) the same metrics again per source under ``by_source``."""
     gold_l = [p["label"] for p in P]
     pred_l = [p["pred_label"] for p in P]
     cat_keys = task.categorical_keys
@@ -152,9 +153,10 @@ def _task_metrics(task, P: list[dict], R: list[dict]) -> dict:
             [p["gold"] for p in P], [p["parsed"] for p in P], task.positive_key, task.positive,
             [k for k in cat_keys if k != task.positive_key])
     res.update(_fairness(task, metas, pred_l, gold_l))
-    by_source = _by_source(P, metas)
-    if len(by_source) > 1:
-        res["by_source"] = by_source
+    if split_sources:
+        by_source = _by_source(task, P, R, metas)
+        if len(by_source) > 1:
+            res["by_source"] = by_source
     return res
 
 
@@ -172,12 +174,16 @@ def _fairness(task, metas: list[dict], pred_l: list, gold_l: list) -> dict:
     return {"fairness": M.fairness(groups, pred_l, gold_l, favourable=task.favourable)}
 
 
-def _by_source(P: list[dict], metas: list[dict]) -> dict:
-    """Accuracy per data source (``synthetic``, or the bank table a record came from)."""
-    out: dict[str, list[bool]] = {}
-    for p, m in zip(P, metas, strict=True):
-        out.setdefault(str(m.get("source") or "synthetic"), []).append(p["correct"])
-    return {s: {"n": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(out.items())}
+def _by_source(task, P: list[dict], R: list[dict], metas: list[dict]) -> dict:
+    """Every metric of :func:`_task_metrics` per data source (``synthetic``, or the bank table a record came
+    from): a bank's rows are judged on their own, not averaged into the generated ones."""
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(metas):
+        groups.setdefault(str(m.get("source") or "synthetic"), []).append(i)
+    if len(groups) < 2:
+        return {s: {"n": len(ix)} for s, ix in groups.items()}
+    return {s: _task_metrics(task, [P[i] for i in ix], [R[i] for i in ix], split_sources=False)
+            for s, ix in sorted(groups.items())}
 
 
 def _messages(records: Sequence[dict], fold_inputs: bool = True) -> list[list[dict]]:
