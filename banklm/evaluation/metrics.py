@@ -11,10 +11,11 @@ Conventions:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from banklm.tasks.formats import extract_numbers
 
 INVALID = "INVALID"
 
@@ -131,22 +132,26 @@ def format_compliance(texts: Sequence[str], parse) -> float:
     return sum(1 for t in texts if parse(t, strict=True) is not None) / len(texts)
 
 
+def _share(hits: list[bool]) -> float | None:
+    return sum(hits) / len(hits) if hits else None
+
+
 def positive_class_metrics(gold: Sequence[dict], pred: Sequence[dict | None], key: str, positive: str,
                            detail_keys: Sequence[str] = ()) -> dict:
     """Detection metrics for a task that looks for one value (the spec's ``answer.positive``, aml 可疑 on
     ``conclusion``): its recall, the false-positive rate on the other cases, and, among the true positives,
     the accuracy of each ``detail_keys`` answer (aml ``typology``). ``None`` = unparseable (a miss)."""
-    pos = [(g, p) for g, p in zip(gold, pred, strict=True) if g[key] == positive]
+    pairs = [(g, p) for g, p in zip(gold, pred, strict=True) if key in g]  # a bank's gold may lack the key
+    pos = [(g, p) for g, p in pairs if g[key] == positive]
     tp = [(g, p) for g, p in pos if p is not None and p.get(key) == positive]
-    neg = [p for g, p in zip(gold, pred, strict=True) if g[key] != positive]
+    neg = [p for g, p in pairs if g[key] != positive]
     fp = [1 for p in neg if p is not None and p.get(key) == positive]
     return {
         "key": key,
         "value": positive,
         "recall": len(tp) / len(pos) if pos else None,
         "false_positive_rate": len(fp) / len(neg) if neg else None,
-        "detail_accuracy_tp": {k: (sum(1 for g, p in tp if p.get(k) == g[k]) / len(tp)) if tp else None
-                               for k in detail_keys},
+        "detail_accuracy_tp": {k: _share([p.get(k) == g[k] for g, p in tp if k in g]) for k in detail_keys},
         "n_positive": len(pos),
         "n_true_positive": len(tp),
     }
@@ -178,36 +183,6 @@ def multi_label_metrics(gold: Sequence[Iterable[str]], pred: Sequence[Iterable[s
 
 # ------------------------------------------------------------------------------------------------
 # faithfulness: numbers cited in a reason must appear in the input
-
-_FW = str.maketrans("０１２３４５６７８９％．", "0123456789%.")
-_DATE_RE = re.compile(r"(\d{4})\s*[年\-/.]\s*(\d{1,2})\s*[月\-/.]\s*(\d{1,2})\s*日?")
-_NUM_RE = re.compile(r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)\s*(%|万|亿|千)?")
-_MULT = {"万": 1e4, "亿": 1e8, "千": 1e3}
-
-
-def extract_numbers(text: str) -> list[tuple]:
-    """Canonical numbers in ``text``: ``("date", y, m, d)``, ``("pct", value)`` or ``("num", value)``.
-
-    Full-width digits/％/． are mapped to ASCII first; thousands separators are removed; 万/亿/千
-    multiply (``4.5万`` == ``45000`` == ``45,000元``); ``元`` is ignored. Chinese numerals are not read.
-    """
-    s = (text or "").translate(_FW)
-    out: list[tuple] = []
-
-    def _date(m):
-        out.append(("date", int(m.group(1)), int(m.group(2)), int(m.group(3))))
-        return " "
-
-    s = _DATE_RE.sub(_date, s)
-    for m in _NUM_RE.finditer(s):
-        v = float(m.group(1).replace(",", ""))
-        unit = m.group(2)
-        if unit == "%":
-            out.append(("pct", round(v, 6)))
-        else:
-            out.append(("num", round(v * _MULT.get(unit or "", 1.0), 6)))
-    return out
-
 
 def faithfulness(inputs: Sequence[str], reasons: Sequence[str | None], allowed: Iterable[tuple] = ()) -> dict:
     """Check every number of each reason against its input.

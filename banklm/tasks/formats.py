@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 #: how a missing optional value is written in a prompt or a reason
@@ -137,3 +139,80 @@ def norm_value(v: str) -> str:
     v = unicodedata.normalize("NFKC", v)
     v = re.sub(r"\s+", "", v)
     return v.strip(_PUNCT_STRIP).replace("、", "").upper()
+
+
+# ----------------------------------------------------------------------------------------------
+# the number reader: one definition of "a number in the text" for the faithfulness metric
+# (banklm.evaluation.metrics.faithfulness) and the answer grammar (banklm.tasks.grammar)
+
+_FW = str.maketrans("０１２３４５６７８９％．", "0123456789%.")
+_DATE_RE = re.compile(r"(\d{4})\s*[年\-/.]\s*(\d{1,2})\s*[月\-/.]\s*(\d{1,2})\s*日?")
+_NUM_RE = re.compile(r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)\s*(%|万|亿|千)?")
+_MULT = {"万": 1e4, "亿": 1e8, "千": 1e3}
+#: unit words a number is written with in Chinese bank text (a task adds its fields' units); the reader
+#: keeps them in a mention's text so a reason copies "24个月", not "24"
+UNITS = ("元", "万元", "亿元", "千元", "美元", "港元", "欧元", "天", "日", "周", "个月", "月", "年", "小时", "分钟",
+         "岁", "次", "笔", "个", "家", "户", "人", "名", "倍", "期", "项", "张", "份", "条", "单", "台", "辆", "套",
+         "平方米", "亩")
+
+
+@dataclass(frozen=True)
+class NumberMention:
+    """One number as written in a text: ``value`` is its canonical form (what the metric compares), ``text``
+    the characters as written, its unit included (``24个月``, ``4.5万``, ``79.8%``), at ``start``:``end``."""
+
+    value: tuple
+    text: str
+    start: int
+    end: int
+    unit: str = ""
+
+
+def read_numbers(text: str, units: Iterable[str] = UNITS) -> list[NumberMention]:
+    """Every number of ``text`` in order of position: dates ``("date", y, m, d)``, percentages ``("pct", v)``
+    and other numbers ``("num", v)``.
+
+    Full-width digits/％/． are read as ASCII; thousands separators are removed; 万/亿/千 multiply
+    (``4.5万`` == ``45000`` == ``45,000元``); a unit word of ``units`` right after the number (longest first)
+    belongs to the mention's text but not to its value. Chinese numerals are not read."""
+    raw = text or ""
+    s = raw.translate(_FW)  # one character for one: positions stay those of ``raw``
+    unit_re = _unit_re(tuple(units))
+    out: list[NumberMention] = []
+    dates = list(_DATE_RE.finditer(s))
+    for m in dates:
+        end = len(s[: m.end()].rstrip())
+        out.append(NumberMention(("date", int(m.group(1)), int(m.group(2)), int(m.group(3))), raw[m.start():end],
+                                 m.start(), end))
+    blank = list(s)
+    for m in dates:
+        blank[m.start():m.end()] = " " * (m.end() - m.start())
+    s2 = "".join(blank)
+    for m in _NUM_RE.finditer(s2):
+        v = float(m.group(1).replace(",", ""))
+        mult = m.group(2)
+        value = ("pct", round(v, 6)) if mult == "%" else ("num", round(v * _MULT.get(mult or "", 1.0), 6))
+        end = m.end(2) if mult else m.end(1)
+        u = unit_re.match(s2, end) if mult != "%" and unit_re is not None else None
+        unit = u.group(1) if u else ""
+        if u:
+            end = u.end()
+        out.append(NumberMention(value, raw[m.start():end], m.start(), end, unit))
+    return sorted(out, key=lambda n: n.start)
+
+
+def extract_numbers(text: str) -> list[tuple]:
+    """The canonical values of :func:`read_numbers` (dates first, then the other numbers, each in text order):
+    ``("date", y, m, d)``, ``("pct", value)`` or ``("num", value)``. ``元`` and other units are ignored."""
+    found = read_numbers(text, ())
+    return [n.value for n in found if n.value[0] == "date"] + [n.value for n in found if n.value[0] != "date"]
+
+
+_UNIT_RES: dict[tuple, re.Pattern | None] = {}
+
+
+def _unit_re(units: tuple) -> re.Pattern | None:
+    if units not in _UNIT_RES:
+        words = sorted({u for u in units if u}, key=lambda u: (-len(u), u))
+        _UNIT_RES[units] = re.compile("[ \t]*(" + "|".join(map(re.escape, words)) + ")") if words else None
+    return _UNIT_RES[units]

@@ -1,0 +1,357 @@
+"""The answer grammar (banklm.tasks.grammar) and its token mask (banklm.evaluation.constrained).
+
+Every gold answer of generated records passes its grammar; malformed answers do not; decoding under the mask
+gives answers the strict parser reads and the faithfulness metric (the same number reader) finds no unsupported
+number in, on a SentencePiece and a byte-level BPE vocabulary; the GBNF parses in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+from banklm.corpora.synth import generate_records
+from banklm.export.gguf_vocab import read_tokenizer
+from banklm.finetune.tokenizer import IM_END, load_tokenizer, train_tokenizer
+
+from banklm.evaluation.constrained import GrammarError, GrammarMask, check_grammar, grammar_logits_processor
+from banklm.evaluation.metrics import faithfulness
+from banklm.tasks import get_task
+from banklm.tasks.formats import extract_numbers, read_numbers
+from banklm.tasks.grammar import (
+    answer_grammar,
+    citable_values,
+    number_alternatives,
+    support_texts,
+    task_grammar,
+    task_units,
+)
+from banklm.tasks.registry import task_from_spec
+from banklm.tasks.spec import parse_spec
+from tests.export_models import qwen2_style_bpe
+from tests.test_task_spec import POST_LOAN
+
+BUILTINS = ("credit", "aml", "audit")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return {t: generate_records(t, 50, 7, "test", difficulty=0.5) for t in BUILTINS}
+
+
+@pytest.fixture(scope="module")
+def post_loan():
+    return task_from_spec(parse_spec(POST_LOAN, "post_loan.yaml"))
+
+
+@pytest.fixture(scope="module")
+def post_loan_records(post_loan):
+    """50 records of the bank spec (no sampler: random fields, labelled by its rules)."""
+    rng = random.Random(3)
+    t, out = post_loan, []
+    for _ in range(50):
+        f = {"客户名称": rng.choice(["王五", "甲公司"]), "客户类型": rng.choice(["个人", "个体工商户", "企业"]),
+             "贷款余额": round(rng.uniform(1, 500), 1), "逾期天数": rng.choice([0, 0, 12, 45, 95, 120, 400]),
+             "五级分类": rng.choice(["正常", "关注", "次级", "可疑", "损失"]),
+             "抵押物估值变化": rng.choice([None, round(rng.uniform(-40, 10), 1)]),
+             "经营状况": rng.choice([None, "正常", "下滑", "停业"]), "是否涉诉": rng.random() < 0.2,
+             "借款人年龄": rng.randint(20, 70), "借款人性别": rng.choice(["男", "女"]),
+             "近期大额交易": [{"日期": f"2024-03-0{rng.randint(1, 9)}", "金额": rng.randint(1000, 90000),
+                          "摘要": "现金存入"}] * rng.randint(0, 2)}
+        t.derive(f)
+        out.append({"messages": t.messages(t.render_prompt(f, rng), t.format_answer(t.gold(f)))})
+    return out
+
+
+@pytest.fixture(scope="module")
+def spm_tok(tmp_path_factory, records):
+    texts = [m["content"] for rs in records.values() for r in rs for m in r["messages"]]
+    return load_tokenizer(train_tokenizer(texts * 3, tmp_path_factory.mktemp("spm"), vocab_size=1200))
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bpe")
+    qwen2_style_bpe(d)
+    return load_tokenizer(d)
+
+
+def accepts_all(tok, grammars: list[str], texts: list[str]) -> list[bool]:
+    """Per text: whether its grammar takes it, then EOS, token by token through one batched mask."""
+    eos = tok.convert_tokens_to_ids(IM_END)
+    m = GrammarMask(tok, grammars, [eos])
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    ok = [True] * len(texts)
+    for step in range(max(map(len, seqs))):
+        allowed = m.allowed()
+        ids = [s[step] if step < len(s) else eos for s in seqs]
+        for i, t in enumerate(ids):
+            if step < len(seqs[i]) and not allowed[i, t]:
+                ok[i] = False
+        m.advance([t if ok[i] else eos for i, t in enumerate(ids)])
+    return [o and d and e is None for o, d, e in zip(ok, m.done, m.errors, strict=True)]
+
+
+def accepts(tok, grammar: str, text: str) -> bool:
+    return accepts_all(tok, [grammar], [text])[0]
+
+
+# ------------------------------------------------------------------------------------------- the number reader
+
+def test_the_reader_keeps_units_and_the_metric_reads_the_same():
+    found = read_numbers("近7日单笔4.5万至5万元现金存入3笔，负债收入比79.8%，近24个月逾期4次，2024年3月5日，18,500元")
+    assert [n.text for n in found] == ["7日", "4.5万", "5万元", "3笔", "79.8%", "24个月", "4次", "2024年3月5日",
+                                       "18,500元"]
+    assert [n.value for n in found][1:3] == [("num", 45000.0), ("num", 50000.0)]
+    for n in found:  # a mention read alone gives its value back; the metric reads the same values
+        assert [m.value for m in read_numbers(n.text)] == [n.value] == extract_numbers(n.text)
+    assert read_numbers("逾期12期", units=("期",))[0].text == "12期"
+    assert read_numbers("逾期12期", units=())[0].text == "12"
+
+
+# ------------------------------------------------------------------------------------------- grammar text
+
+@pytest.mark.parametrize("task", BUILTINS)
+def test_every_gold_answer_passes_its_grammar(task, records, spm_tok):
+    t = get_task(task)
+    golds = [r["messages"][-1]["content"] for r in records[task]]
+    ok = accepts_all(spm_tok, [answer_grammar(t, r["messages"]) for r in records[task]], golds)
+    assert all(ok), [g for g, o in zip(golds, ok, strict=True) if not o]
+
+
+def test_bank_spec_gold_answers_and_multi_labels(post_loan, post_loan_records, spm_tok):
+    t = post_loan
+    golds = [r["messages"][-1]["content"] for r in post_loan_records]
+    tags = {gold.split("；")[1] for gold in golds}
+    ok = accepts_all(spm_tok, [answer_grammar(t, r["messages"]) for r in post_loan_records], golds)
+    assert all(ok), [g for g, o in zip(golds, ok, strict=True) if not o]
+    assert "风险标签：逾期" in tags and len(tags) >= 4
+    g = answer_grammar(t, post_loan_records[0]["messages"])
+    assert accepts(spm_tok, g, "预警等级：转人工；风险标签：无；理由：经营状况未提供，需人工核实")  # the abstain value
+    assert accepts(spm_tok, g, "预警等级：预警；风险标签：逾期、涉诉；理由：涉诉且逾期")
+    assert not accepts(spm_tok, g, "预警等级：预警；风险标签：涉诉、逾期；理由：涉诉且逾期")  # not the declared order
+    assert not accepts(spm_tok, g, "预警等级：预警；风险标签：逾期、逾期；理由：涉诉且逾期")
+    # the policy (system message) and the cited constant 逾期预警天数 = 90 supply numbers too
+    assert "90天" in number_alternatives(t, post_loan_records[0]["messages"])
+    assert "90" in number_alternatives(t, "no numbers here") and citable_values(t) == [("num", 90.0)]
+
+
+def test_malformed_answers_are_rejected(records, spm_tok):
+    t = get_task("credit")
+    r = next(r for r in records["credit"] if "负债收入比" in r["messages"][-1]["content"])
+    prompt = r["messages"][0]["content"]
+    gold = r["messages"][-1]["content"]
+    g = answer_grammar(t, r["messages"])
+    pct = re.search(r"负债收入比(\d+\.\d%)", prompt).group(1)
+    assert accepts(spm_tok, g, f"结论：拒绝；风险等级：D；理由：负债收入比{pct}过高")
+    absent = next(f"{x}.9%" for x in range(10, 99) if f"{x}.9%" not in prompt)
+    limit = t.reason_max_length
+    bad = [
+        gold.replace("结论：" + gold.split("；")[0][3:], "结论：批准"),                  # not a label
+        "风险等级：D；结论：拒绝；理由：负债收入比过高",                                   # key order
+        f"结论：拒绝；风险等级：D；理由：负债收入比{absent}过高",                          # number not in the prompt
+        f"结论：拒绝；风险等级：D；理由：负债收入比{pct[:-1]}过高",                        # the unit dropped
+        f"结论：拒绝；风险等级：D；理由：负债收入比{pct}.{pct}",                            # two numbers joined
+        "结论：拒绝；风险等级：D；理由：" + "负" * (limit + 1),                            # over max_length
+        "结论：拒绝；风险等级：D；理由：负债过高。",                                        # ends with 。
+        "结论：拒绝；风险等级：D；理由：",                                                  # no reason
+        "结论：拒绝；风险等级：D；理由：审批结论：拒绝",                                    # a colon reads as a key
+        "结论：拒绝；风险等级：D；理由：负债收入比过高\n",
+    ]
+    assert not any(accepts_all(spm_tok, [g] * len(bad), bad))
+    assert accepts(spm_tok, g, "结论：拒绝；风险等级：D；理由：" + "负" * limit)
+    # the static grammar: the same layout, a reason without digits
+    static = task_grammar(t)
+    assert accepts(spm_tok, static, "结论：通过；风险等级：B；理由：申请人资质良好")
+    assert not accepts(spm_tok, static, f"结论：拒绝；风险等级：D；理由：负债收入比{pct}过高")
+
+
+def test_grammar_texts_parse_in_the_matcher_and_errors_name_the_problem(post_loan):
+    for t in [*map(get_task, BUILTINS), post_loan]:
+        check_grammar(task_grammar(t))
+    with pytest.raises(GrammarError, match="parse"):
+        check_grammar('root ::= "a" undefined-rule')
+    with pytest.raises(ValueError, match="eos_ids"):
+        GrammarMask(None, "root ::= \"a\"", [])
+
+
+def test_gbnf_parses_in_llama_cpp(tmp_path, records, post_loan, post_loan_records, spm_tok):
+    """llama.cpp's own grammar parser (llama_sampler_init_grammar on a vocabulary-only GGUF): our grammars parse,
+    a malformed one does not. (LlamaGrammar.from_string checks nothing until sampling.)"""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import gguf
+
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    for fn, v in ((w.add_context_length, 64), (w.add_embedding_length, 8), (w.add_block_count, 1),
+                  (w.add_feed_forward_length, 8), (w.add_head_count, 1)):
+        fn(v)
+    w.add_layer_norm_rms_eps(1e-5)
+    read_tokenizer(spm_tok.name_or_path).write(w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    assert model
+    vocab = llama_cpp.llama_model_get_vocab(model)
+
+    def parses(text: str) -> bool:
+        s = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root")
+        if s:
+            llama_cpp.llama_sampler_free(s)
+        return bool(s)
+
+    try:
+        texts = [task_grammar(post_loan), answer_grammar(post_loan, post_loan_records[0]["messages"])]
+        texts += [g for name in BUILTINS for g in (task_grammar(get_task(name)),
+                                                   answer_grammar(get_task(name), records[name][0]["messages"]))]
+        assert all(parses(g) for g in texts)
+        assert not parses(texts[0].replace("::=", ":=", 1))
+        assert not parses('root ::= [\\^]')
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+# ------------------------------------------------------------------------------------------- the mask
+
+@pytest.mark.parametrize("tok_name", ["spm_tok", "bpe_tok"])
+def test_random_logits_under_the_mask_give_parseable_faithful_answers(tok_name, request, records, post_loan,
+                                                                      post_loan_records):
+    """Whatever the model prefers, the masked answer parses strictly and cites only the prompt's numbers (the
+    metric, given the same support texts, finds none unsupported)."""
+    tok = request.getfixturevalue(tok_name)
+    eos = tok.convert_tokens_to_ids(IM_END)
+    cases = [(get_task(n), r) for n in BUILTINS for r in records[n][:6]] + [(post_loan, r) for r in
+                                                                             post_loan_records[:6]]
+    gen = torch.Generator().manual_seed(1)
+    mask = GrammarMask(tok, [answer_grammar(t, r["messages"]) for t, r in cases], [eos], vocab_size=len(tok) + 5)
+    outs: list[list[int]] = [[] for _ in cases]
+    for _ in range(400):
+        logits = torch.randn(len(cases), len(tok) + 5, generator=gen)
+        logits[:, eos] -= 3.0  # answers run long: the reason bound must end them
+        logits[:, -5:] += 100.0  # a padded LM head's extra columns are never taken
+        nxt = mask.apply(logits).argmax(-1).tolist()
+        for i, tid in enumerate(nxt):
+            if not mask.done[i]:
+                outs[i].append(tid)
+        mask.advance(nxt)
+        if all(mask.done):
+            break
+    assert all(mask.done) and mask.errors == [None] * len(cases)
+    for (t, r), ids in zip(cases, outs, strict=True):
+        assert ids[-1] == eos
+        text = tok.decode(ids[:-1])
+        parsed = t.parse(text, strict=True)
+        assert parsed is not None, text
+        reason = parsed[t.reason_key]
+        assert len(reason) <= t.reason_max_length
+        fa = faithfulness(["\n".join(support_texts(r["messages"]))], [reason], allowed=citable_values(t))
+        assert fa["per_answer"] == [[]], (text, fa)
+
+
+class FixedLM(torch.nn.Module):
+    """A toy LM with fixed preferences: it follows the tokens of ``script`` while its output is a prefix of them,
+    and otherwise prefers digit tokens (it wants to write numbers), then EOS."""
+
+    def __init__(self, tok, script: str):
+        super().__init__()
+        self.tok, self.eos = tok, tok.convert_tokens_to_ids(IM_END)
+        self.script = tok(script, add_special_tokens=False)["input_ids"] + [self.eos]
+        pieces = [tok.decode([i]) for i in range(len(tok))]
+        self.digit = torch.tensor([bool(re.match(r"\d", p)) for p in pieces])
+
+    def forward(self, generated: list[int]) -> torch.Tensor:
+        logits = torch.zeros(len(self.tok))
+        logits[self.digit] = 3.0
+        logits[self.eos] = 1.0
+        if generated == self.script[: len(generated)] and len(generated) < len(self.script):
+            logits[self.script[len(generated)]] = 10.0
+        return logits
+
+
+def _greedy(lm: FixedLM, processor=None, steps: int = 120) -> str:
+    out: list[int] = []
+    for _ in range(steps):
+        scores = lm(out)[None, :]
+        if processor is not None:
+            scores = processor(torch.tensor([[0, *out]]), scores)
+        t = int(scores.argmax(-1))
+        out.append(t)
+        if t == lm.eos:
+            break
+    return lm.tok.decode([t for t in out if t != lm.eos])
+
+
+def test_a_model_that_wants_an_absent_number_copies_one_from_the_prompt_with_its_unit(records, spm_tok, bpe_tok):
+    t = get_task("credit")
+    r = next(r for r in records["credit"] if "负债收入比" in r["messages"][-1]["content"])
+    prompt = r["messages"][0]["content"]
+    absent = next(f"{x}.9%" for x in range(98, 10, -1) if f"{x}.9%" not in prompt and f"{x}." not in prompt)
+    script = f"结论：拒绝；风险等级：D；理由：负债收入比{absent}过高"
+    for tok in (spm_tok, bpe_tok):
+        lm = FixedLM(tok, script)
+        free = _greedy(lm)
+        assert free == script  # unconstrained it writes the invented number ...
+        assert faithfulness([prompt], [t.parse(free)["reason"]])["per_answer"] == [[absent]]
+        eos = tok.convert_tokens_to_ids(IM_END)
+        constrained = _greedy(lm, grammar_logits_processor(GrammarMask(tok, answer_grammar(t, r["messages"]),
+                                                                       [eos])))
+        parsed = t.parse(constrained, strict=True)
+        assert parsed is not None, constrained
+        reason = parsed["reason"]
+        assert reason.startswith("负债收入比") and absent not in reason
+        cited = read_numbers(reason)
+        assert cited, reason  # ... under the mask it still writes a number: one of the prompt's, unit included
+        prompt_mentions = {m.text for m in read_numbers(prompt, task_units(t))}
+        assert all(m.text in prompt_mentions for m in read_numbers(reason, task_units(t))), reason
+        assert faithfulness([prompt], [reason])["per_answer"] == [[]]
+
+
+def test_generate_with_the_logits_processor_on_a_tiny_model(records, spm_tok):
+    """model.generate (a random tiny Llama, greedy, batched, left padding) under the processor: every answer
+    parses strictly and ends before max_new_tokens."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=len(spm_tok) + 3, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()  # a padded LM head: 3 ids the tokenizer lacks
+    t = get_task("aml")
+    rs = records["aml"][:2]
+    eos = spm_tok.convert_tokens_to_ids(IM_END)
+    texts = [spm_tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=False) for r in rs]
+    spm_tok.padding_side = "left"
+    enc = spm_tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    mask = GrammarMask(spm_tok, [answer_grammar(t, r["messages"]) for r in rs], [eos],
+                       vocab_size=model.config.vocab_size)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=160, do_sample=False, eos_token_id=eos,
+                             pad_token_id=spm_tok.pad_token_id, logits_processor=[grammar_logits_processor(mask)])
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        assert eos in row
+        text = spm_tok.decode(row[: row.index(eos)], skip_special_tokens=True)
+        assert t.parse(text, strict=True) is not None, text
+
+
+def test_mask_on_numpy_logits_and_a_forbidden_token_fails_only_its_row(spm_tok):
+    eos = spm_tok.convert_tokens_to_ids(IM_END)
+    g = 'root ::= "结论：" ("可疑" | "正常")'
+    mask = GrammarMask(spm_tok, g, [eos], batch=2)
+    logits = np.zeros((2, len(spm_tok)), dtype=np.float32)
+    mask.apply(logits)
+    ok = np.isfinite(logits)
+    assert ok.any(axis=1).all() and not ok[:, eos].any()
+    first = int(np.flatnonzero(ok[0])[0])
+    bad = int(np.flatnonzero(~ok[0])[5])
+    mask.advance([first, bad])
+    assert mask.errors[0] is None and mask.errors[1] and mask.done == [False, True]
+    assert mask.allowed()[1].tolist() == [i == eos for i in range(len(spm_tok))]  # a failed row may only end
+    mask.reset()
+    assert mask.errors == [None, None] and mask.done == [False, False]
