@@ -6,11 +6,13 @@ import argparse
 import logging
 import os
 import sys
+import unicodedata
 from pathlib import Path
 
 from banklm import __version__
 from banklm.chain import ChainError
 from banklm.compare import NotARun, compare_runs, format_comparison
+from banklm.corpora.draft_spec import DraftError, draft_examples, draft_spec
 from banklm.corpora.ops.pii import ALL_TYPES, PIIError, scrub_jsonl, scrub_text
 from banklm.corpora.splits import first_per_task, load_split
 from banklm.corpora.synth import generate_records
@@ -34,7 +36,7 @@ from banklm.finetune.plan import (
     propose,
 )
 from banklm.finetune.tokenizer import load_tokenizer
-from banklm.io import read_jsonl
+from banklm.io import atomic_write_text, read_jsonl
 from banklm.ledger import verify_run
 from banklm.pipeline import (
     CheckFailed,
@@ -55,6 +57,7 @@ from banklm.stages.export import export_dir_check
 from banklm.stages.plan import plan_request, plan_shape, plan_teacher
 from banklm.tasks import TASKS, carried_specs, resolve_tasks
 from banklm.tasks.check import check_spec, check_table, example_prompts, format_examples
+from banklm.tasks.table_files import read_table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -509,19 +512,79 @@ def cmd_task_check(args) -> int:
     table = None
     if args.table:
         try:
-            table = check_table(task, args.table, cmap, scrub=scrub)
+            table = check_table(task, args.table, cmap, scrub=scrub, sheet=args.sheet)
         except (ValueError, OSError) as e:
             raise UsageError(f"{args.table}: {e}" if str(args.table) not in str(e) else str(e)) from None
         for line in table.lines():
             print(line)
     if args.examples:
         for line in format_examples(example_prompts(task, n=args.examples, table=args.table, column_map=cmap,
-                                                    scrub=scrub)):
+                                                    scrub=scrub, sheet=args.sheet)):
             print(line)
     if table is not None and not table.ok:
         counts = ", ".join(f"{k} {v}" for k, v in table.counts().items())
         raise _check_failed(f"{args.table}: {len(table.problems)} problem(s) in {table.rows} rows ({counts})")
     return EXIT_OK
+
+
+def cmd_task_init(args) -> int:
+    """Draft a task spec from a labelled table: print what each column became and three example prompts
+    (personal information scrubbed), write the spec (never over an existing file without --force)."""
+    table = Path(args.table)
+    out = Path(args.out) if args.out else Path.cwd() / f"{table.stem}.yaml"
+    if out.suffix.lower() not in (".yaml", ".yml"):
+        raise UsageError(f"--out {out}: a spec file ends in .yaml")
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a folder; give the spec file's path")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out}: exists; give --force to overwrite it, or another --out")
+    if args.max_labels < 2:
+        raise UsageError("--max-labels: give a number >= 2")
+    protected = [p.strip() for v in args.protected or [] for p in v.split(",") if p.strip()]
+    try:
+        rows = read_table(table, sheet=args.sheet)
+        text, summary = draft_spec(rows, label=args.label, id_col=args.id, protected=protected,
+                                   max_labels=args.max_labels, source_name=table.name, name=args.name)
+    except (DraftError, ValueError) as e:  # the drafter's and the reader's errors: one line
+        msg = str(e)
+        raise UsageError(msg if msg.startswith((str(table), table.name)) else f"{table}: {msg}") from None
+    for line in _init_summary_lines(summary, getattr(rows, "where", "") or str(table)):
+        print(line)
+
+    def scrub(s: str) -> str:
+        return scrub_text(s)[0]
+
+    print("example prompts (personal information scrubbed):")
+    for line in format_examples(draft_examples(text, rows, 3, source_name=table.name, scrub=scrub)):
+        print(line)
+    atomic_write_text(out, text)
+    print(f"wrote {out} (task {summary['task']!r}): review it, then: banklm task check {out} {table}")
+    return EXIT_OK
+
+
+def _init_summary_lines(s: dict, where: str) -> list[str]:
+    """What ``banklm task init`` prints about a draft: rows, labels, each column and why it became what it is."""
+    lines = [f"{where}: {s['rows']} rows: {s['labelled']} labelled, {s['unlabelled']} unlabelled "
+             f"(empty {s['label']!r}: kept as unlabelled data)",
+             f"labels ({s['label']}): " + ", ".join(f"{v} {n}" for v, n in s["label_counts"].items()),
+             "columns:"]
+    def cols(text: str) -> int:  # terminal columns: CJK characters take two
+        return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+    width = max((cols(c["column"]) for c in s["columns"]), default=4)
+    for c in s["columns"]:
+        name = c["column"] + " " * (width - cols(c["column"]))
+        if c["field"] is None:
+            lines.append(f"  {name}  {'-':<8}  {'-':<6}  {c['why']}")
+            continue
+        why = "; ".join(x for x in (c["why"], f"PII {c['pii']}" if c["pii"] and c["pii"] not in c["why"] else "") if x)
+        lines.append(f"  {name}  {c['type']:<8}  {'shown' if c['shown'] else 'hidden':<6}  {why}".rstrip())
+    if s["favourable"]:
+        lines.append(f"favourable label (guessed, for fairness): {s['favourable']}")
+    if s["segments"]:
+        lines.append("evaluation segments: " + ", ".join(s["segments"]))
+    lines += [f"warning: {w}" for w in s["warnings"]]
+    return lines
 
 
 def _column_map_arg(values: list[str] | None, task) -> dict[str, str]:
@@ -686,7 +749,7 @@ def _add_export_parser(sub) -> None:
 
 
 def _add_task_parser(sub) -> None:
-    task_help = "task specs: validate a spec (YAML), and a bank's table against it"
+    task_help = "task specs: draft one from a labelled table, validate a spec (YAML) and a bank's table against it"
     tk = sub.add_parser("task", help=task_help, description=task_help + " (format: docs/tasks.md)")
     tsub = tk.add_subparsers(dest="task_command", metavar="ACTION")
     check_help = ("validate a task spec (exit 2 with one error line when it is invalid), check a table against it "
@@ -697,8 +760,10 @@ def _add_task_parser(sub) -> None:
     tc = tsub.add_parser("check", help="validate a spec (and a table against it); print example prompts",
                          description=check_help)
     tc.add_argument("spec", metavar="SPEC.yaml", help="a task spec file (or a built-in task name: credit, aml, audit)")
-    tc.add_argument("table", nargs="?", metavar="TABLE", help="a CSV/TSV/Parquet table to check against the spec "
-                                                              "(columns named like the fields, their labels, or mapped)")
+    tc.add_argument("table", nargs="?", metavar="TABLE", help="a CSV/TSV, JSONL, Parquet or Excel .xlsx table to "
+                                                              "check against the spec (columns named like the "
+                                                              "fields, their labels, or mapped)")
+    tc.add_argument("--sheet", metavar="NAME", help="the worksheet of an .xlsx workbook (default: the first)")
     tc.add_argument("--column-map", action="append", metavar="NAME=COLUMN[,...]",
                     help="the table's column of a field or answer key (repeatable; or a JSON/YAML file of the "
                          "mapping), e.g. 逾期天数=逾期日数,预警等级=等级")
@@ -706,6 +771,23 @@ def _add_task_parser(sub) -> None:
                     help="example prompts to print (default 3; from the table's first clean rows, else the sampler "
                          "or the spec's examples)")
     tc.set_defaults(func=cmd_task_check)
+    init_help = ("draft a task spec (YAML) from a labelled table (CSV/TSV, JSONL, Parquet, Excel .xlsx): a field per "
+                 "column typed from its values, the label column's values as the labels; identifiers, personal "
+                 "information (PII detectors on a sample) and protected attributes hidden; numeric protected "
+                 "attributes banded. Prints what each column became and three example prompts (PII scrubbed)")
+    ti = tsub.add_parser("init", help="draft a task spec from a labelled table", description=init_help)
+    ti.add_argument("table", metavar="TABLE", help="the bank's labelled table (.csv .tsv .jsonl .parquet .xlsx)")
+    ti.add_argument("--label", required=True, metavar="COL", help="the column holding the labels (empty: unlabelled)")
+    ti.add_argument("--id", metavar="COL", help="the identifier column (default: a text column unique per row)")
+    ti.add_argument("--protected", action="append", metavar="COL[,COL...]",
+                    help="fairness attributes (hidden; numeric ones get draft bands), e.g. 年龄,性别")
+    ti.add_argument("--max-labels", type=int, default=20, metavar="N",
+                    help="refuse a label column with more distinct values (default 20)")
+    ti.add_argument("--sheet", metavar="NAME", help="the worksheet of an .xlsx workbook (default: the first)")
+    ti.add_argument("--name", help="the task's name (default: from the table's file name)")
+    ti.add_argument("--out", metavar="SPEC.yaml", help="where to write the spec (default: <table stem>.yaml here)")
+    ti.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    ti.set_defaults(func=cmd_task_init)
     tk.set_defaults(func=lambda a: (tk.print_help(), EXIT_USAGE)[1])
 
 

@@ -234,11 +234,16 @@ def _training_data(d: dict, recipe, t: _Lang) -> list[str]:
         uses.append(t(f"继续预训练（CPT）使用：{', '.join(recipe.cpt.corpora)}（训练集）",
                       f"continued pre-training (CPT) used: {', '.join(recipe.cpt.corpora)} (train splits)"))
     if recipe.train.enabled:
-        uses.append(t("监督微调（SFT）使用：scenario 训练集；验证集用于 eval loss",
-                      "supervised fine-tuning (SFT) used: the scenario train split (validation split for eval loss)"))
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in recipe.train.mix.shares().items())
+        uses.append(t("监督微调（SFT）使用：scenario 训练集" + (f"，混入指令数据（占训练样本）：{shares}" if shares else "")
+                      + "；验证集用于 eval loss",
+                      "supervised fine-tuning (SFT) used: the scenario train split"
+                      + (f", mixed with instruction data (share of the training examples): {shares}" if shares else "")
+                      + " (validation splits likewise, for eval loss)"))
     if recipe.eval.enabled:
-        uses.append(t("评估使用：scenario 测试集（其提示已从其他语料中去污染）",
-                      "evaluation used: the scenario test split (its prompts decontaminated from the other corpora)"))
+        uses.append(t("评估使用：scenario 测试集（其提示已从其他语料中去污染）；general / private 测试集中的指令记录",
+                      "evaluation used: the scenario test split (its prompts decontaminated from the other corpora); "
+                      "the instruction records of the general / private test splits"))
     return lines + [""] + [f"- {u}" for u in uses]
 
 
@@ -353,7 +358,37 @@ def _evaluation(d: dict, t: _Lang) -> list[str]:
                             [rt["after"]["model"], rt["after"]["perplexity"], rt["after"]["tokens"]]]),
                   "", t(f"困惑度变化 {rt['change_pct']:+.1f}%（{rt['corpus']}）",
                         f"perplexity change {rt['change_pct']:+.1f}% ({rt['corpus']})")]
+    headers, rows = instruction_rows(d)
+    if rows:
+        chars = next(r.get("exact_match_max_chars") for r in d["instructions"].values() if r)
+        title = t("行内指令数据（留出）Instruction data held out (the bank's own)",
+                  "Instruction data held out (the bank's own)")
+        what = t("general / private 语料测试集中的指令记录：答案损失 = 答案词元（与 SFT 训练的词元相同）的平均负对数似然；"
+                 f"精确匹配仅对参考答案不超过 {chars} 个字符的记录计算（贪心解码）。",
+                 "Instruction records of the general / private corpora's test splits: answer loss = mean negative "
+                 "log-likelihood per answer token (the tokens SFT trains on); exact match of the greedy answer only "
+                 f"for records whose reference answer has at most {chars} characters.")
+        lines += ["", f"### {title}", "", what, "", md_table(headers, rows)]
     return lines
+
+
+def instruction_rows(d: dict) -> tuple[list[str], list[list[Any]]]:
+    """One row per evaluated model and held-out instruction corpus (``eval/<model>/instructions.json``), in the
+    order of the task results; a corpus that could not be scored gets a row saying why."""
+    found = d.get("instructions") or {}
+    chars = next((r.get("exact_match_max_chars") for r in found.values() if r), None)
+    headers = ["model", "corpus", "n", "answer loss", "exact match", f"n exact-match eligible (<= {chars} chars)"]
+    rows = []
+    for name in [*d.get("eval", {}), *sorted(set(found) - set(d.get("eval", {})))]:
+        res = found.get(name)
+        if not res:
+            continue
+        for kind, sc in res.get("corpora", {}).items():
+            rows.append([name, kind, sc.get("n"), sc.get("answer_loss"), sc.get("exact_match"),
+                         sc.get("n_exact_match")])
+        for kind, why in res.get("not_scored", {}).items():
+            rows.append([name, kind, 0, None, None, f"not scored: {why}"])
+    return headers, rows
 
 
 def _quantization(d: dict, t: _Lang) -> list[str]:

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from banklm.corpora.build import DEFAULT_STEPS, STEPS, private_steps_problem
+from banklm.corpora.build import DEFAULT_STEPS, MIN_TEST_PER_LABEL, STEPS, private_steps_problem
 from banklm.corpora.mix import DEFAULT_SPLITS
 from banklm.corpora.ops.base import step_params
 from banklm.corpora.ops.pii import ALL_TYPES as PII_TYPES
@@ -106,7 +106,11 @@ class TaskRef(Section):
 
 
 class ScenarioTable(Section):
-    """A bank's own labelled table (CSV/TSV/Parquet) turned into scenario records by ``banklm.tasks.from_table``."""
+    """A bank's own labelled table (CSV/TSV, JSONL, Parquet, Excel) turned into scenario records by
+    ``banklm.tasks.tables`` (docs/tasks.md, "A bank's own labelled table"). ``split: auto`` cuts it label by label
+    with at least ``min_test_per_label`` rows of each label in test (a separate ``split: test`` table of the task
+    is recommended: then the auto tables give train and validation only); ``sheet``: the worksheet of a workbook;
+    ``pii``: its free-text values pass the PII step (``corpora.scenario.pii``) before rendering."""
 
     path: str
     task: TaskName
@@ -115,6 +119,9 @@ class ScenarioTable(Section):
     limit: int | None = Field(None, ge=1)
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
     licence: str = ""
+    sheet: str | None = Field(None, min_length=1)
+    pii: bool = True
+    min_test_per_label: int = Field(MIN_TEST_PER_LABEL, ge=1, le=100_000)
 
 
 # ---- corpora: sources, steps, options (the builders live in corpora/build.py; docs/corpora.md)
@@ -415,12 +422,43 @@ class TrainParams(TrainHyper):
     enabled: bool = True
 
 
+class SftMix(Section):
+    """Instruction data mixed into SFT, as shares of the SFT training examples: ``general: 0.1`` = one training
+    example in ten is an instruction record of corpora/general (replay against forgetting), ``private`` the
+    same for the bank's own instruction records (corpora/private); the scenario train split, used whole, is
+    the rest. Records are drawn from each corpus's train split (seeded; a small corpus is repeated, copies
+    with ``#2``... ids), validation likewise from its validation split. Only records with ``messages`` can be
+    mixed in: a corpus of raw text belongs in ``cpt.corpora``."""
+
+    general: float = Field(0.0, ge=0.0, le=0.9)
+    private: float = Field(0.0, ge=0.0, le=0.9)
+
+    @model_validator(mode="after")
+    def _room_for_tasks(self) -> SftMix:
+        if self.general + self.private > 0.9:
+            raise ValueError(f"general + private = {self.general + self.private:g}: the scenario tasks must keep at "
+                             "least 0.1 of the SFT examples")
+        return self
+
+    def shares(self) -> dict[str, float]:
+        """The corpora mixed in (share > 0), by kind."""
+        return {k: getattr(self, k) for k in ("general", "private") if getattr(self, k) > 0}
+
+
+class TrainSection(TrainParams):
+    """Supervised fine-tuning: the scenario train split, plus the instruction data of ``mix``."""
+
+    mix: SftMix = Field(default_factory=SftMix)
+
+
 class CptSection(TrainParams):
-    """Continued pre-training on raw text (instruction records are rendered with the chat template)."""
+    """Continued pre-training on raw text (instruction records are rendered with the chat template); ``mix`` in
+    ``corpora`` reads corpora/mix (built by ``corpora.mix``)."""
 
     enabled: bool = False
     method: Method = "full"
-    corpora: list[CorpusKind] = Field(default_factory=lambda: ["scenario"])
+    corpora: list[Literal["general", "vertical", "private", "scenario", "mix"]] = Field(
+        default_factory=lambda: ["scenario"])
 
 
 class EvalSection(Section):
@@ -519,6 +557,7 @@ class SeqKdParams(Section):
     """Sequence-level distillation: the teacher answers the prompt pool, only checked answers are kept."""
 
     train_prompts: bool = True  # the scenario train split's prompts (distill.limit applies)
+    unlabelled_prompts: bool = True  # the scenario corpus's unlabelled split (a bank's rows without label), when built
     extra_prompts: list[str] = Field(default_factory=list)  # JSONL files of unlabelled {task, prompt} records
     strict: bool = True  # answers must have exactly the documented layout
     match: Literal["label", "fields"] = "label"  # what must agree with the gold / rule answer
@@ -581,7 +620,7 @@ class Recipe(Section):
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     base: BaseSection
     cpt: CptSection = Field(default_factory=CptSection)
-    train: TrainParams = Field(default_factory=TrainParams)
+    train: TrainSection = Field(default_factory=TrainSection)
     distill: DistillSection = Field(default_factory=DistillSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     export: ExportSection = Field(default_factory=ExportSection)
@@ -595,6 +634,7 @@ class Recipe(Section):
                              "a local base model brings its own tokenizer")
         if self.base.build is not None and not self.tokenizer.train:
             raise ValueError("base.build needs tokenizer.train: true (a tiny base gets a tokenizer trained on the run's corpora)")
+        self._mixes_read()
         d = self.distill
         if d.enabled and d.teacher.path is None and not (self.train.enabled or self.cpt.enabled):
             raise ValueError("distill: the default teacher is the run's fine-tuned model, but train and cpt are "
@@ -603,6 +643,20 @@ class Recipe(Section):
                                                                  or self.corpora.scenario.tables)):
             raise ValueError("distill needs scenario training data (corpora.scenario)")
         return self
+
+    def _mixes_read(self) -> None:
+        """``train.mix`` names configured corpora; corpora/mix (``corpora.mix``) is built only for CPT to read."""
+        for kind in self.train.mix.shares():
+            if getattr(self.corpora, kind) is None:
+                raise ValueError(f"train.mix.{kind}: mixes corpora/{kind} into SFT, but corpora.{kind} is not "
+                                 "configured")
+        reads_mix = self.cpt.enabled and "mix" in self.cpt.corpora
+        if self.corpora.mix is not None and not reads_mix:
+            raise ValueError("corpora.mix: builds corpora/mix for continued pre-training, but no stage reads it: "
+                             "add mix to cpt.corpora (cpt enabled), or drop it (instruction data for SFT: "
+                             "train.mix)")
+        if "mix" in self.cpt.corpora and self.corpora.mix is None:
+            raise ValueError("cpt.corpora: lists mix, but corpora.mix is not configured")
 
     def task_names(self) -> list[str]:
         """The tasks of the run's models (what their folders and the export bundle carry as ``tasks/<name>.yaml``):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from banklm.io import atomic_dir, atomic_write_text
-from banklm.modelcard import render_model_card
+from banklm.modelcard import instruction_rows, render_model_card
 from banklm.results import (
     collect,
     distill_models,
@@ -363,6 +363,13 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
                               rt["after"]["tokens"]]]))
         parts.append(f"<p>general-ability retention: perplexity change {rt['change_pct']:+.1f}% on "
                      f"{html.escape(rt['corpus'])}</p>")
+    headers, rows = instruction_rows(d)
+    if rows:
+        parts.append("<h3>Instruction data held out (the bank's own): loss, exact match</h3>")
+        parts.append("<p class=muted>instruction records of the general / private test splits: answer loss = mean "
+                     "negative log-likelihood per answer token (the tokens SFT trains on); exact match of the greedy "
+                     "answer for short reference answers (last column)</p>")
+        parts.append(_table(headers, rows))
     if d["eval"]:
         for name, res in d["eval"].items():
             parts.append(f"<h3>model: {html.escape(name)}</h3>")

@@ -79,6 +79,7 @@ def collect(run_dir: Path) -> dict:
                  if (p / "results.json").exists()},
         "export": read_json(run_dir / "export" / "verify.json"),
         "retention": read_json(run_dir / "eval" / "retention.json"),
+        "instructions": {p.parent.name: read_json(p) for p in sorted((run_dir / "eval").glob("*/instructions.json"))},
         "distill": read_json(run_dir / "distill" / "stats.json"),
         "problems": [str(p) for p in verify_run(run_dir, check_card=False)],  # the card is about to be rewritten
     }

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import time
 from collections import Counter
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from banklm.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
-from banklm.tasks import from_table
+from banklm.tasks.tables import TARGET_NONE, TableRecords, read_task_table
 
 from .cards import mix_card, scenario_card, text_card
 from .mix import DEFAULT_SPLITS, mix
@@ -65,6 +66,10 @@ from .sources import (
 from .synth import generate_records
 
 SPLITS = ("train", "validation", "test")
+#: the scenario corpus's splits: plus ``unlabelled`` (a bank's rows without label: distillation prompts only)
+ALL_SPLITS = (*SPLITS, "unlabelled")
+#: a ``split: auto`` bank table keeps at least this many rows of each label in test (ScenarioTable.min_test_per_label)
+MIN_TEST_PER_LABEL = 30
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 SAMPLES_PREFIX = "samples:"
 KINDS = ("general", "vertical", "private", "scenario")
@@ -533,62 +538,143 @@ def _table_name(table: dict, i: int, n: int) -> str:
     return table.get("name") or ("bank" if n == 1 else f"bank{i + 1}")
 
 
-def check_tables(tables: Sequence[dict], base_dir=None) -> list[Path]:
-    """Resolve the tables' paths and check their columns on the first row; raises :class:`SourceError`."""
+def _table_where(table: dict) -> str:
+    return f"scenario table {table['path']!r}" + (f" (sheet {table['sheet']!r})" if table.get("sheet") else "")
+
+
+def _read_bank_table(table: dict, i: int, n: int, base_dir, seed: int, scrub=None) -> tuple[Path, TableRecords]:
+    p = resolve_table_path(table["path"], base_dir)
+    try:
+        res = read_task_table(table["task"], p, table.get("column_map") or None, split=_table_name(table, i, n),
+                              seed=seed, limit=table.get("limit"), sheet=table.get("sheet"), scrub=scrub)
+    except (ValueError, KeyError, OSError) as e:
+        raise SourceError(f"{_table_where(table)}: {e}") from None
+    for q in res.quarantine:
+        q.update({"stage": "table", "task": table["task"], "file": table["path"]})
+    return p, res
+
+
+def _auto_fractions(tables: Sequence[dict], table: dict, splits: dict | None) -> dict[str, float]:
+    """The fractions a ``split: auto`` table is cut by: no test part when a table of the same task is the test
+    split (the recommended way: the bank's own held-out table)."""
+    sp = dict(splits or {})
+    fr = {k: float(sp.get(k, d)) for k, d in DEFAULT_SPLITS.items()}
+    if any(t.get("split") == "test" and t["task"] == table["task"] for t in tables):
+        fr["test"] = 0.0
+    return {k: v for k, v in fr.items() if v > 0}
+
+
+def _split_sizes(n: int, fractions: dict[str, float], min_test: int) -> dict[str, int]:
+    total = sum(fractions.values())
+    n_test = max(min_test, round(n * fractions.get("test", 0.0) / total)) if fractions.get("test") else 0
+    n_val = round(n * fractions.get("validation", 0.0) / total) if fractions.get("validation") else 0
+    return {"test": n_test, "validation": n_val, "train": n - n_test - n_val}
+
+
+def stratified_split(labels: Sequence[str], fractions: dict[str, float], seed: int, min_test: int,
+                     where: str) -> dict[str, list[int]]:
+    """Indices per split, cut label by label (each shuffled with ``seed``): at least ``min_test`` rows of every
+    label in test (when there is a test part) and as many left for training; SourceError naming the label and
+    the shortfall when a label has too few rows."""
+    import numpy as np
+
+    groups: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        groups.setdefault(str(lab), []).append(i)
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[int]] = {k: [] for k in ("train", "validation", "test")}
+    for lab in sorted(groups):
+        idx = groups[lab]
+        n = len(idx)
+        sizes = _split_sizes(n, fractions, min_test)
+        if sizes["test"] and sizes["train"] < min_test:
+            need = n
+            while _split_sizes(need, fractions, min_test)["train"] < min_test:
+                need += 1
+            nv = _split_sizes(need, fractions, min_test)["validation"]
+            raise SourceError(f"{where}: label {lab} has {n} rows; a test split with {min_test} per label needs at "
+                              f"least {need} rows of it ({min_test} test, {nv} validation, {min_test} train), or "
+                              "give a separate test table (split: test), or lower min_test_per_label")
+        order = [idx[j] for j in rng.permutation(n)]
+        out["test"] += order[: sizes["test"]]
+        out["validation"] += order[sizes["test"]: sizes["test"] + sizes["validation"]]
+        out["train"] += order[sizes["test"] + sizes["validation"]:]
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _split_seed(splits: dict | None, seed: int) -> int:
+    sp = dict(splits or {})
+    return seed if sp.get("seed") is None else int(sp["seed"])
+
+
+def check_tables(tables: Sequence[dict], base_dir=None, *, seed: int = 0, splits: dict | None = None) -> list[Path]:
+    """Read every table as the build will (without the PII step) and raise :class:`SourceError` for what no
+    build can use: a missing file or sheet, missing columns, a label column mostly outside the label set, mostly
+    bad rows, an automatic split that cannot hold ``min_test_per_label`` rows of each label in test."""
 
     paths = []
     for i, t in enumerate(tables):
-        p = resolve_table_path(t["path"], base_dir)
-        try:
-            from_table(t["task"], p, t.get("column_map") or None, split=_table_name(t, i, len(tables)), limit=1)
-        except (ValueError, KeyError, OSError) as e:
-            raise SourceError(f"scenario table {t['path']!r}: {e}") from None
+        p, res = _read_bank_table(t, i, len(tables), base_dir, seed)
+        if t.get("split", "auto") == "auto":
+            labelled = [r["label"] for r in res.records if r["target"] != TARGET_NONE]
+            stratified_split(labelled, _auto_fractions(tables, t, splits), _split_seed(splits, seed),
+                             int(t.get("min_test_per_label") or MIN_TEST_PER_LABEL), _table_where(t))
         paths.append(p)
     return paths
 
 
+def _table_scrub(pii: dict | None):
+    """Free-text values of a bank table -> the PII step's ``scrub_text`` with the corpus's settings."""
+    pii = dict(pii or {})
+    mode = pii.get("mode") or "placeholder"
+    types, key_env = pii.get("types"), pii.get("key_env") or "BANKLM_PII_KEY"
+    if mode in ("pseudonym", "hash") and not os.environ.get(key_env):
+        raise SourceError(f"corpora.scenario.pii: environment variable {key_env} (key_env) is not set or empty")
+
+    def scrub(text: str):
+        return scrub_text(text, mode=mode, types=types, key_env=key_env)
+
+    return scrub
+
+
 def _table_records(tables: Sequence[dict], seed: int, base_dir, steps, pii, splits, num_proc):
-    """(records per split, step stats, source entries, quarantine) of the bank tables."""
+    """(records per split, unlabelled records, step stats, source entries, quarantine) of the bank tables."""
     from datasets import Dataset
 
-
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    sources, recs_all, where = [], [], []
+    unlabelled: list[dict] = []
+    sources, q = [], []
+    step_stats: list[dict] = []
+    scrub = _table_scrub(pii) if any(t.get("pii", True) for t in tables) else None
     for i, t in enumerate(tables):
-        p = resolve_table_path(t["path"], base_dir)
-        try:
-            recs = from_table(t["task"], p, t.get("column_map") or None, split=_table_name(t, i, len(tables)),
-                              seed=seed, limit=t.get("limit"))
-        except (ValueError, KeyError, OSError) as e:
-            raise SourceError(f"scenario table {t['path']!r}: {e}") from None
-        sources.append({"type": "table", "task": t["task"], "path": t["path"], "records": len(recs),
-                        "split": t.get("split", "auto"), "licence": t.get("licence") or "not given in the recipe"})
-        recs_all += recs
-        where += [t.get("split", "auto")] * len(recs)
-    step_stats, q = [], []
-    if not recs_all:
-        return out, step_stats, sources, q
-    split_of = {r["id"]: w for r, w in zip(recs_all, where, strict=True)}
-    ds = Dataset.from_list(recs_all)
-    if steps:
-        ds, step_stats = run_steps(ds, make_steps(steps, pii=pii), num_proc=num_proc, quarantine=q)
-        for st in step_stats:
-            st["step"] = f"tables:{st['step']}"
-    fixed = {s: [] for s in SPLITS}
-    auto_idx = []
-    for i, rid in enumerate(ds["id"]):
-        w = split_of[rid]
-        (auto_idx.append(i) if w == "auto" else fixed[w].append(i))
-    for s in SPLITS:
-        out[s] += ds.select(fixed[s]).to_list() if fixed[s] else []
-    if auto_idx:
-        sp = dict(splits or {})
-        fr = {k: float(sp.get(k, d)) for k, d in DEFAULT_SPLITS.items()}
-        dd, _ = split_ds(ds.select(auto_idx), {k: v for k, v in fr.items() if v > 0},
-                         seed=seed if sp.get("seed") is None else int(sp["seed"]), stratify="label")
-        for s, part in dd.items():
-            out[s] += part.to_list()
-    return out, step_stats, sources, q
+        _, res = _read_bank_table(t, i, len(tables), base_dir, seed, scrub if t.get("pii", True) else None)
+        q += res.quarantine
+        recs = res.records
+        if steps and recs:
+            ds, st = run_steps(Dataset.from_list(recs), make_steps(steps, pii=pii), num_proc=num_proc, quarantine=q)
+            for one in st:
+                one["step"] = f"tables:{one['step']}"
+            step_stats += st
+            recs = ds.to_list()
+        labelled = [r for r in recs if r["target"] != TARGET_NONE]
+        unlabelled += [r for r in recs if r["target"] == TARGET_NONE]
+        where = t.get("split", "auto")
+        if where == "auto":
+            parts = stratified_split([r["label"] for r in labelled], _auto_fractions(tables, t, splits),
+                                     _split_seed(splits, seed), int(t.get("min_test_per_label") or MIN_TEST_PER_LABEL),
+                                     _table_where(t))
+            for s, idx in parts.items():
+                out[s] += [labelled[j] for j in idx]
+        else:
+            out[where] += labelled
+        sources.append({"type": "table", "task": t["task"], "path": t["path"], "name": _table_name(t, i, len(tables)),
+                        "sheet": t.get("sheet"), "records": len(labelled),
+                        "unlabelled": sum(1 for r in recs if r["target"] == TARGET_NONE), "split": where,
+                        "licence": t.get("licence") or "not given in the recipe", **{
+                            k: res.stats[k] for k in ("rows", "quarantined", "targets", "label_source",
+                                                      "missing_values")},
+                        "pii": res.stats["pii"] if t.get("pii", True) else "off for this table (pii: false)"})
+    return out, unlabelled, step_stats, sources, q
 
 
 def build_scenario(synth: dict[str, dict], seed: int, out_dir: Path, licence: str = "", *,
@@ -598,15 +684,18 @@ def build_scenario(synth: dict[str, dict], seed: int, out_dir: Path, licence: st
     """Generate the scenario corpus from the task generators (and the bank's tables) and write ``out_dir``.
 
     ``synth`` maps a task name to ``{train, validation, test, difficulty}``. ``tables``: dicts of
-    ``{path, task, column_map, split (auto|train|validation|test), limit, name, licence}`` read with
-    ``banklm.tasks.from_table``; ``steps`` (e.g. ``["normalize", "pii"]``) run on the table records only,
-    and ``split: auto`` tables are cut by ``splits`` fractions, stratified by label. Training and
-    validation records whose prompt also appears in the test split are dropped (exact decontamination).
+    ``{path, task, column_map, split (auto|train|validation|test), limit, name, licence, sheet, pii,
+    min_test_per_label}`` read with ``banklm.tasks.tables.read_task_table``: their free-text values pass the PII
+    step (``pii`` settings, placeholder by default; a table's ``pii: false`` turns it off), bad rows are
+    quarantined, rows with an empty label go to the split ``unlabelled`` (the distillation teacher's prompts,
+    never trained or evaluated on). ``steps`` (e.g. ``["normalize"]``) run on the table records only, and
+    ``split: auto`` tables are cut by ``splits`` fractions, label by label, with at least ``min_test_per_label``
+    rows of each label in test (no test part when a table of the task is the test split). Training, validation
+    and unlabelled records whose prompt also appears in the test split are dropped (exact decontamination).
     """
     from datasets import Dataset, DatasetDict
 
-
-    splits_out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    splits_out: dict[str, list[dict]] = {s: [] for s in ALL_SPLITS}
     for task, spec in synth.items():
         for split in SPLITS:
             n = int(spec.get(split, 0))
@@ -615,13 +704,15 @@ def build_scenario(synth: dict[str, dict], seed: int, out_dir: Path, licence: st
                                                           difficulty=float(spec.get("difficulty", 0.0))))
     table_stats, table_sources, table_q = [], [], []
     if tables:
-        per, table_stats, table_sources, table_q = _table_records(tables, seed, base_dir, steps, pii, splits,
-                                                                  num_proc)
+        per, splits_out["unlabelled"], table_stats, table_sources, table_q = _table_records(
+            tables, seed, base_dir, steps, pii, splits, num_proc)
         for s in SPLITS:
             splits_out[s].extend(per[s])
     steps_stats = list(table_stats)
     test_keys = {_prompt_key(r) for r in splits_out["test"]}
-    for split in ("train", "validation"):
+    for split in ("train", "validation", "unlabelled"):
+        if split == "unlabelled" and not splits_out[split]:
+            continue
         before = len(splits_out[split])
         kept, dropped = [], 0
         seen: set[str] = set()
@@ -636,27 +727,40 @@ def build_scenario(synth: dict[str, dict], seed: int, out_dir: Path, licence: st
         steps_stats.append({"step": f"exact_dedup_and_decontam[{split}]", "in": before, "kept": len(kept),
                             "dropped": dropped, "quarantined": 0,
                             "reason": "prompt duplicates another record or a test prompt"})
-    ids = Counter(r["id"] for s in SPLITS for r in splits_out[s])
+    ids = Counter(r["id"] for s in ALL_SPLITS for r in splits_out[s])
     dup_ids = [i for i, c in ids.items() if c > 1]
     if dup_ids:
         raise ValueError(f"scenario corpus has duplicate ids, e.g. {dup_ids[0]} (give each table a distinct name)")
     _check_invariant(steps_stats)
-    tasks = sorted({r["task"] for s in SPLITS for r in splits_out[s]} | set(synth))
+    present = [s for s in ALL_SPLITS if s in SPLITS or splits_out[s]]
+    tasks = sorted({r["task"] for s in present for r in splits_out[s]} | set(synth))
     stats = {
         "kind": "scenario",
         "sources": [{"type": "synth", "task": t, **spec} for t, spec in synth.items()] + table_sources,
-        "splits": {s: len(splits_out[s]) for s in SPLITS},
-        "by_task": {s: dict(Counter(r["task"] for r in splits_out[s])) for s in SPLITS},
+        "splits": {s: len(splits_out[s]) for s in present},
+        "by_task": {s: dict(Counter(r["task"] for r in splits_out[s])) for s in present},
         "by_label": {s: {t: dict(Counter(r["label"] for r in splits_out[s] if r["task"] == t)) for t in tasks}
                      for s in SPLITS},
+        "by_source": {s: dict(Counter(_record_source(r) for r in splits_out[s])) for s in present},
+        "targets": {s: dict(Counter(r.get("target", "answer") for r in splits_out[s])) for s in present},
         "steps": steps_stats,
-        "chars": {s: _length_summary([_chars(r) for r in splits_out[s]]) for s in SPLITS},
+        "chars": {s: _length_summary([_chars(r) for r in splits_out[s]]) for s in present},
         "lengths": {"unit": "characters",
-                    "out": {s: _lengths([_chars(r) for r in splits_out[s]]) for s in SPLITS}},
+                    "out": {s: _lengths([_chars(r) for r in splits_out[s]]) for s in present}},
         "encoding": {"utf-8": sum(len(v) for v in splits_out.values())},
         "quarantined": len(table_q),
     }
-    dd = DatasetDict({s: Dataset.from_list(splits_out[s]) for s in SPLITS if splits_out[s]})
+    if tables:
+        pii_counts: Counter = Counter()
+        for src in table_sources:
+            if isinstance(src["pii"], dict):
+                pii_counts.update(src["pii"]["counts"])
+        stats["pii"] = {"mode": (pii or {}).get("mode") or "placeholder", "applied_to": "free-text values of the "
+                        "bank tables (text fields, prompt and reason columns), before rendering; not the synthetic "
+                        "records", "counts": dict(sorted(pii_counts.items())),
+                        "values_scrubbed": sum(s["pii"]["values_scrubbed"] for s in table_sources
+                                               if isinstance(s["pii"], dict))}
+    dd = DatasetDict({s: Dataset.from_list(splits_out[s]) for s in ALL_SPLITS if splits_out[s]})
     if count_tokens is not None:
         stats["tokens"] = _token_stats(dd, "messages", count_tokens, tokenizer)
     else:
@@ -667,6 +771,14 @@ def build_scenario(synth: dict[str, dict], seed: int, out_dir: Path, licence: st
         atomic_write_jsonl(tmp / "quarantine.jsonl", table_q)
         atomic_write_text(tmp / "card.md", scenario_card(stats, licence))
     return stats
+
+
+def _record_source(record: dict) -> str:
+    """``synthetic`` or the bank table a record came from (its file name, as the evaluation groups them)."""
+    meta = record.get("meta")
+    if isinstance(meta, str) and '"source"' in meta:
+        return str(json.loads(meta).get("source") or "synthetic")
+    return "synthetic"
 
 
 def _chars(record: dict) -> int:

@@ -139,7 +139,8 @@ def scenario_card(stats: dict, licence: str) -> str:
     sources = "\n".join(
         f"- generator `{s['task']}`: train {s.get('train', 0)}, validation {s.get('validation', 0)}, "
         f"test {s.get('test', 0)}, difficulty {s.get('difficulty', 0.0)}" if s["type"] == "synth" else
-        f"- bank table `{s['path']}` ({s['task']}): {s['records']} records, split {s['split']}, licence {s['licence']}"
+        f"- bank table `{s['path']}` ({s['task']}): {s['records']} records, {s.get('unlabelled', 0)} unlabelled "
+        f"(distillation prompts only), {s.get('quarantined', 0)} quarantined, split {s['split']}, licence {s['licence']}"
         for s in stats["sources"])
     tok = stats.get("tokens") or {}
     tok_text = (f"{tok['total']} tokens with `{tok['tokenizer']}`" if tok.get("available")

@@ -27,6 +27,7 @@ from banklm.evaluation.generate import generate
 from banklm.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from banklm.tasks import all_tasks, get_task
 from banklm.tasks.base import iter_user_messages
+from banklm.tasks.tables import rule_answer
 
 REASONS = ("unparseable", "not_strict_format", "disagrees_with_gold", "disagrees_with_rule", "no_reference")
 MATCHES = ("label", "fields")
@@ -49,14 +50,15 @@ def references(record: dict) -> dict:
     task = get_task(record["task"])
     gold = _loads(record.get("gold"))
     fields = task.fields_from_meta(record.get("meta") or {}) if record.get("meta") else None
-    rule = task.gold(fields) if fields is not None else None
-    return {"gold": gold, "rule": rule}
+    # a bank's row with a missing value: no rule answer when a rule that reads it might have fired
+    rule = rule_answer(task, fields)[0] if fields is not None and task.has_rules else None
+    return {"gold": gold, "rule": {k: rule[k] for k in task.answer_keys} if rule else None}
 
 
 def _agrees(task, parsed: dict, ref: dict, match: str) -> bool:
     if match == "label":
         return task.primary_label(parsed) == task.primary_label(ref)
-    keys = [f.key for f in task.answer_fields if f.values is not None]
+    keys = [f.key for f in task.answer_fields if f.values is not None and f.key in ref]  # a bank's gold may lack some
     return all(parsed.get(k) == ref.get(k) for k in keys)
 
 

@@ -15,12 +15,13 @@
 
 Data
 ----
-* SFT: a ``datasets.Dataset`` with ``messages`` (``[user..., assistant]``) becomes TRL's conversational
-  prompt/completion form (``prompt`` = all turns but the last, ``completion`` = the last assistant
-  turn). TRL renders both with the tokenizer's ChatML template, so the completion tokens are
-  ``answer<|im_end|>\\n``: the loss covers the answer *and* the ``<|im_end|>`` that stops generation,
-  and nothing of the prompt (``completion_only_loss``). ``prompt``/``completion`` string columns are
-  accepted as they are (TRL appends the EOS).
+* SFT: a ``datasets.Dataset`` with ``messages`` (``[user..., assistant]``) is tokenized here
+  (:func:`prepare_sft_dataset`) exactly as TRL tokenizes conversational prompt/completion data (``prompt`` =
+  all turns but the last, ``completion`` = the last assistant turn, both rendered with the tokenizer's ChatML
+  template), so the completion tokens are ``answer<|im_end|>\\n``: the loss covers the answer *and* the
+  ``<|im_end|>`` that stops generation, and nothing of the prompt (``completion_only_loss``). A record whose
+  ``target`` is ``"labels"`` (its answer holds only the labelled keys) learns its content tokens only, not
+  the end of turn. ``prompt``/``completion`` string columns are accepted as they are (TRL appends the EOS).
 * CPT: a ``text`` column (``messages`` are rendered to text) is tokenized here and ``</s>`` (the
   document separator, not the chat EOS) is appended; every token is a label.
 * Padding and EOS: ``pad`` is ``<pad>`` (id 3) and never a label, so no mask hides the EOS.
@@ -70,9 +71,11 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from banklm.evaluation.instructions import answer_tokens, check_conversation
 from banklm.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 
 from .attention import prefers_eager, register
@@ -98,27 +101,50 @@ MODES = ("sft", "cpt")
 # --------------------------------------------------------------------------- data
 
 
-def prepare_sft_dataset(ds, tokenizer=None):
-    """Map a ``messages`` dataset to TRL's conversational ``prompt``/``completion`` columns.
+def prepare_sft_dataset(ds, tokenizer=None, completion_only_loss: bool = True):
+    """SFT data as the trainer takes it.
 
-    Keeps ``prompt``/``completion`` datasets as they are; every other column is dropped.
-    Raises ``ValueError`` naming the row when a conversation does not end with an assistant turn.
+    With ``tokenizer`` (what :func:`train_causal_lm` passes), a ``messages`` dataset becomes tokenized rows,
+    ``input_ids`` and ``labels`` (-100 = not learnt), from
+    :func:`banklm.evaluation.instructions.answer_tokens`: the same tokens and completion TRL builds from
+    conversational prompt/completion data, with the prompt masked (``completion_only_loss``), plus the
+    record's ``target``: ``"answer"`` (also when the column is missing or empty) learns the answer and the
+    end-of-turn that stops generation; ``"labels"`` (only the labelled keys, ``结论：拒绝；风险等级：C``)
+    learns the content tokens and nothing after them, so the model is not taught to stop after the labels.
+    TRL keeps a given ``labels`` column as it is (then truncates, drops rows left without a label, packs).
+    Without ``tokenizer``: TRL's conversational ``prompt``/``completion`` columns (TRL tokenizes them; every
+    target must then be ``"answer"``). ``prompt``/``completion`` datasets are kept as they are (TRL appends the
+    EOS); every other column is dropped. Raises ``ValueError`` naming the row when a conversation does not
+    end with an assistant turn or a target is unknown.
     """
     cols = ds.column_names
     if "prompt" in cols and "completion" in cols:
         return ds.select_columns(["prompt", "completion"])
     if "messages" not in cols:
         raise ValueError(f"SFT data needs a 'messages' column (or 'prompt' and 'completion'); got {cols}")
+    ids = ds["id"] if "id" in cols else list(range(len(ds)))
+    targets = [t or "answer" for t in ds["target"]] if "target" in cols else ["answer"] * len(ds)
+    if tokenizer is None:
+        labelled = next((i for i, t in zip(ids, targets, strict=True) if t != "answer"), None)
+        if labelled is not None:
+            raise ValueError(f"SFT record {labelled}: target {targets[ids.index(labelled)]!r} needs the tokenizer "
+                             "(prepare_sft_dataset(ds, tokenizer))")
 
-    def split(example, idx):
-        msgs = example["messages"]
-        if not msgs or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
-            rid = example.get("id", idx)
-            raise ValueError(f"SFT record {rid}: 'messages' must end with an assistant turn after a prompt")
-        clean = [{"role": m["role"], "content": m["content"]} for m in msgs]
-        return {"prompt": clean[:-1], "completion": clean[-1:]}
+        def split(example, idx):
+            msgs = example["messages"]
+            check_conversation(msgs, f"SFT record {example.get('id', idx)}")
+            clean = [{"role": m["role"], "content": m["content"]} for m in msgs]
+            return {"prompt": clean[:-1], "completion": clean[-1:]}
 
-    return ds.map(split, with_indices=True, remove_columns=cols)
+        return ds.map(split, with_indices=True, remove_columns=cols)
+    from datasets import Dataset
+
+    spans = answer_tokens(tokenizer, ds["messages"], targets, names=[str(i) for i in ids])
+    labels = []
+    for s in spans:
+        first = s.start if completion_only_loss else 0
+        labels.append([-100] * first + s.ids[first:s.end] + [-100] * (len(s.ids) - s.end))
+    return Dataset.from_dict({"input_ids": [s.ids for s in spans], "labels": labels})
 
 
 def prepare_cpt_dataset(ds, tokenizer, eos_token: str = EOS):
@@ -498,8 +524,9 @@ def _output_head(model):
 
 
 def token_lengths(data, tokenizer, mode: str) -> list[int]:
-    """Tokens per prepared example (prompt + completion + EOS, or the CPT ids), as the trainer will see them."""
-    if mode == "cpt":
+    """Tokens per prepared example (prompt + completion + EOS, or the tokenized SFT / CPT ids), as the trainer
+    will see them."""
+    if mode == "cpt" or "input_ids" in data.column_names:
         return [len(ids) for ids in data["input_ids"]]
     prompts, completions = data["prompt"], data["completion"]
     if prompts and isinstance(prompts[0], str):
@@ -662,6 +689,7 @@ class _Data:
     lengths: list[int]  # tokens per training example
     truncated: int  # training examples longer than max_length
     layout: str  # batch_layout()
+    by_source: dict | None  # training examples per ``source`` (the SFT mix), when the data names them
 
 
 @dataclasses.dataclass
@@ -735,8 +763,8 @@ def _prepare_data(run: _Run, train_ds, eval_ds) -> _Data:
     ``max_length`` truncates and picks the batch layout."""
     tok, cfg = run.tokenizer, run.config
     if run.mode == "sft":
-        train = prepare_sft_dataset(train_ds, tok)
-        ev = prepare_sft_dataset(eval_ds, tok) if run.has_eval else None
+        train = prepare_sft_dataset(train_ds, tok, cfg.completion_only_loss)
+        ev = prepare_sft_dataset(eval_ds, tok, cfg.completion_only_loss) if run.has_eval else None
     else:
         train = prepare_cpt_dataset(train_ds, tok, run.cpt_eos_token)
         ev = prepare_cpt_dataset(eval_ds, tok, run.cpt_eos_token) if run.has_eval else None
@@ -745,8 +773,11 @@ def _prepare_data(run: _Run, train_ds, eval_ds) -> _Data:
     if truncated:
         log.warning("%d of %d training examples are longer than max_length=%d tokens and are truncated",
                     truncated, len(lengths), cfg.max_length)
+    by_source = None
+    if "source" in train_ds.column_names:
+        by_source = {str(k): n for k, n in sorted(Counter(train_ds["source"]).items(), key=lambda kv: str(kv[0]))}
     return _Data(train=train, eval=ev, lengths=lengths, truncated=truncated,
-                 layout=batch_layout(cfg.packing, run.mode, cfg.group_by_length))
+                 layout=batch_layout(cfg.packing, run.mode, cfg.group_by_length), by_source=by_source)
 
 
 def _prepare_model(run: _Run, data: _Data) -> _Model:
@@ -1001,6 +1032,7 @@ def _summary(run: _Run, data: _Data, model: _Model, training: _Training, outcome
         "examples_truncated": int(data.truncated),
         "examples_without_answer": int(training.answerless),
         "train_examples": len(data.train),
+        "train_examples_by_source": data.by_source,
     }
 
 

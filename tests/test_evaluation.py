@@ -373,3 +373,24 @@ def test_fairness_is_skipped_with_a_reason_when_the_spec_has_no_favourable_value
     res, _ = score_records(recs, _gold_answers(recs))
     t = res["tasks"]["audit"]
     assert "fairness" not in t and t["fairness_skipped"].startswith("the task spec declares no")
+
+
+def test_a_reason_may_cite_numbers_of_the_system_prompt_and_the_specs_constants(tmp_path):
+    """The faithfulness metric reads what the answer grammar allows: every message the model saw and the
+    spec's citable constants; a number found in none of them is still unsupported."""
+    from banklm.tasks.registry import register_spec, unregister
+    from tests.test_task_spec import POST_LOAN, fields
+
+    path = tmp_path / "post_loan.yaml"
+    path.write_text(POST_LOAN, encoding="utf-8")
+    task = register_spec(path)
+    try:
+        rec = task.make_record("post_loan-test-000000", fields(逾期天数=120), random.Random(0))
+        user = rec["messages"][-2]["content"]
+        assert "90" not in user and "90天" in rec["messages"][0]["content"]  # the policy names the 90-day line
+        outs = ["预警等级：预警；风险标签：逾期；理由：逾期120天，超过90天", "预警等级：预警；风险标签：逾期；理由：逾期120天，超过77天"]
+        res, preds = score_records([rec, rec], outs)
+        assert [p["unsupported_numbers"] for p in preds] == [[], ["77"]]
+        assert res["tasks"]["post_loan"]["unsupported_number_rate"] == 0.25
+    finally:
+        unregister("post_loan")

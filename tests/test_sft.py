@@ -187,6 +187,51 @@ def test_completion_only_mask_via_trl(base_dir, data):
         assert row["labels"][: len(ids) - len(trained)] == [-100] * (len(ids) - len(trained))
 
 
+def test_own_tokenization_equals_trl_and_labels_target_learns_no_end_of_turn(base_dir):
+    """prepare_sft_dataset(ds, tokenizer) gives answer rows exactly TRL's tokens and labels; a ``target: labels``
+    row learns its content only: no label on its end-of-turn tokens, in the rows the trainer prepared (padded and
+    packed) and in the flat batch the collator builds."""
+    from trl import SFTConfig, SFTTrainer
+
+    tok = load_tokenizer(base_dir)
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    recs = _records(6, seed=21)
+    ds = Dataset.from_list([{**r, "target": "labels" if i % 2 else "answer"} for i, r in enumerate(recs)])
+    answers = ds.filter(lambda t: t == "answer", input_columns="target")
+    args = dict(max_length=256, bf16=False, completion_only_loss=True, report_to="none", use_cpu=True,
+                dataloader_pin_memory=False, shuffle_dataset=False)
+    trl_rows = SFTTrainer(model=load_model(base_dir, device="cpu"), processing_class=tok,
+                          args=SFTConfig(output_dir=str(base_dir.parent / "own_ck0"), packing=False, **args),
+                          train_dataset=prepare_sft_dataset(answers)).train_dataset
+    own = prepare_sft_dataset(answers, tok)
+    assert own["input_ids"] == trl_rows["input_ids"] and own["labels"] == trl_rows["labels"]
+    for packing in (False, True):
+        trainer = SFTTrainer(model=load_model(base_dir, device="cpu"), processing_class=tok,
+                             args=SFTConfig(output_dir=str(base_dir.parent / f"own_ck{int(packing) + 1}"),
+                                            packing=packing, **args),
+                             train_dataset=prepare_sft_dataset(ds, tok))
+        rows = trainer.train_dataset.to_list()
+        examples = []  # (input_ids, labels) per example, packed rows cut at their seq_lengths
+        for row in rows:
+            at = 0
+            for n in row.get("seq_lengths") or [len(row["input_ids"])]:
+                examples.append((row["input_ids"][at:at + n], row["labels"][at:at + n]))
+                at += n
+        assert len(examples) == 6
+        by_answer = {tok.decode(ids): (ids, labels) for ids, labels in examples}
+        for rec, target in zip(recs, ds["target"], strict=True):
+            ids, labels = next(v for text, v in by_answer.items() if rec["messages"][0]["content"] in text)
+            learnt = [t for t in labels if t != -100]
+            if target == "labels":
+                assert im_end not in learnt and tok.decode(learnt) == rec["messages"][-1]["content"]
+                end = len(ids) - 1 - ids[::-1].index(im_end)  # the answer's end of turn: in the input, not learnt
+                assert end >= len(ids) - 2 and set(labels[end:]) == {-100}
+            else:
+                assert learnt[-2] == im_end and tok.decode(learnt) == rec["messages"][-1]["content"] + IM_END + "\n"
+        batch = PackedRowsCollator(tok.pad_token_id, flat=True)(rows)
+        assert batch["labels"][0].tolist().count(im_end) == 3  # the three answer rows' ends only
+
+
 def test_packed_rows_equal_unpacked(base_dir):
     """Two examples packed in one row give the same per-example logits and loss as run alone."""
     tok = load_tokenizer(base_dir)

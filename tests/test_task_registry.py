@@ -35,7 +35,7 @@ base: {path: /nonexistent/model}
 corpora:
   scenario:
     synth: {credit: {train: 6, validation: 3, test: 3}}
-    tables: [{path: post_loan.csv, task: post_loan}]
+    tables: [{path: post_loan.csv, task: post_loan, split: train}]  # 20 rows: too few for a test split
 """
 
 
@@ -424,7 +424,7 @@ corpora:
   root: {root}
   scenario:
     synth: {{credit: {{train: 40, validation: 4, test: 4}}}}
-    tables: [{{path: post_loan.csv, task: post_loan}}]
+    tables: [{{path: post_loan.csv, task: post_loan, min_test_per_label: 2}}]
 tokenizer: {{train: true, vocab_size: 800}}
 base:
   build: {{arch: llama, hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 4, intermediate_size: 128}}

@@ -94,7 +94,7 @@ rules:
     outcome: {预警等级: 关注, 风险标签: [逾期]}
     reason: 逾期{{ 逾期天数 }}天
   - name: 抵押物贬值
-    when: 抵押物估值变化 <= -20
+    when: 抵押物估值变化 != null and 抵押物估值变化 <= -20   # a missing valuation: the rule does not apply
     outcome: {预警等级: 关注, 风险标签: [抵押物贬值]}
     reason: 抵押物估值变化{{ 抵押物估值变化 | pct }}
   - name: 正常
@@ -522,10 +522,11 @@ def test_from_table_for_a_spec_task(tmp_path):
     p.write_text(WITH_GENDER, encoding="utf-8")
     recs = from_table(t, p, limit=1)
     assert [m["role"] for m in recs[0]["messages"]] == ["system", "user", "assistant"]
-    assert json.loads(recs[0]["gold"])["风险标签"] == ["逾期"]  # from the rules (no label column in the table)
+    assert json.loads(recs[0]["gold"])["风险标签"] == ["逾期"]  # from the rules, which give the bank's label
     with pytest.raises(ValueError, match="cannot read 'abc' as a number"):
         from_table(t, p)
-    assert len(from_table(t, p, skip_bad_rows=True)) >= 2
+    assert len(from_table(t, p, skip_bad_rows=True)) == 1  # the rows with an empty label are unlabelled ...
+    assert len(from_table(t, p, skip_bad_rows=True, unlabelled=True)) == 3  # ... records without an answer
 
 
 def _render_or_error(template, values):

@@ -312,7 +312,8 @@ def test_generate_records_format_balance_and_roundtrip(name):
     assert branches == Counter({b: 10 for b in t.branches})
     prompts, reasons = [], []
     for r in recs:
-        assert set(r) == {"id", "task", "messages", "label", "gold", "meta"} and r["task"] == name
+        assert set(r) == {"id", "task", "messages", "label", "gold", "meta", "target"} and r["task"] == name
+        assert r["target"] == "answer"
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
         gold = json.loads(r["gold"])
         answer = r["messages"][1]["content"]
@@ -466,11 +467,9 @@ def test_from_table_prompt_mode_and_errors(tmp_path):
     p.write_text("描述,结论,类型\n客户近7日存入现金3笔,可疑,拆分交易\n", encoding="utf-8")
     recs = from_table("aml", p, {"prompt": "描述", "conclusion": "结论", "typology": "类型"})
     assert recs[0]["messages"][0]["content"] == "客户近7日存入现金3笔"
-    assert json.loads(recs[0]["gold"]) == {
-        "conclusion": "可疑",
-        "typology": "拆分交易",
-        "reason": "见行内标注",
-    }
+    # no reason column: no reason target (never a placeholder reason), the labels only
+    assert json.loads(recs[0]["gold"]) == {"conclusion": "可疑", "typology": "拆分交易"}
+    assert recs[0]["target"] == "labels" and recs[0]["messages"][-1]["content"] == "结论：可疑；类型：拆分交易"
     bad = tmp_path / "bad.csv"
     bad.write_text("描述,结论,类型\nx,可疑,洗钱\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.csv.*类型"):
@@ -480,7 +479,7 @@ def test_from_table_prompt_mode_and_errors(tmp_path):
 
 
 def test_from_table_without_a_reason_column_uses_the_tasks_reason_key(tmp_path):
-    """audit's free-text key is ``basis``: a label the rules disagree with gets 见行内标注, not the rules' basis."""
+    """audit's free-text key is ``basis``: a label the rules disagree with gets no basis (nor the rules' severity)."""
     import pandas as pd
 
     metas = [json.loads(r["meta"]) for r in generate_records("audit", 7, 0, "t")]
@@ -489,7 +488,7 @@ def test_from_table_without_a_reason_column_uses_the_tasks_reason_key(tmp_path):
     pq = tmp_path / "audit.parquet"
     df.to_parquet(pq)
     recs = from_table("audit", pq, {})
-    assert all(json.loads(r["gold"])["basis"] == "见行内标注" for r in recs)
+    assert all(json.loads(r["gold"]) == {"category": r["label"]} and r["target"] == "labels" for r in recs)
     assert not any(json.loads(r["meta"])["rules_agree"] for r in recs)
 
 

@@ -84,7 +84,8 @@ def corpus_inputs(ctx: RunContext) -> list[Path]:
             raise RecipeError(f"corpora.{kind}.sources: {e}") from None
     if c.scenario is not None and c.scenario.tables:
         try:
-            files += check_tables([t.model_dump() for t in c.scenario.tables], base)
+            files += check_tables([t.model_dump() for t in c.scenario.tables], base, seed=r.seed,
+                                  splits=c.scenario.splits.model_dump())
         except SourceError as e:
             raise RecipeError(f"corpora.scenario.tables: {e}") from None
     files += _tokenizer_files(r)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from banklm.corpora.splits import load_split
+from banklm.corpora.splits import corpus_splits, load_split
 from banklm.distill.seqkd import generate_and_filter, load_prompt_records
 from banklm.distill.student import student_from_config, student_from_path, student_from_teacher_layers
 from banklm.finetune.models import convert_pickled_model
@@ -56,16 +56,23 @@ def _init_student(ctx: RunContext, teacher: Path) -> tuple[Path, dict]:
 
 
 def _seqkd_records(ctx: RunContext, train) -> tuple[list[dict], list[dict]]:
-    """The sequence-level prompt pool: scenario train records (+ unlabelled prompt files), and bad lines."""
+    """The sequence-level prompt pool: scenario train records, the scenario corpus's unlabelled split (a bank's rows
+    without label: the teacher answers them, the checks filter), unlabelled prompt files; and bad lines."""
 
     q = ctx.recipe.distill.seq
     records = train.to_list() if q.train_prompts else []
+    unlabelled = []
+    if q.unlabelled_prompts and "unlabelled" in corpus_splits(ctx.path(SCENARIO)):
+        unlabelled = load_split(ctx.path(SCENARIO), "unlabelled", limit_per_task=ctx.recipe.distill.limit).to_list()
+    pool = {"train": len(records), "unlabelled": len(unlabelled)}
+    records += unlabelled
     problems = []
     for f in q.extra_prompts:
         recs, bad = load_prompt_records(corpus_base_dir(ctx.recipe) / Path(f).expanduser(),
                                         tasks=ctx.recipe.allowed_tasks())
         records += recs
         problems += [{"file": f, **b} for b in bad]
+    ctx.notes["distill_pool"] = {**pool, "extra": len(records) - pool["train"] - pool["unlabelled"]}
     return records, problems
 
 
@@ -79,7 +86,7 @@ def run_distill(ctx: RunContext) -> list[Path]:
     device = options["device"]
     teacher = teacher_dir(ctx)
     start, init_info = _init_student(ctx, teacher)
-    keep = ["id", "messages"]
+    keep = ["id", "messages", "target"]  # target: "labels" rows learn no end of turn (banklm.finetune.sft)
     labelled = load_split(ctx.path(SCENARIO), "train", limit_per_task=d.limit)
     val = load_split(ctx.path(SCENARIO), "validation")
     train, val = (ds.remove_columns([c for c in ds.column_names if c not in keep]) for ds in (labelled, val))

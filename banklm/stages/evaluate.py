@@ -1,11 +1,13 @@
-"""eval: every model of the run scored on the scenario tasks (banklm.evaluation)."""
+"""eval: every model of the run scored on the scenario tasks, and on the held-out instruction records of the
+general and private corpora (answer loss, short-answer exact match), with banklm.evaluation."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from banklm.corpora.splits import load_split
+from banklm.corpora.splits import corpus_splits, load_split
 from banklm.evaluation.evaluate import evaluate_model_dir, load_model_dir
+from banklm.evaluation.instructions import EXACT_MATCH_MAX_CHARS, score_instructions
 from banklm.evaluation.perplexity import perplexity
 from banklm.io import atomic_write_json
 from banklm.ledger import run_relative
@@ -62,10 +64,56 @@ def run_eval(ctx: RunContext) -> list[Path]:
                            max_new_tokens=e.max_new_tokens, model_name=name,
                            robustness=tuple(e.robustness) if name == final else ())
         outputs.append(out)
+    held_out = _held_out_instructions(ctx)
+    if held_out:
+        for name, model_dir in _eval_models(ctx).items():
+            _score_instructions(ctx, model_dir, ctx.path("eval", name), held_out)
     general = ctx.path("corpora", "general")
     if e.retention and general.exists():
         outputs.append(_retention(ctx, general))
     return outputs
+
+
+INSTRUCTION_CORPORA = ("general", "private")
+
+
+def _held_out_instructions(ctx: RunContext) -> dict[str, list[dict] | str]:
+    """The test splits' instruction records of the general and private corpora (at most ``eval.limit`` each), by
+    kind; a corpus with none says why (raw text only, no test split)."""
+    out: dict[str, list[dict] | str] = {}
+    for kind in INSTRUCTION_CORPORA:
+        folder = ctx.path("corpora", kind)
+        if not folder.exists():
+            continue
+        if "test" not in corpus_splits(folder):
+            out[kind] = "no test split"
+            continue
+        ds = load_split(folder, "test")
+        if "messages" not in ds.column_names:
+            out[kind] = "raw text only (no instruction records)"
+            continue
+        limit = ctx.recipe.eval.limit
+        out[kind] = ds.select_columns(["id", "messages"]).select(range(min(len(ds), limit or len(ds)))).to_list()
+    return out
+
+
+def _score_instructions(ctx: RunContext, model_dir: Path, out: Path, held_out: dict) -> Path:
+    """``eval/<model>/instructions.json``: answer loss and short-answer exact match of one model on the held-out
+    instruction records (banklm.evaluation.instructions), per corpus."""
+    e = ctx.recipe.eval
+    model, tok = load_model_dir(model_dir, device=run_device(ctx))
+    result: dict = {"model": run_relative(model_dir, ctx.run_dir), "split": "test", "limit": e.limit,
+                    "exact_match_max_chars": EXACT_MATCH_MAX_CHARS, "corpora": {}, "not_scored": {}}
+    for kind, records in held_out.items():
+        if isinstance(records, str):
+            result["not_scored"][kind] = records
+            continue
+        scores = score_instructions(model, tok, records, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
+        scores.pop("records")  # per-record figures stay in memory: the file holds the corpus figures
+        result["corpora"][kind] = scores
+    path = out / "instructions.json"
+    atomic_write_json(path, result)
+    return path
 
 
 def _retention(ctx: RunContext, general: Path) -> Path:
@@ -88,4 +136,5 @@ def _retention(ctx: RunContext, general: Path) -> Path:
 
 
 def eval_inputs(ctx: RunContext) -> list[Path]:
-    return [*_eval_models(ctx).values(), model_dir_after(ctx, "train"), *corpus_dirs(ctx, ["scenario", "general"])]
+    return [*_eval_models(ctx).values(), model_dir_after(ctx, "train"),
+            *corpus_dirs(ctx, ["scenario", *INSTRUCTION_CORPORA])]

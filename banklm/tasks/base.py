@@ -406,7 +406,8 @@ class Task:
         """Prompt: intro, the facts (one wording each, drawn; the facts after the first ``head_facts`` in shuffled
         order when the spec shuffles or ``shuffle``), 0-1 distractors (or ``distractors``), question."""
         tv = self.spec.template_values(self._with_bands(fields))
-        facts = [rng.choice(alts).render(tv) for alts in self._facts]
+        # a fact that ends a sentence itself (free text ending in 。) would read "。。" or "。，" once joined
+        facts = [rng.choice(alts).render(tv).rstrip("。；;，, ") for alts in self._facts]
         head, rest = facts[: self.head_facts], facts[self.head_facts :]
         if self.shuffle if shuffle is None else shuffle:
             rng.shuffle(rest)
@@ -437,10 +438,11 @@ class Task:
             parts.append(f"{f.zh}：{v}")
         return "；".join(parts)
 
-    def parse(self, text: str | None, strict: bool = False) -> dict | None:
+    def parse(self, text: str | None, strict: bool = False, keys: Sequence[str] | None = None) -> dict | None:
         """Parse an answer. Tolerant by default (full/half-width ``：:；;``, spaces, any field order,
         extra text around); ``strict`` demands exactly the layout of :meth:`format_answer`.
-        Returns the answer dict or None when a field is missing or a value is not allowed."""
+        Returns the answer dict or None when a field is missing or a value is not allowed. ``keys`` (tolerant
+        only): the keys that must be there (a bank's row scored on its labelled keys); the others found are kept."""
         if not isinstance(text, str):
             return None
         if strict:
@@ -483,9 +485,10 @@ class Task:
                         return None
                     v = v2
                 out[f.key] = allowed[v]
-        if any(f.key not in out for f in self.answer_fields):
+        need = self.answer_fields if keys is None else [f for f in self.answer_fields if f.key in keys]
+        if any(f.key not in out for f in need):
             return None
-        return {f.key: out[f.key] for f in self.answer_fields}
+        return {f.key: out[f.key] for f in self.answer_fields if f.key in out}
 
     def _key_re(self):
         cached = getattr(self, "_key_re_cache", None)

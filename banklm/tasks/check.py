@@ -130,6 +130,7 @@ class TableCheck:
     problems: list[TableProblem]
     unused_columns: list[str]
     mode: str  # "fields" or "prompt"
+    unlabelled: int = 0  # rows whose label cell is empty: unlabelled data (teacher pool), not a problem
 
     @property
     def ok(self) -> bool:
@@ -142,7 +143,10 @@ class TableCheck:
         return out
 
     def lines(self) -> list[str]:
-        head = (f"{self.path}: {self.rows} rows, {'no problems' if self.ok else f'{len(self.problems)} problems'}"
+        head = (f"{self.path}: {self.rows} rows"
+                + (f" ({self.unlabelled} unlabelled: kept apart for the distillation teacher, never trained on)"
+                   if self.unlabelled else "")
+                + f", {'no problems' if self.ok else f'{len(self.problems)} problems'}"
                 + (f"; unused columns: {', '.join(self.unused_columns)}" if self.unused_columns else ""))
         return [head] + [p.line(self.path) for p in self.problems]
 
@@ -166,7 +170,8 @@ def _kind_of_error(ftype: str, msg: str) -> str:
 
 
 def check_table(spec: Task | TaskSpec | str | os.PathLike, table_path: str | os.PathLike,
-                column_map: dict[str, str] | None = None, *, scrub: Scrub | None = None) -> TableCheck:
+                column_map: dict[str, str] | None = None, *, scrub: Scrub | None = None,
+                sheet: str | None = None) -> TableCheck:
     """Check a bank's table against a task: every cell read as the spec's type, every label in its set.
 
     ``column_map`` maps the task's names (fields, answer keys, ``prompt``) to column names; unmapped names are
@@ -177,8 +182,8 @@ def check_table(spec: Task | TaskSpec | str | os.PathLike, table_path: str | os.
     path = Path(table_path)
     if not path.is_file():
         raise ValueError(f"{path}: table not found")
-    rows = read_table(path)
-    columns_present = list(rows[0].keys()) if rows else []
+    rows = read_table(path, sheet=sheet)
+    columns_present = list(rows.columns) or (list(rows[0].keys()) if rows else [])
     present = set(columns_present)
     cmap = dict(column_map or {})
 
@@ -227,10 +232,14 @@ def check_table(spec: Task | TaskSpec | str | os.PathLike, table_path: str | os.
     reason_max = t.reason_max_length
 
     def number(i: int) -> int:
-        return int(row_label(path, i).split()[-1])
+        return int(row_label(path, i, rows).split()[-1])
 
+    label_col = answer_cols.get(t.primary_key)
+    unlabelled = 0
     for i, row in enumerate(rows):
         rn = number(i)
+        if label_col is not None and is_missing(row.get(label_col)):
+            unlabelled += 1  # an empty label makes the row unlabelled data (banklm.tasks.tables), not a bad row
         if not prompt_mode:
             for n, c in used.items():
                 if n not in fields:
@@ -254,8 +263,6 @@ def check_table(spec: Task | TaskSpec | str | os.PathLike, table_path: str | os.
             af = t._key(key)
             v = row.get(c)
             if is_missing(v):
-                if key == t.primary_key:
-                    add("empty", c, key, rn)
                 continue
             s = str(v).strip()
             if af.values is None:
@@ -269,14 +276,14 @@ def check_table(spec: Task | TaskSpec | str | os.PathLike, table_path: str | os.
     known_cols = set(used.values())
     unused = [c for c in columns_present if c not in known_cols]
     return TableCheck(str(path), len(rows), used, list(problems.values()), unused,
-                      "prompt" if prompt_mode else "fields")
+                      "prompt" if prompt_mode else "fields", unlabelled)
 
 
 # ------------------------------------------------------------------------------------------------ examples
 
 def example_prompts(spec: Task | TaskSpec | str | os.PathLike, n: int = 3, *, table: str | os.PathLike | None = None,
                     column_map: dict[str, str] | None = None, seed: int = 0,
-                    scrub: Scrub | None = None) -> list[dict]:
+                    scrub: Scrub | None = None, sheet: str | None = None) -> list[dict]:
     """``n`` rendered examples: ``{"source", "system", "prompt", "answer", "rule"}`` (texts scrubbed).
 
     Fields come from the first rows of ``table`` that read cleanly (the answer from its label columns, else
@@ -288,15 +295,18 @@ def example_prompts(spec: Task | TaskSpec | str | os.PathLike, n: int = 3, *, ta
     cases: list[tuple[str, dict]] = []  # (source, fields)
     if table is not None:
         try:
-            recs = from_table(t, table, column_map, split="check", seed=seed, limit=n, skip_bad_rows=True)
+            # the first rows may be unlabelled (left out): read a few more than n
+            recs = from_table(t, table, column_map, split="check", seed=seed, limit=max(20 * n, 60),
+                              skip_bad_rows=True, sheet=sheet)[:n]
         except ValueError:
             recs = []  # check_table says what is wrong; fall back to the spec's own examples
+        rows = read_table(Path(table), sheet=sheet) if recs else None  # exact row numbers
         out = []
         for r in recs:
             msgs = r["messages"]
             sys_msg = next((m["content"] for m in msgs if m["role"] == "system"), None)
             meta = json.loads(r["meta"])
-            out.append({"source": f"{Path(table).name} {row_label(Path(table), meta.get('row', 0))}",
+            out.append({"source": f"{Path(table).name} {row_label(Path(table), meta.get('row', 0), rows)}",
                         "system": scrub(sys_msg) if sys_msg else None,
                         "prompt": scrub(next(m["content"] for m in msgs if m["role"] == "user")),
                         "answer": scrub(next(m["content"] for m in msgs if m["role"] == "assistant")),

@@ -39,8 +39,6 @@ RULE_NAME_RE = re.compile(r"^\w{1,64}$")
 #: names a field may not have: template variables of their own, and the expression literals
 RESERVED_NAMES = ("fields", "value", "label", "true", "false", "null")
 NUMERIC_TYPES = ("integer", "decimal", "percent")
-#: text written for the reason key of a bank's labelled row that has no reason
-TABLE_REASON = "见行内标注"
 
 
 class SpecError(ValueError):
@@ -71,7 +69,7 @@ class SubFieldSpec(_M):
     format: FormatName | None = None
     values: list[str] | None = None  # category values
     required: bool = True
-    default: Any = None  # optional fields only: the value a table without the column gets (built-ins)
+    default: Any = None  # optional fields only: the value a spec example without the field gets (never a table row)
     true_text: str = "是"
     false_text: str = "否"
     min: float | None = None
@@ -100,6 +98,7 @@ class AnswerKeySpec(_M):
     ordinal: bool = False  # values listed in order (lowest first or highest first, as the bank ranks them)
     max_length: int | None = Field(None, ge=1, le=2000)  # reason only
     cite: list[str] | None = None  # reason only: the fields and constants a reason may cite
+    summary: str | None = None  # reason only: a neutral template of the fields, the reason of a bank's row without one
     description: str = ""
 
 
@@ -472,6 +471,9 @@ class TaskSpec:
     bands: list[Band]
     examples: list[dict]  # the examples' fields (typed, bands derived)
     warnings: list[str] = field(default_factory=list)
+    #: the reason key's ``summary`` template: the reason of a bank's labelled row that gives none (None: such a
+    #: row has no reason target)
+    summary: Template | None = None
 
     @property
     def name(self) -> str:
@@ -633,7 +635,7 @@ class _Checker:
         rules = self.check_rules(kinds, categories, tpl_names, facts)
         self.check_evaluation(band_of)
         spec = TaskSpec(model=m, source=self.source, text=text, rules=rules, facts=facts, bands=bands,
-                        examples=[], warnings=self.warnings)
+                        examples=[], warnings=self.warnings, summary=self.check_summary(answer, tpl_names))
         spec.examples = self.check_examples(spec)
         self.render_check(spec, answer)
         return spec
@@ -667,6 +669,8 @@ class _Checker:
                                   + (" or 、" if k.type == "multi" else "") + ")")
                 if k.max_length is not None or k.cite is not None:
                     self.fail(f"{p}.max_length", "max_length and cite apply to the reason key")
+                if k.summary is not None:
+                    self.fail(f"{p}.summary", "a summary applies to the reason key")
                 if k.ordinal and k.type != "category":
                     self.fail(f"{p}.ordinal", "only a single-valued category key is ordinal")
             for w in (k.name or key, *k.aliases):
@@ -705,6 +709,11 @@ class _Checker:
             self.fail(f"fields.{protected_here[0]}.protected",
                       f"{protected_here[0]!r} is a protected attribute and also the label")
         return {"reason": reason_keys[0] if reason_keys else None}
+
+    def check_summary(self, answer: dict, tpl_names: set[str]) -> Template | None:
+        key = answer["reason"]
+        source = self.m.answer.keys[key].summary if key is not None else None
+        return None if source is None else self.template(f"answer.keys.{key}.summary", source, tpl_names)
 
     def template(self, path: str, source: Any, allowed: set[str]) -> Template:
         if not isinstance(source, str):
@@ -901,8 +910,7 @@ class _Checker:
             spec.derive(synth)
             cases = [("the fields' example values", synth, None)]
         base = cases[0][1]
-        blank = {n: (None if not f.required and "default" not in f.model_fields_set else base[n])
-                 for n, f in self.m.fields.items()}
+        blank = {n: (None if not f.required else base[n]) for n, f in self.m.fields.items()}
         spec.derive(blank)
         reason_key = answer["reason"]
         max_len = self.m.answer.keys[reason_key].max_length if reason_key else None
@@ -915,6 +923,14 @@ class _Checker:
                         alt.render(tv)
                     except TemplateFailure as e:
                         self.fail(self._fact_path(alt), f"on {where}: {e}")
+            if spec.summary is not None:
+                try:
+                    text = spec.summary.render(tv)
+                except TemplateFailure as e:
+                    self.fail(f"answer.keys.{reason_key}.summary", f"on {where}: {e}")
+                if max_len is not None and len(text) > max_len and full:
+                    self.fail(f"answer.keys.{reason_key}.summary", f"on {where} the summary {text!r} has {len(text)} "
+                                                                   f"characters, more than max_length {max_len}")
             matched = None
             for i, r in enumerate(spec.rules):
                 fires = True
@@ -1020,4 +1036,4 @@ def builtin_spec(name: str) -> TaskSpec:
 
 __all__ = ["SpecError", "TaskSpec", "SpecModel", "FieldSpec", "SubFieldSpec", "AnswerKeySpec", "CompiledRule",
            "Band", "load_spec", "builtin_spec", "BUILTIN_NAMES", "SPEC_DIR", "parse_spec", "validate_spec", "coerce_value", "is_missing", "field_text",
-           "MISSING_TEXT", "NUMBER_FORMATS", "TABLE_REASON"]
+           "MISSING_TEXT", "NUMBER_FORMATS"]

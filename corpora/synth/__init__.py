@@ -1,8 +1,8 @@
 """Synthetic scenario generators: sample inputs and label them with the rules of ``banklm.tasks``.
 
 ``generate_records(task, n, seed, split, difficulty)`` returns scenario records in the format of
-docs/ARCHITECTURE.md (``id``, ``task``, ``messages``, ``label``, ``gold``, ``meta``). Records are
-balanced by rule branch (round-robin over ``Task.branches``), deterministic for (task, seed, split,
+docs/ARCHITECTURE.md (``id``, ``task``, ``messages``, ``label``, ``gold``, ``meta``, ``target`` = ``"answer"``).
+Records are balanced by rule branch (round-robin over ``Task.branches``), deterministic for (task, seed, split,
 difficulty) and independent across splits and seeds (the random stream is keyed by all of them).
 All names are synthetic (surname + 某); no personal data is involved.
 """
@@ -42,6 +42,7 @@ def generate_records(task: str, n: int, seed: int, split: str, difficulty: float
             rng,
             extra_meta={"difficulty": float(difficulty), "seed": seed, "split": split},
         )
+        rec["target"] = "answer"  # the whole answer is learnt (a bank's row may have "labels": its labels only)
         out.append(rec)
     return out
 
