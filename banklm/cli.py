@@ -215,6 +215,8 @@ def cmd_eval(args) -> int:
     if args.recipe:
         if args.model:
             raise UsageError("give either RECIPE or --model, not both")
+        if args.decoding:  # the recipe's eval.decoding, recorded in the ledger like any override
+            args.overrides = [*args.overrides, f"eval.decoding={args.decoding}"]
         return _run_pipeline(args, upto="eval")
     if not args.model:
         raise UsageError("banklm eval needs RECIPE.yaml or --model DIR")
@@ -286,12 +288,13 @@ def _eval_models_arg(specs: list[str]) -> list[tuple[str, Path, str]]:
 def _evaluate_one(args, name: str, path: Path, kind: str, records: list[dict], out: Path) -> dict:
     """Score one model folder (PyTorch) or exported artefact (llama.cpp / onnxruntime) into ``out``."""
 
+    decoding = args.decoding or "free"
     if kind == "folder":
         return evaluate_model_dir(path, records, out, device=args.device, batch_size=args.batch_size,
-                                  max_new_tokens=args.max_new_tokens, model_name=name)
+                                  max_new_tokens=args.max_new_tokens, model_name=name, decoding=decoding)
     try:
         return evaluate_export(path, records, out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                               model_name=name)
+                               model_name=name, decoding=decoding)
     except (ValueError, FileNotFoundError) as e:  # an artefact without tokenizer, template or EOS
         raise UsageError(f"--model {path}: {e}") from None
 
@@ -543,7 +546,7 @@ def cmd_task_init(args) -> int:
     protected = [p.strip() for v in args.protected or [] for p in v.split(",") if p.strip()]
     try:
         rows = read_table(table, sheet=args.sheet)
-        text, summary = draft_spec(rows, label=args.label, id_col=args.id, protected=protected,
+        text, summary = draft_spec(rows, label=args.label, id_col=args.id, protected=protected, reason=args.reason,
                                    max_labels=args.max_labels, source_name=table.name, name=args.name)
     except (DraftError, ValueError) as e:  # the drafter's and the reader's errors: one line
         msg = str(e)
@@ -695,6 +698,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="device of model folders (GGUF and ONNX exports run on CPU)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--decoding", choices=["free", "constrained"],
+                    help="free: greedy; constrained: greedy under each request's answer grammar (layout, labels, "
+                         "a bounded reason citing only the prompt's numbers); with a recipe: its eval.decoding "
+                         "(default free), recorded in results.json and the ledger")
     ev.add_argument("--seed", type=int, default=12345, help="seed for generated test records")
     ev.add_argument("--run-dir", type=Path, default=None)
     ev.set_defaults(func=cmd_eval)
@@ -779,6 +786,9 @@ def _add_task_parser(sub) -> None:
     ti.add_argument("table", metavar="TABLE", help="the bank's labelled table (.csv .tsv .jsonl .parquet .xlsx)")
     ti.add_argument("--label", required=True, metavar="COL", help="the column holding the labels (empty: unlabelled)")
     ti.add_argument("--id", metavar="COL", help="the identifier column (default: a text column unique per row)")
+    ti.add_argument("--reason", metavar="COL", help="the column of the bank's reasons for its labels: an answer key, "
+                                                   "never an input (default: a column named 理由, 原因, 依据, "
+                                                   "<label>理由...; 'none': no reason column)")
     ti.add_argument("--protected", action="append", metavar="COL[,COL...]",
                     help="fairness attributes (hidden; numeric ones get draft bands), e.g. 年龄,性别")
     ti.add_argument("--max-labels", type=int, default=20, metavar="N",

@@ -37,6 +37,7 @@ from banklm.tasks.spec import (
     parse_spec,
 )
 from banklm.tasks.table_files import row_label
+from banklm.tasks.tables import format_keys
 
 from .ops.pii import find_pii
 
@@ -61,7 +62,11 @@ _UNIT_IN_NAME_RE = re.compile(r"^(?P<label>.+?)\s*[（(](?P<unit>万元|元|天|
 _PERCENT_NAME_RE = re.compile(r"[（(]%[）)]$|%$")
 #: labels that are good for the customer (fairness counts them): a label among these is drafted as ``favourable``
 FAVOURABLE_WORDS = ("正常", "通过", "批准", "同意", "核准", "准入", "无异常", "合规", "无风险", "低风险", "正常类")
-_SYSTEM = "你是本行业务助理。请仅依据给出的信息判断{label}，只输出“{label}：取值”。"
+_SYSTEM = "你是本行业务助理。请仅依据给出的信息判断{label}，只输出“{label}：取值{reason}”。"
+#: column names that hold the bank's reason for its label: an answer key, never an input (it would give the label
+#: away); ``--reason`` names another column, ``--reason none`` keeps such a column as an input
+REASON_NAMES = ("理由", "原因", "依据", "判断理由", "分类理由", "判断依据", "分类依据", "认定理由", "认定依据",
+                "reason", "rationale")
 
 
 class DraftError(ValueError):
@@ -323,8 +328,25 @@ def _flow(d: dict) -> str:
     return "{" + ", ".join(f"{_scalar(k)}: {item(v)}" for k, v in d.items()) + "}"
 
 
+def reason_column(columns: Sequence[str], label: str, reason: str | None) -> str | None:
+    """The column holding the bank's reasons: ``reason`` (``"none"``: no column), else one named like a reason
+    (:data:`REASON_NAMES`, or the label's name followed by 理由/原因/依据)."""
+    if reason is not None:
+        return None if reason.lower() == "none" else reason
+    named = {n.lower() for n in REASON_NAMES} | {f"{label}{w}" for w in ("理由", "原因", "依据")}
+    return next((c for c in columns if c.strip().lower() in named and c != label), None)
+
+
+def _reason_key(rows: Sequence[dict], reason: str) -> dict:
+    """The answer's reason key from the bank's reasons: ``max_length`` a fifth above the longest, in tens."""
+    lengths = [len(_text(r.get(reason))) for r in rows if not is_missing(r.get(reason))]
+    if not lengths:
+        raise DraftError(f"--reason {reason!r}: the column is empty in every row")
+    return {"type": "reason", "max_length": int(-(-int(max(lengths) * 1.2) // 10) * 10)}
+
+
 def _spec_text(meta: dict, fields: dict[str, dict], comments: dict[str, str], label: str, labels: list[str],
-               segments: list[str]) -> str:
+               segments: list[str], reason: tuple[str, dict] | None = None) -> str:
     lines = [f"# {meta['header']}",
              "# Review it before training: each field's type, which fields the prompt shows (show: false hides),",
              "# the protected attributes and their bands. docs/tasks.md, \"Task specs\", has every key.",
@@ -334,12 +356,16 @@ def _spec_text(meta: dict, fields: dict[str, dict], comments: dict[str, str], la
         note = f"  # {comments[n]}" if comments.get(n) else ""
         lines.append(f"  {_scalar(n)}: {_flow(f)}{note}")
     values = "、".join(labels)
-    system = _SYSTEM.format(label=label) + (f"可选：{values}。" if len(values) <= 60 else "")
+    system = _SYSTEM.format(label=label, reason=f"；{reason[0]}：…" if reason else "") + (
+        f"可选：{values}。" if len(values) <= 60 else "")
     lines += ["", "prompt:", f"  system: {_scalar(system)}",
               f"  instruction: {_scalar(f'请根据以下信息判断{label}：')}",
               f"  question: {_scalar(f'请给出{label}。')}", "",
-              "answer:", "  keys:", f"    {_scalar(label)}: {_flow({'values': labels})}",
-              f"  primary: {_scalar(label)}"]
+              "answer:", "  keys:", f"    {_scalar(label)}: {_flow({'values': labels})}"]
+    if reason:
+        lines.append(f"    {_scalar(reason[0])}: {_flow(reason[1])}  # the bank's reasons (rows without one learn "
+                     "the label only)")
+    lines.append(f"  primary: {_scalar(label)}")
     if meta.get("favourable"):
         lines.append(f"  favourable: {_scalar(meta['favourable'])}  # guessed from the label's wording: the value good "
                      "for the customer (fairness counts it); change or remove it")
@@ -406,7 +432,8 @@ def _protect(name: str, col: dict, shown_why: list[str]) -> None:
 
 
 def draft_spec(rows: Sequence[dict], *, label: str, id_col: str | None = None, protected: Sequence[str] = (),
-               max_labels: int = 20, source_name: str, name: str | None = None) -> tuple[str, dict]:
+               max_labels: int = 20, source_name: str, name: str | None = None,
+               reason: str | None = None) -> tuple[str, dict]:
     """A task spec (YAML text) drafted from a labelled table's rows, and a summary of how.
 
     ``rows``: dicts column -> cell (``read_table``'s output); ``label``: the column holding the bank's labels
@@ -429,6 +456,11 @@ def draft_spec(rows: Sequence[dict], *, label: str, id_col: str | None = None, p
         raise DraftError(f"task name {name!r}: lowercase ASCII letters, digits and _, starting with a letter, at most "
                          f"32 characters, not {', '.join(BUILTIN_NAMES)} (e.g. post_loan)")
     counts, unlabelled = _labels(rows, label, max_labels)
+    reason = reason_column(columns, label, reason)
+    if reason is not None and (reason not in columns or reason in (label, id_col) or reason in protected):
+        raise DraftError(f"--reason {reason!r}: " + ("no such column" if reason not in columns else
+                                                     "it is the label, the identifier or protected"))
+    reason_key = (reason, _reason_key(rows, reason)) if reason else None
     labels = [v for v, _ in counts.most_common()]
     if all(_number(v)[0] is not None for v in labels):
         labels.sort(key=lambda v: _number(v)[0])
@@ -440,6 +472,11 @@ def draft_spec(rows: Sequence[dict], *, label: str, id_col: str | None = None, p
     names = set(columns)
     for c in columns:
         if c == label:
+            continue
+        if c == reason:  # an answer key, not an input: shown in the prompt it would give the label away
+            summary_cols.append({"column": c, "field": None, "type": "reason", "shown": False,
+                                 "why": "the answer's reason (--reason): never an input", "pii": None,
+                                 "pii_share": 0.0, "missing": sum(is_missing(r.get(c)) for r in rows), "distinct": 0})
             continue
         values = [r.get(c) for r in rows if not is_missing(r.get(c))]
         entry: dict[str, Any] = {"column": c, "field": None, "type": None, "shown": False, "why": "", "pii": None,
@@ -498,14 +535,15 @@ def draft_spec(rows: Sequence[dict], *, label: str, id_col: str | None = None, p
             "description": f"由{Path(source_name).name}起草：依据其余各列判断{label}（{len(labels)}类）",
             "header": f"Drafted by `banklm task init` from {Path(source_name).name}: {len(rows)} rows, "
                       f"{n_lab} labelled, {unlabelled} unlabelled."}
-    text = _spec_text(meta, fields, comments, label, labels, segments)
+    text = _spec_text(meta, fields, comments, label, labels, segments, reason_key)
     try:
         spec = parse_spec(text, f"{name}.yaml")
     except SpecError as e:  # a column the drafter did not foresee: say which, rather than write a broken spec
         raise DraftError(f"{source_name}: the drafted spec does not load ({e})") from None
     warnings += list(spec.warnings)
     summary = {"task": name, "source": str(source_name), "rows": len(rows), "labelled": n_lab,
-               "unlabelled": unlabelled, "label": label, "label_counts": dict(counts.most_common()),
+               "unlabelled": unlabelled, "label": label, "reason": reason,
+               "label_counts": dict(counts.most_common()),
                "favourable": favourable,
                "columns": summary_cols, "segments": segments, "warnings": warnings}
     return text, summary
@@ -537,7 +575,11 @@ def draft_examples(spec_text: str, rows: Sequence[dict], n: int = 3, *, source_n
         t.spec.derive(fields)
         prompt = t.render_prompt(fields, rng)
         canon = {norm_value(v): v for v in t.label_values}
-        answer = t.format_answer({t.primary_key: canon.get(norm_value(str(lab)), str(lab).strip())})
+        ans = {t.primary_key: canon.get(norm_value(str(lab)), str(lab).strip())}
+        rk = t.reason_key
+        if rk is not None and not is_missing(row.get(rk)):
+            ans[rk] = str(row.get(rk)).strip()
+        answer = t.format_answer(ans) if len(ans) == len(t.answer_keys) else format_keys(t, ans, list(ans))
         out.append({"source": f"{Path(source_name).name} {row_label(source_name, i, rows)}",
                     "system": scrub(t.policy) if t.policy else None, "prompt": scrub(prompt),
                     "answer": scrub(answer), "rule": None})

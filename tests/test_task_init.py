@@ -232,6 +232,26 @@ def test_draft_spec_directly_infers_types_and_leaves_out_what_cannot_be_a_field(
     assert all("HT000" not in e["prompt"] and "授信额度：" in e["prompt"] for e in examples)
 
 
+def test_the_banks_reason_column_is_an_answer_key_never_an_input():
+    """A column of the bank's reasons (理由) would give the label away in the prompt: it becomes the answer's
+    reason key (auto-detected by name, or --reason), and ``--reason none`` keeps it an input."""
+    rows = [{"逾期天数": 100 * (i % 4), "客户类型": "个人" if i % 2 else "企业", "分类": c,
+             "分类理由": "" if i % 5 == 0 else f"逾期{100 * (i % 4)}天"}
+            for i, c in enumerate(["正常", "次级", "可疑", "损失"] * 10)]
+    text, s = draft_spec(rows, label="分类", source_name="t.csv")
+    spec = load_spec_text(text)
+    assert s["reason"] == "分类理由" and "分类理由" not in spec.fields
+    assert list(spec.model.answer.keys) == ["分类", "分类理由"] and spec.model.answer.keys["分类理由"].type == "reason"
+    assert spec.model.answer.keys["分类理由"].max_length == 10  # 7 characters, a fifth more, in tens
+    examples = draft_examples(text, rows, 2, source_name="t.csv")
+    assert [e["answer"] for e in examples] == ["分类：正常", "分类：次级；分类理由：逾期100天"]  # row 0 has none
+    assert all("逾期100天" not in e["prompt"] or "逾期天数" in e["prompt"] for e in examples)
+    text, s = draft_spec(rows, label="分类", source_name="t.csv", reason="none")
+    assert s["reason"] is None and "分类理由" in load_spec_text(text).fields
+    with pytest.raises(DraftError, match="--reason '备注': no such column"):
+        draft_spec(rows, label="分类", source_name="t.csv", reason="备注")
+
+
 def load_spec_text(text: str):
     from banklm.tasks import parse_spec
 
