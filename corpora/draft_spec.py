@@ -37,7 +37,6 @@ from banklm.tasks.spec import (
     parse_spec,
 )
 from banklm.tasks.table_files import row_label
-from banklm.tasks.tables import format_keys
 
 from .ops.pii import find_pii
 
@@ -579,7 +578,7 @@ def draft_examples(spec_text: str, rows: Sequence[dict], n: int = 3, *, source_n
         rk = t.reason_key
         if rk is not None and not is_missing(row.get(rk)):
             ans[rk] = str(row.get(rk)).strip()
-        answer = t.format_answer(ans) if len(ans) == len(t.answer_keys) else format_keys(t, ans, list(ans))
+        answer = t.format_answer(ans, list(ans))
         out.append({"source": f"{Path(source_name).name} {row_label(source_name, i, rows)}",
                     "system": scrub(t.policy) if t.policy else None, "prompt": scrub(prompt),
                     "answer": scrub(answer), "rule": None})

@@ -67,7 +67,7 @@ def answer_tokens(tokenizer, conversations: Sequence[Sequence[dict]], targets: S
     fulls = [tokenizer.apply_chat_template(c, tokenize=False) for c in convs]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if n else []
     full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"] if n else []
-    starts = [_common_prefix(p, f) for p, f in zip(prompt_ids, full_ids, strict=True)]
+    starts = [len(os.path.commonprefix([p, f])) for p, f in zip(prompt_ids, full_ids, strict=True)]
     ends = [len(f) for f in full_ids]
     labelled = [i for i in range(n) if targets[i] == "labels"]
     cuts = []
@@ -84,15 +84,6 @@ def answer_tokens(tokenizer, conversations: Sequence[Sequence[dict]], targets: S
                              "its text ends (the tokenizer merges the answer with the end of the turn)")
         ends[i] = len(pre)
     return [AnswerTokens(f, s, e) for f, s, e in zip(full_ids, starts, ends, strict=True)]
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def score_instructions(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16, loss_batch_size: int = 8,

@@ -11,6 +11,7 @@ characters the model reproduced. Results name the canary's type, never its value
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
 
@@ -48,15 +49,6 @@ def _normal(s: str) -> str:
     return _SEP.sub("", s)
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def probe_canaries(model, tokenizer, probes: Sequence[dict], chat: bool = True, extra_tokens: int = 8) -> list[dict]:
     """Greedy completions of each probe's context; ``[{type, mode, completed, prefix_chars, value_chars}]``.
 
@@ -86,7 +78,7 @@ def probe_canaries(model, tokenizer, probes: Sequence[dict], chat: bool = True, 
                                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
                 text = _normal(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
                 rows.append({"type": probe["type"], "mode": mode, "completed": value in text,
-                             "prefix_chars": _common_prefix(text, value), "value_chars": len(value)})
+                             "prefix_chars": len(os.path.commonprefix([text, value])), "value_chars": len(value)})
     finally:
         if was_training:
             model.train()

@@ -428,9 +428,13 @@ class Task:
         return msgs
 
     # -- answer layout ---------------------------------------------------------------------------
-    def format_answer(self, answer: dict) -> str:
+    def format_answer(self, answer: dict, keys: Sequence[str] | None = None) -> str:
+        """The answer text in the spec's layout; ``keys``: only those keys, in the spec's order (a bank's row
+        labelled without a reason: the labelled keys only)."""
         parts = []
         for f in self.answer_fields:
+            if keys is not None and f.key not in keys:
+                continue
             v = answer[f.key]
             if f.kind == "multi":
                 chosen = [v] if isinstance(v, str) else list(v)

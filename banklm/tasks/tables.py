@@ -97,20 +97,6 @@ def _category(f, v: str) -> str | None:
     return allowed.get(norm_value(v))
 
 
-def format_keys(t: Task, answer: dict, keys: list[str]) -> str:
-    """The answer layout of :meth:`Task.format_answer` for some keys (in the spec's order)."""
-    parts = []
-    for f in t.answer_fields:
-        if f.key not in keys:
-            continue
-        v = answer[f.key]
-        if f.kind == "multi":
-            chosen = [v] if isinstance(v, str) else list(v)
-            v = "、".join(x for x in (f.values or []) if x in chosen)
-        parts.append(f"{f.zh}：{v}")
-    return "；".join(parts)
-
-
 class _Reader:
     """The per-table state: column lookup, scrubbing, counters."""
 
@@ -396,7 +382,7 @@ def _row_record(r: _Reader, i: int, row: dict, prompt_mode: bool, have_answer: b
                      f"{t.primary_key!r}, and the rules do not give the bank's label")
     target = TARGET_ANSWER if len(keys) == len(t.answer_keys) else TARGET_LABELS
     gold = {k: ans[k] for k in keys}
-    text = t.format_answer(gold) if target == TARGET_ANSWER else format_keys(t, gold, keys)
+    text = t.format_answer(gold, None if target == TARGET_ANSWER else keys)
     return {"id": rid, "task": t.name, "messages": t.messages(prompt, text), "label": gold[t.primary_key],
             "gold": json.dumps(gold, ensure_ascii=False), "meta": json.dumps(meta, ensure_ascii=False, default=str),
             "target": target}
