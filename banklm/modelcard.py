@@ -305,9 +305,11 @@ def _evaluation(d: dict, t: _Lang) -> list[str]:
         return lines + [t("本次运行未评估。", "Not evaluated in this run.")]
     final, res = next(iter(d["eval"].items()))
     tasks = res.get("tasks", {})
-    lines += [t(f"最终模型 `{final}` 在 scenario 测试集上的结果（模型生成文本，经任务解析器解析后评分；无法解析计为错误）：",
+    dec = res.get("decoding", "free")
+    lines += [t(f"最终模型 `{final}` 在 scenario 测试集上的结果（模型生成文本，经任务解析器解析后评分；无法解析计为错误；"
+                f"解码方式 {dec}）：",
                 f"Final model `{final}` on the scenario test split (generated text parsed by the task parser; "
-                "unparseable answers count as wrong):"), ""]
+                f"unparseable answers count as wrong; decoding: {dec}):"), ""]
     rows = task_rows(tasks)  # a task scored on bank and synthetic rows gets a row per source too
     ov = res.get("overall", {})
     rows.append([t("合计 overall", "overall"), ov.get("n"), ov.get("accuracy"), None, None,
@@ -424,7 +426,47 @@ def _quantization(d: dict, t: _Lang) -> list[str]:
                   + (t(f"，导出前任务准确率 {_num(before.get('accuracy'))}（{before.get('n')} 条测试记录）。",
                        f"; task accuracy before export {_num(before.get('accuracy'))} ({before.get('n')} test records).")
                      if "accuracy" in before else t("。", "."))]
-    return lines
+    return lines + _decoding(d, t)
+
+
+DECODING_ORDER = ("free", "constrained")
+DECODING_FIGURES = (("accuracy", "accuracy"), ("format_compliance", "strict format compliance"),
+                    ("unsupported_number_rate", "unsupported-number rate"))
+
+
+def decoding_rows(d: dict) -> tuple[list[str], list[list[Any]]]:
+    """Free vs constrained decoding side by side, from the export stage's task evaluation (the same test records
+    decoded both ways): one row per model (PyTorch, each artefact) and task, each figure free then constrained.
+    No rows unless a model was scored both ways."""
+    v = d.get("export") or {}
+    te = v.get("task_eval") or {}
+    models = [("PyTorch", te.get("pytorch") or {})]
+    models += [(f"{fmt} {c.get('type')}", c.get("task_eval") or {}) for fmt in ("gguf", "onnx")
+               for c in v.get(fmt, []) if isinstance(c, dict)]
+    headers = ["model", "task", *[f"{label} ({dec})" for _, label in DECODING_FIGURES for dec in DECODING_ORDER]]
+    rows = []
+    for name, summary in models:
+        by = summary.get("by_decoding") or {}
+        if not all(dec in by for dec in DECODING_ORDER):
+            continue
+        for task in sorted({t for dec in DECODING_ORDER for t in (by[dec].get("tasks") or {})}):
+            rows.append([name, task, *[((by[dec].get("tasks") or {}).get(task) or {}).get(key)
+                                       for key, _ in DECODING_FIGURES for dec in DECODING_ORDER]])
+    return headers, rows
+
+
+def _decoding(d: dict, t: _Lang) -> list[str]:
+    headers, rows = decoding_rows(d)
+    if not rows:
+        return []
+    n = ((d.get("export") or {}).get("task_eval") or {}).get("records")
+    return ["", f"### {t('自由解码与约束解码 Free vs constrained decoding', 'Free vs constrained decoding')}", "",
+            t(f"同一批 {n} 条测试记录分别以自由贪心解码和约束解码（按任务答案语法：格式、标签集合、理由中只能引用提示里的数字）"
+              "生成；格式合规为严格解析器接受的比例，无依据数字率为理由中引用了输入里没有的数字的答案比例。",
+              f"The same {n} test records decoded freely (greedy) and constrained (under the task's answer "
+              "grammar: layout, label sets, a reason citing only numbers of the prompt); format compliance is the "
+              "share the strict parser accepts, the unsupported-number rate the share of reasons citing a number "
+              "the input does not hold."), "", md_table(headers, rows)]
 
 
 def export_records(d: dict) -> list[dict]:
@@ -440,9 +482,11 @@ def _artefacts(d: dict, t: _Lang) -> list[str]:
                for c in cs if isinstance(c, dict) and "file" in c}
     have = {r["path"]: r["bytes"] for r in recs}
     if checked and any(have.get(f) != n for f, n in checked.items()):
-        # written while the export is still being built (the card inside export/): not in the ledger yet
+        # written while the export is still being built (the card inside export/): not in the ledger yet;
+        # the task answer grammars (grammar/<task>.gbnf) are listed with the artefacts
+        grammars = {g["file"]: g.get("bytes") for g in ((d.get("export") or {}).get("grammars") or {}).values()}
         return ["## 导出文件 Exported artefacts", "",
-                md_table(["file", "bytes"], [[f, n] for f, n in sorted(checked.items())]), "",
+                md_table(["file", "bytes"], [[f, n] for f, n in sorted({**checked, **grammars}.items())]), "",
                 t("各文件的 sha256 见导出目录中的 SHA256SUMS（`cd export && sha256sum -c SHA256SUMS`）；运行目录的 "
                   "MODEL_CARD.md 列出台账记录的 sha256，由 `banklm verify` 检查。",
                   "The sha256 of every file is in the export folder's SHA256SUMS (`cd export && sha256sum -c "

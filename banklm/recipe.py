@@ -470,6 +470,9 @@ class EvalSection(Section):
     robustness: list[Literal["shuffle_fields", "fullwidth_digits", "distractor"]] = Field(default_factory=list)
     compare: list[Literal["base", "cpt"]] = Field(default_factory=list)  # earlier models scored side by side
     retention: bool = True  # perplexity on the general corpus's test split, before and after fine-tuning
+    # free: plain greedy; constrained: greedy under each request's answer grammar (banklm.tasks.grammar: layout,
+    # labels, a bounded reason citing only the prompt's numbers). The export stage scores the other one too.
+    decoding: Literal["free", "constrained"] = "free"
 
 
 def _no_duplicates(values: list[str]) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from banklm.io import atomic_dir, atomic_write_text
-from banklm.modelcard import instruction_rows, render_model_card
+from banklm.modelcard import decoding_rows, instruction_rows, render_model_card
 from banklm.results import (
     collect,
     distill_models,
@@ -465,6 +465,10 @@ def render_export_section(d: dict) -> str:
                                  _sci(a.get("tokens_per_s"), "{:.0f}"), a.get("runtime")])
         parts.append(f"<h3>Task accuracy before and after export ({te['records']} test records)</h3>")
         parts.append(_table(["model", *tasks, "overall", "tokens/s", "runtime"], rows))
+        headers, drows = decoding_rows(d)
+        if drows:  # the same records decoded freely and under the answer grammar
+            parts.append(f"<h3>Free vs constrained decoding ({te['records']} test records)</h3>")
+            parts.append(_table(headers, drows))
     elif v.get("gguf") or v.get("onnx"):
         parts.append("<p class=muted>exported artefacts were not scored on the tasks (export.evaluate: false)</p>")
     if any((c.get("llama_cpp") or {}).get("checked") is False for c in v.get("gguf", [])):

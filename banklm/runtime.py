@@ -8,7 +8,12 @@ parsers and metrics score it):
 * ``logits(ids) -> np.ndarray [len(ids), vocab]``: one forward pass over a prompt (llama.cpp: the
   last row only, the others are NaN);
 * ``greedy(prompts, max_new_tokens, eos_ids, batch_size) -> list[list[int]]``: greedy continuation
-  of each token-id prompt with the KV cache, cut after the first EOS (the EOS included).
+  of each token-id prompt with the KV cache, cut after the first EOS (the EOS included). Optionally
+  constrained: ``grammars`` (one GBNF text per prompt, :mod:`banklm.tasks.grammar`) keeps every token inside
+  the prompt's answer grammar (PyTorch and ONNX through :class:`banklm.evaluation.constrained.GrammarMask`,
+  llama.cpp through its own grammar sampler), and ``prefixes`` (token ids per prompt) force the answer's
+  start (e.g. scored labels); the returned tokens then begin with the prefix, and ``max_new_tokens`` counts
+  the tokens generated after it.
 
 ``LlamaCppLM`` also tokenizes and detokenizes with llama.cpp's own tokenizer (``tokenize`` /
 ``detokenize``), so evaluating a GGUF exercises the tokenizer the bank will serve with.
@@ -16,6 +21,7 @@ parsers and metrics score it):
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -25,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from banklm.evaluation.generate import GenerationResult
+from banklm.evaluation.constrained import GrammarError, GrammarMask, grammar_logits_processor
+from banklm.evaluation.generate import GenerationResult, continuation_ids
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -87,19 +94,30 @@ class OnnxCausalLM:
         return logits[0].astype(np.float32)
 
     def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int],
-               batch_size: int = 32, pad_id: int = 0) -> list[list[int]]:
-        """Greedy continuation of each prompt; batches of left-padded prompts, KV cache, stop at EOS."""
+               batch_size: int = 32, pad_id: int = 0, *, grammars: Sequence[str] | None = None,
+               prefixes: Sequence[Sequence[int]] | None = None, tokenizer=None) -> list[list[int]]:
+        """Greedy continuation of each prompt; batches of left-padded prompts, KV cache, stop at EOS.
+        ``grammars`` / ``prefixes``: see the module docstring (``tokenizer``, the HF tokenizer, builds the mask)."""
         eos = set(int(e) for e in eos_ids)
+        grammars, prefixes = _constraints(len(prompts), grammars, prefixes, tokenizer)
         out: list[list[int] | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for start in range(0, len(order), max(1, int(batch_size))):
             idx = order[start:start + max(1, int(batch_size))]
-            for i, toks in zip(idx, self._greedy_batch([prompts[i] for i in idx], max_new_tokens, eos, pad_id),
-                               strict=True):
+            if grammars is None and prefixes is None:
+                new = self._greedy_batch([prompts[i] for i in idx], max_new_tokens, eos, pad_id)
+            else:
+                pre = [list(prefixes[i]) if prefixes else [] for i in idx]
+                mask = _mask(tokenizer, [grammars[i] for i in idx], pre, eos_ids) if grammars else None
+                new = self._greedy_batch([[*prompts[i], *p] for i, p in zip(idx, pre, strict=True)], max_new_tokens,
+                                         eos, pad_id, mask)
+                new = [[*p, *toks] for p, toks in zip(pre, new, strict=True)]
+            for i, toks in zip(idx, new, strict=True):
                 out[i] = toks
         return out  # type: ignore[return-value]
 
-    def _greedy_batch(self, prompts, max_new_tokens, eos, pad_id) -> list[list[int]]:
+    def _greedy_batch(self, prompts, max_new_tokens, eos, pad_id,
+                      grammar: GrammarMask | None = None) -> list[list[int]]:
         b = len(prompts)
         width = max(1, max(len(p) for p in prompts))
         ids = np.full((b, width), pad_id, dtype=np.int64)
@@ -114,7 +132,11 @@ class OnnxCausalLM:
         done = np.zeros(b, dtype=bool)
         for _ in range(int(max_new_tokens)):
             logits, past = self.forward(ids, mask, pos, past)
-            nxt = logits[:, -1].argmax(-1)
+            if grammar is None:
+                nxt = logits[:, -1].argmax(-1)
+            else:
+                nxt = grammar.apply(logits[:, -1].astype(np.float32)).argmax(-1)
+                grammar.advance(nxt)
             for r in range(b):
                 if not done[r]:
                     new[r].append(int(nxt[r]))
@@ -183,8 +205,6 @@ class LlamaCppLM:
         Not ``Llama.detokenize``: llama-cpp-python 0.3.36 converts token by token into a 32-byte buffer
         and silently drops longer pieces (a 14-character Chinese piece is 42 bytes).
         """
-        import ctypes
-
         ll = self._llama_cpp
         arr = (ll.llama_token * len(ids))(*[int(i) for i in ids])
         size = 16 * len(ids) + 16
@@ -215,22 +235,123 @@ class LlamaCppLM:
         return out
 
     def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int],
-               batch_size: int = 1, pad_id: int = 0) -> list[list[int]]:
-        """Greedy continuation, one prompt at a time (llama-cpp-python has one sequence per context)."""
+               batch_size: int = 1, pad_id: int = 0, *, grammars: Sequence[str] | None = None,
+               prefixes: Sequence[Sequence[int]] | None = None, tokenizer=None) -> list[list[int]]:
+        """Greedy continuation, one prompt at a time (llama-cpp-python has one sequence per context).
+        ``grammars`` (GBNF) go to llama.cpp's grammar sampler, ``prefixes`` are forced (module docstring);
+        ``tokenizer`` is not needed (llama.cpp reads the grammar against its own vocabulary)."""
         eos = set(int(e) for e in eos_ids)
+        grammars, prefixes = _constraints(len(prompts), grammars, prefixes)
         out = []
-        for p in prompts:
-            new: list[int] = []
-            row = self._eval(p)
-            for _ in range(int(max_new_tokens)):
-                tok = int(row.argmax())
-                new.append(tok)
-                if tok in eos or self.llm.n_tokens + 1 >= self.n_ctx:
-                    break
-                self.llm.eval([tok])
-                row = self.last_logits()
+        for k, p in enumerate(prompts):
+            pre = [int(t) for t in prefixes[k]] if prefixes else []
+            sampler = _LlamaCppGrammar(self, grammars[k], eos) if grammars else None
+            try:
+                if sampler is not None:
+                    sampler.force(pre)
+                new: list[int] = list(pre)
+                row = self._eval([*p, *pre])
+                for _ in range(int(max_new_tokens)):
+                    tok = int(row.argmax()) if sampler is None else sampler.choose(row)
+                    new.append(tok)
+                    if tok in eos or self.llm.n_tokens + 1 >= self.n_ctx:
+                        break
+                    if sampler is not None:
+                        sampler.accept(tok)
+                    self.llm.eval([tok])
+                    row = self.last_logits()
+            finally:
+                if sampler is not None:
+                    sampler.close()
             out.append(new)
         return out
+
+    def _not_answer_tokens(self) -> np.ndarray:
+        """Ids llama.cpp's grammar would read as text but no answer may hold: control, unknown and unused tokens
+        and end-of-generation ones (the grammar sampler renders a control token's text, ``<|im_start|>``, as a
+        piece; llguidance never allows a special token): forbidden except the caller's EOS ids. Cached."""
+        if getattr(self, "_special_ids", None) is None:
+            ll = self._llama_cpp
+            bad = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_UNKNOWN | ll.LLAMA_TOKEN_ATTR_UNUSED
+            self._special_ids = np.array([t for t in range(self.llm.n_vocab())
+                                          if ll.llama_vocab_get_attr(self._vocab, t) & bad
+                                          or ll.llama_vocab_is_eog(self._vocab, t)], dtype=np.int64)
+        return self._special_ids
+
+
+class _LlamaCppGrammar:
+    """One request's GBNF in llama.cpp's grammar sampler (``llama_sampler_init_grammar``), stepped by banklm's
+    greedy loop: the argmax of the raw logits is taken when the grammar allows it (what llama.cpp's server
+    does first), else the argmax after the sampler masks the whole vocabulary. Tokens are accepted only after
+    the sampler allowed them (llama.cpp aborts the process on a token outside the grammar). An EOS id the GGUF
+    does not mark end-of-generation is allowed exactly when its end-of-generation token is (the sampler would
+    read it as text)."""
+
+    def __init__(self, lm: LlamaCppLM, gbnf: str, eos: set[int]):
+        ll = self._ll = lm._llama_cpp
+        self.eos = eos
+        self._eos_text = [e for e in sorted(eos) if not ll.llama_vocab_is_eog(lm._vocab, e)]
+        self._eog = int(ll.llama_vocab_eos(lm._vocab))
+        if self._eos_text and (self._eog < 0 or not ll.llama_vocab_is_eog(lm._vocab, self._eog)):
+            raise GrammarError(f"{lm.path.name}: EOS ids {self._eos_text} are no end-of-generation tokens in "
+                               "llama.cpp and the GGUF declares none: a constrained answer could not end")
+        self.smpl = ll.llama_sampler_init_grammar(lm._vocab, gbnf.encode("utf-8"), b"root")
+        if not self.smpl:
+            raise GrammarError("llama.cpp cannot parse the grammar (llama_sampler_init_grammar failed)")
+        self.forbidden = np.setdiff1d(lm._not_answer_tokens(), np.fromiter(eos, dtype=np.int64, count=len(eos)))
+        self._forbidden = set(self.forbidden.tolist())
+        n = lm.llm.n_vocab()
+        self._one = (ll.llama_token_data * 1)()
+        self._one_arr = ll.llama_token_data_array(self._one, 1, -1, False)
+        self._all = np.zeros(n, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        self._all["id"] = np.arange(n, dtype=np.int32)
+        self._all_arr = ll.llama_token_data_array(self._all.ctypes.data_as(ctypes.POINTER(ll.llama_token_data)),
+                                                  n, -1, False)
+
+    def allowed(self, tok: int) -> bool:
+        """Whether the grammar takes ``tok`` next."""
+        if tok in self._forbidden:
+            return False
+        return self._sampler_allows(self._eog if tok in self._eos_text else tok)
+
+    def _sampler_allows(self, tok: int) -> bool:
+        self._one[0].id, self._one[0].logit, self._one[0].p = tok, 0.0, 0.0
+        self._one_arr.size, self._one_arr.selected = 1, -1
+        self._ll.llama_sampler_apply(self.smpl, ctypes.byref(self._one_arr))
+        return self._one[0].logit != float("-inf")
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The greedy token under the grammar."""
+        tok = int(logits.argmax())
+        if self.allowed(tok):
+            return tok
+        self._all["logit"] = logits
+        self._all_arr.size, self._all_arr.selected = len(self._all), -1
+        self._ll.llama_sampler_apply(self.smpl, ctypes.byref(self._all_arr))
+        masked = self._all["logit"]
+        masked[self.forbidden] = -np.inf
+        if self._eos_text:
+            masked[self._eos_text] = logits[self._eos_text] if self._sampler_allows(self._eog) else -np.inf
+        tok = int(masked.argmax())
+        if masked[tok] == -np.inf:
+            raise GrammarError("llama.cpp's grammar sampler allows no token (the EOS ids are not end-of-generation "
+                               "tokens in this GGUF?)")
+        return tok
+
+    def accept(self, tok: int) -> None:
+        self._ll.llama_sampler_accept(self.smpl, int(tok))
+
+    def force(self, ids: Sequence[int]) -> None:
+        """Accept a forced prefix, each token checked first."""
+        for t in ids:
+            if t in self.eos or not self.allowed(int(t)):
+                raise GrammarError(f"the forced prefix leaves the grammar at token {int(t)}")
+            self.accept(int(t))
+
+    def close(self) -> None:
+        if self.smpl:
+            self._ll.llama_sampler_free(self.smpl)
+            self.smpl = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,47 +372,90 @@ class TorchLM:
         with torch.inference_mode():
             return self.model(torch.tensor([list(ids)])).logits[0].float().numpy()
 
-    def greedy(self, prompts, max_new_tokens, eos_ids, batch_size: int = 32, pad_id: int | None = None):
-        """``batch_size=1``: each prompt alone (the exact reference); larger: left-padded batches."""
+    def greedy(self, prompts, max_new_tokens, eos_ids, batch_size: int = 32, pad_id: int | None = None, *,
+               grammars: Sequence[str] | None = None, prefixes: Sequence[Sequence[int]] | None = None,
+               tokenizer=None):
+        """``batch_size=1``: each prompt alone (the exact reference); larger: left-padded batches.
+        ``grammars`` / ``prefixes``: see the module docstring (``tokenizer``, the HF tokenizer, builds the mask)."""
         import torch
 
         eos = [int(e) for e in eos_ids]
         pad = self.pad_id if pad_id is None else pad_id
+        grammars, prefixes = _constraints(len(prompts), grammars, prefixes, tokenizer)
         out: list[list[int] | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         step = max(1, int(batch_size))
         with torch.inference_mode():
             for start in range(0, len(order), step):
                 idx = order[start:start + step]
-                width = max(len(prompts[i]) for i in idx)
+                pre = [list(prefixes[i]) if prefixes else [] for i in idx]
+                seqs = [[*prompts[i], *p] for i, p in zip(idx, pre, strict=True)]
+                width = max(len(q) for q in seqs)
                 x = torch.full((len(idx), width), pad, dtype=torch.long)
                 mask = torch.zeros_like(x)
-                for r, i in enumerate(idx):
-                    x[r, width - len(prompts[i]):] = torch.tensor(list(prompts[i]), dtype=torch.long)
-                    mask[r, width - len(prompts[i]):] = 1
+                for r, q in enumerate(seqs):
+                    x[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
+                    mask[r, width - len(q):] = 1
+                extra = {}
+                if grammars:
+                    extra["logits_processor"] = _processors(_mask(tokenizer, [grammars[i] for i in idx], pre, eos))
                 y = self.model.generate(x, attention_mask=mask, max_new_tokens=int(max_new_tokens), do_sample=False,
-                                        eos_token_id=eos or None, pad_token_id=pad)[:, width:].tolist()
+                                        eos_token_id=eos or None, pad_token_id=pad, **extra)[:, width:].tolist()
                 for r, i in enumerate(idx):
                     cut = next((j + 1 for j, t in enumerate(y[r]) if t in eos), len(y[r]))
-                    out[i] = y[r][:cut]
+                    out[i] = [*pre[r], *y[r][:cut]]
         return out
 
 
+def _constraints(n: int, grammars, prefixes, tokenizer=False):
+    """Checked per-prompt ``grammars`` and ``prefixes`` (each None or one per prompt). ``tokenizer``: the
+    runtime masks with :class:`GrammarMask` and needs one (``False``: it does not)."""
+    for what, v in (("grammars", grammars), ("prefixes", prefixes)):
+        if v is not None and len(v) != n:
+            raise ValueError(f"{len(v)} {what} for {n} prompts")
+    if grammars is not None and tokenizer is None:
+        raise ValueError("constrained decoding needs the tokenizer (tokenizer=) to build the grammar mask")
+    return (list(grammars) if grammars is not None else None), (list(prefixes) if prefixes is not None else None)
+
+
+def _mask(tokenizer, grammars: Sequence[str], prefixes: Sequence[Sequence[int]], eos_ids) -> GrammarMask:
+    """A mask for one batch, each row already advanced over its forced prefix."""
+    mask = GrammarMask(tokenizer, grammars, [int(e) for e in eos_ids])
+    for r, p in enumerate(prefixes):
+        if p:
+            mask.force(r, p)
+    return mask
+
+
+def _processors(mask: GrammarMask):
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList([grammar_logits_processor(mask)])
+
+
 def generate_chat(lm, tokenizer, messages_list: Sequence[Sequence[dict]], eos_ids: Sequence[int],
-                  max_new_tokens: int = 128, batch_size: int = 32) -> GenerationResult:
+                  max_new_tokens: int = 128, batch_size: int = 32, *, grammars: Sequence[str] | None = None,
+                  prefixes: Sequence[str | None] | None = None) -> GenerationResult:
     """Greedy answers of ``lm`` to each conversation, rendered with the training chat template.
 
     Token ids come from ``lm.tokenize`` when the runtime has its own tokenizer (llama.cpp), else from
     ``tokenizer``; answers are cut at the first EOS and decoded without special tokens, as in
-    :func:`banklm.evaluation.generate.generate`.
+    :func:`banklm.evaluation.generate.generate`. ``grammars`` (GBNF per conversation) constrain the answers;
+    ``prefixes`` (text per conversation, or None) are forced at their start, tokenized as the continuation
+    of the rendered prompt, and are part of the returned answers.
     """
     texts = [tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=False) for m in messages_list]
     encode = getattr(lm, "tokenize", None) or (lambda t: tokenizer.encode(t, add_special_tokens=False))
     prompts = [encode(t) for t in texts]
     eos = set(int(e) for e in eos_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
+    extra: dict = {}
+    if grammars is not None or prefixes is not None:  # the free path calls greedy exactly as before
+        pre = None if prefixes is None else [continuation_ids(encode, t, p, x or "")
+                                             for t, p, x in zip(texts, prompts, prefixes, strict=True)]
+        extra = {"grammars": grammars, "prefixes": pre, "tokenizer": tokenizer}
     t0 = time.perf_counter()
-    new = lm.greedy(prompts, max_new_tokens, list(eos), batch_size=batch_size, pad_id=pad)
+    new = lm.greedy(prompts, max_new_tokens, list(eos), batch_size=batch_size, pad_id=pad, **extra)
     seconds = time.perf_counter() - t0
     decode = getattr(lm, "detokenize", None) or (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     answers = [decode([t for t in toks if t not in eos]).strip() for toks in new]

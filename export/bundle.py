@@ -6,9 +6,13 @@
       gguf/<name>-<type>.gguf + <name>-<type>.Modelfile   (one Ollama Modelfile per GGUF)
       onnx/<type>/model.onnx + config, generation config, tokenizer, chat template
       eval/<artefact>/results.json + predictions.jsonl    (task evaluation of each artefact, and of PyTorch)
+      eval/<artefact>/<decoding>/results.json + ...        (the same records decoded the other way: free or
+                                                            constrained, when both are asked for)
       verify.json                                          (every check and figure, see docs/export.md)
       tasks/<name>.yaml                                    (the specs of its tasks: evaluated and served without
                                                             the recipe; banklm.tasks.resolve_task finds them)
+      grammar/<name>.gbnf                                  (each task's answer grammar, static part: a serving
+                                                            host adds the request's numbers, docs/export.md)
       MODEL_CARD.md                                        (when given)
       SHA256SUMS                                           (``cd export && sha256sum -c SHA256SUMS``)
 
@@ -30,14 +34,16 @@ from pathlib import Path
 
 from banklm.finetune.tokenizer import load_tokenizer
 
-from banklm.evaluation.evaluate import evaluate_artefact, evaluate_model_dir
+from banklm.evaluation.evaluate import DECODINGS, evaluate_artefact, evaluate_model_dir
 from banklm.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from banklm.runtime import OnnxCausalLM, context_length, open_gguf, stop_token_ids
 from banklm.tasks import SPECS_FOLDER, Task, carried_specs, carry_specs
 from banklm.tasks.base import iter_user_messages
+from banklm.tasks.grammar import task_grammar
+from banklm.tasks.registry import task_from_spec
 
 from .gguf import export_gguf
-from .ollama import write_modelfile
+from .ollama import UNCONSTRAINED_NOTE, write_modelfile
 from .onnx import DEFAULT_OPSET, export_onnx
 from .verify import verify_gguf, verify_onnx
 
@@ -45,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SUMS_FILE = "SHA256SUMS"
 VERIFY_FILE = "verify.json"
+GRAMMAR_FOLDER = "grammar"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,11 +102,16 @@ def check_sha256sums(folder: str | os.PathLike) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+TASK_FIGURES = ("accuracy", "format_compliance", "unsupported_number_rate")  # per task, per decoding
+
+
 def task_summary(results: dict, where: str) -> dict:
-    """The figures verify.json and the report show for one evaluated model."""
+    """The figures verify.json and the report show for one evaluated model (and decoding)."""
     ov = results.get("overall", {})
-    return {"results": where, "n": ov.get("n"), "accuracy": ov.get("accuracy"),
-            "per_task": {t: r.get("accuracy") for t, r in results.get("tasks", {}).items()},
+    tasks = results.get("tasks", {})
+    return {"results": where, "decoding": results.get("decoding", "free"), "n": ov.get("n"),
+            "accuracy": ov.get("accuracy"), "per_task": {t: r.get("accuracy") for t, r in tasks.items()},
+            "tasks": {t: {k: r.get(k) for k in TASK_FIGURES} for t, r in tasks.items()},
             "format_compliance": ov.get("format_compliance"), "tokens_per_s": ov.get("tokens_per_s")}
 
 
@@ -126,6 +138,7 @@ def build_export(
     num_ctx: int | None = None,
     tasks: Sequence[str | Task] = (),
     model_card: str | Callable[[dict], str] | None = None,
+    decodings: Sequence[str] = ("free",),
 ) -> dict:
     """Export ``model_dir`` to ``out_dir`` as GGUF (``gguf_quant``) and ONNX (``onnx_quant``), verify every
     artefact on ``prompts``, evaluate each (and the PyTorch model) on ``records`` when given, write the
@@ -133,7 +146,12 @@ def build_export(
     ``SHA256SUMS``.
 
     The bundle carries ``tasks/<name>.yaml``: the specs ``model_dir`` carries, plus those of ``tasks`` and of
-    the records' tasks (these as registered now, which is what the records were scored with).
+    the records' tasks (these as registered now, which is what the records were scored with), and each one's
+    answer grammar ``grammar/<name>.gbnf``.
+
+    ``decodings``: how the records are answered (``free``, ``constrained``), the first being the one the
+    accuracy check and ``task_eval`` report; each further one is scored into ``eval/<artefact>/<decoding>/``,
+    every one summarised under ``task_eval.by_decoding``.
 
     Returns the summary written to ``verify.json``: ``passed``, ``failures`` (each naming the artefact
     and the check), and one entry per artefact under ``gguf`` / ``onnx``. Conversion errors raise (the
@@ -142,6 +160,9 @@ def build_export(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not gguf_quant and not onnx_quant:
         raise ValueError("build_export: nothing to export (no GGUF and no ONNX quant)")
+    decodings = list(dict.fromkeys(decodings))
+    if not decodings or not set(decodings) <= set(DECODINGS):
+        raise ValueError(f"build_export: decodings must be among {', '.join(DECODINGS)}, got {decodings}")
     tok = load_tokenizer(model_dir)
     eos_ids = stop_token_ids(model_dir)
     num_ctx = int(num_ctx or context_length(model_dir))
@@ -165,7 +186,8 @@ def build_export(
             stops = [t for t in tok.convert_ids_to_tokens(eos_ids) if t]
             for f, q in zip(files, gguf_quant, strict=True):
                 write_modelfile(f, tok.chat_template, f.with_suffix(".Modelfile"), system=system,
-                                stop_tokens=stops, num_ctx=num_ctx, parameters={"temperature": 0})
+                                stop_tokens=stops, num_ctx=num_ctx, parameters={"temperature": 0},
+                                comments=[UNCONSTRAINED_NOTE])
                 artefacts.append(("gguf", q, f))
         if onnx_quant:
             t0 = time.perf_counter()
@@ -184,60 +206,89 @@ def build_export(
             summary[kind].append({"file": rel(path), "type": q, **check})
 
         if records:
-            records = list(records)
-            ev = tmp / "eval"
-            base = evaluate_model_dir(model_dir, records, ev / "pytorch", device=device, batch_size=eval_batch_size,
-                                      max_new_tokens=eval_max_new_tokens, model_name="pytorch")
-            summary["task_eval"] = {"records": len(records), "tasks": sorted({r["task"] for r in records}),
-                                    "max_new_tokens": eval_max_new_tokens,
-                                    "pytorch": task_summary(base, rel(ev / "pytorch" / "results.json"))}
-            # llama.cpp refuses prompts longer than its context: size it for the longest record
-            longest = max(len(tok.apply_chat_template(iter_user_messages(r), add_generation_prompt=True,
-                                                      tokenize=True, return_dict=False)) for r in records)
-            eval_ctx = max(num_ctx, longest + eval_max_new_tokens + 8)
-            for kind, q, path in artefacts:
-                entry = next(c for c in summary[kind] if c["type"] == q)
-                aid = f"{kind}-{q}"
-                try:
-                    if kind == "gguf":
-                        lm, runtime = open_gguf(path, eval_ctx)
-                    else:
-                        lm, runtime = OnnxCausalLM(path), "onnxruntime (CPU)"
-                    try:
-                        res = evaluate_artefact(lm, tok, records, ev / aid, eos_ids=eos_ids,
-                                                batch_size=eval_batch_size, max_new_tokens=eval_max_new_tokens,
-                                                model_name=aid, size={"model_bytes": entry.get("bytes")})
-                    finally:
-                        if hasattr(lm, "close"):
-                            lm.close()
-                except Exception as e:  # a runtime that cannot answer is a failed check, not a crash
-                    log.exception("task evaluation of %s failed", aid)
-                    entry["task_eval"] = {"failures": [f"{type(e).__name__}: {e}"]}
-                    entry["failures"].append(f"task_eval: {type(e).__name__}: {e}")
-                    entry["passed"] = False
-                    continue
-                te = {"runtime": runtime, **task_summary(res, rel(ev / aid / "results.json"))}
-                te["accuracy_drop"] = summary["task_eval"]["pytorch"]["accuracy"] - te["accuracy"]
-                te["failures"] = []
-                if max_accuracy_drop is not None and te["accuracy_drop"] > max_accuracy_drop:
-                    te["failures"].append(f"task accuracy {te['accuracy']:.3f} is {te['accuracy_drop']:.3f} below "
-                                          f"PyTorch's {summary['task_eval']['pytorch']['accuracy']:.3f} "
-                                          f"(allowed {max_accuracy_drop})")
-                entry["task_eval"] = te
-                entry["failures"] += [f"task_eval: {f}" for f in te["failures"]]
-                entry["passed"] = entry["passed"] and not te["failures"]
+            _evaluate_bundle(summary, model_dir, tok, list(records), artefacts, tmp, rel, decodings=decodings,
+                             device=device, batch_size=eval_batch_size, max_new_tokens=eval_max_new_tokens,
+                             eos_ids=eos_ids, num_ctx=num_ctx, max_accuracy_drop=max_accuracy_drop)
 
         for kind in ("gguf", "onnx"):
             for c in summary[kind]:
                 summary["failures"] += [f"{kind} {c['type']} ({c['file']}): {f}" for f in c["failures"]]
         summary["passed"] = not summary["failures"]
         summary["tasks"] = _carry_task_specs(model_dir, tmp, [*tasks, *(r["task"] for r in records or ())])
+        summary["grammars"] = _write_grammars(tmp, rel)
         atomic_write_json(tmp / VERIFY_FILE, summary)
         card = model_card(summary) if callable(model_card) else model_card
         if card:
             atomic_write_text(tmp / "MODEL_CARD.md", card)
         write_sha256sums(tmp)
     return summary
+
+
+def _evaluate_bundle(summary: dict, model_dir: Path, tok, records: list[dict], artefacts, tmp: Path, rel, *,
+                     decodings: Sequence[str], device: str, batch_size: int, max_new_tokens: int, eos_ids,
+                     num_ctx: int, max_accuracy_drop: float | None) -> None:
+    """Score the PyTorch model and every artefact on ``records``, once per decoding; fill ``summary``."""
+    ev = tmp / "eval"
+
+    def where(aid: str, d: str) -> Path:  # the first decoding at eval/<aid>/, the others one folder down
+        return ev / aid if d == decodings[0] else ev / aid / d
+
+    by = {d: task_summary(evaluate_model_dir(model_dir, records, where("pytorch", d), device=device,
+                                             batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                             model_name="pytorch", decoding=d),
+                          rel(where("pytorch", d) / "results.json")) for d in decodings}
+    summary["task_eval"] = {"records": len(records), "tasks": sorted({r["task"] for r in records}),
+                            "max_new_tokens": max_new_tokens, "decoding": decodings[0],
+                            "pytorch": {**by[decodings[0]], "by_decoding": by}}
+    # llama.cpp refuses prompts longer than its context: size it for the longest record
+    longest = max(len(tok.apply_chat_template(iter_user_messages(r), add_generation_prompt=True,
+                                              tokenize=True, return_dict=False)) for r in records)
+    eval_ctx = max(num_ctx, longest + max_new_tokens + 8)
+    base = summary["task_eval"]["pytorch"]["accuracy"]
+    for kind, q, path in artefacts:
+        entry = next(c for c in summary[kind] if c["type"] == q)
+        aid = f"{kind}-{q}"
+        try:
+            if kind == "gguf":
+                lm, runtime = open_gguf(path, eval_ctx)
+            else:
+                lm, runtime = OnnxCausalLM(path), "onnxruntime (CPU)"
+            try:
+                by = {d: task_summary(evaluate_artefact(lm, tok, records, where(aid, d), eos_ids=eos_ids,
+                                                        batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                        model_name=aid, size={"model_bytes": entry.get("bytes")},
+                                                        decoding=d),
+                                      rel(where(aid, d) / "results.json")) for d in decodings}
+            finally:
+                if hasattr(lm, "close"):
+                    lm.close()
+        except Exception as e:  # a runtime that cannot answer is a failed check, not a crash
+            log.exception("task evaluation of %s failed", aid)
+            entry["task_eval"] = {"failures": [f"{type(e).__name__}: {e}"]}
+            entry["failures"].append(f"task_eval: {type(e).__name__}: {e}")
+            entry["passed"] = False
+            continue
+        te = {"runtime": runtime, **by[decodings[0]], "by_decoding": by}
+        te["accuracy_drop"] = base - te["accuracy"]
+        te["failures"] = []
+        if max_accuracy_drop is not None and te["accuracy_drop"] > max_accuracy_drop:
+            te["failures"].append(f"task accuracy {te['accuracy']:.3f} is {te['accuracy_drop']:.3f} below "
+                                  f"PyTorch's {base:.3f} (allowed {max_accuracy_drop})")
+        entry["task_eval"] = te
+        entry["failures"] += [f"task_eval: {f}" for f in te["failures"]]
+        entry["passed"] = entry["passed"] and not te["failures"]
+
+
+def _write_grammars(bundle: Path, rel) -> dict[str, str]:
+    """``grammar/<task>.gbnf`` for every spec the bundle carries: the static answer grammar (layout, labels, a
+    reason without digits), what a llama.cpp server is given per request once the request's numbers are
+    added (:func:`banklm.tasks.grammar.answer_grammar`). ``{task: {"file" (as the run folder sees it), "bytes",
+    "sha256"}}``."""
+    out = {}
+    for name, spec in carried_specs(bundle).items():
+        path = atomic_write_text(bundle / GRAMMAR_FOLDER / f"{name}.gbnf", task_grammar(task_from_spec(spec)))
+        out[name] = {"file": rel(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return out
 
 
 def _carry_task_specs(model_dir: Path, bundle: Path, tasks: Sequence[str | Task]) -> dict[str, str]:
@@ -285,4 +336,4 @@ def verify_export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, p
 
 
 __all__ = ["build_export", "verify_export", "write_sha256sums", "check_sha256sums",
-           "task_summary", "SUMS_FILE", "VERIFY_FILE"]
+           "task_summary", "SUMS_FILE", "VERIFY_FILE", "GRAMMAR_FOLDER"]

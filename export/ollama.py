@@ -131,6 +131,16 @@ def _quote(s: str, what: str) -> str:
     return f'"""{s}"""'
 
 
+#: the Modelfile's word on answer checking: Ollama constrains output only by a JSON schema (``format``), and a
+#: banklm answer is ``键：值；…`` text, not JSON, so the task's answer grammar (``grammar/<task>.gbnf``) cannot
+#: be applied there
+UNCONSTRAINED_NOTE = (
+    "Answers served by Ollama are NOT grammar-constrained: Ollama takes only a JSON schema (format) and the\n"
+    "task answers (key: value; ...) are not JSON. Check every answer with the task parser (banklm's\n"
+    "Task.parse(text, strict=True), the spec in tasks/<name>.yaml) before use, or serve the GGUF with\n"
+    "llama.cpp and the request's grammar (grammar/<task>.gbnf plus the prompt's numbers; docs/export.md).")
+
+
 def write_modelfile(
     gguf_path: str | os.PathLike,
     chat_template: str,
@@ -139,20 +149,23 @@ def write_modelfile(
     stop_tokens: Sequence[str] = DEFAULT_STOP_TOKENS,
     num_ctx: int = 2048,
     parameters: dict | None = None,
+    comments: Sequence[str] = (),
 ) -> Path:
     """Write an Ollama ``Modelfile`` next to (or pointing at) ``gguf_path``; returns ``out_path``.
 
     ``FROM`` is relative (``./name.gguf``) when the GGUF sits in the Modelfile's folder, so the pair
     can be copied together to the serving host. ``TEMPLATE`` is the Go translation of
     ``chat_template``; ``stop_tokens`` become ``PARAMETER stop`` lines; ``parameters`` adds more
-    ``PARAMETER`` lines (e.g. ``{"temperature": 0}`` for deterministic decisions).
+    ``PARAMETER`` lines (e.g. ``{"temperature": 0}`` for deterministic decisions); ``comments`` are
+    ``#`` lines after ``FROM`` (one per line of text), for whoever deploys the file.
     """
     gguf_path, out_path = Path(gguf_path), Path(out_path)
     if gguf_path.resolve().parent == out_path.resolve().parent:
         src = f"./{gguf_path.name}"
     else:
         src = str(gguf_path.resolve())
-    lines = [f"FROM {src}", f"TEMPLATE {_quote(jinja_to_ollama_template(chat_template), 'TEMPLATE')}"]
+    lines = [f"FROM {src}", *(f"# {x}".rstrip() for c in comments for x in c.splitlines()),
+             f"TEMPLATE {_quote(jinja_to_ollama_template(chat_template), 'TEMPLATE')}"]
     if system:
         lines.append(f"SYSTEM {_quote(system, 'SYSTEM')}")
     for s in stop_tokens:

@@ -41,6 +41,10 @@ def _ll_tokenizer(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]):
     return per[key]
 
 
+_OPTIONS = "%llguidance {}"
+_NO_FORCING = '%llguidance {"no_forcing": true}'
+
+
 @functools.lru_cache(maxsize=512)
 def _compiled(gbnf: str) -> str:
     """GBNF text -> the matcher's grammar (the conversion is the costly part: cached by text)."""
@@ -50,6 +54,9 @@ def _compiled(gbnf: str) -> str:
         grammar = llguidance.grammar_from("gbnf", gbnf)
     except ValueError as e:
         raise GrammarError(f"grammar does not parse: {e}") from None
+    # every tokenization of the allowed text, as llama.cpp's grammar sampler decodes the same GBNF: llguidance's
+    # default admits only the canonical tokens of text the grammar forces (``结论：``), which llama.cpp cannot do
+    grammar = grammar.replace(_OPTIONS, _NO_FORCING, 1) if grammar.startswith(_OPTIONS) else grammar
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
         raise GrammarError("grammar is invalid: " + "; ".join(messages))
@@ -162,6 +169,15 @@ class GrammarMask:
                     self.errors[i] = f"EOS (token {t}) before the answer is complete"
             elif m.is_stopped() or not m.consume_token(t):
                 self.errors[i] = m.get_error() or f"token {t} after the answer is complete"
+
+    def force(self, row: int, token_ids: Sequence[int]) -> None:
+        """Feed row ``row`` tokens chosen before decoding (a forced answer prefix, e.g. scored labels); raise
+        :class:`GrammarError` when its grammar does not take them (the caller's prefix is outside the grammar)."""
+        m = self._matchers[row]
+        for t in token_ids:
+            if m.is_stopped() or not m.consume_token(int(t)):
+                raise GrammarError(f"row {row}: the forced prefix leaves the grammar at token {int(t)}: "
+                                   f"{m.get_error() or 'the answer is already complete'}")
 
 
 def grammar_logits_processor(mask: GrammarMask):

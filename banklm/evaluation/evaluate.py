@@ -17,6 +17,11 @@ and returns the results dict::
                  "seconds", "new_tokens"},
      "robustness": {kind: {"n", "skipped", "accuracy", "clean_accuracy", "drop", "per_task"}}}  # if asked
 
+``results["decoding"]`` says how the answers were decoded: ``free`` (plain greedy) or ``constrained`` (greedy
+under each request's answer grammar, :func:`banklm.tasks.grammar.answer_grammar`: the task's layout and labels,
+a bounded reason citing only numbers of the prompt; the labels optionally chosen beforehand by
+``label_prefixes``).
+
 ``accuracy`` is primary-label accuracy (credit decision, aml typology, audit category); an
 unparseable output is wrong. ``exact_match`` additionally needs every categorical field (grade,
 conclusion, severity) right. ``format_compliance`` is the share accepted by the strict parser.
@@ -28,7 +33,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from banklm.evaluation import metrics as M
@@ -38,11 +43,18 @@ from banklm.io import atomic_write_json, atomic_write_jsonl
 from banklm.runtime import OnnxCausalLM, generate_chat, onnx_file_bytes, open_gguf, stop_token_ids
 from banklm.tasks import get_task
 from banklm.tasks.base import fold_fullwidth, iter_user_messages
-from banklm.tasks.grammar import citable_values, support_texts
+from banklm.tasks.grammar import answer_grammar, citable_values, support_texts
 from banklm.tasks.perturb import PERTURBATIONS, can_perturb, perturb
 
 __all__ = ["score_records", "evaluate_records", "evaluate_model_dir", "load_model_dir", "export_kind",
-           "evaluate_export"]
+           "evaluate_export", "DECODINGS", "answer_prefix", "decoding_inputs"]
+
+#: how answers are decoded: plain greedy, or greedy under each request's answer grammar
+DECODINGS = ("free", "constrained")
+
+#: per record, the answer's forced start: a prefix text, the chosen labels (``{key: value}``, rendered by
+#: :func:`answer_prefix`) or None; a list, or a function of the records as the model sees them (messages folded)
+LabelPrefixes = Sequence[str | Mapping | None] | Callable[[list[dict]], Sequence[str | Mapping | None]]
 
 
 def _loads(x) -> dict:
@@ -215,6 +227,46 @@ def _messages(records: Sequence[dict], fold_inputs: bool = True) -> list[list[di
             for c in convs]
 
 
+def answer_prefix(task, labels: Mapping) -> str:
+    """The start of an answer with the given labels, in the layout of :meth:`Task.format_answer`: every answer
+    key in order while ``labels`` has it, then the next key's name (``结论：拒绝；风险等级：C；理由：``), so
+    the rest is generated under the grammar conditioned on the labels. A multi-label value is a list."""
+    text = ""
+    for i, f in enumerate(task.answer_fields):
+        head = ("；" if i else "") + f"{f.zh}："
+        if f.key not in labels:
+            return text + head
+        v = labels[f.key]
+        if f.kind == "multi":
+            chosen = [v] if isinstance(v, str) else list(v)
+            v = "、".join(x for x in (f.values or []) if x in chosen)
+        text += head + str(v)
+    return text
+
+
+def decoding_inputs(records: Sequence[dict], convs: Sequence[Sequence[dict]], decoding: str,
+                    label_prefixes: LabelPrefixes | None = None) -> dict:
+    """The keyword arguments the generation functions take for ``decoding``: nothing for free decoding; for
+    constrained decoding each record's answer grammar over the messages the model sees (``convs``) and, when
+    ``label_prefixes`` gives them, the answers' forced starts (the labels chosen by label scoring)."""
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+    if decoding == "free":
+        if label_prefixes is not None:
+            raise ValueError("label_prefixes needs decoding='constrained' (labels are imposed under the grammar)")
+        return {}
+    tasks = [get_task(r["task"]) for r in records]
+    out: dict = {"grammars": [answer_grammar(t, c) for t, c in zip(tasks, convs, strict=True)]}
+    if label_prefixes is not None:
+        shown = [{**r, "messages": list(c)} for r, c in zip(records, convs, strict=True)]
+        given = list(label_prefixes(shown) if callable(label_prefixes) else label_prefixes)
+        if len(given) != len(records):
+            raise ValueError(f"label_prefixes gave {len(given)} prefixes for {len(records)} records")
+        out["prefixes"] = [answer_prefix(t, p) if isinstance(p, Mapping) else p
+                           for t, p in zip(tasks, given, strict=True)]
+    return out
+
+
 def evaluate_records(
     model,
     tokenizer,
@@ -228,8 +280,14 @@ def evaluate_records(
     robustness_seed: int = 0,
     size: dict | None = None,
     fold_inputs: bool = True,
+    decoding: str = "free",
+    label_prefixes: LabelPrefixes | None = None,
 ) -> dict:
     """Generate for each record's user turn(s), score, write results.json + predictions.jsonl.
+
+    ``decoding``: ``free`` or ``constrained`` (see the module docstring; :func:`decoding_inputs`);
+    ``label_prefixes`` (constrained only): the labels chosen beforehand, per record (e.g. by label scoring),
+    imposed as the answer's start, the rest generated under the grammar.
 
     ``fold_inputs`` applies the corpora's input canonicalisation (full-width ASCII to half-width) to the
     prompts, as a serving stack must; turn it off to measure the bare model.
@@ -246,9 +304,11 @@ def evaluate_records(
     for r in records:
         get_task(r.get("task"))  # clear error for an unknown task before spending time generating
     t0 = time.perf_counter()
-    gen: GenerationResult = generate(model, tokenizer, _messages(records, fold_inputs), max_new_tokens,
-                                    batch_size)
+    convs = _messages(records, fold_inputs)
+    gen: GenerationResult = generate(model, tokenizer, convs, max_new_tokens, batch_size,
+                                    **decoding_inputs(records, convs, decoding, label_prefixes))
     results, preds = score_records(records, list(gen), model_name=model_name)
+    results["decoding"] = decoding
     results["overall"].update(
         {"tokens_per_s": gen.tokens_per_s, "new_tokens": gen.new_tokens, "generation_seconds": gen.seconds}
     )
@@ -264,7 +324,10 @@ def evaluate_records(
             entry: dict = {"n": len(ok), "skipped": len(records) - len(ok)}
             if ok:
                 pert = [perturb(records[i]["task"], records[i], rng, kind) for i in ok]
-                out = generate(model, tokenizer, _messages(pert, fold_inputs), max_new_tokens, batch_size)
+                pconv = _messages(pert, fold_inputs)
+                # the perturbed prompts' own grammars; scored labels belong to the clean prompts: not reused
+                out = generate(model, tokenizer, pconv, max_new_tokens, batch_size,
+                               **decoding_inputs(pert, pconv, decoding))
                 res_k, _ = score_records(pert, list(out), model_name=model_name)
                 acc = res_k["overall"]["accuracy"]
                 clean = sum(preds[i]["correct"] for i in ok) / len(ok)
@@ -322,8 +385,11 @@ def evaluate_model_dir(
     model_name: str | None = None,
     robustness: Sequence[str] = (),
     dtype=None,
+    decoding: str = "free",
+    label_prefixes: LabelPrefixes | None = None,
 ) -> dict:
     """:func:`evaluate_records` for a saved model folder (see :func:`load_model_dir`)."""
+    decoding_inputs([], [], decoding)  # a bad decoding fails before the model loads
     model, tokenizer = load_model_dir(model_dir, device=device, dtype=dtype)
     results = evaluate_records(
         model,
@@ -336,6 +402,8 @@ def evaluate_model_dir(
         robustness=robustness,
         size={"model_bytes": sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")),
               "parameters": sum(p.numel() for p in model.parameters())},
+        decoding=decoding,
+        label_prefixes=label_prefixes,
     )
     return results
 
@@ -359,6 +427,8 @@ def evaluate_export(
     max_new_tokens: int = 128,
     model_name: str | None = None,
     fold_inputs: bool = True,
+    decoding: str = "free",
+    label_prefixes: LabelPrefixes | None = None,
 ) -> dict:
     """:func:`evaluate_records` for an exported artefact: a GGUF file (llama.cpp, else transformers' GGUF
     reader) or an ONNX export folder (onnxruntime, CPU), run through :func:`evaluate_artefact`.
@@ -370,6 +440,7 @@ def evaluate_export(
     """
 
     path = Path(path)
+    decoding_inputs([], [], decoding)
     kind = export_kind(path)
     if kind is None:
         raise ValueError(f"{path}: not a .gguf file or an ONNX export folder (a folder with model.onnx)")
@@ -402,7 +473,8 @@ def evaluate_export(
         results = evaluate_artefact(lm, tok, shown, out_dir, eos_ids=sorted(eos), batch_size=batch_size,
                                     max_new_tokens=max_new_tokens, model_name=model_name or path.stem,
                                     size={**size, "format": kind, "runtime": runtime,
-                                          "inputs_folded": bool(fold_inputs)})
+                                          "inputs_folded": bool(fold_inputs)},
+                                    decoding=decoding, label_prefixes=label_prefixes)
     finally:
         if hasattr(lm, "close"):
             lm.close()
@@ -411,14 +483,18 @@ def evaluate_export(
 
 def evaluate_artefact(lm, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike, *, eos_ids: Sequence[int],
                       batch_size: int = 32, max_new_tokens: int = 128, model_name: str = "model",
-                      size: dict | None = None) -> dict:
+                      size: dict | None = None, decoding: str = "free",
+                      label_prefixes: LabelPrefixes | None = None) -> dict:
     """Answer ``records`` with an exported model (:mod:`banklm.runtime`), score them with the task parsers
-    and metrics of :mod:`banklm.evaluation`, write ``results.json`` + ``predictions.jsonl``."""
+    and metrics of :mod:`banklm.evaluation`, write ``results.json`` + ``predictions.jsonl``. ``decoding`` and
+    ``label_prefixes`` as in :func:`evaluate_records` (the records' messages are taken as the model sees them)."""
 
     records = list(records)
-    gen = generate_chat(lm, tokenizer, [iter_user_messages(r) for r in records], eos_ids,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+    convs = [iter_user_messages(r) for r in records]
+    gen = generate_chat(lm, tokenizer, convs, eos_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        **decoding_inputs(records, convs, decoding, label_prefixes))
     results, preds = score_records(records, list(gen), model_name=model_name)
+    results["decoding"] = decoding
     results["overall"].update({"tokens_per_s": gen.tokens_per_s, "new_tokens": gen.new_tokens,
                                "generation_seconds": gen.seconds, **(size or {})})
     out_dir = Path(out_dir)

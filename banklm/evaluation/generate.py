@@ -2,15 +2,19 @@
 
 ``generate(...)`` returns a :class:`GenerationResult`: a ``list[str]`` of decoded completions (input
 order, special tokens removed, cut at the first EOS) that also carries ``seconds``, ``new_tokens``
-(generated tokens up to and including each EOS) and ``tokens_per_s``.
+(generated tokens up to and including each EOS) and ``tokens_per_s``. With ``grammars`` (GBNF per
+conversation, :mod:`banklm.tasks.grammar`) every token stays inside the answer grammar
+(:func:`banklm.evaluation.constrained.grammar_logits_processor`); ``prefixes`` force each answer's start.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = ["GenerationResult", "generate", "eos_token_ids"]
+from banklm.evaluation.constrained import GrammarMask, grammar_logits_processor
+
+__all__ = ["GenerationResult", "generate", "eos_token_ids", "continuation_ids"]
 
 
 class GenerationResult(list):
@@ -60,6 +64,20 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def continuation_ids(encode: Callable[[str], list[int]], prompt_text: str, prompt_ids: Sequence[int],
+                     prefix: str) -> list[int]:
+    """The token ids of ``prefix`` written right after a rendered prompt: the tail of the prompt and prefix
+    tokenized together (so a SentencePiece or BPE merge across the boundary is the one the model saw in
+    training), or ``prefix`` alone when the joint tokenization changes the prompt's own tokens."""
+    if not prefix:
+        return []
+    joint = list(encode(prompt_text + prefix))
+    n = len(prompt_ids)
+    if joint[:n] == list(prompt_ids) and len(joint) > n:
+        return joint[n:]
+    return list(encode(prefix))
+
+
 def _chat_text(tokenizer, messages: Sequence[dict]) -> str:
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
     if not isinstance(text, str):  # pragma: no cover - some versions return a list for batched input
@@ -73,6 +91,9 @@ def generate(
     messages_list: Sequence[Sequence[dict]],
     max_new_tokens: int = 128,
     batch_size: int = 64,
+    *,
+    grammars: Sequence[str] | None = None,
+    prefixes: Sequence[str | None] | None = None,
 ) -> GenerationResult:
     """Greedy-decode a completion for each conversation in ``messages_list``.
 
@@ -80,16 +101,30 @@ def generate(
     tokenised without adding special tokens again; batches are built from length-sorted prompts with
     LEFT padding and an attention mask, decoded with the KV cache, stopped at the model's
     ``generation_config`` EOS ids, and returned in the input order.
+
+    ``grammars``: one GBNF text per conversation; each answer is decoded under its grammar (a
+    :class:`~banklm.evaluation.constrained.GrammarMask` per batch). ``prefixes``: text each answer must start
+    with (None: nothing forced), fed after the prompt (the mask advanced over it) and part of the returned
+    text; ``max_new_tokens`` counts the tokens generated after it.
     """
     import torch
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     n = len(messages_list)
     if n == 0:
         return GenerationResult([])
+    for what, v in (("grammars", grammars), ("prefixes", prefixes)):
+        if v is not None and len(v) != n:
+            raise ValueError(f"{len(v)} {what} for {n} conversations")
     texts = [_chat_text(tokenizer, m) for m in messages_list]
     enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(n), key=lambda i: -len(enc[i]))
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    forced = [continuation_ids(encode, texts[i], enc[i], prefixes[i] or "") if prefixes is not None else []
+              for i in range(n)]
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
@@ -113,17 +148,24 @@ def generate(
         with torch.inference_mode():
             for start in range(0, n, max(1, int(batch_size))):
                 idx = order[start : start + batch_size]
-                width = max(len(enc[i]) for i in idx)
+                width = max(len(enc[i]) + len(forced[i]) for i in idx)
                 ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(idx), width), dtype=torch.long)
                 for r, i in enumerate(idx):
-                    seq = enc[i]
+                    seq = enc[i] + forced[i]
                     if seq:
                         ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
                         mask[r, width - len(seq) :] = 1
-                    prompt_tokens += len(seq)
+                    prompt_tokens += len(enc[i])
                 ids, mask = ids.to(device), mask.to(device)
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+                extra = {}
+                if grammars is not None:
+                    gm = GrammarMask(tokenizer, [grammars[i] for i in idx], eos_ids)
+                    for r, i in enumerate(idx):
+                        if forced[i]:
+                            gm.force(r, forced[i])
+                    extra["logits_processor"] = LogitsProcessorList([grammar_logits_processor(gm)])
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, **extra)
                 gen = out[:, width:].tolist()
                 for r, i in enumerate(idx):
                     toks = gen[r]
@@ -133,8 +175,8 @@ def generate(
                         if tok in eos_ids:
                             cut = j + 1
                             break
-                    new_tokens += cut
-                    body = [t for t in toks[:cut] if t not in eos_ids]
+                    new_tokens += cut + len(forced[i])
+                    body = [t for t in forced[i] + toks[:cut] if t not in eos_ids]
                     out_texts[i] = tokenizer.decode(body, skip_special_tokens=True).strip()
     finally:
         if was_training:

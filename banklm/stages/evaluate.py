@@ -1,5 +1,6 @@
-"""eval: every model of the run scored on the scenario tasks, and on the held-out instruction records of the
-general and private corpora (answer loss, short-answer exact match), with banklm.evaluation."""
+"""eval: every model of the run scored on the scenario tasks (decoded as ``eval.decoding`` says: free or under
+the answer grammar), and on the held-out instruction records of the general and private corpora (answer loss,
+short-answer exact match), with banklm.evaluation."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def run_eval(ctx: RunContext) -> list[Path]:
         # perturbed prompts only for the final model: the comparison rows need the clean scores alone
         evaluate_model_dir(model_dir, records, out, device=run_device(ctx), batch_size=e.batch_size,
                            max_new_tokens=e.max_new_tokens, model_name=name,
-                           robustness=tuple(e.robustness) if name == final else ())
+                           robustness=tuple(e.robustness) if name == final else (), decoding=e.decoding)
         outputs.append(out)
     held_out = _held_out_instructions(ctx)
     if held_out:

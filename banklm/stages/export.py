@@ -1,4 +1,5 @@
-"""export: GGUF and ONNX files, verified against PyTorch and scored (banklm.export)."""
+"""export: GGUF and ONNX files, verified against PyTorch and scored (banklm.export), free and constrained decoding
+side by side; the bundle carries each task's answer grammar."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from banklm.corpora.ops.pii import scrub_text
 from banklm.corpora.splits import load_split
+from banklm.evaluation.evaluate import DECODINGS
 from banklm.export.bundle import build_export, verify_export
 from banklm.export.verify import DEFAULT_PROMPTS
 from banklm.finetune.tokenizer import load_tokenizer
@@ -29,6 +31,7 @@ def run_export(ctx: RunContext) -> list[Path]:
         gguf_quant=x.gguf.quant if x.gguf.enabled else (), onnx_quant=x.onnx.quant if x.onnx.enabled else (),
         opset=x.onnx.opset, records=_export_eval_records(ctx) if (x.evaluate and scenario) else None,
         eval_batch_size=ctx.recipe.eval.batch_size, eval_max_new_tokens=ctx.recipe.eval.max_new_tokens,
+        decodings=export_decodings(ctx.recipe),
         max_accuracy_drop=x.max_accuracy_drop, device=run_device(ctx), system=x.gguf.system, num_ctx=x.gguf.num_ctx,
         tasks=ctx.recipe.task_names(), model_card=lambda verify: _bundle_card(ctx, verify))
     if not summary["passed"]:
@@ -42,8 +45,16 @@ def export_params(r: Recipe) -> dict:
     p = section_params(r, "export")
     if r.export.evaluate:
         p["eval"] = {"tasks": r.eval.tasks, "limit": r.export.eval_limit or r.eval.limit,
-                     "max_new_tokens": r.eval.max_new_tokens, "batch_size": r.eval.batch_size}
+                     "max_new_tokens": r.eval.max_new_tokens, "batch_size": r.eval.batch_size,
+                     "decodings": list(export_decodings(r))}
     return p
+
+
+def export_decodings(r: Recipe) -> tuple[str, ...]:
+    """The recipe's decoding first (the artefacts' accuracy check), then the other: on the export's few records
+    per task (``export.eval_limit``) free and constrained decoding are both scored, so the effect of decoding is
+    seen apart from training at a bounded cost."""
+    return (r.eval.decoding, *(d for d in DECODINGS if d != r.eval.decoding))
 
 
 def _export_eval_records(ctx: RunContext) -> list[dict]:

@@ -172,12 +172,23 @@ def _lit_class(chars: Iterable[str]) -> str:
 
 
 def _char_class(extra: str) -> str:
-    """A negated GBNF class: no digit, control character, line break or other whitespace than a space, none of
-    :data:`_NEVER`, none of ``extra``."""
+    """A GBNF class of every character but digits, control characters, line breaks and other whitespace than a
+    space, :data:`_NEVER` and ``extra``. Written as the allowed ranges, not a negated class: llama.cpp admits a
+    token ending inside a UTF-8 sequence when some completion is in a positive class (exact, as llguidance),
+    but rejects it under a negated class when any excluded character shares its lead bytes (``<0xE0>``), and
+    admits invalid lead bytes (``<0xF5>``) there; the positive form decodes the same on both."""
     excluded = set(_NEVER) | set(extra)
-    ranges = list(_reader_excluded()) + [(ord(c), ord(c)) for c in sorted(excluded)]
-    return "[^" + "".join(_esc(chr(a), _CLASS_SPECIAL) + ("" if a == b else "-" + _esc(chr(b), _CLASS_SPECIAL))
-                          for a, b in _merge(ranges)) + "]"
+    ranges = _merge(list(_reader_excluded()) + [(ord(c), ord(c)) for c in sorted(excluded)]
+                    + [(0xD800, 0xDFFF)])  # surrogates: no UTF-8 character
+    allowed, lo = [], 0
+    for a, b in ranges:
+        if a > lo:
+            allowed.append((lo, a - 1))
+        lo = b + 1
+    if lo <= 0x10FFFF:
+        allowed.append((lo, 0x10FFFF))
+    return "[" + "".join(_esc(chr(a), _CLASS_SPECIAL) + ("" if a == b else "-" + _esc(chr(b), _CLASS_SPECIAL))
+                         for a, b in allowed) + "]"
 
 
 @functools.cache
