@@ -151,9 +151,14 @@ def test_pytorch_masked_greedy_equals_llama_cpp_grammar_sampler(torch_lm, tok, p
     assert len(_ties(torch_lm, tok, ids[:10], grammars[:10], stop, ref, got)) <= 1
 
 
-def test_onnx_masked_greedy_equals_pytorch(work, model_dir, tok, prompts, torch_constrained):
+@pytest.fixture(scope="module")
+def onnx_fp32(work, model_dir):
+    return export_onnx(model_dir, work / "onnx", quant=("fp32",))[0]
+
+
+def test_onnx_masked_greedy_equals_pytorch(onnx_fp32, tok, prompts, torch_constrained):
     _, grammars, ids, eos = prompts
-    lm = OnnxCausalLM(export_onnx(model_dir, work / "onnx", quant=("fp32",))[0])
+    lm = OnnxCausalLM(onnx_fp32)
     assert lm.greedy(ids, STEPS, eos, batch_size=16, grammars=grammars, tokenizer=tok) == torch_constrained
     with pytest.raises(ValueError, match="tokenizer"):
         lm.greedy(ids[:1], 4, eos, grammars=grammars[:1])
@@ -184,6 +189,13 @@ def test_constrained_answers_are_well_formed_and_cite_only_the_prompt(work, mode
         assert r["unsupported_number_rate"] == 0.0, task
     preds = [json.loads(x) for x in (work / "constrained" / "predictions.jsonl").read_text().splitlines()]
     assert all(p["strict_format"] and not p["unsupported_numbers"] for p in preds)
+    # the labels are label scoring's choice (the most probable allowed combination), the rest generated after them
+    assert res["label_scoring"] == {"used": True}
+    for p in preds:
+        assert p["pred_label"] == p["scored_label"] and 0.0 < p["scored_confidence"] <= 1.0
+        combos = p["label_scores"]["combos"]
+        assert abs(sum(pr for _, pr in combos) - 1.0) < 1e-4
+        assert max(combos, key=lambda c: c[1])[0] == {k: p["parsed"][k] for k in combos[0][0]}
     cited = 0
     for p, r in zip(preds, recs, strict=True):
         reason = p["parsed"][get_task(p["task"]).reason_key]
@@ -194,7 +206,7 @@ def test_constrained_answers_are_well_formed_and_cite_only_the_prompt(work, mode
     assert cited >= len(recs)
 
 
-def test_forced_prefix_is_kept_on_every_runtime(work, model_dir, tok, torch_lm, records, gguf):
+def test_forced_prefix_is_kept_on_every_runtime(work, onnx_fp32, tok, torch_lm, records, gguf):
     """Labels imposed as the answer's start (label scoring's hook): the answer begins with them, the rest is
     generated under the grammar, and parses to exactly those labels."""
     recs = [next(r for r in records if r["task"] == t) for t in TASKS]
@@ -206,7 +218,7 @@ def test_forced_prefix_is_kept_on_every_runtime(work, model_dir, tok, torch_lm, 
     eos = [tok.convert_tokens_to_ids(IM_END)]
     outs = {"generate": list(generate(torch_lm.model, tok, convs, 256, 8, grammars=grammars, prefixes=prefixes)),
             "torch": list(generate_chat(torch_lm, tok, convs, eos, 256, grammars=grammars, prefixes=prefixes)),
-            "onnx": list(generate_chat(OnnxCausalLM(work / "onnx" / "fp32"), tok, convs, eos, 256,
+            "onnx": list(generate_chat(OnnxCausalLM(onnx_fp32), tok, convs, eos, 256,
                                        grammars=grammars, prefixes=prefixes))}
     if llama_cpp_available():
         with LlamaCppLM(gguf, n_ctx=1024) as lm:

@@ -19,8 +19,10 @@ and returns the results dict::
 
 ``results["decoding"]`` says how the answers were decoded: ``free`` (plain greedy) or ``constrained`` (greedy
 under each request's answer grammar, :func:`banklm.tasks.grammar.answer_grammar`: the task's layout and labels,
-a bounded reason citing only numbers of the prompt; the labels optionally chosen beforehand by
-``label_prefixes``).
+a bounded reason citing only numbers of the prompt; the labels chosen beforehand by label scoring,
+:func:`scored_label_prefixes`, or given as ``label_prefixes``). Under label scoring every prediction row also holds
+``scored`` (the chosen keys), ``scored_label``, ``scored_confidence`` and ``label_scores`` (every allowed
+combination's probability, per-key confidences) and ``results["label_scoring"]`` says it was used.
 
 ``accuracy`` is primary-label accuracy (credit decision, aml typology, audit category); an
 unparseable output is wrong. ``exact_match`` additionally needs every categorical field (grade,
@@ -38,6 +40,7 @@ from pathlib import Path
 
 from banklm.evaluation import metrics as M
 from banklm.evaluation.generate import GenerationResult, generate
+from banklm.evaluation.labelscore import label_scores_record, score_labels
 from banklm.finetune.tokenizer import load_tokenizer
 from banklm.io import atomic_write_json, atomic_write_jsonl
 from banklm.runtime import OnnxCausalLM, generate_chat, onnx_file_bytes, open_gguf, stop_token_ids
@@ -267,6 +270,52 @@ def decoding_inputs(records: Sequence[dict], convs: Sequence[Sequence[dict]], de
     return out
 
 
+def scored_label_prefixes(lm, tokenizer, records: Sequence[dict], convs: Sequence[Sequence[dict]], *,
+                          batch_size: int = 16, eos_ids: Sequence[int] | None = None) -> tuple[list, list, dict]:
+    """Label scoring (:func:`banklm.evaluation.labelscore.score_labels`) of every record, task by task, on the
+    messages the model sees: ``(prefixes, prediction fields, skipped)``. The prefixes are what constrained
+    decoding forces before generating the rest under the grammar; the fields (chosen labels, confidences) go
+    into ``predictions.jsonl``. A task whose labels cannot be scored (too many combinations without rules) is
+    decoded under the grammar from the start: ``skipped`` says why."""
+    prefixes: list = [None] * len(records)
+    fields: list = [None] * len(records)
+    skipped: dict[str, str] = {}
+    by_task: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_task.setdefault(r["task"], []).append(i)
+    for name, ix in by_task.items():
+        task = get_task(name)
+        try:
+            scores = score_labels(lm, tokenizer, task, [convs[i] for i in ix], batch_size=batch_size,
+                                  eos_ids=eos_ids, fold_inputs=False)
+        except ValueError as e:
+            skipped[name] = str(e)
+            continue
+        for i, sc in zip(ix, scores, strict=True):
+            prefixes[i], fields[i] = sc["prefix"], label_scores_record(sc, task)
+    return prefixes, fields, skipped
+
+
+def _constrained_inputs(lm, tokenizer, records, convs, decoding, label_prefixes, *, batch_size: int,
+                        eos_ids=None) -> tuple[dict, list | None, dict]:
+    """:func:`decoding_inputs`, with the labels chosen by label scoring when constrained decoding is not given
+    them (``label_prefixes``): ``(generation kwargs, prediction fields or None, skipped tasks)``."""
+    if decoding != "constrained" or label_prefixes is not None or not records:
+        return decoding_inputs(records, convs, decoding, label_prefixes), None, {}
+    prefixes, fields, skipped = scored_label_prefixes(lm, tokenizer, records, convs, batch_size=batch_size,
+                                                      eos_ids=eos_ids)
+    return decoding_inputs(records, convs, decoding, prefixes), fields, skipped
+
+
+def _attach(results: dict, preds: list[dict], fields: list | None, skipped: dict) -> None:
+    """Label scores into the prediction rows; tasks decoded without them named in the results."""
+    for p, f in zip(preds, fields or [], strict=False):
+        if f:
+            p.update(f)
+    if fields is not None:
+        results["label_scoring"] = {"used": True, **({"skipped": skipped} if skipped else {})}
+
+
 def evaluate_records(
     model,
     tokenizer,
@@ -305,10 +354,12 @@ def evaluate_records(
         get_task(r.get("task"))  # clear error for an unknown task before spending time generating
     t0 = time.perf_counter()
     convs = _messages(records, fold_inputs)
-    gen: GenerationResult = generate(model, tokenizer, convs, max_new_tokens, batch_size,
-                                    **decoding_inputs(records, convs, decoding, label_prefixes))
+    kwargs, scored, skipped = _constrained_inputs(model, tokenizer, records, convs, decoding, label_prefixes,
+                                                  batch_size=batch_size)
+    gen: GenerationResult = generate(model, tokenizer, convs, max_new_tokens, batch_size, **kwargs)
     results, preds = score_records(records, list(gen), model_name=model_name)
     results["decoding"] = decoding
+    _attach(results, preds, scored, skipped)
     results["overall"].update(
         {"tokens_per_s": gen.tokens_per_s, "new_tokens": gen.new_tokens, "generation_seconds": gen.seconds}
     )
@@ -491,10 +542,12 @@ def evaluate_artefact(lm, tokenizer, records: Sequence[dict], out_dir: str | os.
 
     records = list(records)
     convs = [iter_user_messages(r) for r in records]
-    gen = generate_chat(lm, tokenizer, convs, eos_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        **decoding_inputs(records, convs, decoding, label_prefixes))
+    kwargs, scored, skipped = _constrained_inputs(lm, tokenizer, records, convs, decoding, label_prefixes,
+                                                  batch_size=batch_size, eos_ids=eos_ids)
+    gen = generate_chat(lm, tokenizer, convs, eos_ids, max_new_tokens=max_new_tokens, batch_size=batch_size, **kwargs)
     results, preds = score_records(records, list(gen), model_name=model_name)
     results["decoding"] = decoding
+    _attach(results, preds, scored, skipped)
     results["overall"].update({"tokens_per_s": gen.tokens_per_s, "new_tokens": gen.new_tokens,
                                "generation_seconds": gen.seconds, **(size or {})})
     out_dir = Path(out_dir)
