@@ -1,8 +1,13 @@
 """What several test modules share: the repository path, the small quickstart, the CLI in a subprocess."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from banklm.runtime import llama_cpp_available
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,3 +26,12 @@ QUICKSTART_SMALL = [
 def run_banklm(*args, cwd):
     """The real CLI in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "banklm.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def require_llama_cpp() -> None:
+    """scripts/test.sh installs llama-cpp-python and sets BANKLM_REQUIRE_LLAMACPP=1: there, a missing
+    binding fails the llama.cpp tests instead of skipping them."""
+    if not llama_cpp_available():
+        if os.environ.get("BANKLM_REQUIRE_LLAMACPP") == "1":
+            pytest.fail("llama-cpp-python is not installed but BANKLM_REQUIRE_LLAMACPP=1 (pip install 'banklm[llamacpp]')")
+        pytest.skip("llama-cpp-python not installed (scripts/test.sh installs it)")

@@ -7,7 +7,6 @@ stage parameters and verify.json; the export bundle carries each task's grammar,
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -34,16 +33,10 @@ from banklm.tasks.base import iter_user_messages
 from banklm.tasks.formats import read_numbers
 from banklm.tasks.grammar import answer_grammar, citable_values, task_grammar, task_units
 from tests.export_models import sharpen, spm_tokenizer
+from tests.helpers import require_llama_cpp
 
 TASKS = ("credit", "aml", "audit")
 STEPS = 48  # tokens compared per prompt across runtimes
-
-
-def require_llama_cpp() -> None:
-    if not llama_cpp_available():
-        if os.environ.get("BANKLM_REQUIRE_LLAMACPP") == "1":
-            pytest.fail("llama-cpp-python is not installed but BANKLM_REQUIRE_LLAMACPP=1")
-        pytest.skip("llama-cpp-python not installed (scripts/test.sh installs it)")
 
 
 @pytest.fixture(scope="module")

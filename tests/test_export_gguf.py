@@ -35,17 +35,9 @@ from tests.export_models import CONVERSATION, PROMPTS  # noqa: E402
 from tests.export_models import bpe_model as make_bpe_model  # noqa: E402
 from tests.export_models import sharpen as _sharpen  # noqa: E402
 from tests.export_models import texts as _texts  # noqa: E402
+from tests.helpers import require_llama_cpp  # noqa: E402
 
 HAVE_LLAMA_CPP = llama_cpp_available()
-
-
-def require_llama_cpp() -> None:
-    """scripts/test.sh installs llama-cpp-python and sets BANKLM_REQUIRE_LLAMACPP=1: there, a missing
-    binding fails the llama.cpp tests instead of skipping them."""
-    if not HAVE_LLAMA_CPP:
-        if os.environ.get("BANKLM_REQUIRE_LLAMACPP") == "1":
-            pytest.fail("llama-cpp-python is not installed but BANKLM_REQUIRE_LLAMACPP=1 (pip install 'banklm[llamacpp]')")
-        pytest.skip("llama-cpp-python not installed (scripts/test.sh installs it)")
 
 
 @pytest.fixture(scope="module")
