@@ -313,11 +313,12 @@ def _evaluation(d: dict, t: _Lang) -> list[str]:
     rows = task_rows(tasks)  # a task scored on bank and synthetic rows gets a row per source too
     ov = res.get("overall", {})
     rows.append([t("合计 overall", "overall"), ov.get("n"), ov.get("accuracy"), None, None,
-                 ov.get("format_compliance"), None, None])
+                 ov.get("format_compliance"), None, None, None])
     lines.append(md_table(["task", "n", t("准确率 accuracy", "accuracy"), "macro-F1", "MCC",
                            t("格式合规 format compliance", "format compliance"),
                            t("忠实性：幻觉率 faithfulness: hallucination rate", "faithfulness: hallucination rate"),
-                           t("无依据数字率 unsupported-number rate", "unsupported-number rate")], rows))
+                           t("无依据数字率 unsupported-number rate", "unsupported-number rate"),
+                           t("字段错配率 field-binding error rate", "field-binding error rate")], rows))
     detect = [[task, f"{p['key']}={p['value']}", p.get("recall"), p.get("false_positive_rate"), p.get("n_positive"),
                p.get("n_true_positive"), json.dumps(p.get("detail_accuracy_tp") or {}, ensure_ascii=False)]
               for task, r in tasks.items() if (p := r.get("positive"))]

@@ -66,7 +66,7 @@ def comparison(evals: dict[str, dict]) -> tuple[list[str], list[list[Any]]]:
 # hallucination_rate: share of answers citing >= 1 number absent from the prompt; unsupported_number_rate:
 # share of cited numbers absent from it (the column used to show the former under the latter's name)
 EVAL_HEADERS = ["task", "n", "accuracy", "macro-F1", "MCC", "format compliance", "answers with unsupported numbers",
-                "unsupported-number rate"]
+                "unsupported-number rate", "field-binding error rate"]
 
 
 # ----------------------------------------------------------------------------------------- plots

@@ -17,7 +17,7 @@ from banklm.ledger import Ledger, verify_run
 MODEL_ORDER = ("student", "sft", "cpt", "base")
 
 TASK_COLUMNS = ("n", "accuracy", "macro_f1", "mcc", "format_compliance", "hallucination_rate",
-                "unsupported_number_rate")  # the main metrics of a task row in the report and the model card
+                "unsupported_number_rate", "field_binding_error_rate")  # a task row in the report and the model card
 
 
 def task_rows(tasks: dict) -> list[list[Any]]:

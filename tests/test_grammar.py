@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import re
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -18,11 +19,15 @@ from banklm.export.gguf_vocab import read_tokenizer
 from banklm.finetune.tokenizer import IM_END, load_tokenizer, train_tokenizer
 
 from banklm.evaluation.constrained import GrammarError, GrammarMask, check_grammar, grammar_logits_processor
-from banklm.evaluation.metrics import faithfulness
+from banklm.evaluation.metrics import faithfulness, field_binding
 from banklm.tasks import get_task
 from banklm.tasks.formats import extract_numbers, read_numbers
 from banklm.tasks.grammar import (
     answer_grammar,
+    binding_names,
+    binding_values,
+    binds,
+    bound_alternatives,
     citable_values,
     number_alternatives,
     support_texts,
@@ -30,7 +35,7 @@ from banklm.tasks.grammar import (
     task_units,
 )
 from banklm.tasks.registry import task_from_spec
-from banklm.tasks.spec import parse_spec
+from banklm.tasks.spec import SpecError, parse_spec
 from tests.export_models import qwen2_style_bpe
 from tests.test_task_spec import POST_LOAN
 
@@ -355,3 +360,67 @@ def test_mask_on_numpy_logits_and_a_forbidden_token_fails_only_its_row(spm_tok):
     assert mask.allowed()[1].tolist() == [i == eos for i in range(len(spm_tok))]  # a failed row may only end
     mask.reset()
     assert mask.errors == [None, None] and mask.done == [False, False]
+
+
+# ------------------------------------------------------------------------------------------- field binding
+
+@pytest.fixture(scope="module")
+def credit_bind():
+    """The credit spec with ``bind: true`` on its reason (its YAML text, modified)."""
+    text = (resources.files("banklm.tasks") / "specs" / "credit.yaml").read_text(encoding="utf-8")
+    assert text.count("      max_length: 40\n") == 1
+    return task_from_spec(parse_spec(text.replace("      max_length: 40\n", "      max_length: 40\n      bind: true\n"),
+                                     "credit.yaml"))
+
+
+def test_bind_grammar_takes_the_gold_answers_and_only_numbers_after_their_own_field(credit_bind, records,
+                                                                                      spm_tok):
+    t, recs = credit_bind, records["credit"]
+    assert binds(t) and not binds(get_task("credit"))
+    fields = [t.fields_from_meta(r["meta"]) for r in recs]
+    grammars = [answer_grammar(t, r["messages"], fields=f) for r, f in zip(recs, fields, strict=True)]
+    golds = [r["messages"][-1]["content"] for r in recs]
+    ok = accepts_all(spm_tok, grammars, golds)
+    assert all(ok), [g for g, o in zip(golds, ok, strict=True) if not o]
+    assert sum(bool(re.search(r"\d", g)) for g in golds) >= 20  # the golds cite numbers
+    # without the request's fields a binding spec falls back to the unbound grammar; no bind: unchanged by fields
+    assert answer_grammar(t, recs[0]["messages"]) == answer_grammar(get_task("credit"), recs[0]["messages"])
+    assert (answer_grammar(get_task("credit"), recs[0]["messages"], fields=fields[0])
+            == answer_grammar(get_task("credit"), recs[0]["messages"]))
+    f = fields[0]
+    dti, debt = f"{f['dti']:.1f}%", f"{f['monthly_debt']}元"
+    head = "结论：拒绝；风险等级：D；理由："
+    good = [f"{head}负债收入比{dti}过高", f"{head}房产抵押，负债收入比{dti}，近24个月逾期{f['overdue_24m']}次"]
+    swapped = [f"{head}负债收入比{debt}过高",              # 月还款's value after 负债收入比
+               f"{head}月还款{dti}偏高",                  # and the other way round (月还款 is not cited: no piece)
+               f"{head}{dti}过高",                        # a number after no name
+               f"{head}近24个月逾期{f['overdue_24m'] + 50}次"]  # a value of no field
+    assert all(accepts_all(spm_tok, [grammars[0]] * len(good), good))
+    assert not any(accepts_all(spm_tok, [grammars[0]] * len(swapped), swapped))
+    plain = answer_grammar(get_task("credit"), recs[0]["messages"])
+    assert accepts(spm_tok, plain, swapped[0]) and accepts(spm_tok, plain, swapped[2])  # the unbound grammar takes both
+
+
+def test_every_bound_piece_reads_back_bound_to_its_own_field(credit_bind, records):
+    """What the bind grammar may write, the field-binding metric reads as right and faithfulness as supported."""
+    t = credit_bind
+    names, units = binding_names(t), task_units(t)
+    n = 0
+    for r in records["credit"][:20]:
+        f = t.fields_from_meta(r["meta"])
+        pieces = bound_alternatives(t, r["messages"], f)
+        n += len(pieces)
+        res = field_binding(pieces, [binding_values(t, f)] * len(pieces), names, units)
+        assert res["n_binding_errors"] == 0 and res["n_bound_numbers"] == len(pieces), pieces
+        fa = faithfulness(["\n".join(support_texts(r["messages"]))] * len(pieces), pieces,
+                          allowed=citable_values(t))
+        assert fa["unsupported_number_rate"] == 0.0
+        assert f"负债收入比{f['dti']:.1f}%" in pieces and not any(p.startswith("月还款") for p in pieces)  # not cited
+    assert n >= 20 * 8
+
+
+def test_bind_applies_to_the_reason_key_only():
+    text = (resources.files("banklm.tasks") / "specs" / "credit.yaml").read_text(encoding="utf-8")
+    bad = text.replace("ordinal: true}", "ordinal: true, bind: true}", 1)
+    with pytest.raises(SpecError, match=r"answer\.keys\.grade\.bind: bind applies to the reason key"):
+        parse_spec(bad, "credit.yaml")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from banklm.corpora.synth import generate_records
 
+from banklm.evaluation.evaluate import score_records
 from banklm.evaluation.metrics import (
     INVALID,
     accuracy,
@@ -13,6 +15,7 @@ from banklm.evaluation.metrics import (
     extract_numbers,
     fairness,
     faithfulness,
+    field_binding,
     format_compliance,
     macro_f1,
     mcc,
@@ -20,6 +23,9 @@ from banklm.evaluation.metrics import (
     positive_class_metrics,
 )
 from banklm.tasks import CREDIT
+from banklm.tasks.grammar import attached_numbers, binding_names, binding_values, task_units
+from banklm.tasks.registry import task_from_spec
+from banklm.tasks.spec import parse_spec
 
 GOLD = ["A", "A", "A", "B", "B", "C"]
 PRED = ["A", "A", "B", "B", None, "A"]
@@ -190,3 +196,73 @@ def test_fairness_counts_the_favourable_value_of_the_spec():
     res = fairness(groups, pred, favourable="正常")
     assert res["gender"]["rates"] == {"女": 0.25, "男": 0.75} and res["gender"]["flag"]
     assert not fairness(groups, pred, favourable="通过")["any_flag"]
+
+
+# ------------------------------------------------------------------------------------------------
+# field binding: a number after a field's name must be that field's value
+
+MORTGAGE = """
+name: mortgage
+title: 房贷审批
+fields:
+  负债收入比: {type: percent}
+  首付比例: {type: percent}
+  逾期天数: {type: integer, unit: 天}
+  申请金额: {type: decimal, unit: 万元}
+answer:
+  keys:
+    结论: {values: [通过, 拒绝]}
+    理由: {type: reason, max_length: 40}
+  primary: 结论
+rules:
+  - name: overdue
+    when: 逾期天数 > 90
+    outcome: {结论: 拒绝}
+    reason: 逾期{{ 逾期天数 }}天，超过90天
+  - name: ok
+    outcome: {结论: 通过}
+    reason: 负债收入比{{ 负债收入比 | pct }}，首付{{ 首付比例 | pct }}
+"""
+
+
+def test_field_binding_flags_a_number_cited_after_another_fields_name():
+    t = task_from_spec(parse_spec(MORTGAGE, "mortgage.yaml"))
+    names = binding_names(t)
+    assert names["负债收入比"] == {"负债收入比"} and names["首付"] == {"首付比例"} and names["逾期"] == {"逾期天数"}
+    vals = binding_values(t, {"负债收入比": 65.0, "首付比例": 30.0, "逾期天数": 120, "申请金额": 80})
+    assert vals["负债收入比"] == {("pct", 65.0)} and vals["申请金额"] == {("num", 800000.0)}
+    reasons = [
+        "负债收入比30.0%过高",                      # 首付比例's value after 负债收入比: 1 error of 1
+        "负债收入比65.0%，首付30.0%，逾期120天",       # all three right
+        "负债收入比为65.0%，申请金额80万元",            # a short connective between name and number still binds
+        "近期有30.0%的资金回流，另有120天未还",         # no field name before either number: not counted
+        "负债收入比偏高，30.0%",                      # the name is in the previous clause: not counted
+        "逾期天数120天超过90天",                      # 90 follows a number, not a name: not counted
+        None,                                      # no reason
+        "负债收入比30.0%",                           # a record without fields: skipped, counted
+    ]
+    res = field_binding(reasons, [vals] * 7 + [None], names, task_units(t))
+    assert res["per_answer"][0] == [{"number": "30.0%", "fields": ["负债收入比"], "equals": ["首付比例"]}]
+    assert res["per_answer"][1:6] == [[], [], [], [], []] and res["per_answer"][6:] == [None, None]
+    assert res["n_bound_numbers"] == 1 + 3 + 2 + 1 and res["n_binding_errors"] == 1
+    assert res["field_binding_error_rate"] == pytest.approx(1 / 7) and res["n_binding_skipped"] == 1
+    # a number equal to no field's value is an error too; nothing bound: no rate
+    assert field_binding(["逾期99天"], [vals], names)["per_answer"] == [
+        [{"number": "99天", "fields": ["逾期天数"], "equals": []}]]
+    assert field_binding(["无逾期"], [vals], names)["field_binding_error_rate"] is None
+
+
+def test_field_binding_in_the_task_metrics_and_predictions():
+    recs = generate_records("credit", 8, seed=2, split="test")
+    outs = [r["messages"][-1]["content"] for r in recs]
+    f = CREDIT.fields_from_meta(recs[0]["meta"])
+    outs[0] = f"结论：拒绝；风险等级：D；理由：负债收入比{f['monthly_debt']}元过高"  # 月还款's value after 负债收入比
+    prompt_only = {**recs[1], "meta": "{}"}  # no fields in meta (a table row in prompt mode)
+    res, preds = score_records([*recs, prompt_only], [*outs, outs[1]])
+    r = res["tasks"]["credit"]
+    assert preds[0]["binding_errors"] == [{"number": f"{f['monthly_debt']}元", "fields": ["dti"],
+                                           "equals": ["monthly_debt"]}]
+    assert all(p["binding_errors"] == [] for p in preds[1:8]) and preds[8]["binding_errors"] is None
+    n_gold = sum(len(attached_numbers(o.split("理由：")[1], binding_names(CREDIT))) for o in outs[1:])
+    assert r["n_bound_numbers"] == n_gold + 1 and r["n_binding_skipped"] == 1
+    assert r["field_binding_error_rate"] == pytest.approx(1 / (n_gold + 1))

@@ -102,11 +102,12 @@ def test_report_shows_real_numbers(first_run):
     res = json.loads((run_dir / "eval" / "sft" / "results.json").read_text(encoding="utf-8"))
     sft = _model_section(page, "sft")
     assert ("<tr><th>task</th><th>n</th><th>accuracy</th><th>macro-F1</th><th>MCC</th><th>format compliance</th>"
-            "<th>answers with unsupported numbers</th><th>unsupported-number rate</th></tr>") in sft
+            "<th>answers with unsupported numbers</th><th>unsupported-number rate</th>"
+            "<th>field-binding error rate</th></tr>") in sft
     for task in ("credit", "aml", "audit"):  # accuracy, macro-F1, MCC, ..., unsupported-number rate per task
         r = res["tasks"][task]
         assert _cells(task, r["n"], r["accuracy"], r["macro_f1"], r["mcc"], r["format_compliance"],
-                      r["hallucination_rate"], r["unsupported_number_rate"]) in sft, task
+                      r["hallucination_rate"], r["unsupported_number_rate"], r["field_binding_error_rate"]) in sft, task
     assert _cells("aml", "conclusion=可疑: recall", res["tasks"]["aml"]["positive"]["recall"]) in sft
     fairness = {a: f for a, f in res["tasks"]["credit"]["fairness"].items() if isinstance(f, dict)}
     assert fairness, "credit fairness missing from results.json"

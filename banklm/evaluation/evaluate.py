@@ -6,7 +6,8 @@ and returns the results dict::
     {"model": str, "n": int,
      "tasks": {task: {"n", "accuracy", "macro_f1", "mcc", "confusion", "format_compliance",
                       "parse_rate", "exact_match", "field_accuracy", "hallucination_rate",
-                      "unsupported_number_rate", "mean_answer_chars", "per_branch",
+                      "unsupported_number_rate", "field_binding_error_rate", "n_bound_numbers",
+                      "n_binding_skipped", "mean_answer_chars", "per_branch",
                       "per_class" (every categorical key), "multi_label" (multi-label keys),
                       "positive" (a spec with answer.positive, aml: recall, false_positive_rate, ...),
                       "fairness" or "fairness_skipped" (the spec's protected attributes and favourable
@@ -46,7 +47,14 @@ from banklm.io import atomic_write_json, atomic_write_jsonl
 from banklm.runtime import OnnxCausalLM, generate_chat, onnx_file_bytes, open_gguf, stop_token_ids
 from banklm.tasks import get_task
 from banklm.tasks.base import fold_fullwidth, iter_user_messages
-from banklm.tasks.grammar import answer_grammar, citable_values, support_texts
+from banklm.tasks.grammar import (
+    answer_grammar,
+    binding_names,
+    binding_values,
+    citable_values,
+    support_texts,
+    task_units,
+)
 from banklm.tasks.perturb import PERTURBATIONS, can_perturb, perturb
 
 __all__ = ["score_records", "evaluate_records", "evaluate_model_dir", "load_model_dir", "export_kind",
@@ -137,6 +145,12 @@ def _task_metrics(task, P: list[dict], R: list[dict], *, split_sources: bool = T
     fa = M.faithfulness(inputs, reasons, allowed=citable_values(task))  # the spec's citable constants too
     for p, bad in zip(P, fa["per_answer"], strict=True):
         p["unsupported_numbers"] = bad
+    metas = [_loads(r.get("meta")) for r in R]
+    fields = [task.fields_from_meta(m) for m in metas]  # a table row in prompt mode has none: skipped
+    fb = M.field_binding(reasons, [None if f is None else binding_values(task, f) for f in fields],
+                         binding_names(task), task_units(task))
+    for p, bad in zip(P, fb["per_answer"], strict=True):
+        p["binding_errors"] = bad
     res = {
         "n": len(P),
         "accuracy": M.accuracy(gold_l, pred_l),
@@ -153,6 +167,7 @@ def _task_metrics(task, P: list[dict], R: list[dict], *, split_sources: bool = T
                       for k in cat_keys if k not in task.multi_label_keys},
         "hallucination_rate": fa["hallucination_rate"],
         "unsupported_number_rate": fa["unsupported_number_rate"],
+        **{k: fb[k] for k in ("field_binding_error_rate", "n_bound_numbers", "n_binding_skipped")},
         "mean_answer_chars": sum(len(p["output"] or "") for p in P) / len(P),
     }
     if task.multi_label_keys:
@@ -161,7 +176,6 @@ def _task_metrics(task, P: list[dict], R: list[dict], *, split_sources: bool = T
                                                         for p in _with(P, k)],
                                                        task.values_of(k))
                               for k in task.multi_label_keys}
-    metas = [_loads(r.get("meta")) for r in R]
     branches: dict[str, list[bool]] = {}
     for p, m in zip(P, metas, strict=True):
         if "branch" in m:
@@ -259,7 +273,8 @@ def decoding_inputs(records: Sequence[dict], convs: Sequence[Sequence[dict]], de
             raise ValueError("label_prefixes needs decoding='constrained' (labels are imposed under the grammar)")
         return {}
     tasks = [get_task(r["task"]) for r in records]
-    out: dict = {"grammars": [answer_grammar(t, c) for t, c in zip(tasks, convs, strict=True)]}
+    out: dict = {"grammars": [answer_grammar(t, c, fields=t.fields_from_meta(_loads(r.get("meta"))))
+                              for t, c, r in zip(tasks, convs, records, strict=True)]}
     if label_prefixes is not None:
         shown = [{**r, "messages": list(c)} for r, c in zip(records, convs, strict=True)]
         given = list(label_prefixes(shown) if callable(label_prefixes) else label_prefixes)

@@ -22,18 +22,31 @@ answer the grammar accepts cites no number the metric calls unsupported:
 
 ``task_grammar(task)`` is the static part (a reason without digits: the grammar shipped next to a model);
 ``answer_grammar(task, messages)`` adds the numbers of one request.
+
+**Field binding** (``answer.keys.<reason>.bind: true``): with the request's fields given, a number is written
+only as one piece with the name of the field whose value it is, ``负债收入比65.0%``, ``近24个月逾期4次`` (or a
+citable constant after its own name). A field's names (:func:`binding_names`) are its ``label``, its name, and
+the words the spec's templates write right before its value (``近24个月逾期{{ overdue_24m }}次`` names
+``overdue_24m`` ``近24个月逾期``); which number a reason attaches to which name is :func:`attached_numbers`, the
+definition the field-binding metric (:func:`banklm.evaluation.metrics.field_binding`) reads with.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from banklm.tasks.base import Task, iter_user_messages
-from banklm.tasks.formats import UNITS, fmt_num, read_numbers
+from banklm.tasks.formats import UNITS, NumberMention, fmt_num, read_numbers
+from banklm.tasks.spec import NUMERIC_TYPES, field_text
+from banklm.tasks.templates import TemplateFailure
 
 __all__ = ["task_grammar", "answer_grammar", "number_alternatives", "citable_values", "support_texts", "task_units",
-           "reason_limit", "DEFAULT_REASON_CHARS"]
+           "reason_limit", "DEFAULT_REASON_CHARS", "binds", "binding_names", "binding_values", "attached_numbers",
+           "bound_alternatives", "BIND_GAP"]
 
 #: the reason bound of a spec that declares no ``max_length``
 DEFAULT_REASON_CHARS = 64
@@ -51,9 +64,15 @@ def task_grammar(task: Task, *, max_reason_chars: int | None = None) -> str:
     return _grammar(task, [], max_reason_chars)
 
 
-def answer_grammar(task: Task, messages: Sequence[Mapping] | str, *, max_reason_chars: int | None = None) -> str:
+def answer_grammar(task: Task, messages: Sequence[Mapping] | str, *, max_reason_chars: int | None = None,
+                   fields: Mapping[str, Any] | None = None) -> str:
     """The answer grammar for one request: ``messages`` (chat messages; a final assistant turn is ignored) or the
-    prompt text. Reason numbers are those of :func:`number_alternatives`."""
+    prompt text. Reason numbers are those of :func:`number_alternatives`; when the spec binds them
+    (:func:`binds`) and ``fields`` (the request's input fields) are given, those of :func:`bound_alternatives`
+    instead, each written with its field's name. Without ``fields`` (a served prompt whose fields are unknown) a
+    binding spec falls back to the unbound numbers: still copied from the prompt, but after any words."""
+    if fields is not None and binds(task):
+        return _grammar(task, bound_alternatives(task, messages, fields), max_reason_chars)
     return _grammar(task, number_alternatives(task, messages), max_reason_chars)
 
 
@@ -234,15 +253,16 @@ def _constant_texts(task: Task) -> list[str]:
     """How the reason templates print the citable numeric constants (``{{ 逾期预警天数 }}`` -> ``90``; a float
     prints as Python writes it, ``num`` shortens it): each constant of ``cite``, list constants element-wise."""
     consts = task.constants
+    return list(dict.fromkeys(t for name in task.reason_cite if name in consts for t in _value_texts(consts[name])))
+
+
+def _value_texts(v: Any) -> list[str]:
+    """How a template prints a numeric constant: as Python writes it and shortened (``num``); a list element-wise."""
     out: list[str] = []
-    for name in task.reason_cite:
-        if name not in consts:
-            continue
-        v = consts[name]
-        for x in v if isinstance(v, list) else [v]:
-            if isinstance(x, (int, float)) and not isinstance(x, bool):
-                out += [str(x), fmt_num(x)]
-    return list(dict.fromkeys(out))
+    for x in v if isinstance(v, list) else [v]:
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            out += [str(x), fmt_num(x)]
+    return out
 
 
 def _reads_alone(text: str, units: tuple[str, ...]) -> bool:
@@ -250,3 +270,211 @@ def _reads_alone(text: str, units: tuple[str, ...]) -> bool:
     number shares with a date)."""
     found = read_numbers(text, units)
     return len(found) == 1 and found[0].text == text
+
+
+# ----------------------------------------------------------------------------------------------
+# field binding: a number right after the name of the field it belongs to
+
+#: at most this many characters (no digit, no clause end) between a name and the number it names: ``负债收入比为65%``
+BIND_GAP = 4
+#: end a clause: a name and the number it names are in one clause
+_CLAUSE_ENDS = "，,。；;！!？?\n"
+#: where the words before a value in a template start (besides another value)
+_NAME_CUTS = _CLAUSE_ENDS + "、（）()【】[]「」“”/\t" + "\ue000"
+#: what a text field shows while the templates are rendered to find the names (so no name holds a text value)
+_TEXT_MARK = "\ue000"
+#: a bindable number shows marker _NUM_MARK + _NUM_STEP * i while the templates are rendered (read back through
+#: the reader's multipliers: ``{{ x | wan }}`` writes 900000万元)
+_NUM_MARK, _NUM_STEP = 900000, 1000
+_MULTS = (1.0, 1e3, 1e4, 1e8)
+_BRACKETED_TAIL = re.compile(r"\s*[(（][^()（）]*[)）]$")
+_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def binds(task: Task) -> bool:
+    """Whether the spec's reason key binds its numbers to field names (``bind: true``)."""
+    key = task.reason_key
+    return bool(key) and bool(task.spec.model.answer.keys[key].bind)
+
+
+def _bindable(task: Task) -> dict[str, Any]:
+    """What a number can belong to: the numeric and date fields (name -> field spec), then the numeric
+    constants (name -> value; a list: any element)."""
+    out: dict[str, Any] = {n: f for n, f in task.spec.fields.items() if f.type in NUMERIC_TYPES or f.type == "date"}
+    for n, v in task.constants.items():
+        if _value_texts(v) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                   for x in (v if isinstance(v, list) else [v])):
+            out[n] = v
+    return out
+
+
+def binding_names(task: Task) -> dict[str, frozenset[str]]:
+    """Every name a number can be written after -> the fields (and numeric constants) it names: a field's
+    ``label`` (default its name; also without a bracketed tail, ``申请金额(万元)`` -> ``申请金额``), a constant's name, and
+    the words the spec's templates (facts, rule reasons, summary) write right before the value, back to the
+    previous clause end, bracket, list mark or value (``近24个月逾期{{ overdue_24m }}次`` -> ``近24个月逾期``). Found
+    by rendering the templates with a distinct marker per value, so any template (conditions, filters) counts.
+    A name has two characters or more, one of them a letter. Cached per task."""
+    if task in _NAMES:
+        return _NAMES[task]
+    bindable = _bindable(task)
+    found: dict[str, set[str]] = {}
+
+    def add(word: str, item: str) -> None:
+        w = word.strip().rstrip("：: ").strip()
+        if len(w) >= 2 and any(c.isalpha() for c in w) and _TEXT_MARK not in w:
+            found.setdefault(w, set()).add(item)
+
+    for n in bindable:
+        label = (task.spec.fields[n].label if n in task.spec.fields else None) or n
+        add(label, n)
+        add(_BRACKETED_TAIL.sub("", label), n)
+    units = task_units(task)
+    for flag in (False, True):
+        values, marks = _marked_values(task, bindable, flag)
+        for text in _renderings(task, values):
+            cut = 0
+            for m in read_numbers(text, units):
+                item = _marked(m.value, marks)
+                if item is None:
+                    continue
+                seg = text[cut:m.start]
+                add(seg[max(seg.rfind(c) for c in _NAME_CUTS) + 1:], item)
+                cut = m.end
+    order = {n: i for i, n in enumerate(bindable)}
+    _NAMES[task] = out = {w: frozenset(sorted(items, key=order.__getitem__)) for w, items in found.items()}
+    return out
+
+
+def _marked_values(task: Task, bindable: Mapping[str, Any], flag: bool) -> tuple[dict, dict]:
+    """What the templates see while the names are found: a marker per bindable number (a date: year 2900 + i),
+    a text mark for every other text, ``flag`` for booleans; and each marker's canonical value -> its item."""
+    fields: dict[str, Any] = {}
+    marks: dict[tuple, str] = {}
+    for i, (n, f) in enumerate(task.spec.fields.items()):
+        if f.type in NUMERIC_TYPES:
+            v = _NUM_MARK + _NUM_STEP * i
+            fields[n] = v if f.type == "integer" else float(v)
+            marks[("num", float(v))] = n
+        elif f.type == "date" and i < 7000:
+            fields[n] = f"{2900 + i}-11-27"
+            marks[("date", 2900 + i, 11, 27)] = n
+        else:
+            fields[n] = flag if f.type == "boolean" else [] if f.type == "list" else _TEXT_MARK
+    for b in task.spec.bands:
+        fields[b.into] = _TEXT_MARK
+    values = task.spec.template_values(fields)
+    for j, n in enumerate(x for x in bindable if x not in task.spec.fields):
+        if not isinstance(task.constants[n], list):
+            v = _NUM_MARK + _NUM_STEP * (len(task.spec.fields) + j)
+            values[n] = v if isinstance(task.constants[n], int) else float(v)
+            marks[("num", float(v))] = n
+    return values, marks
+
+
+def _renderings(task: Task, values: Mapping[str, Any]) -> list[str]:
+    """Every fact wording, rule reason and the summary rendered with ``values`` (one failing on the markers,
+    e.g. one that computes with a value, is left out)."""
+    spec = task.spec
+    templates = [alt for alts in spec.facts for alt in alts] + [r.reason for r in spec.rules if r.reason is not None]
+    templates += [spec.summary] if spec.summary is not None else []
+    out = []
+    for t in templates:
+        try:
+            out.append(t.render(values))
+        except (TemplateFailure, TypeError, ValueError):
+            continue
+    return out
+
+
+def _marked(value: tuple, marks: Mapping[tuple, str]) -> str | None:
+    if value[0] == "date":
+        return marks.get(value)
+    return next((marks[k] for mult in _MULTS if (k := ("num", round(value[1] / mult, 6))) in marks), None)
+
+
+def attached_numbers(text: str, names: Mapping[str, Iterable[str]],
+                     units: Iterable[str] = UNITS) -> list[tuple[NumberMention, frozenset[str]]]:
+    """The numbers of ``text`` written after a name (:func:`binding_names`), each with what the name names: the
+    name ending nearest before the number in the same clause, at most :data:`BIND_GAP` characters before it with
+    no digit between (every name ending there counts: ``近24个月逾期次数`` and ``逾期次数``). A number inside a name
+    (``24个月`` of ``近24个月逾期``) belongs to the name; a number without a name before it is not bound."""
+    spans: list[tuple[int, int, frozenset[str]]] = []
+    for w, items in names.items():
+        i = text.find(w)
+        while i >= 0:
+            spans.append((i, i + len(w), frozenset(items)))
+            i = text.find(w, i + 1)
+    out = []
+    for m in read_numbers(text, tuple(units)):
+        if any(s <= m.start < e for s, e, _ in spans):
+            continue
+        end = max((e for _, e, _ in spans if e <= m.start), default=None)
+        if end is None:
+            continue
+        gap = text[end:m.start]
+        if len(gap) > BIND_GAP or any(c in _CLAUSE_ENDS or c.isdecimal() for c in gap):
+            continue
+        out.append((m, frozenset().union(*(items for _, e, items in spans if e == end))))
+    return out
+
+
+def _value_mentions(f, value: Any, units: tuple[str, ...]) -> list[NumberMention]:
+    """A field value's numbers as the prompt writes it by default (:func:`~banklm.tasks.spec.field_text`)."""
+    try:
+        text = field_text(f, value)
+    except (TypeError, ValueError):  # a table value of an unexpected type: as written
+        text = str(value)
+    return read_numbers(text, units)
+
+
+def binding_values(task: Task, fields: Mapping[str, Any]) -> dict[str, frozenset[tuple]]:
+    """Each bindable field's value (from ``fields``, e.g. :meth:`~banklm.tasks.base.Task.fields_from_meta`) read
+    canonically as the prompt writes it (``65.0%`` -> ``("pct", 65.0)``, ``80万元`` -> ``("num", 800000.0)``; a
+    missing value: none), and each numeric constant's values: what a number bound to it must equal."""
+    out = {}
+    for n, x in _bindable(task).items():
+        if n in task.spec.fields:
+            out[n] = frozenset(m.value for m in _value_mentions(x, fields.get(n), ()))
+        else:
+            out[n] = frozenset(m.value for t in _value_texts(x) for m in read_numbers(t, ()))
+    return out
+
+
+def bound_alternatives(task: Task, messages: Sequence[Mapping] | str, fields: Mapping[str, Any]) -> list[str]:
+    """The number pieces of a binding reason for one request: a name of a cited field (or constant) then that
+    field's value as the prompt writes it, unit included (a prompt mention with the value and unit of the
+    field's default text; any mention with the value when none has that unit), a constant as the templates print
+    it. Kept when the value and every number inside the name are in the prompt (or citable), and the piece reads
+    back (:func:`attached_numbers`) as that value bound to that name, the name's own numbers unchanged."""
+    units = task_units(task)
+    prompt = [m for t in support_texts(messages) for m in read_numbers(t, units)]
+    support = {m.value for m in prompt} | set(citable_values(task))
+    cite = set(task.reason_cite)
+    texts: dict[str, list[str]] = {}
+    for n, x in _bindable(task).items():
+        if n not in cite:
+            continue
+        if n in task.spec.fields:
+            ts = []
+            for own in _value_mentions(x, fields.get(n), units):
+                same = [m.text for m in prompt if m.value == own.value]
+                ts += [m.text for m in prompt if m.value == own.value and m.unit == own.unit] or same
+        else:
+            ts = _value_texts(x)
+        texts[n] = [t for t in dict.fromkeys(ts) if _reads_alone(t, units)]
+    names = binding_names(task)
+    out = []
+    for word, items in names.items():
+        inner = read_numbers(word, units)
+        if any(m.value not in support for m in inner):
+            continue
+        for item in items:
+            for t in texts.get(item, ()):
+                piece = word + t
+                found = read_numbers(piece, units)
+                if ([m.text for m in found] == [m.text for m in inner] + [t] and found[-1].start == len(word)
+                        and any(m.start == len(word) and item in its
+                                for m, its in attached_numbers(piece, names, units))):
+                    out.append(piece)
+    return list(dict.fromkeys(out))

@@ -98,6 +98,7 @@ class AnswerKeySpec(_M):
     ordinal: bool = False  # values listed in order (lowest first or highest first, as the bank ranks them)
     max_length: int | None = Field(None, ge=1, le=2000)  # reason only
     cite: list[str] | None = None  # reason only: the fields and constants a reason may cite
+    bind: bool = False  # reason only: the answer grammar puts a number only right after its own field's name
     summary: str | None = None  # reason only: a neutral template of the fields, the reason of a bank's row without one
     description: str = ""
 
@@ -671,6 +672,8 @@ class _Checker:
                     self.fail(f"{p}.max_length", "max_length and cite apply to the reason key")
                 if k.summary is not None:
                     self.fail(f"{p}.summary", "a summary applies to the reason key")
+                if k.bind:
+                    self.fail(f"{p}.bind", "bind applies to the reason key (numbers after their field's name)")
                 if k.ordinal and k.type != "category":
                     self.fail(f"{p}.ordinal", "only a single-valued category key is ordinal")
             for w in (k.name or key, *k.aliases):
