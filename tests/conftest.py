@@ -8,7 +8,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from banklm.tasks.registry import registered, unregister
 from tests.helpers import QUICKSTART_SMALL, REPO, run_banklm
+
+
+@pytest.fixture(autouse=True)
+def _tasks_registered_by_a_test_are_forgotten():
+    """A task spec a test registers (a recipe's tasks, `banklm task check` called in-process) is forgotten after
+    it, so the names a later test sees do not depend on test order; module and session fixtures keep theirs."""
+    before = set(registered())
+    yield
+    for name in set(registered()) - before:
+        unregister(name)
 
 
 @pytest.fixture(scope="session")
