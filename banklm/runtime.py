@@ -135,7 +135,7 @@ class OnnxCausalLM:
             if grammar is None:
                 nxt = logits[:, -1].argmax(-1)
             else:
-                nxt = grammar.apply(logits[:, -1].astype(np.float32)).argmax(-1)
+                nxt = grammar.choose(logits[:, -1])
                 grammar.advance(nxt)
             for r in range(b):
                 if not done[r]:
@@ -430,7 +430,7 @@ def _mask(tokenizer, grammars: Sequence[str], prefixes: Sequence[Sequence[int]],
 def _processors(mask: GrammarMask):
     from transformers import LogitsProcessorList
 
-    return LogitsProcessorList([grammar_logits_processor(mask)])
+    return LogitsProcessorList([grammar_logits_processor(mask, greedy=True)])  # callers decode greedily
 
 
 def generate_chat(lm, tokenizer, messages_list: Sequence[Sequence[dict]], eos_ids: Sequence[int],

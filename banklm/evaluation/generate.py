@@ -164,7 +164,7 @@ def generate(
                     for r, i in enumerate(idx):
                         if forced[i]:
                             gm.force(r, forced[i])
-                    extra["logits_processor"] = LogitsProcessorList([grammar_logits_processor(gm)])
+                    extra["logits_processor"] = LogitsProcessorList([grammar_logits_processor(gm, greedy=True)])
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, **extra)
                 gen = out[:, width:].tolist()
                 for r, i in enumerate(idx):
