@@ -369,17 +369,23 @@ def test_mask_on_numpy_logits_and_a_forbidden_token_fails_only_its_row(spm_tok):
 
 @pytest.fixture(scope="module")
 def credit_bind():
-    """The credit spec with ``bind: true`` on its reason (its YAML text, modified)."""
+    """The built-in credit spec: its reason binds numbers to their fields (``bind: true``)."""
+    return get_task("credit")
+
+
+@pytest.fixture(scope="module")
+def credit_free():
+    """The credit spec without ``bind`` (its YAML text, modified): numbers after any words."""
     text = (resources.files("banklm.tasks") / "specs" / "credit.yaml").read_text(encoding="utf-8")
-    assert text.count("      max_length: 40\n") == 1
-    return task_from_spec(parse_spec(text.replace("      max_length: 40\n", "      max_length: 40\n      bind: true\n"),
-                                     "credit.yaml"))
+    assert text.count("      bind: true") == 1
+    lines = [ln for ln in text.splitlines(keepends=True) if not ln.startswith("      bind: true")]
+    return task_from_spec(parse_spec("".join(lines), "credit.yaml"))
 
 
-def test_bind_grammar_takes_the_gold_answers_and_only_numbers_after_their_own_field(credit_bind, records,
-                                                                                      spm_tok):
+def test_bind_grammar_takes_the_gold_answers_and_only_numbers_after_their_own_field(credit_bind, credit_free,
+                                                                                      records, spm_tok):
     t, recs = credit_bind, records["credit"]
-    assert binds(t) and not binds(get_task("credit"))
+    assert binds(t) and not binds(credit_free)
     fields = [t.fields_from_meta(r["meta"]) for r in recs]
     grammars = [answer_grammar(t, r["messages"], fields=f) for r, f in zip(recs, fields, strict=True)]
     golds = [r["messages"][-1]["content"] for r in recs]
@@ -387,9 +393,9 @@ def test_bind_grammar_takes_the_gold_answers_and_only_numbers_after_their_own_fi
     assert all(ok), [g for g, o in zip(golds, ok, strict=True) if not o]
     assert sum(bool(re.search(r"\d", g)) for g in golds) >= 20  # the golds cite numbers
     # without the request's fields a binding spec falls back to the unbound grammar; no bind: unchanged by fields
-    assert answer_grammar(t, recs[0]["messages"]) == answer_grammar(get_task("credit"), recs[0]["messages"])
-    assert (answer_grammar(get_task("credit"), recs[0]["messages"], fields=fields[0])
-            == answer_grammar(get_task("credit"), recs[0]["messages"]))
+    assert answer_grammar(t, recs[0]["messages"]) == answer_grammar(credit_free, recs[0]["messages"])
+    assert (answer_grammar(credit_free, recs[0]["messages"], fields=fields[0])
+            == answer_grammar(credit_free, recs[0]["messages"]))
     f = fields[0]
     dti, debt = f"{f['dti']:.1f}%", f"{f['monthly_debt']}元"
     head = "结论：拒绝；风险等级：D；理由："
@@ -400,7 +406,7 @@ def test_bind_grammar_takes_the_gold_answers_and_only_numbers_after_their_own_fi
                f"{head}近24个月逾期{f['overdue_24m'] + 50}次"]  # a value of no field
     assert all(accepts_all(spm_tok, [grammars[0]] * len(good), good))
     assert not any(accepts_all(spm_tok, [grammars[0]] * len(swapped), swapped))
-    plain = answer_grammar(get_task("credit"), recs[0]["messages"])
+    plain = answer_grammar(credit_free, recs[0]["messages"])
     assert accepts(spm_tok, plain, swapped[0]) and accepts(spm_tok, plain, swapped[2])  # the unbound grammar takes both
 
 
@@ -425,5 +431,6 @@ def test_every_bound_piece_reads_back_bound_to_its_own_field(credit_bind, record
 def test_bind_applies_to_the_reason_key_only():
     text = (resources.files("banklm.tasks") / "specs" / "credit.yaml").read_text(encoding="utf-8")
     bad = text.replace("ordinal: true}", "ordinal: true, bind: true}", 1)
+    assert bad != text
     with pytest.raises(SpecError, match=r"answer\.keys\.grade\.bind: bind applies to the reason key"):
         parse_spec(bad, "credit.yaml")
