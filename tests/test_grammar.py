@@ -434,3 +434,23 @@ def test_bind_applies_to_the_reason_key_only():
     assert bad != text
     with pytest.raises(SpecError, match=r"answer\.keys\.grade\.bind: bind applies to the reason key"):
         parse_spec(bad, "credit.yaml")
+
+
+def test_a_request_grammar_converts_like_the_whole_text_from_a_cached_shape(records):
+    """Per request only the number alternatives change: the cached conversion of the grammar's shape with the
+    request's literals put back reads exactly as converting the request's GBNF in full (up to layout)."""
+    from banklm.evaluation.constrained import _compiled, _converted
+
+    def norm(text: str) -> str:
+        text = re.sub(r"\n\s*\|", " |", text)
+        return "\n".join(ln for ln in text.splitlines() if ln.strip())
+
+    n = 0
+    for name in BUILTINS:
+        t = get_task(name)
+        for r in records[name][:15]:
+            for fields in (None, t.fields_from_meta(r["meta"])):
+                g = answer_grammar(t, r["messages"], fields=fields)
+                assert norm(_compiled(g)) == norm(_converted(g)), (name, r["id"])
+                n += "-n" in g
+    assert n >= 60  # the requests had number alternatives to put back
