@@ -927,13 +927,8 @@ class _Checker:
                     except TemplateFailure as e:
                         self.fail(self._fact_path(alt), f"on {where}: {e}")
             if spec.summary is not None:
-                try:
-                    text = spec.summary.render(tv)
-                except TemplateFailure as e:
-                    self.fail(f"answer.keys.{reason_key}.summary", f"on {where}: {e}")
-                if max_len is not None and len(text) > max_len and full:
-                    self.fail(f"answer.keys.{reason_key}.summary", f"on {where} the summary {text!r} has {len(text)} "
-                                                                   f"characters, more than max_length {max_len}")
+                self._reason_text(f"answer.keys.{reason_key}.summary", "summary", spec.summary, tv, where,
+                                  max_len if full else None)
             matched = None
             for i, r in enumerate(spec.rules):
                 fires = True
@@ -945,13 +940,8 @@ class _Checker:
                 if fires and matched is None:
                     matched = r
                 if r.reason is not None and (full or r is matched):
-                    try:
-                        text = r.reason.render(tv)
-                    except TemplateFailure as e:
-                        self.fail(f"rules[{i}] ({r.name}).reason", f"on {where}: {e}")
-                    if max_len is not None and len(text) > max_len and full:
-                        self.fail(f"rules[{i}] ({r.name}).reason", f"on {where} the reason {text!r} has {len(text)} "
-                                                                   f"characters, more than max_length {max_len}")
+                    self._reason_text(f"rules[{i}] ({r.name}).reason", "reason", r.reason, tv, where,
+                                      max_len if full else None)
             expect = self.m.examples[ex].expect if ex is not None else {}
             if expect and not spec.rules:
                 self.fail(f"{where}.expect", "the spec has no rules to give the expected answer")
@@ -968,6 +958,15 @@ class _Checker:
                     if have != want:
                         self.fail(f"{where}.expect.{key}", f"the rules answer {have!r} (rule {matched.name!r}), "
                                                                  f"the example expects {want!r}")
+
+    def _reason_text(self, path: str, what: str, template, tv: dict, where: str, max_len: int | None) -> None:
+        """A reason template renders on ``where``'s values, within ``max_len`` characters when given."""
+        try:
+            text = template.render(tv)
+        except TemplateFailure as e:
+            self.fail(path, f"on {where}: {e}")
+        if max_len is not None and len(text) > max_len:
+            self.fail(path, f"on {where} the {what} {text!r} has {len(text)} characters, more than max_length {max_len}")
 
     def _fact_path(self, alt) -> str:
         if isinstance(alt, FieldWording):
