@@ -851,6 +851,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as e:
         print(f"banklm: check failed: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_OK
     except (StageError, ChainError, FollowerStopped) as e:
         print(f"banklm: error: {e}", file=sys.stderr)
         return EXIT_FAILED

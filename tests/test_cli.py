@@ -117,3 +117,16 @@ def test_export_quant_help_and_defaults_are_exports(capsys):
     assert cli.build_parser().parse_args(["export", "--model", "m"]).opset == DEFAULT_OPSET
     node = ast.parse(inspect.getsource(cli.build_parser)).body[0]
     assert node.end_lineno - node.lineno + 1 <= 150
+
+
+def test_output_piped_into_a_reader_that_stops_is_not_an_error():
+    """`banklm task check ... | head`: the reader closes the pipe early; banklm stops quietly with exit 0."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "banklm.cli", "task", "check", "credit", "--examples", "400"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(100)  # more than a pipe buffer follows: the writer meets the closed pipe
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Broken pipe" not in err and "Traceback" not in err, err
