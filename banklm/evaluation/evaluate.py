@@ -32,6 +32,7 @@ conclusion, severity) right. ``format_compliance`` is the share accepted by the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -248,17 +249,11 @@ def answer_prefix(task, labels: Mapping) -> str:
     """The start of an answer with the given labels, in the layout of :meth:`Task.format_answer`: every answer
     key in order while ``labels`` has it, then the next key's name (``结论：拒绝；风险等级：C；理由：``), so
     the rest is generated under the grammar conditioned on the labels. A multi-label value is a list."""
-    text = ""
-    for i, f in enumerate(task.answer_fields):
-        head = ("；" if i else "") + f"{f.zh}："
-        if f.key not in labels:
-            return text + head
-        v = labels[f.key]
-        if f.kind == "multi":
-            chosen = [v] if isinstance(v, str) else list(v)
-            v = "、".join(x for x in (f.values or []) if x in chosen)
-        text += head + str(v)
-    return text
+    keys = list(itertools.takewhile(lambda k: k in labels, task.answer_keys))
+    text = task.format_answer(labels, keys)
+    if len(keys) == len(task.answer_fields):
+        return text
+    return text + ("；" if keys else "") + f"{task.answer_fields[len(keys)].zh}："
 
 
 def decoding_inputs(records: Sequence[dict], convs: Sequence[Sequence[dict]], decoding: str,

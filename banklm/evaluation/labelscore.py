@@ -130,13 +130,12 @@ def label_space(task: Task | str) -> LabelSpace:
 
 def _text(task: Task, answer: Mapping[str, Any]) -> str:
     """``answer`` (a leading run of the answer's keys) as :meth:`Task.format_answer` writes it."""
-    parts = []
-    for f in task.answer_fields:
-        if f.key not in answer:
-            break
-        v = answer[f.key]
-        parts.append(f"{f.zh}：{'、'.join(v) if f.kind == 'multi' else v}")
-    return "；".join(parts)
+    return task.format_answer(answer, _leading(task, answer))
+
+
+def _leading(task: Task, answer: Mapping[str, Any]) -> list[str]:
+    """The answer's keys in order up to the first one ``answer`` does not give."""
+    return list(itertools.takewhile(lambda k: k in answer, task.answer_keys))
 
 
 def _followed(task: Task, key: str) -> bool:
