@@ -237,6 +237,57 @@ def test_forced_prefix_is_kept_on_every_runtime(work, onnx_fp32, tok, torch_lm, 
         evaluate_records(torch_lm.model, tok, recs, work / "x", label_prefixes=labels)
 
 
+def test_generation_continues_from_label_scorings_prefill(work, torch_lm, tok, records):
+    """Constrained evaluation on PyTorch runs each prompt through the model once: generation continues from label
+    scoring's KV cache. Its answers equal decoding the scored prefixes from scratch, and a cache whose tokens
+    disagree with the generated sequence (a row re-tokenized differently) is reused only where they agree."""
+    from banklm.evaluation.generate import PromptCache
+    from banklm.evaluation.labelscore import score_label_batches
+
+    model = torch_lm.model
+    recs = [r for r in records if r["task"] == "credit"][:6]
+    convs = [iter_user_messages(r) for r in recs]
+    grammars = [answer_grammar(get_task("credit"), c) for c in convs]
+    ((idx, scores, cache),) = list(score_label_batches(model, tok, "credit", convs, batch_size=8, fold_inputs=False))
+    assert sorted(idx) == list(range(6)) and isinstance(cache, PromptCache) and len(cache.ids) == 6
+    order = [convs[i] for i in idx]
+    prefixes = [s["prefix"] for s in scores]
+    kw = {"grammars": [grammars[i] for i in idx], "prefixes": prefixes}
+    widths: list[int] = []  # tokens the first forward pass of each generate call runs
+
+    def first_pass(module, args, kwargs):
+        if not widths or widths[-1] is None:
+            widths[-1:] = [kwargs["input_ids"].shape[1]]
+
+    hook = model.register_forward_pre_hook(first_pass, with_kwargs=True)
+    try:
+        runs = []
+        for c in (None, cache):
+            widths.append(None)
+            runs.append(list(generate(model, tok, order, 64, 6, prompt_cache=c, **kw)))
+        # row 0's cached tokens changed after its fourth token: only positions every row agrees on are reused
+        broken = PromptCache([cache.ids[0][:4] + [t + 1 for t in cache.ids[0][4:]], *cache.ids[1:]], cache.past)
+        widths.append(None)
+        runs.append(list(generate(model, tok, order, 64, 6, prompt_cache=broken, **kw)))
+    finally:
+        hook.remove()
+    fresh = runs[0]
+    assert runs[1] == fresh and runs[2] == fresh
+    longest_ctx = max(len(x) for x in cache.ids)
+    assert widths[1] < widths[0] - min(len(x) for x in cache.ids) + 8  # the prompts were not run again
+    assert widths[1] < widths[2] < widths[0] and widths[0] > longest_ctx
+    with pytest.raises(ValueError, match="one batch"):
+        generate(model, tok, order, 64, 3, prompt_cache=cache, **kw)
+    # the evaluation: one pass per prompt gives the answers of label scoring then decoding from scratch
+    res = evaluate_records(model, tok, recs, work / "once", max_new_tokens=64, fold_inputs=False,
+                           decoding="constrained")
+    got = [json.loads(x) for x in (work / "once" / "predictions.jsonl").read_text().splitlines()]
+    assert res["label_scoring"] == {"used": True}
+    by_row = dict(zip(idx, fresh, strict=True))
+    assert [p["output"] for p in got] == [by_row[i] for i in range(6)]
+    assert [p["scored"] for p in got] == [dict(scores[idx.index(i)]["chosen"]) for i in range(6)]
+
+
 def test_decoding_is_a_recorded_eval_param(repo, monkeypatch):
     r = load_recipe(repo / "recipes" / "quickstart.yaml", ["eval.decoding=constrained"])
     stages = {s.name: s for s in STAGES}

@@ -454,3 +454,26 @@ def test_a_request_grammar_converts_like_the_whole_text_from_a_cached_shape(reco
                 assert norm(_compiled(g)) == norm(_converted(g)), (name, r["id"])
                 n += "-n" in g
     assert n >= 60  # the requests had number alternatives to put back
+
+
+def test_banklm_gbnf_converts_to_the_same_lark_as_llguidance(records, post_loan):
+    """The fast converter of banklm's own GBNF writes exactly llguidance's conversion (same rules, names and
+    layout) for every task's grammars; GBNF outside its subset goes to llguidance's converter."""
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    from banklm.evaluation.constrained import _converted, _fast_lark, _Unsupported
+
+    texts = [task_grammar(t) for t in [*map(get_task, BUILTINS), post_loan]]
+    for name in BUILTINS:
+        t = get_task(name)
+        for r in records[name][:10]:
+            texts += [answer_grammar(t, r["messages"]), answer_grammar(t, r["messages"], fields=t.fields_from_meta(
+                r["meta"])), answer_grammar(t, r["messages"], max_reason_chars=7)]
+    texts += ['# a comment\nroot ::= "a" ( "b" | "c" )* x\nx ::= [^a-z/\\x0A[] | "\\\\" y+\ny ::= ("q" "r")? | x',
+              'root ::= ("a" "b") "c" rec\nrec ::= "x" rec | "y"']
+    for g in texts:
+        assert _fast_lark(g) == gbnf_to_lark(g)
+    for g in ('root ::= "a"{1,3}', 'root ::= "\\u0041"', 'root ::= .', 'root ::= "a"\nroot ::= "b"'):
+        with pytest.raises(_Unsupported):
+            _fast_lark(g)
+    assert '"a"{1,3}' in _converted('root ::= "a"{1,3}')  # llguidance's converter took it

@@ -73,15 +73,166 @@ def _compiled(gbnf: str) -> str:
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# GBNF -> Lark for the GBNF banklm writes: llguidance's converter is a Python character-by-character parser (about
+# 85 ms for an answer grammar, paid once per grammar shape: a few dozen shapes per task). The GBNF
+# ``banklm.tasks.grammar`` writes (one rule per line; literals, classes with ``\xNN`` escapes, rule names, groups,
+# ``? * +``) converts here with the same rules and output (tests compare the two texts); anything else goes to
+# llguidance's converter.
+
+_TOKEN = re.compile(r'\s+|(?P<lit>"(?:[^"\\\n]|\\["\\\[\]nrt]|\\x[0-9A-Fa-f]{2})*")'
+                    r'|(?P<cls>\[(?:[^\]\\\n]|\\["\\\[\]nrt]|\\x[0-9A-Fa-f]{2})*\])'
+                    r'|(?P<name>[A-Za-z0-9_-]+)|(?P<op>[()|?*+])')
+_RULE = re.compile(r"([A-Za-z0-9_-]+)[ \t]*::=[ \t]*(.*)")
+
+
+class _Unsupported(Exception):
+    """GBNF outside the subset :func:`_fast_lark` reads (llguidance's converter takes it)."""
+
+
+def _fast_lark(gbnf: str) -> str:
+    """``llguidance.gbnf_to_lark`` for banklm's own GBNF: same AST rules (groups simplified, terminal rules found
+    by fixpoint, names upper-cased for terminals, ``root`` renamed ``start``), same layout."""
+    rules: dict[str, list] = {}  # name -> [node, comment]
+    comment = ""
+    for line in gbnf.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            comment += "//" + line[1:] + "\n"
+            continue
+        m = _RULE.fullmatch(line)
+        if m is None or m.group(1) in rules:
+            raise _Unsupported(line)
+        rules[m.group(1)] = [_parse_body(m.group(2)), comment]
+        comment = ""
+    if "root" not in rules:
+        raise _Unsupported("no root")
+    # llguidance's fixpoint: a rule is terminal when it is not the root and everything it refers to is terminal
+    # (so a rule on a cycle, or reaching one, is not): a depth-first walk with a memo, an unfinished rule reads False
+    terminal: dict[str, bool] = {}
+
+    def node_terminal(node) -> bool:
+        kind = node[0]
+        if kind in ("lit", "cls"):
+            return True
+        if kind == "ref":
+            return rule_terminal(node[1])
+        if kind == "rep":
+            return node_terminal(node[1][0])
+        return all([node_terminal(c) for c in node[1]])
+
+    def rule_terminal(n: str) -> bool:
+        if n not in rules:
+            raise _Unsupported(n)
+        if n not in terminal:
+            terminal[n] = False
+            terminal[n] = node_terminal(rules[n][0]) and n != "root"  # every reference checked, the root's too
+        return terminal[n]
+
+    for n in rules:
+        rule_terminal(n)
+    names = {}
+    for n in rules:
+        new = "start" if n == "root" else re.sub(r"([a-z])([A-Z])", r"\1_\2", n.replace("-", "_")).lower()
+        names[n] = new.upper() if terminal[n] else new
+    if len(set(names.values())) != len(names) or any(v in rules and v != k for k, v in names.items()):
+        raise _Unsupported("names collide after renaming")
+
+    def text(node, top: bool = False) -> str:
+        kind = node[0]
+        if kind == "lit":
+            return node[1]
+        if kind == "cls":
+            return "/" + node[1] + "/"
+        if kind == "ref":
+            return names[node[1]]
+        if kind == "seq":
+            return " ".join(text(c) for c in node[1]) if node[1] else '""'
+        if kind == "alt":
+            parts = [text(c) for c in node[1]]
+            return "\n     | ".join(parts) if top else "(" + " | ".join(parts) + ")"
+        inner = text(node[1][0])  # repetition: (rep, [node, op])
+        if node[1][0][0] in ("seq", "alt"):
+            inner = f"({inner})"
+        return inner + node[1][1]
+
+    out = "%llguidance {}\n\n"
+    prev_nl = True
+    for n, (node, cmt) in rules.items():
+        r = f"{cmt}{names[n]}: {text(node, top=True)}"
+        if not prev_nl and "\n" in r:
+            out += "\n"
+        out += r + "\n"
+        prev_nl = "\n" in r
+        if prev_nl:
+            out += "\n"
+    return out
+
+
+def _parse_body(body: str):
+    tokens = []
+    pos = 0
+    while pos < len(body):
+        m = _TOKEN.match(body, pos)
+        if m is None:
+            raise _Unsupported(body[pos:pos + 20])
+        pos = m.end()
+        if m.lastgroup == "lit":
+            tokens.append(("lit", m.group("lit")))
+        elif m.lastgroup == "cls":
+            raw = m.group("cls")[1:-1]
+            # llguidance escapes an unescaped / or [ inside a class (its regex syntax)
+            inner = re.sub(r'(\\(?:x[0-9A-Fa-f]{2}|.))|([/\[])', lambda t: t.group(1) or "\\" + t.group(2), raw)
+            tokens.append(("cls", "[" + inner + "]"))
+        elif m.lastgroup == "name":
+            tokens.append(("ref", m.group("name")))
+        elif m.lastgroup == "op":
+            tokens.append(("op", m.group("op")))
+    node, at = _alternatives(tokens, 0)
+    if at != len(tokens):
+        raise _Unsupported(body)
+    return node
+
+
+def _alternatives(tokens, at):
+    alts = []
+    while True:
+        seq = []
+        while at < len(tokens) and tokens[at] not in (("op", "|"), ("op", ")")):
+            tok = tokens[at]
+            if tok == ("op", "("):
+                node, at = _alternatives(tokens, at + 1)
+                if at >= len(tokens) or tokens[at] != ("op", ")"):
+                    raise _Unsupported("unclosed group")
+                at += 1
+            elif tok[0] == "op":
+                raise _Unsupported(tok[1])
+            else:
+                node, at = tok, at + 1
+            if at < len(tokens) and tokens[at][0] == "op" and tokens[at][1] in "?*+":
+                node = ("rep", [node, tokens[at][1]])
+                at += 1
+            seq.append(node)
+        alts.append(seq[0] if len(seq) == 1 else ("seq", seq))
+        if at < len(tokens) and tokens[at] == ("op", "|"):
+            at += 1
+            continue
+        return (alts[0] if len(alts) == 1 else ("alt", alts)), at
+
+
 @functools.lru_cache(maxsize=512)
 def _converted(gbnf: str) -> str:
     """GBNF text -> the matcher's grammar (the conversion is the costly part: cached by text)."""
     import llguidance
 
     try:
-        grammar = llguidance.grammar_from("gbnf", gbnf)
-    except ValueError as e:
-        raise GrammarError(f"grammar does not parse: {e}") from None
+        grammar = _fast_lark(gbnf)
+    except _Unsupported:
+        try:
+            grammar = llguidance.grammar_from("gbnf", gbnf)
+        except ValueError as e:
+            raise GrammarError(f"grammar does not parse: {e}") from None
     # every tokenization of the allowed text, as llama.cpp's grammar sampler decodes the same GBNF: llguidance's
     # default admits only the canonical tokens of text the grammar forces (``结论：``), which llama.cpp cannot do
     grammar = grammar.replace(_OPTIONS, _NO_FORCING, 1) if grammar.startswith(_OPTIONS) else grammar

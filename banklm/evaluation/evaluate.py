@@ -42,7 +42,7 @@ from pathlib import Path
 
 from banklm.evaluation import metrics as M
 from banklm.evaluation.generate import GenerationResult, generate
-from banklm.evaluation.labelscore import label_scores_record, score_labels
+from banklm.evaluation.labelscore import label_scores_record, score_label_batches, score_labels
 from banklm.finetune.tokenizer import load_tokenizer
 from banklm.io import atomic_write_json, atomic_write_jsonl
 from banklm.runtime import OnnxCausalLM, generate_chat, onnx_file_bytes, open_gguf, stop_token_ids
@@ -317,6 +317,46 @@ def _constrained_inputs(lm, tokenizer, records, convs, decoding, label_prefixes,
     return decoding_inputs(records, convs, decoding, prefixes), fields, skipped
 
 
+def _scored_generation(model, tokenizer, records, convs, max_new_tokens: int, batch_size: int
+                       ) -> tuple[GenerationResult, list, dict]:
+    """Constrained decoding on a transformers model: per task, per batch of prompts of similar length, label scoring
+    then generation under the grammar from the chosen labels, continuing from label scoring's prefill (each prompt
+    runs through the model once). ``(generation, prediction fields, skipped tasks)`` as :func:`_constrained_inputs`;
+    ``generation.seconds`` counts generation only."""
+    grammars = decoding_inputs(records, convs, "constrained")["grammars"]
+    texts: list = [None] * len(records)
+    fields: list = [None] * len(records)
+    skipped: dict[str, str] = {}
+    totals = {"seconds": 0.0, "new_tokens": 0, "prompt_tokens": 0}
+
+    def run(rows, prefixes=None, cache=None, size=batch_size):
+        gen = generate(model, tokenizer, [convs[i] for i in rows], max_new_tokens, size,
+                       grammars=[grammars[i] for i in rows], prefixes=prefixes, prompt_cache=cache)
+        for i, t in zip(rows, gen, strict=True):
+            texts[i] = t
+        for k in totals:
+            totals[k] += getattr(gen, k)
+
+    by_task: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_task.setdefault(r["task"], []).append(i)
+    for name, ix in by_task.items():
+        task = get_task(name)
+        try:
+            batches = score_label_batches(model, tokenizer, task, [convs[i] for i in ix], batch_size=batch_size,
+                                          fold_inputs=False)
+        except ValueError as e:  # labels that cannot be scored: the whole answer decoded under the grammar
+            skipped[name] = str(e)
+            run(ix)
+            continue
+        for sub, scores, cache in batches:
+            rows = [ix[j] for j in sub]
+            for i, sc in zip(rows, scores, strict=True):
+                fields[i] = label_scores_record(sc, task)
+            run(rows, [sc["prefix"] for sc in scores], cache, len(rows))
+    return GenerationResult(texts, **totals), fields, skipped
+
+
 def _attach(results: dict, preds: list[dict], fields: list | None, skipped: dict) -> None:
     """Label scores into the prediction rows; tasks decoded without them named in the results."""
     for p, f in zip(preds, fields or [], strict=False):
@@ -364,9 +404,12 @@ def evaluate_records(
         get_task(r.get("task"))  # clear error for an unknown task before spending time generating
     t0 = time.perf_counter()
     convs = _messages(records, fold_inputs)
-    kwargs, scored, skipped = _constrained_inputs(model, tokenizer, records, convs, decoding, label_prefixes,
-                                                  batch_size=batch_size)
-    gen: GenerationResult = generate(model, tokenizer, convs, max_new_tokens, batch_size, **kwargs)
+    if decoding == "constrained" and label_prefixes is None and records:
+        gen, scored, skipped = _scored_generation(model, tokenizer, records, convs, max_new_tokens, batch_size)
+    else:
+        kwargs, scored, skipped = _constrained_inputs(model, tokenizer, records, convs, decoding, label_prefixes,
+                                                      batch_size=batch_size)
+        gen = generate(model, tokenizer, convs, max_new_tokens, batch_size, **kwargs)
     results, preds = score_records(records, list(gen), model_name=model_name)
     results["decoding"] = decoding
     _attach(results, preds, scored, skipped)

@@ -9,12 +9,14 @@ conversation, :mod:`banklm.tasks.grammar`) every token stays inside the answer g
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from banklm.evaluation.constrained import GrammarMask, grammar_logits_processor
 
-__all__ = ["GenerationResult", "generate", "eos_token_ids", "continuation_ids"]
+__all__ = ["GenerationResult", "PromptCache", "generate", "eos_token_ids", "continuation_ids"]
 
 
 class GenerationResult(list):
@@ -41,6 +43,43 @@ class GenerationResult(list):
             "prompt_tokens": self.prompt_tokens,
             "tokens_per_s": self.tokens_per_s,
         }
+
+
+@dataclass
+class PromptCache:
+    """Tokens already run through the model, one row per conversation of a :func:`generate` call (label scoring's
+    prefill): ``ids[r]`` the tokens of row ``r`` (the chat prompt, perhaps the answer's first key), right-aligned in
+    a left-padded batch; ``past`` per layer ``(keys, values)`` of shape ``[rows, heads, width, head_dim]``.
+    Generation continues from it where its own tokens agree with ``ids`` (the rest is run as usual)."""
+
+    ids: list[list[int]]
+    past: list
+
+    def for_batch(self, rows: Sequence[int], seqs: Sequence[Sequence[int]], width: int, config):
+        """A ``DynamicCache`` for a left-padded batch of width ``width`` holding ``seqs`` (row ``j`` of it is
+        conversation ``rows[j]``), covering the leading positions every row shares with the prefilled tokens;
+        None when nothing can be reused."""
+        import numpy as np
+        import torch
+        from transformers import DynamicCache
+
+        old = self.past[0][0].shape[2]
+        usable = [len(os.path.commonprefix([list(self.ids[i]), list(seq)])) for i, seq in zip(rows, seqs, strict=True)]
+        # positions [0, k) of the new layout: left padding, then tokens the prefill holds, for every row; at least
+        # one token is left to run (generation needs the logits after it)
+        k = min(min(width - len(seq) + u for seq, u in zip(seqs, usable, strict=True)), width - 1)
+        if k <= 0 or min(usable) == 0:
+            return None
+        src = np.stack([np.clip(np.arange(k) - ((width - len(seq)) - (old - len(self.ids[i]))), 0, old - 1)
+                        for i, seq in zip(rows, seqs, strict=True)])
+        dev = self.past[0][0].device
+        pick = torch.as_tensor(list(rows), device=dev)
+        where = torch.as_tensor(src, device=dev)[:, None, :, None]
+        layers = []
+        for keys, values in self.past:
+            at = where.expand(-1, keys.shape[1], -1, keys.shape[3])
+            layers.append((keys[pick].gather(2, at), values[pick].gather(2, at)))
+        return DynamicCache(layers, config=config)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -94,6 +133,7 @@ def generate(
     *,
     grammars: Sequence[str] | None = None,
     prefixes: Sequence[str | None] | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> GenerationResult:
     """Greedy-decode a completion for each conversation in ``messages_list``.
 
@@ -105,7 +145,8 @@ def generate(
     ``grammars``: one GBNF text per conversation; each answer is decoded under its grammar (a
     :class:`~banklm.evaluation.constrained.GrammarMask` per batch). ``prefixes``: text each answer must start
     with (None: nothing forced), fed after the prompt (the mask advanced over it) and part of the returned
-    text; ``max_new_tokens`` counts the tokens generated after it.
+    text; ``max_new_tokens`` counts the tokens generated after it. ``prompt_cache``: the conversations' prompts as
+    already prefilled (one batch: at most ``batch_size`` conversations), continued from instead of run again.
     """
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
@@ -116,6 +157,9 @@ def generate(
     for what, v in (("grammars", grammars), ("prefixes", prefixes)):
         if v is not None and len(v) != n:
             raise ValueError(f"{len(v)} {what} for {n} conversations")
+    if prompt_cache is not None and (n > batch_size or len(prompt_cache.ids) != n):
+        raise ValueError(f"prompt_cache holds {len(prompt_cache.ids)} rows for {n} conversations in batches of "
+                         f"{batch_size} (it serves exactly one batch)")
     texts = [_chat_text(tokenizer, m) for m in messages_list]
     enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(n), key=lambda i: -len(enc[i]))
@@ -159,6 +203,10 @@ def generate(
                     prompt_tokens += len(enc[i])
                 ids, mask = ids.to(device), mask.to(device)
                 extra = {}
+                if prompt_cache is not None:
+                    cache = prompt_cache.for_batch(idx, [enc[i] + forced[i] for i in idx], width, model.config)
+                    if cache is not None:
+                        extra["past_key_values"] = cache
                 if grammars is not None:
                     gm = GrammarMask(tokenizer, [grammars[i] for i in idx], eos_ids)
                     for r, i in enumerate(idx):

@@ -50,11 +50,11 @@ from typing import Any
 
 import numpy as np
 
-from banklm.evaluation.generate import _chat_text
+from banklm.evaluation.generate import PromptCache, _chat_text
 from banklm.tasks.base import Task, fold_fullwidth, iter_user_messages
 from banklm.tasks.registry import get_task
 
-__all__ = ["score_labels", "label_space", "LabelSpace", "label_scores_record", "MAX_LISTS", "MAX_COMBOS"]
+__all__ = ["score_labels", "score_label_batches", "label_space", "LabelSpace", "label_scores_record", "MAX_LISTS", "MAX_COMBOS"]
 
 #: the most candidate lists of one multi-label key (a key of up to 8 values: every non-empty subset)
 MAX_LISTS = 256
@@ -442,7 +442,8 @@ def _normalise(logps: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
-def _score_batch(backend, space: LabelSpace, prompts: Sequence[str], eos: Sequence[int]) -> list[dict]:
+def _score_batch(backend, space: LabelSpace, prompts: Sequence[str], eos: Sequence[int]) -> tuple[list[dict], dict, list]:
+    """Results of a batch of rendered prompts, with the prefill state and the contexts it holds."""
     task = space.task
     closed = _followed(task, space.keys[-1])
     texts = [_text(task, c) for c in space.combos]
@@ -469,7 +470,7 @@ def _score_batch(backend, space: LabelSpace, prompts: Sequence[str], eos: Sequen
         res["chosen"] = chosen
         last = list(chosen)[-1]
         res["prefix"] = _text(task, chosen) + ("；" if _followed(task, last) else "")
-    return results
+    return results, state, ctxs
 
 
 def _score_multi(backend, space: LabelSpace, key: str, prompts, ctxs, state, results, eos) -> None:
@@ -507,6 +508,40 @@ def _conversation(item, fold_inputs: bool) -> list[dict]:
     return msgs
 
 
+def score_label_batches(lm, tokenizer, task: Task | str, records_or_messages: Sequence, *, batch_size: int = 16,
+                        eos_ids: Sequence[int] | None = None, fold_inputs: bool = True):
+    """:func:`score_labels` batch by batch, prompts of similar length together (less padding): yields
+    ``(indices, results, cache)`` per batch, ``indices`` into ``records_or_messages``. On PyTorch ``cache`` is the
+    batch's prompts as prefilled (:class:`~banklm.evaluation.generate.PromptCache`), which generation continues
+    from instead of running the prompts through the model again; None on the other runtimes. Raises
+    ``ValueError`` (a task whose labels cannot be scored) before yielding anything."""
+    task = get_task(task) if isinstance(task, str) else task
+    space = label_space(task)
+    backend = _backend(lm, tokenizer)
+    eos = list(dict.fromkeys(int(e) for e in (eos_ids if eos_ids is not None else _default_eos(lm, tokenizer))))
+    if not eos:
+        raise ValueError("label scoring needs the model's EOS ids (eos_ids is empty and none were found)")
+    prompts = [_chat_text(tokenizer, _conversation(x, fold_inputs)) for x in records_or_messages]
+    return _batches(backend, space, prompts, eos, 1 if backend.sequential else max(1, int(batch_size)))
+
+
+def _batches(backend, space, prompts, eos, step):
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    model = getattr(backend, "model", None)
+    was_training = bool(getattr(model, "training", False))
+    if was_training:
+        model.eval()
+    try:
+        for start in range(0, len(order), step):
+            idx = order[start:start + step]
+            results, state, ctxs = _score_batch(backend, space, [prompts[i] for i in idx], eos)
+            cache = PromptCache(ctxs, state["past"]) if isinstance(backend, _TorchBackend) else None
+            yield idx, results, cache
+    finally:
+        if was_training:
+            model.train()
+
+
 def score_labels(lm, tokenizer, task: Task | str, records_or_messages: Sequence, *, batch_size: int = 16,
                  eos_ids: Sequence[int] | None = None, fold_inputs: bool = True) -> list[dict]:
     """Label scores of each record (a record with ``messages``, or a list of chat messages; a final assistant turn
@@ -520,25 +555,11 @@ def score_labels(lm, tokenizer, task: Task | str, records_or_messages: Sequence,
     ``eos_ids``: the ids generation stops at (default: the model's, else the tokenizer's); ``fold_inputs``: fold
     full-width digits in user turns as the evaluation does.
     """
-    task = get_task(task) if isinstance(task, str) else task
-    space = label_space(task)
-    backend = _backend(lm, tokenizer)
-    eos = list(dict.fromkeys(int(e) for e in (eos_ids if eos_ids is not None else _default_eos(lm, tokenizer))))
-    if not eos:
-        raise ValueError("label scoring needs the model's EOS ids (eos_ids is empty and none were found)")
-    prompts = [_chat_text(tokenizer, _conversation(x, fold_inputs)) for x in records_or_messages]
-    step = 1 if backend.sequential else max(1, int(batch_size))
-    out: list[dict] = []
-    model = getattr(backend, "model", None)
-    was_training = bool(getattr(model, "training", False))
-    if was_training:
-        model.eval()
-    try:
-        for start in range(0, len(prompts), step):
-            out += _score_batch(backend, space, prompts[start:start + step], eos)
-    finally:
-        if was_training:
-            model.train()
+    out: list[dict | None] = [None] * len(records_or_messages)
+    for idx, results, _ in score_label_batches(lm, tokenizer, task, records_or_messages, batch_size=batch_size,
+                                               eos_ids=eos_ids, fold_inputs=fold_inputs):
+        for i, res in zip(idx, results, strict=True):
+            out[i] = res
     return out
 
 
