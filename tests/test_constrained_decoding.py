@@ -288,6 +288,23 @@ def test_generation_continues_from_label_scorings_prefill(work, torch_lm, tok, r
     assert [p["scored"] for p in got] == [dict(scores[idx.index(i)]["chosen"]) for i in range(6)]
 
 
+def test_a_prepared_grammar_masks_as_its_text_and_serves_once(tok, prompts):
+    """Grammars prepared ahead (a worker thread builds them while the model runs) mask exactly as their GBNF text;
+    a prepared matcher serves one mask, a mask for another vocabulary size builds its own."""
+    from banklm.evaluation.constrained import PreparedGrammar
+
+    _, grammars, _, eos = prompts
+    ready = [PreparedGrammar(tok, g, eos) for g in grammars[:3]]
+    a, b = GrammarMask(tok, ready, eos), GrammarMask(tok, grammars[:3], eos)
+    assert all(r.matcher is None for r in ready)
+    assert (a.allowed() == b.allowed()).all()
+    wide = PreparedGrammar(tok, grammars[0], eos, vocab_size=len(tok) + 64)
+    c = GrammarMask(tok, [wide], eos)
+    assert wide.matcher is not None and (c.allowed() == b.allowed()[:1]).all()  # c: the tokenizer's own size
+    a.reset()  # new matchers from the prepared texts
+    assert (a.allowed() == b.allowed()).all()
+
+
 def test_decoding_is_a_recorded_eval_param(repo, monkeypatch):
     r = load_recipe(repo / "recipes" / "quickstart.yaml", ["eval.decoding=constrained"])
     stages = {s.name: s for s in STAGES}

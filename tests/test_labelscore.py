@@ -306,3 +306,36 @@ def test_chosen_label_agrees_with_greedy_decoding_on_a_trained_model(trained):
           f"{sure_agree}/{sure} where the chosen combination has p > 0.5; records/s: label scoring "
           f"{len(recs) / t_score:.0f}, greedy generation {len(recs) / t_greedy:.0f}")
     assert agree > len(recs) / 2 and sure >= 10 and sure_agree == sure
+
+
+def test_candidates_tokenize_after_the_prompts_last_special_token_as_in_one_piece(tiny):
+    """The candidates are tokenized joined to the prompt's tail only (the long prompt once per batch): the same
+    ids as tokenizing each prompt + candidate whole; a prompt without special tokens, or one whose split reads
+    otherwise, is tokenized whole."""
+    from banklm.evaluation.generate import _chat_text
+    from banklm.evaluation.labelscore import _TorchBackend
+
+    _, model, tok = tiny
+    backend = _TorchBackend(model, tok)
+    recs = _records(TASKS["credit"], 3)
+    prompts = [_chat_text(tok, iter_user_messages(r)) for r in recs] + ["没有特殊记号的提示：", ""]
+    suffixes = [["结论：通过；", "结论：拒绝", "结论：人工复核；风险等级：C；"]] * 4 + [["结论：通过"]]
+    want = [backend.encode([p + x for x in sfx]) for p, sfx in zip(prompts, suffixes, strict=True)]
+    calls = []
+    encode = backend.encode
+    backend.encode = lambda texts: calls.append(len(texts)) or encode(texts)
+    assert backend.encode_joined(prompts, suffixes) == want
+    assert len(calls) == 3  # heads and checks, tails, the prompts tokenized whole: one call each
+
+    class Shifted:  # a tokenizer whose split does not read as the whole: the check catches it
+        def __init__(self, inner):
+            self.inner, self.added_tokens_decoder, self.pad_token_id = inner, inner.added_tokens_decoder, 0
+
+        def __call__(self, texts, add_special_tokens=False):
+            ids = self.inner(texts, add_special_tokens=add_special_tokens)["input_ids"]
+            return {"input_ids": [[7, *x] if t.startswith("<|im_start|>assistant") else x
+                                  for t, x in zip(texts, ids, strict=True)]}
+
+    odd = _TorchBackend(model, Shifted(tok))
+    assert odd.encode([prompts[0][prompts[0].rfind("<|im_start|>"):]])[0][0] == 7  # the tail alone reads otherwise
+    assert odd.encode_joined(prompts, suffixes) == want

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["GrammarMask", "GrammarError", "grammar_logits_processor", "check_grammar"]
+__all__ = ["GrammarMask", "GrammarError", "PreparedGrammar", "grammar_logits_processor", "check_grammar"]
 
 
 class GrammarError(ValueError):
@@ -247,10 +247,26 @@ def check_grammar(gbnf: str) -> None:
     _compiled(gbnf)
 
 
+class PreparedGrammar:
+    """One request's grammar made ready before decoding: converted and its matcher built (several milliseconds,
+    in Rust, which lets other threads run: a worker thread prepares the next batch's grammars while the model
+    runs). :class:`GrammarMask` takes it in place of the GBNF text, for the same tokenizer, EOS ids and vocabulary
+    size; its matcher serves one decoding, a later reset builds a new one from the text."""
+
+    def __init__(self, tokenizer, gbnf: str, eos_ids: Sequence[int], *, vocab_size: int | None = None):
+        import llguidance
+
+        self.gbnf = gbnf
+        self.compiled = _compiled(gbnf)
+        self.tok = _ll_tokenizer(tokenizer, int(vocab_size or len(tokenizer)), tuple(int(e) for e in eos_ids))
+        self.matcher = llguidance.LLMatcher(self.tok, self.compiled, log_level=0)
+
+
 class GrammarMask:
     """Per-row grammar matchers over a tokenizer's vocabulary, stepped token by token.
 
-    ``grammars``: one GBNF text for every row, or one text for ``batch`` rows. ``eos_ids``: the ids that end a
+    ``grammars``: one GBNF text (or :class:`PreparedGrammar`) for every row, or one text for ``batch`` rows.
+    ``eos_ids``: the ids that end a
     generation (allowed once the answer is complete, and the only ids allowed after it). ``vocab_size``: the
     logits' width (default: the tokenizer's length); ids the tokenizer does not have are never allowed.
     """
@@ -270,12 +286,18 @@ class GrammarMask:
 
     def reset(self, grammars: Sequence[str] | str | None = None, *, batch: int | None = None) -> None:
         """Start every row over (with new ``grammars`` if given)."""
+        ready: list = []
         if grammars is not None:
             texts = [grammars] * int(batch or 1) if isinstance(grammars, str) else list(grammars)
             if not texts:
                 raise ValueError("GrammarMask: no grammar")
-            self._grammars = [_compiled(t) for t in texts]
-        self._matchers = [self._ll.LLMatcher(self._tok, g, log_level=0) for g in self._grammars]
+            ready = [t.matcher if isinstance(t, PreparedGrammar) and t.tok is self._tok else None for t in texts]
+            for t, m in zip(texts, ready, strict=True):
+                if m is not None:
+                    t.matcher = None  # a matcher serves one decoding
+            self._grammars = [t.compiled if isinstance(t, PreparedGrammar) else _compiled(t) for t in texts]
+        self._matchers = [(ready[i] if i < len(ready) else None) or self._ll.LLMatcher(self._tok, g, log_level=0)
+                          for i, g in enumerate(self._grammars)]
         for i, m in enumerate(self._matchers):
             if m.is_error():
                 raise GrammarError(f"row {i}: {m.get_error()}")

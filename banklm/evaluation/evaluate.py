@@ -38,10 +38,12 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from banklm.evaluation import metrics as M
-from banklm.evaluation.generate import GenerationResult, generate
+from banklm.evaluation.constrained import PreparedGrammar
+from banklm.evaluation.generate import GenerationResult, eos_token_ids, generate
 from banklm.evaluation.labelscore import label_scores_record, score_label_batches, score_labels
 from banklm.finetune.tokenizer import load_tokenizer
 from banklm.io import atomic_write_json, atomic_write_jsonl
@@ -256,6 +258,12 @@ def answer_prefix(task, labels: Mapping) -> str:
     return text + ("；" if keys else "") + f"{task.answer_fields[len(keys)].zh}："
 
 
+def request_grammar(record: Mapping, conv: Sequence[dict]) -> str:
+    """The answer grammar of one record over the messages the model sees (its fields bind reason numbers)."""
+    task = get_task(record["task"])
+    return answer_grammar(task, conv, fields=task.fields_from_meta(_loads(record.get("meta"))))
+
+
 def decoding_inputs(records: Sequence[dict], convs: Sequence[Sequence[dict]], decoding: str,
                     label_prefixes: LabelPrefixes | None = None) -> dict:
     """The keyword arguments the generation functions take for ``decoding``: nothing for free decoding; for
@@ -268,8 +276,7 @@ def decoding_inputs(records: Sequence[dict], convs: Sequence[Sequence[dict]], de
             raise ValueError("label_prefixes needs decoding='constrained' (labels are imposed under the grammar)")
         return {}
     tasks = [get_task(r["task"]) for r in records]
-    out: dict = {"grammars": [answer_grammar(t, c, fields=t.fields_from_meta(_loads(r.get("meta"))))
-                              for t, c, r in zip(tasks, convs, records, strict=True)]}
+    out: dict = {"grammars": [request_grammar(r, c) for r, c in zip(records, convs, strict=True)]}
     if label_prefixes is not None:
         shown = [{**r, "messages": list(c)} for r, c in zip(records, convs, strict=True)]
         given = list(label_prefixes(shown) if callable(label_prefixes) else label_prefixes)
@@ -321,17 +328,21 @@ def _scored_generation(model, tokenizer, records, convs, max_new_tokens: int, ba
                        ) -> tuple[GenerationResult, list, dict]:
     """Constrained decoding on a transformers model: per task, per batch of prompts of similar length, label scoring
     then generation under the grammar from the chosen labels, continuing from label scoring's prefill (each prompt
-    runs through the model once). ``(generation, prediction fields, skipped tasks)`` as :func:`_constrained_inputs`;
+    runs through the model once). A worker thread prepares the next batch's grammars (GBNF, matchers) while the
+    model runs. ``(generation, prediction fields, skipped tasks)`` as :func:`_constrained_inputs`;
     ``generation.seconds`` counts generation only."""
-    grammars = decoding_inputs(records, convs, "constrained")["grammars"]
+    eos = eos_token_ids(model, tokenizer)
     texts: list = [None] * len(records)
     fields: list = [None] * len(records)
     skipped: dict[str, str] = {}
     totals = {"seconds": 0.0, "new_tokens": 0, "prompt_tokens": 0}
 
-    def run(rows, prefixes=None, cache=None, size=batch_size):
-        gen = generate(model, tokenizer, [convs[i] for i in rows], max_new_tokens, size,
-                       grammars=[grammars[i] for i in rows], prefixes=prefixes, prompt_cache=cache)
+    def prepare(rows: list[int]) -> list[PreparedGrammar]:
+        return [PreparedGrammar(tokenizer, request_grammar(records[i], convs[i]), eos) for i in rows]
+
+    def run(rows, grammars, prefixes=None, cache=None, size=batch_size):
+        gen = generate(model, tokenizer, [convs[i] for i in rows], max_new_tokens, size, grammars=grammars,
+                       prefixes=prefixes, prompt_cache=cache)
         for i, t in zip(rows, gen, strict=True):
             texts[i] = t
         for k in totals:
@@ -340,20 +351,29 @@ def _scored_generation(model, tokenizer, records, convs, max_new_tokens: int, ba
     by_task: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_task.setdefault(r["task"], []).append(i)
-    for name, ix in by_task.items():
-        task = get_task(name)
-        try:
-            batches = score_label_batches(model, tokenizer, task, [convs[i] for i in ix], batch_size=batch_size,
-                                          fold_inputs=False)
-        except ValueError as e:  # labels that cannot be scored: the whole answer decoded under the grammar
-            skipped[name] = str(e)
-            run(ix)
-            continue
-        for sub, scores, cache in batches:
-            rows = [ix[j] for j in sub]
-            for i, sc in zip(rows, scores, strict=True):
-                fields[i] = label_scores_record(sc, task)
-            run(rows, [sc["prefix"] for sc in scores], cache, len(rows))
+    prepare([])  # the tokenizer's matcher view, built once in this thread
+    with ThreadPoolExecutor(1) as worker:
+        for name, ix in by_task.items():
+            order = sorted(range(len(ix)), key=lambda j: -sum(len(m["content"]) for m in convs[ix[j]]))
+            chunks = [[ix[j] for j in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+            try:
+                batches = score_label_batches(model, tokenizer, get_task(name), [convs[i] for i in ix],
+                                              batch_size=batch_size, fold_inputs=False, order=order, eos_ids=eos)
+            except ValueError as e:  # labels that cannot be scored: the whole answer decoded under the grammar
+                skipped[name] = str(e)
+                run(ix, [request_grammar(records[i], convs[i]) for i in ix])
+                continue
+            ready = worker.submit(prepare, chunks[0])
+            for b, (sub, scores, cache) in enumerate(batches):
+                rows = [ix[j] for j in sub]
+                grammars = ready.result()
+                if rows != chunks[b]:  # batched otherwise than planned: the prepared grammars are for other rows
+                    grammars = [request_grammar(records[i], convs[i]) for i in rows]
+                if b + 1 < len(chunks):
+                    ready = worker.submit(prepare, chunks[b + 1])
+                for i, sc in zip(rows, scores, strict=True):
+                    fields[i] = label_scores_record(sc, get_task(name))
+                run(rows, grammars, [sc["prefix"] for sc in scores], cache, len(rows))
     return GenerationResult(texts, **totals), fields, skipped
 
 

@@ -165,6 +165,35 @@ class _KVBackend:
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
 
+    def encode_joined(self, prompts: Sequence[str], suffixes: Sequence[Sequence[str]]) -> list[list[list[int]]]:
+        """Per prompt, ``encode([prompt + s for s in its suffixes])``, without tokenizing each long prompt once per
+        suffix: the text up to a prompt's last special token (``<|im_start|>``) tokenizes on its own, so only the
+        rest is joined to the suffixes (checked per prompt against one full tokenization, else tokenized whole).
+        Three tokenizer calls for the batch: the per-call overhead, not the length, is what costs."""
+        specials = getattr(self, "_specials", None)
+        if specials is None:
+            decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+            specials = self._specials = [t.content for t in decoder.values() if getattr(t, "special", False)]
+        cuts = [max((p.rfind(t) for t in specials), default=-1) if sfx else -1
+                for p, sfx in zip(prompts, suffixes, strict=True)]
+        split = [i for i, c in enumerate(cuts) if c > 0]
+        heads = self.encode([prompts[i][:cuts[i]] for i in split] + [prompts[i] + suffixes[i][0] for i in split])
+        tails = self.encode([prompts[i][cuts[i]:] + x for i in split for x in suffixes[i]])
+        out: list[list[list[int]] | None] = [None] * len(prompts)
+        at = 0
+        for j, i in enumerate(split):
+            got = [heads[j] + t for t in tails[at:at + len(suffixes[i])]]
+            at += len(suffixes[i])
+            if got[0] == heads[len(split) + j]:
+                out[i] = got
+        whole = [i for i in range(len(prompts)) if out[i] is None]
+        flat = self.encode([prompts[i] + x for i in whole for x in suffixes[i]])
+        at = 0
+        for i in whole:
+            out[i] = flat[at:at + len(suffixes[i])]
+            at += len(suffixes[i])
+        return out
+
     def prefill(self, ctxs: Sequence[Sequence[int]]) -> dict:
         width = max(len(c) for c in ctxs)
         ids = np.full((len(ctxs), width), self.pad, dtype=np.int64)
@@ -392,15 +421,24 @@ def _default_eos(lm, tokenizer) -> list[int]:
 # scoring
 
 
-def _variants(backend, prompt: str, texts: Sequence[str], closed: bool, eos: Sequence[int]) -> list[list[list[int]]]:
-    """Per candidate text, the token ids of prompt + candidate once per way the candidate may end: ``；`` (when a
-    field follows) or an EOS id. Tokenized together, in one call."""
-    ids = backend.encode([prompt + t + end for t in texts for end in (("；", "") if closed else ("",))])
-    per = 2 if closed else 1
+def _variants(backend, prompts: Sequence[str], texts: Sequence[Sequence[str]], closed: bool,
+              eos: Sequence[int]) -> list[list[list[list[int]]]]:
+    """Per prompt, per candidate text, the token ids of prompt + candidate once per way the candidate may end:
+    ``；`` (when a field follows) or an EOS id. Tokenized together (the model's merges across the boundary)."""
+    ends = ("；", "") if closed else ("",)
+    suffixes = [[t + end for t in per for end in ends] for per in texts]
+    if hasattr(backend, "encode_joined"):
+        ids = backend.encode_joined(prompts, suffixes)
+    else:
+        ids = [backend.encode([p + x for x in sfx]) for p, sfx in zip(prompts, suffixes, strict=True)]
+    per = len(ends)
     out = []
-    for j in range(len(texts)):
-        got = ids[j * per:(j + 1) * per]
-        out.append(got[:-1] + [got[-1] + [int(e)] for e in eos])
+    for got_p, texts_p in zip(ids, texts, strict=True):
+        row = []
+        for j in range(len(texts_p)):
+            got = got_p[j * per:(j + 1) * per]
+            row.append(got[:-1] + [got[-1] + [int(e)] for e in eos])
+        out.append(row)
     return out
 
 
@@ -447,7 +485,7 @@ def _score_batch(backend, space: LabelSpace, prompts: Sequence[str], eos: Sequen
     task = space.task
     closed = _followed(task, space.keys[-1])
     texts = [_text(task, c) for c in space.combos]
-    cands = [_variants(backend, p, texts, closed, eos) for p in prompts]
+    cands = _variants(backend, prompts, [texts] * len(prompts), closed, eos)
     ctxs = []
     for per in cands:  # the context: every token the candidates share (the prompt and the answer's first key)
         seqs = [v for variants in per for v in variants]
@@ -478,8 +516,8 @@ def _score_multi(backend, space: LabelSpace, key: str, prompts, ctxs, state, res
     task = space.task
     closed = _followed(task, key)
     lists = [space.lists(key, res["chosen"]) for res in results]
-    cands = [_variants(backend, p, [_text(task, {**res["chosen"], key: lst}) for lst in lists[r]], closed, eos)
-             for r, (p, res) in enumerate(zip(prompts, results, strict=True))]
+    cands = _variants(backend, prompts, [[_text(task, {**res["chosen"], key: lst}) for lst in lists[r]]
+                                         for r, res in enumerate(results)], closed, eos)
     # the prompt's cache serves when every candidate starts with the record's context (a joint tokenization that
     # moved the prompt's own tokens, rare, puts the record on a fresh context)
     reuse = [all(v[:len(ctxs[r])] == ctxs[r] and len(v) > len(ctxs[r]) for per in cands[r] for v in per)
@@ -509,12 +547,14 @@ def _conversation(item, fold_inputs: bool) -> list[dict]:
 
 
 def score_label_batches(lm, tokenizer, task: Task | str, records_or_messages: Sequence, *, batch_size: int = 16,
-                        eos_ids: Sequence[int] | None = None, fold_inputs: bool = True):
+                        eos_ids: Sequence[int] | None = None, fold_inputs: bool = True,
+                        order: Sequence[int] | None = None):
     """:func:`score_labels` batch by batch, prompts of similar length together (less padding): yields
     ``(indices, results, cache)`` per batch, ``indices`` into ``records_or_messages``. On PyTorch ``cache`` is the
     batch's prompts as prefilled (:class:`~banklm.evaluation.generate.PromptCache`), which generation continues
-    from instead of running the prompts through the model again; None on the other runtimes. Raises
-    ``ValueError`` (a task whose labels cannot be scored) before yielding anything."""
+    from instead of running the prompts through the model again; None on the other runtimes. ``order``: the
+    order prompts are batched in (default: longest first). Raises ``ValueError`` (a task whose labels cannot be
+    scored) before yielding anything."""
     task = get_task(task) if isinstance(task, str) else task
     space = label_space(task)
     backend = _backend(lm, tokenizer)
@@ -522,11 +562,14 @@ def score_label_batches(lm, tokenizer, task: Task | str, records_or_messages: Se
     if not eos:
         raise ValueError("label scoring needs the model's EOS ids (eos_ids is empty and none were found)")
     prompts = [_chat_text(tokenizer, _conversation(x, fold_inputs)) for x in records_or_messages]
-    return _batches(backend, space, prompts, eos, 1 if backend.sequential else max(1, int(batch_size)))
+    if order is None:
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    elif sorted(order) != list(range(len(prompts))):
+        raise ValueError(f"order must list each of the {len(prompts)} prompts once")
+    return _batches(backend, space, prompts, eos, 1 if backend.sequential else max(1, int(batch_size)), list(order))
 
 
-def _batches(backend, space, prompts, eos, step):
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+def _batches(backend, space, prompts, eos, step, order):
     model = getattr(backend, "model", None)
     was_training = bool(getattr(model, "training", False))
     if was_training:
