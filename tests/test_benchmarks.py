@@ -61,3 +61,18 @@ def test_bench_train_smoke(repo, tmp_path):
     assert rows["banklm-packed"]["tokens_per_step"] > rows["baseline"]["tokens_per_step"]
     assert rows["banklm"]["warmup_seconds"] > 0
     assert "| tiny | " in proc.stdout and "matmul peak" in proc.stdout
+
+
+def test_bench_decoding_smoke(repo, tmp_path, quickstart_run):
+    _, run_dir, _ = quickstart_run
+    out = tmp_path / "d.json"
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "bench_decoding.py"), "--model",
+                           str(run_dir / "sft" / "merged"), "--data", str(run_dir), "--limit", "3", "--rounds", "1",
+                           "--max-new-tokens", "32", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert res["records"] == 9 and res["ratio"] > 0
+    assert res["constrained"]["format_compliance"] == {"credit": 1.0, "aml": 1.0, "audit": 1.0}
+    assert all(v == 0 for v in res["constrained"]["unsupported_number_rate"].values())
+    assert "constrained / free records/s" in proc.stdout

@@ -23,7 +23,9 @@ under each request's answer grammar, :func:`banklm.tasks.grammar.answer_grammar`
 a bounded reason citing only numbers of the prompt; the labels chosen beforehand by label scoring,
 :func:`scored_label_prefixes`, or given as ``label_prefixes``). Under label scoring every prediction row also holds
 ``scored`` (the chosen keys), ``scored_label``, ``scored_confidence`` and ``label_scores`` (every allowed
-combination's probability, per-key confidences) and ``results["label_scoring"]`` says it was used.
+combination's probability, per-key confidences) and ``results["label_scoring"]`` says it was used. On a
+transformers model each prompt runs through the model once: generation continues from label scoring's KV cache
+(:func:`_scored_generation`), and a worker thread prepares the next batch's grammars meanwhile.
 
 ``accuracy`` is primary-label accuracy (credit decision, aml typology, audit category); an
 unparseable output is wrong. ``exact_match`` additionally needs every categorical field (grade,
