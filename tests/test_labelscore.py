@@ -16,7 +16,13 @@ transformers = pytest.importorskip("transformers")
 from banklm.finetune.models import build_tiny_model  # noqa: E402
 from banklm.finetune.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
-from banklm.evaluation.labelscore import MAX_LISTS, label_scores_record, label_space, score_labels  # noqa: E402
+from banklm.evaluation.labelscore import (  # noqa: E402
+    MAX_LISTS,
+    choose_combo,
+    label_scores_record,
+    label_space,
+    score_labels,
+)
 from banklm.runtime import LlamaCppLM, OnnxCausalLM, TorchLM, llama_cpp_available  # noqa: E402
 from banklm.tasks import TASKS, parse_spec, task_from_spec  # noqa: E402
 from banklm.tasks.base import iter_user_messages  # noqa: E402
@@ -141,7 +147,7 @@ def _check_runtime(lm, tokenizer, full_logprob, encode, tol, batch_size=8):
             want = _slow_probs(full_logprob, encode, tokenizer, task, rec, combos, eos)
             p = np.array([q for _, q in g["combos"]])
             worst = max(worst, float(np.abs(p - want).max()))
-            assert g["chosen"] == combos[int(want.argmax())]
+            assert g["chosen"] == choose_combo(combos, want)
             for k in label_space(task).keys:
                 assert g["confidence"][k] == pytest.approx(float(sum(w for c, w in zip(combos, want, strict=True)
                                                                     if c[k] == g["chosen"][k])), abs=tol)
@@ -279,8 +285,8 @@ def test_multi_label_key_scores_per_value(tiny):
 
 def test_chosen_label_agrees_with_greedy_decoding_on_a_trained_model(trained):
     """Greedy decoding and label scoring pick the same primary label where the model is sure of the combination
-    (greedy then follows it token by token); where it is torn between combinations they may differ: the scored
-    choice is the most probable combination, greedy's the most probable first token."""
+    (greedy then follows it token by token); where it is torn they may differ: the scored choice reads each key's
+    whole value (its marginal given the keys before it), greedy the most probable next token."""
     from banklm.evaluation.generate import generate
 
     model, tok = trained
@@ -339,3 +345,15 @@ def test_candidates_tokenize_after_the_prompts_last_special_token_as_in_one_piec
     odd = _TorchBackend(model, Shifted(tok))
     assert odd.encode([prompts[0][prompts[0].rfind("<|im_start|>"):]])[0][0] == 7  # the tail alone reads otherwise
     assert odd.encode_joined(prompts, suffixes) == want
+
+
+def test_keys_are_chosen_in_answer_order_each_by_its_marginal():
+    """The leading decision by its marginal, then the next key given it: not the single most probable pair."""
+    combos = [{"decision": "通过", "grade": "A"}, {"decision": "通过", "grade": "B"},
+              {"decision": "拒绝", "grade": "D"}, {"decision": "人工复核", "grade": "C"}]
+    assert choose_combo(combos, [0.3, 0.25, 0.35, 0.1]) == {"decision": "通过", "grade": "A"}  # 0.55 > 0.35
+    assert choose_combo(combos, [0.1, 0.1, 0.7, 0.1]) == {"decision": "拒绝", "grade": "D"}
+    assert choose_combo(combos, [0.25, 0.25, 0.25, 0.25]) == {"decision": "通过", "grade": "A"}  # ties: declared first
+    aml = [{"conclusion": "可疑", "typology": t} for t in ("拆分交易", "快进快出", "循环交易")] + \
+        [{"conclusion": "正常", "typology": "无"}]
+    assert choose_combo(aml, [0.2, 0.2, 0.2, 0.4]) == {"conclusion": "可疑", "typology": "拆分交易"}

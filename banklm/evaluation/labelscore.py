@@ -11,8 +11,10 @@ separators, ``结论：拒绝；风险等级：D；`` (the ``；`` closes the la
 tokens every candidate shares (the prompt, the answer's first key) are the context and cancel out. A candidate
 also ends well when the model stops right after it (a model trained on labels only): its probability is
 ``P(prefix + "；") + P(prefix + EOS)`` (EOS alone when nothing follows the label keys in the answer). The
-candidates' probabilities are normalised over the allowed ones: ``combos``; the most probable is ``chosen``; each
-key's ``confidence`` is the marginal probability of its chosen value.
+candidates' probabilities are normalised over the allowed ones: ``combos``. ``chosen`` takes the keys in answer
+order, each its most probable value given the values chosen before it (:func:`choose_combo`: the leading decision
+by its marginal, as the answer is written; the single most probable combination can hold a less probable
+decision); each key's ``confidence`` is the marginal probability of its chosen value.
 
 **Allowed combinations (pruning).** With rules, a combination is allowed when some rule outcome produces it (a
 key an outcome leaves unset takes every value): aml gives 正常 with 无 only and 可疑 with each typology, credit the
@@ -54,7 +56,7 @@ from banklm.evaluation.generate import PromptCache, _chat_text
 from banklm.tasks.base import Task, fold_fullwidth, iter_user_messages
 from banklm.tasks.registry import get_task
 
-__all__ = ["score_labels", "score_label_batches", "label_space", "LabelSpace", "label_scores_record", "MAX_LISTS", "MAX_COMBOS"]
+__all__ = ["score_labels", "score_label_batches", "choose_combo", "label_space", "LabelSpace", "label_scores_record", "MAX_LISTS", "MAX_COMBOS"]
 
 #: the most candidate lists of one multi-label key (a key of up to 8 values: every non-empty subset)
 MAX_LISTS = 256
@@ -480,6 +482,22 @@ def _normalise(logps: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
+def choose_combo(combos: Sequence[Mapping[str, Any]], p: Sequence[float]) -> dict:
+    """The chosen combination: the keys in answer order, each the value of highest probability (summed over the
+    combinations that agree with the values chosen before it). The answer is written in this order and a bank
+    acts on the leading decision: its marginal, not the single most probable pair, is the better choice (on the
+    quickstart's models the pair lost 1.5-1.9 points of credit accuracy to greedy decoding; this rule none)."""
+    rest = [(dict(c), float(q)) for c, q in zip(combos, p, strict=True)]
+    chosen: dict = {}
+    for key in (rest[0][0] if rest else {}):
+        mass: dict = {}
+        for c, q in rest:
+            mass[c[key]] = mass.get(c[key], 0.0) + q
+        chosen[key] = max(mass, key=lambda v: mass[v])  # ties: the value declared first
+        rest = [(c, q) for c, q in rest if c[key] == chosen[key]]
+    return chosen
+
+
 def _score_batch(backend, space: LabelSpace, prompts: Sequence[str], eos: Sequence[int]) -> tuple[list[dict], dict, list]:
     """Results of a batch of rendered prompts, with the prefill state and the contexts it holds."""
     task = space.task
@@ -497,7 +515,7 @@ def _score_batch(backend, space: LabelSpace, prompts: Sequence[str], eos: Sequen
     results = []
     for lp in _candidate_logps(backend, state, ctxs, cands):
         p = _normalise(lp)
-        best = space.combos[int(p.argmax())]
+        best = choose_combo(space.combos, p)
         conf = {k: float(sum(pi for c, pi in zip(space.combos, p, strict=True) if c[k] == best[k])) for k in space.keys}
         results.append({"combos": [[dict(c), float(pi)] for c, pi in zip(space.combos, p, strict=True)],
                         "chosen": dict(best), "confidence": conf, "multi": {}})
