@@ -288,6 +288,30 @@ def test_generation_continues_from_label_scorings_prefill(work, torch_lm, tok, r
     assert [p["scored"] for p in got] == [dict(scores[idx.index(i)]["chosen"]) for i in range(6)]
 
 
+def test_a_task_whose_labels_cannot_be_scored_is_decoded_under_its_grammar(work, torch_lm, tok, records,
+                                                                           monkeypatch):
+    """Label scoring refuses a task (too many combinations without rules): its answers are decoded under the
+    grammar from the start, the others scored as usual, and the results say which task was skipped and why."""
+    import banklm.evaluation.evaluate as ev
+
+    real = ev.score_label_batches
+
+    def refuse_aml(model, tokenizer, task, *a, **kw):
+        if task.name == "aml":
+            raise ValueError("aml: too many label combinations")
+        return real(model, tokenizer, task, *a, **kw)
+
+    monkeypatch.setattr(ev, "score_label_batches", refuse_aml)
+    recs = [r for t in ("credit", "aml") for r in [x for x in records if x["task"] == t][:4]]
+    res = evaluate_records(torch_lm.model, tok, recs, work / "skip", max_new_tokens=96, fold_inputs=False,
+                           decoding="constrained")
+    assert res["label_scoring"] == {"used": True, "skipped": {"aml": "aml: too many label combinations"}}
+    preds = [json.loads(x) for x in (work / "skip" / "predictions.jsonl").read_text().splitlines()]
+    assert {p["task"] for p in preds} == {"credit", "aml"}
+    assert all(("scored" in p) == (p["task"] == "credit") for p in preds)
+    assert all(p["strict_format"] for p in preds)
+
+
 def test_a_prepared_grammar_masks_as_its_text_and_serves_once(tok, prompts):
     """Grammars prepared ahead (a worker thread builds them while the model runs) mask exactly as their GBNF text;
     a prepared matcher serves one mask, a mask for another vocabulary size builds its own."""
