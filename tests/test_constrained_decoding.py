@@ -280,7 +280,9 @@ def test_generation_continues_from_label_scorings_prefill(work, torch_lm, tok, r
         generate(model, tok, order, 64, 3, prompt_cache=cache, **kw)
     # the evaluation: one pass per prompt gives the answers of label scoring then decoding from scratch
     res = evaluate_records(model, tok, recs, work / "once", max_new_tokens=64, fold_inputs=False,
-                           decoding="constrained")
+                           decoding="constrained", robustness=("shuffle_fields",))
+    shuffled = res["robustness"]["shuffle_fields"]  # the perturbed prompts are label-scored too
+    assert shuffled["n"] == 6 and shuffled["accuracy"] is not None
     got = [json.loads(x) for x in (work / "once" / "predictions.jsonl").read_text().splitlines()]
     assert res["label_scoring"] == {"used": True}
     by_row = dict(zip(idx, fresh, strict=True))

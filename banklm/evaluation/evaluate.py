@@ -451,9 +451,12 @@ def evaluate_records(
             if ok:
                 pert = [perturb(records[i]["task"], records[i], rng, kind) for i in ok]
                 pconv = _messages(pert, fold_inputs)
-                # the perturbed prompts' own grammars; scored labels belong to the clean prompts: not reused
-                out = generate(model, tokenizer, pconv, max_new_tokens, batch_size,
-                               **decoding_inputs(pert, pconv, decoding))
+                # decoded as the clean prompts were, on the perturbed prompts' own grammars and label scores
+                if decoding == "constrained" and label_prefixes is None:
+                    out, _, _ = _scored_generation(model, tokenizer, pert, pconv, max_new_tokens, batch_size)
+                else:
+                    out = generate(model, tokenizer, pconv, max_new_tokens, batch_size,
+                                   **decoding_inputs(pert, pconv, decoding))
                 res_k, _ = score_records(pert, list(out), model_name=model_name)
                 acc = res_k["overall"]["accuracy"]
                 clean = sum(preds[i]["correct"] for i in ok) / len(ok)
