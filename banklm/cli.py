@@ -288,7 +288,7 @@ def _eval_models_arg(specs: list[str]) -> list[tuple[str, Path, str]]:
 def _evaluate_one(args, name: str, path: Path, kind: str, records: list[dict], out: Path) -> dict:
     """Score one model folder (PyTorch) or exported artefact (llama.cpp / onnxruntime) into ``out``."""
 
-    decoding = args.decoding or "free"
+    decoding = args.decoding or "constrained"
     if kind == "folder":
         return evaluate_model_dir(path, records, out, device=args.device, batch_size=args.batch_size,
                                   max_new_tokens=args.max_new_tokens, model_name=name, decoding=decoding)
@@ -406,7 +406,8 @@ def _export_model_folder(args, model: Path, out: Path) -> int:
         summary = build_export(model, out, name=model.resolve().name, prompts=prompts,
                                gguf_quant=quant if args.format == "gguf" else (),
                                onnx_quant=quant if args.format == "onnx" else (), opset=args.opset, records=records,
-                               device=args.device, model_card=card.read_text(encoding="utf-8") if card.is_file() else None)
+                               device=args.device, model_card=card.read_text(encoding="utf-8") if card.is_file() else None,
+                               decodings=("constrained", "free"))  # as the export stage with a recipe's default
     except (ValueError, FileNotFoundError, MissingDependency) as e:
         raise UsageError(str(e)) from None
     for c in summary[args.format]:
@@ -699,9 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--decoding", choices=["free", "constrained"],
-                    help="free: greedy; constrained: greedy under each request's answer grammar (layout, labels, "
-                         "a bounded reason citing only the prompt's numbers); with a recipe: its eval.decoding "
-                         "(default free), recorded in results.json and the ledger")
+                    help="constrained (default): label scoring picks the labels, the reason is greedy under each "
+                         "request's answer grammar (layout, labels, a bounded reason citing only the prompt's "
+                         "numbers); free: plain greedy; with a recipe: its eval.decoding (default constrained), "
+                         "recorded in results.json and the ledger")
     ev.add_argument("--seed", type=int, default=12345, help="seed for generated test records")
     ev.add_argument("--run-dir", type=Path, default=None)
     ev.set_defaults(func=cmd_eval)

@@ -332,17 +332,19 @@ def test_a_prepared_grammar_masks_as_its_text_and_serves_once(tok, prompts):
 
 
 def test_decoding_is_a_recorded_eval_param(repo, monkeypatch):
-    r = load_recipe(repo / "recipes" / "quickstart.yaml", ["eval.decoding=constrained"])
+    r = load_recipe(repo / "recipes" / "quickstart.yaml", ["eval.decoding=free"])
     stages = {s.name: s for s in STAGES}
-    assert stages["eval"].params(r)["eval"]["decoding"] == "constrained"  # the ledger's params: the reuse key
-    assert stages["export"].params(r)["eval"]["decodings"] == ["constrained", "free"]
-    assert load_recipe(repo / "recipes" / "quickstart.yaml").eval.decoding == "free"
+    assert stages["eval"].params(r)["eval"]["decoding"] == "free"  # the ledger's params: the reuse key
+    assert stages["export"].params(r)["eval"]["decodings"] == ["free", "constrained"]
+    default = load_recipe(repo / "recipes" / "quickstart.yaml")
+    assert default.eval.decoding == "constrained"  # the default: as accurate as free decoding, no invented numbers
+    assert stages["export"].params(default)["eval"]["decodings"] == ["constrained", "free"]
     from banklm import cli
 
     seen = {}
     monkeypatch.setattr(cli, "_run_pipeline", lambda args, upto=None: seen.setdefault("o", args.overrides) and 0)
-    assert cli.main(["eval", str(repo / "recipes" / "quickstart.yaml"), "--decoding", "constrained"]) == 0
-    assert seen["o"] == ["eval.decoding=constrained"]
+    assert cli.main(["eval", str(repo / "recipes" / "quickstart.yaml"), "--decoding", "free"]) == 0
+    assert seen["o"] == ["eval.decoding=free"]
 
 
 def test_bundle_grammars_checksums_and_both_decodings(work, model_dir, tok, records):
