@@ -314,6 +314,32 @@ def test_a_task_whose_labels_cannot_be_scored_is_decoded_under_its_grammar(work,
     assert all(p["strict_format"] for p in preds)
 
 
+def test_models_scored_on_the_same_records_share_their_grammars(work, model_dir, torch_lm, records):
+    """The eval stage scores several models on the same records: the second copies the grammars' fresh matchers
+    the first built (tokenizers loaded from the same files share one matcher view) and answers exactly as
+    without the cache; a full cache builds the rest each time."""
+    from banklm.evaluation.constrained import GrammarCache, _ll_tokenizer
+
+    recs = [r for t in TASKS for r in [x for x in records if x["task"] == t][:3]]
+    tok_a, tok_b = load_tokenizer(model_dir), load_tokenizer(model_dir)
+    assert _ll_tokenizer(tok_a, len(tok_a), (5,)) is _ll_tokenizer(tok_b, len(tok_b), (5,))
+    plain = evaluate_records(torch_lm.model, tok_a, recs, work / "plain", max_new_tokens=48, fold_inputs=False,
+                             decoding="constrained")
+    cache = GrammarCache()
+    runs = [evaluate_records(torch_lm.model, t, recs, work / f"cached{i}", max_new_tokens=48, fold_inputs=False,
+                             decoding="constrained", grammar_cache=cache) for i, t in enumerate((tok_a, tok_b))]
+    assert cache.built == len(recs) and cache.copied == len(recs) and len(cache.texts) == len(recs)
+    outs = [[json.loads(x)["output"] for x in (work / d / "predictions.jsonl").read_text().splitlines()]
+            for d in ("plain", "cached0", "cached1")]
+    assert outs[0] == outs[1] == outs[2] and all(r["tasks"] == plain["tasks"] for r in runs)
+    small = GrammarCache(max_matchers=2)
+    evaluate_records(torch_lm.model, tok_a, recs, work / "small", max_new_tokens=48, fold_inputs=False,
+                     decoding="constrained", grammar_cache=small)
+    evaluate_records(torch_lm.model, tok_a, recs, work / "small", max_new_tokens=48, fold_inputs=False,
+                     decoding="constrained", grammar_cache=small)
+    assert small.copied == 2 and small.built == 2 * len(recs) - 2
+
+
 def test_a_prepared_grammar_masks_as_its_text_and_serves_once(tok, prompts):
     """Grammars prepared ahead (a worker thread builds them while the model runs) mask exactly as their GBNF text;
     a prepared matcher serves one mask, a mask for another vocabulary size builds its own."""

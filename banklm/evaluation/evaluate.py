@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from banklm.evaluation import metrics as M
-from banklm.evaluation.constrained import PreparedGrammar
+from banklm.evaluation.constrained import GrammarCache, PreparedGrammar
 from banklm.evaluation.generate import GenerationResult, eos_token_ids, generate
 from banklm.evaluation.labelscore import label_scores_record, score_label_batches, score_labels
 from banklm.finetune.tokenizer import load_tokenizer
@@ -266,6 +266,12 @@ def request_grammar(record: Mapping, conv: Sequence[dict]) -> str:
     return answer_grammar(task, conv, fields=task.fields_from_meta(_loads(record.get("meta"))))
 
 
+def _request_key(record: Mapping, conv: Sequence[dict]) -> tuple:
+    """What a request's grammar depends on: its task, the messages the model sees and its fields."""
+    return (record["task"], json.dumps(list(conv), ensure_ascii=False, sort_keys=True),
+            json.dumps(_loads(record.get("meta")), ensure_ascii=False, sort_keys=True, default=str))
+
+
 def decoding_inputs(records: Sequence[dict], convs: Sequence[Sequence[dict]], decoding: str,
                     label_prefixes: LabelPrefixes | None = None) -> dict:
     """The keyword arguments the generation functions take for ``decoding``: nothing for free decoding; for
@@ -326,13 +332,14 @@ def _constrained_inputs(lm, tokenizer, records, convs, decoding, label_prefixes,
     return decoding_inputs(records, convs, decoding, prefixes), fields, skipped
 
 
-def _scored_generation(model, tokenizer, records, convs, max_new_tokens: int, batch_size: int
-                       ) -> tuple[GenerationResult, list, dict]:
+def _scored_generation(model, tokenizer, records, convs, max_new_tokens: int, batch_size: int,
+                       grammar_cache: GrammarCache | None = None) -> tuple[GenerationResult, list, dict]:
     """Constrained decoding on a transformers model: per task, per batch of prompts of similar length, label scoring
     then generation under the grammar from the chosen labels, continuing from label scoring's prefill (each prompt
     runs through the model once). A worker thread prepares the next batch's grammars (GBNF, matchers) while the
     model runs. ``(generation, prediction fields, skipped tasks)`` as :func:`_constrained_inputs`;
-    ``generation.seconds`` counts generation only."""
+    ``generation.seconds`` counts generation only. ``grammar_cache``: grammars already made for these requests
+    (another model scored on the same records), reused."""
     eos = eos_token_ids(model, tokenizer)
     texts: list = [None] * len(records)
     fields: list = [None] * len(records)
@@ -340,7 +347,11 @@ def _scored_generation(model, tokenizer, records, convs, max_new_tokens: int, ba
     totals = {"seconds": 0.0, "new_tokens": 0, "prompt_tokens": 0}
 
     def prepare(rows: list[int]) -> list[PreparedGrammar]:
-        return [PreparedGrammar(tokenizer, request_grammar(records[i], convs[i]), eos) for i in rows]
+        if grammar_cache is None:
+            return [PreparedGrammar(tokenizer, request_grammar(records[i], convs[i]), eos) for i in rows]
+        return [PreparedGrammar(tokenizer, grammar_cache.text(_request_key(records[i], convs[i]),
+                                                              lambda i=i: request_grammar(records[i], convs[i])),
+                                eos, cache=grammar_cache) for i in rows]
 
     def run(rows, grammars, prefixes=None, cache=None, size=batch_size):
         gen = generate(model, tokenizer, [convs[i] for i in rows], max_new_tokens, size, grammars=grammars,
@@ -403,12 +414,14 @@ def evaluate_records(
     fold_inputs: bool = True,
     decoding: str = "free",
     label_prefixes: LabelPrefixes | None = None,
+    grammar_cache: GrammarCache | None = None,
 ) -> dict:
     """Generate for each record's user turn(s), score, write results.json + predictions.jsonl.
 
     ``decoding``: ``free`` or ``constrained`` (see the module docstring; :func:`decoding_inputs`);
     ``label_prefixes`` (constrained only): the labels chosen beforehand, per record (e.g. by label scoring),
-    imposed as the answer's start, the rest generated under the grammar.
+    imposed as the answer's start, the rest generated under the grammar. ``grammar_cache``: constrained decoding's
+    grammars kept for the next model scored on the same records (:class:`GrammarCache`).
 
     ``fold_inputs`` applies the corpora's input canonicalisation (full-width ASCII to half-width) to the
     prompts, as a serving stack must; turn it off to measure the bare model.
@@ -427,7 +440,8 @@ def evaluate_records(
     t0 = time.perf_counter()
     convs = _messages(records, fold_inputs)
     if decoding == "constrained" and label_prefixes is None and records:
-        gen, scored, skipped = _scored_generation(model, tokenizer, records, convs, max_new_tokens, batch_size)
+        gen, scored, skipped = _scored_generation(model, tokenizer, records, convs, max_new_tokens, batch_size,
+                                                  grammar_cache)
     else:
         kwargs, scored, skipped = _constrained_inputs(model, tokenizer, records, convs, decoding, label_prefixes,
                                                       batch_size=batch_size)
@@ -453,7 +467,8 @@ def evaluate_records(
                 pconv = _messages(pert, fold_inputs)
                 # decoded as the clean prompts were, on the perturbed prompts' own grammars and label scores
                 if decoding == "constrained" and label_prefixes is None:
-                    out, _, _ = _scored_generation(model, tokenizer, pert, pconv, max_new_tokens, batch_size)
+                    out, _, _ = _scored_generation(model, tokenizer, pert, pconv, max_new_tokens, batch_size,
+                                                   grammar_cache)
                 else:
                     out = generate(model, tokenizer, pconv, max_new_tokens, batch_size,
                                    **decoding_inputs(pert, pconv, decoding))
@@ -516,6 +531,7 @@ def evaluate_model_dir(
     dtype=None,
     decoding: str = "free",
     label_prefixes: LabelPrefixes | None = None,
+    grammar_cache: GrammarCache | None = None,
 ) -> dict:
     """:func:`evaluate_records` for a saved model folder (see :func:`load_model_dir`)."""
     decoding_inputs([], [], decoding)  # a bad decoding fails before the model loads
@@ -533,6 +549,7 @@ def evaluate_model_dir(
               "parameters": sum(p.numel() for p in model.parameters())},
         decoding=decoding,
         label_prefixes=label_prefixes,
+        grammar_cache=grammar_cache,
     )
     return results
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from banklm.corpora.splits import corpus_splits, load_split
+from banklm.evaluation.constrained import GrammarCache
 from banklm.evaluation.evaluate import evaluate_model_dir, load_model_dir
 from banklm.evaluation.instructions import EXACT_MATCH_MAX_CHARS, score_instructions
 from banklm.evaluation.perplexity import perplexity
@@ -58,12 +59,14 @@ def run_eval(ctx: RunContext) -> list[Path]:
     records = load_split(ctx.path(SCENARIO), "test", tasks=e.tasks, limit_per_task=e.limit).to_list()
     outputs = []
     final = final_model_name(ctx.recipe)
+    grammars = GrammarCache() if e.decoding == "constrained" else None  # every model answers the same requests
     for name, model_dir in _eval_models(ctx).items():
         out = ctx.path("eval", name)
         # perturbed prompts only for the final model: the comparison rows need the clean scores alone
         evaluate_model_dir(model_dir, records, out, device=run_device(ctx), batch_size=e.batch_size,
                            max_new_tokens=e.max_new_tokens, model_name=name,
-                           robustness=tuple(e.robustness) if name == final else (), decoding=e.decoding)
+                           robustness=tuple(e.robustness) if name == final else (), decoding=e.decoding,
+                           grammar_cache=grammars)
         outputs.append(out)
     held_out = _held_out_instructions(ctx)
     if held_out:
