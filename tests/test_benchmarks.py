@@ -76,3 +76,17 @@ def test_bench_decoding_smoke(repo, tmp_path, quickstart_run):
     assert res["constrained"]["format_compliance"] == {"credit": 1.0, "aml": 1.0, "audit": 1.0}
     assert all(v == 0 for v in res["constrained"]["unsupported_number_rate"].values())
     assert "constrained / free records/s" in proc.stdout
+
+
+def test_bench_eval_stage_smoke(repo, tmp_path, quickstart_run):
+    _, run_dir, _ = quickstart_run
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "bench_eval_stage.py"), str(run_dir), "--limit", "2",
+                           "--max-new-tokens", "24", "--robustness", "distractor", "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert res["models"][0] == "sft" and res["records"] == 6
+    shared = res["constrained"]
+    assert shared["matchers_copied"] > 0 and shared["matchers_built"] + shared["matchers_copied"] >= 6 * len(res["models"])
+    assert "constrained - free" in proc.stdout
