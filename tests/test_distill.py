@@ -553,7 +553,7 @@ distill:
             max_position_embeddings: 512}}
   seq: {{extra_prompts: [{prompts}], max_new_tokens: 64, batch_size: 128}}
   train: {{method: full, lr: 1.5e-3, max_steps: 300, batch_size: 20, max_length: 256, logging_steps: 50}}
-eval: {{tasks: [audit], batch_size: 120, max_new_tokens: 64, retention: false}}
+eval: {{tasks: [audit], batch_size: 120, max_new_tokens: 64, retention: false, decoding: free}}  # the subject is distillation
 export: {{gguf: {{enabled: false}}}}
 """
 
