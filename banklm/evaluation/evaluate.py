@@ -346,16 +346,16 @@ def _scored_generation(model, tokenizer, records, convs, max_new_tokens: int, ba
     skipped: dict[str, str] = {}
     totals = {"seconds": 0.0, "new_tokens": 0, "prompt_tokens": 0}
 
-    def prepare(rows: list[int]) -> list[PreparedGrammar]:
-        if grammar_cache is None:
-            return [PreparedGrammar(tokenizer, request_grammar(records[i], convs[i]), eos) for i in rows]
-        return [PreparedGrammar(tokenizer, grammar_cache.text(_request_key(records[i], convs[i]),
-                                                              lambda i=i: request_grammar(records[i], convs[i])),
-                                eos, cache=grammar_cache) for i in rows]
+    cache = grammar_cache or GrammarCache(max_matchers=0)  # without one: texts for this call, matchers built
 
-    def run(rows, grammars, prefixes=None, cache=None, size=batch_size):
+    def prepare(rows: list[int]) -> list[PreparedGrammar]:
+        return [PreparedGrammar(tokenizer, cache.text(_request_key(records[i], convs[i]),
+                                                      lambda i=i: request_grammar(records[i], convs[i])),
+                                eos, cache=cache) for i in rows]
+
+    def run(rows, grammars, prefixes=None, prefilled=None, size=batch_size):
         gen = generate(model, tokenizer, [convs[i] for i in rows], max_new_tokens, size, grammars=grammars,
-                       prefixes=prefixes, prompt_cache=cache)
+                       prefixes=prefixes, prompt_cache=prefilled)
         for i, t in zip(rows, gen, strict=True):
             texts[i] = t
         for k in totals:
@@ -369,15 +369,16 @@ def _scored_generation(model, tokenizer, records, convs, max_new_tokens: int, ba
         for name, ix in by_task.items():
             order = sorted(range(len(ix)), key=lambda j: -sum(len(m["content"]) for m in convs[ix[j]]))
             chunks = [[ix[j] for j in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+            task = get_task(name)
             try:
-                batches = score_label_batches(model, tokenizer, get_task(name), [convs[i] for i in ix],
+                batches = score_label_batches(model, tokenizer, task, [convs[i] for i in ix],
                                               batch_size=batch_size, fold_inputs=False, order=order, eos_ids=eos)
             except ValueError as e:  # labels that cannot be scored: the whole answer decoded under the grammar
                 skipped[name] = str(e)
                 run(ix, [request_grammar(records[i], convs[i]) for i in ix])
                 continue
             ready = worker.submit(prepare, chunks[0])
-            for b, (sub, scores, cache) in enumerate(batches):
+            for b, (sub, scores, prefilled) in enumerate(batches):
                 rows = [ix[j] for j in sub]
                 grammars = ready.result()
                 if rows != chunks[b]:  # batched otherwise than planned: the prepared grammars are for other rows
@@ -385,8 +386,8 @@ def _scored_generation(model, tokenizer, records, convs, max_new_tokens: int, ba
                 if b + 1 < len(chunks):
                     ready = worker.submit(prepare, chunks[b + 1])
                 for i, sc in zip(rows, scores, strict=True):
-                    fields[i] = label_scores_record(sc, get_task(name))
-                run(rows, grammars, [sc["prefix"] for sc in scores], cache, len(rows))
+                    fields[i] = label_scores_record(sc, task)
+                run(rows, grammars, [sc["prefix"] for sc in scores], prefilled, len(rows))
     return GenerationResult(texts, **totals), fields, skipped
 
 
