@@ -330,6 +330,7 @@ def _evaluation(d: dict, t: _Lang) -> list[str]:
                             t("命中数 true positives", "true positives"),
                             t("命中中其余字段正确率 other keys' accuracy (TP)", "other keys' accuracy among TP")],
                            detect)]
+    lines += _confidence(res, t)
     fair = [[task, attr, f.get("ratio"), f.get("accuracy_gap"), "FLAG" if f.get("flag") else "ok",
              json.dumps(f.get("counts", {}), ensure_ascii=False)]
             for task, r in tasks.items() for attr, f in (r.get("fairness") or {}).items() if isinstance(f, dict)]
@@ -394,6 +395,41 @@ def instruction_rows(d: dict) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
+def _confidence(res: dict, t: _Lang) -> list[str]:
+    """The abstention rule the model ships with, the coverage it implies, and calibration (flagged when ECE > 0.05)."""
+    conf = {task: r["confidence"] for task, r in res.get("tasks", {}).items() if r.get("confidence")}
+    if not conf:
+        return []
+    op = res.get("operating_point") or {}
+    rule = next(iter(op.get("tasks", {}).values()), {}).get("rule")
+    handoff = next(iter(conf.values()))["abstention"].get("abstain_value")
+    lines = ["", f"### {t('置信度与转人工 Confidence and abstention', 'Confidence and abstention')}", "",
+             t(f"置信度 = 标签打分下所答主标签的概率（在验证集上做温度缩放）。规则：置信度低于阈值的案件改答“{handoff}”，不计为作答；"
+               f"阈值为{rule or '未设定'}。覆盖率 = 作答案件 / 全部案件。阈值随模型导出（operating_point.json）。",
+               f"confidence = label scoring's probability of the answered primary label (temperature-scaled on the "
+               f"validation split). Rule: a case whose confidence is below the threshold is answered \"{handoff}\" "
+               f"and not counted as answered; threshold: {rule or 'none'}. Coverage = answered / all cases. The "
+               f"threshold ships with the model (operating_point.json)."), ""]
+    rows = []
+    for task, c in conf.items():
+        cal, ab = c["calibration"], c["abstention"]
+        val = (op.get("tasks", {}).get(task) or {}).get("validation") or {}
+        rows.append([task, ab.get("threshold"), c.get("temperature"), ab.get("coverage"), ab.get("accuracy"),
+                     val.get("coverage"), val.get("accuracy"), cal.get("ece"), cal.get("roc_auc"),
+                     "ECE > 0.05" if cal.get("flag") else "ok"])
+    lines.append(md_table(["task", t("阈值 threshold", "threshold"), t("温度 temperature", "temperature"),
+                           t("覆盖率 coverage", "coverage"), t("作答准确率 accuracy answered", "accuracy answered"),
+                           t("验证集覆盖率 validation coverage", "validation coverage"),
+                           t("验证集作答准确率 validation accuracy", "validation accuracy answered"), "ECE", "ROC-AUC",
+                           t("校准 calibration", "calibration")], rows))
+    flags = [task for task, c in conf.items() if c["calibration"].get("flag")]
+    if flags:
+        lines += ["", t(f"**校准不足**：{', '.join(flags)} 的期望校准误差超过 0.05，置信度不宜直接作为概率使用。",
+                        f"**Miscalibrated**: the expected calibration error of {', '.join(flags)} exceeds 0.05; its "
+                        "confidences should not be read as probabilities.")]
+    return lines
+
+
 def _quantization(d: dict, t: _Lang) -> list[str]:
     lines = ["## 量化前后对比 Before/after quantization", ""]
     checks = [(fmt, c) for fmt, cs in (d.get("export") or {}).items() if isinstance(cs, list)
@@ -427,7 +463,7 @@ def _quantization(d: dict, t: _Lang) -> list[str]:
                   + (t(f"，导出前任务准确率 {_num(before.get('accuracy'))}（{before.get('n')} 条测试记录）。",
                        f"; task accuracy before export {_num(before.get('accuracy'))} ({before.get('n')} test records).")
                      if "accuracy" in before else t("。", "."))]
-    return lines + _decoding(d, t)
+    return lines + _decoding(d, t) + _thresholds(d, t)
 
 
 DECODING_ORDER = ("free", "constrained")
@@ -454,6 +490,35 @@ def decoding_rows(d: dict) -> tuple[list[str], list[list[Any]]]:
             rows.append([name, task, *[((by[dec].get("tasks") or {}).get(task) or {}).get(key)
                                        for key, _ in DECODING_FIGURES for dec in DECODING_ORDER]])
     return headers, rows
+
+
+def threshold_rows(d: dict) -> tuple[list[str], list[list[Any]]]:
+    """Coverage and accuracy on the answered cases at the bundle's operating point, per model (PyTorch, each
+    artefact) and task, from the decoding with label scores (constrained): quantization shifts confidences."""
+    v = d.get("export") or {}
+    op = v.get("operating_point") or {}
+    te = v.get("task_eval") or {}
+    models = [("PyTorch", te.get("pytorch") or {})]
+    models += [(f"{fmt} {c.get('type')}", c.get("task_eval") or {}) for fmt in ("gguf", "onnx")
+               for c in v.get(fmt, []) if isinstance(c, dict)]
+    rows = []
+    for name, summary in models:
+        for dec, res in (summary.get("by_decoding") or {}).items():
+            for task, r in sorted((res.get("tasks") or {}).items()):
+                if r.get("coverage") is not None:
+                    rows.append([name, dec, task, (op.get("tasks", {}).get(task) or {}).get("threshold"),
+                                 r.get("accuracy"), r.get("coverage"), r.get("answered_accuracy")])
+    return ["model", "decoding", "task", "threshold", "accuracy (all)", "coverage", "accuracy answered"], rows
+
+
+def _thresholds(d: dict, t: _Lang) -> list[str]:
+    headers, rows = threshold_rows(d)
+    if not rows:
+        return []
+    return ["", f"### {t('导出后阈值处的覆盖率 Coverage at the threshold after export', 'Coverage at the threshold after export')}",
+            "", t("导出包携带的阈值（operating_point.json）在每个导出文件上的覆盖率与作答准确率（量化会改变置信度）。",
+                  "The bundle's threshold (operating_point.json) applied to each exported file: coverage and accuracy "
+                  "on the answered cases (quantization shifts confidences)."), "", md_table(headers, rows)]
 
 
 def _decoding(d: dict, t: _Lang) -> list[str]:

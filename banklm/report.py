@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from banklm.io import atomic_dir, atomic_write_text
-from banklm.modelcard import decoding_rows, instruction_rows, render_model_card
+from banklm.modelcard import decoding_rows, instruction_rows, render_model_card, threshold_rows
 from banklm.results import (
     collect,
     distill_models,
@@ -152,6 +152,135 @@ def plot_confusions(results: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _confidence_tasks(results: dict | None) -> dict[str, dict]:
+    return {t: r["confidence"] for t, r in (results or {}).get("tasks", {}).items() if r.get("confidence")}
+
+
+def plot_reliability(results: dict, path: Path) -> Path | None:
+    """Reliability diagram per task: accuracy against mean confidence in each bin (the diagonal is perfect
+    calibration), with the number of answers per bin."""
+    tasks = _confidence_tasks(results)
+    if not tasks:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.8 * len(tasks), 3.6), squeeze=False)
+    for ax, (task, c) in zip(axes[0], tasks.items(), strict=True):
+        bins = [b for b in c["calibration"]["bins"] if b["n"]]
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect")
+        ax.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["accuracy"] for b in bins],
+               width=[(b["hi"] - b["lo"]) * 0.9 for b in bins], alpha=0.35, label="accuracy per bin")
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label="(confidence, accuracy)")
+        for b in bins:
+            ax.text((b["lo"] + b["hi"]) / 2, min(1.0, b["accuracy"] + 0.03), str(b["n"]), ha="center", fontsize=6)
+        ece = c["calibration"]["ece"]
+        ax.set_title(f"{task}: ECE {ece:.3f}" + ("  (> 0.05)" if c["calibration"].get("flag") else ""), fontsize=9,
+                     color="#cf222e" if c["calibration"].get("flag") else "black")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.08)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_risk_coverage(results: dict, path: Path) -> Path | None:
+    """Accuracy on the answered cases against coverage as the threshold falls, per task; the dot is the
+    operating point the model ships with."""
+    tasks = _confidence_tasks(results)
+    if not tasks:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    for task, c in tasks.items():
+        pts = c["abstention"]["risk_coverage"]["points"]
+        line = ax.plot([p["coverage"] for p in pts], [p["accuracy"] for p in pts], label=task)[0]
+        a = c["abstention"]
+        if a.get("coverage") is not None and a.get("accuracy") is not None:
+            ax.plot([a["coverage"]], [a["accuracy"]], "o", color=line.get_color())
+    target = (results.get("operating_point") or {}).get("target_accuracy")
+    if target:
+        ax.axhline(target, ls="--", color="grey", lw=1, label=f"target {target:g}")
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("coverage (answered / all)")
+    ax.set_ylabel("accuracy on answered cases")
+    ax.set_title("risk-coverage (dot: the shipped threshold)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_confidence_section(res: dict, plots: dict[str, Path | None]) -> str:
+    """The final model's confidences: calibration, the abstention rule and what it gives, operating points,
+    costs (banklm.evaluation.confidence)."""
+    tasks = _confidence_tasks(res)
+    skipped = {t: r["confidence_skipped"] for t, r in res.get("tasks", {}).items() if r.get("confidence_skipped")}
+    if not tasks:
+        return ("<p class=muted>no confidence check: " + html.escape("; ".join(f"{t}: {w}" for t, w in
+                                                                                skipped.items()) or "not run")
+                + "</p>") if skipped else ""
+    op = res.get("operating_point") or {}
+    parts = ["<h4>Confidence, abstention (转人工) and operating points</h4>",
+             "<p class=muted>confidence = label scoring's probability of the answered primary label"
+             + (", temperature-scaled on the validation split" if any(c.get("temperature") not in (None, 1.0)
+                                                                       for c in tasks.values()) else "")
+             + "; " + html.escape(next(iter(tasks.values()))["calibration"]["scheme"]) + "; abstention rule: "
+             + html.escape(next(iter(op.get("tasks", {}).values()), {}).get("rule", "none")) + "</p>"]
+    flags = [f"{t}: ECE {c['calibration']['ece']:.3f} > 0.05" for t, c in tasks.items() if c["calibration"].get("flag")]
+    if flags:
+        parts.append("<p class=bad>miscalibrated: " + html.escape("; ".join(flags)) + "</p>")
+    rows = []
+    for t, c in tasks.items():
+        cal, ab = c["calibration"], c["abstention"]
+        val = (op.get("tasks", {}).get(t) or {}).get("validation") or {}
+        rows.append([t, c["n"], cal["accuracy"], cal["mean_confidence"], cal["ece"], cal["brier"], cal["roc_auc"],
+                     cal["pr_auc"], c.get("temperature"), ab["threshold"], ab["coverage"], ab["accuracy"],
+                     val.get("coverage"), val.get("accuracy"), "ECE > 0.05" if cal.get("flag") else "ok"])
+    parts.append(_table(["task", "n", "accuracy", "mean confidence", "ECE", "Brier", "ROC-AUC", "PR-AUC",
+                         "temperature", "threshold", "coverage", "accuracy answered", "validation coverage",
+                         "validation accuracy", "calibration"], rows))
+    parts.append(_img(plots.get("reliability"), "reliability diagrams"))
+    parts.append(_img(plots.get("risk_coverage"), "risk-coverage curves"))
+    op_rows = []
+    for split, source in (("test", res), ("test_prevalence", res.get("test_prevalence") or {})):
+        for t, c in _confidence_tasks(source).items():
+            o = c.get("operating_points")
+            if not o:
+                continue
+            dec = o["decision"]
+            cells = [split, t, f"{o['key']}={o['value']}", o["n_positive"], o["n_negative"], dec["recall"], dec["fpr"],
+                     dec["precision"], dec.get("alerts_per_1000")]
+            for pt in o["at_fpr"]:
+                cells.append(pt["recall"] if pt["estimable"] else "not estimable")
+                cells.append(pt.get("alerts_per_1000") if pt["estimable"] else "–")
+            op_rows.append(cells)
+    if op_rows:
+        parts.append("<p class=muted>detection: the model's own decision, and recall at fixed false-positive rates "
+                     "of its positive score (not estimable with fewer than 10/FPR negatives); alerts per 1,000 cases "
+                     "re-weighted to the spec's real-world prevalence</p>")
+        parts.append(_table(["split", "task", "positive", "positives", "negatives", "recall", "FPR", "precision",
+                             "alerts/1000", "recall @1% FPR", "alerts/1000 @1%", "recall @5% FPR",
+                             "alerts/1000 @5%"], op_rows))
+    cost_rows = []
+    for t, c in tasks.items():
+        if c.get("costs"):
+            a, b = c["costs"]["answers"], c["costs"]["at_threshold"]
+            cost_rows.append([t, a["per_case"], a.get("reweighted"), b["per_case"], b.get("reweighted"),
+                              c["costs"]["handoff_cost"]])
+        for g, e in (c.get("favourable_errors") or {}).items():
+            cost_rows.append([t, f"gold {g} answered favourable", e["rate"], f"{e['n_favourable']}/{e['n']}", "", ""])
+    if cost_rows:
+        parts.append(_table(["task", "expected cost per case (answers) / error", "re-weighted to prevalence",
+                             "at the threshold", "at the threshold, re-weighted", "handoff cost"], cost_rows))
+    return "\n".join(parts)
 
 
 def plot_labels(corpora: dict, path: Path) -> Path | None:
@@ -371,9 +500,11 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
                      "answer for short reference answers (last column)</p>")
         parts.append(_table(headers, rows))
     if d["eval"]:
-        for name, res in d["eval"].items():
+        for i, (name, res) in enumerate(d["eval"].items()):
             parts.append(f"<h3>model: {html.escape(name)}</h3>")
             parts.append(_table(EVAL_HEADERS, eval_rows(res)))
+            if i == 0:  # the final model: the one export ships, with its operating point
+                parts.append(render_confidence_section(res, plots))
             extra = []
             for task, r in res.get("tasks", {}).items():
                 for key in ("exact_match", "mean_answer_chars"):
@@ -469,6 +600,10 @@ def render_export_section(d: dict) -> str:
         if drows:  # the same records decoded freely and under the answer grammar
             parts.append(f"<h3>Free vs constrained decoding ({te['records']} test records)</h3>")
             parts.append(_table(headers, drows))
+        headers, trows = threshold_rows(d)
+        if trows:  # the bundle's operating point applied to each artefact (quantization shifts confidences)
+            parts.append(f"<h3>Coverage at the shipped threshold after export ({te['records']} test records)</h3>")
+            parts.append(_table(headers, trows))
     elif v.get("gguf") or v.get("onnx"):
         parts.append("<p class=muted>exported artefacts were not scored on the tasks (export.evaluate: false)</p>")
     if any((c.get("llama_cpp") or {}).get("checked") is False for c in v.get("gguf", [])):
@@ -539,6 +674,8 @@ def write_report(run_dir: Path, recipe, mask_pii: Callable[[str], str] | None = 
             "timings": plot_timings(d["entries"], tmp / "timings.png"),
             "corpus_sizes": plot_corpus_sizes(d["corpora"], tmp / "corpora.png"),
             "distill": plot_distill(d, tmp / "distill.png"),
+            "reliability": plot_reliability(first_eval, tmp / "reliability.png"),
+            "risk_coverage": plot_risk_coverage(first_eval, tmp / "risk_coverage.png"),
         }
         atomic_write_text(tmp / "index.html", render_html(d, recipe, plots))
     card = atomic_write_text(run_dir / "MODEL_CARD.md", render_model_card(d, recipe, mask_pii=mask_pii))

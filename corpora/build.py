@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from banklm.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from banklm.tasks import get_task
 from banklm.tasks.tables import TARGET_NONE, TableRecords, read_task_table
 
 from .cards import mix_card, scenario_card, text_card
@@ -67,7 +68,7 @@ from .synth import generate_records
 
 SPLITS = ("train", "validation", "test")
 #: the scenario corpus's splits: plus ``unlabelled`` (a bank's rows without label: distillation prompts only)
-ALL_SPLITS = (*SPLITS, "unlabelled")
+ALL_SPLITS = (*SPLITS, "test_prevalence", "unlabelled")
 #: a ``split: auto`` bank table keeps at least this many rows of each label in test (ScenarioTable.min_test_per_label)
 MIN_TEST_PER_LABEL = 30
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
@@ -702,6 +703,10 @@ def build_scenario(synth: dict[str, dict], seed: int, out_dir: Path, licence: st
             if n:
                 splits_out[split].extend(generate_records(task, n, seed=seed, split=split,
                                                           difficulty=float(spec.get("difficulty", 0.0))))
+        if int(spec.get("test_prevalence", 0)):  # at the spec's real-world label shares
+            splits_out["test_prevalence"].extend(generate_records(
+                task, int(spec["test_prevalence"]), seed=seed, split="test_prevalence",
+                difficulty=float(spec.get("difficulty", 0.0)), prevalence=get_task(task).prevalence))
     table_stats, table_sources, table_q = [], [], []
     if tables:
         per, splits_out["unlabelled"], table_stats, table_sources, table_q = _table_records(
@@ -709,7 +714,7 @@ def build_scenario(synth: dict[str, dict], seed: int, out_dir: Path, licence: st
         for s in SPLITS:
             splits_out[s].extend(per[s])
     steps_stats = list(table_stats)
-    test_keys = {_prompt_key(r) for r in splits_out["test"]}
+    test_keys = {_prompt_key(r) for s in ("test", "test_prevalence") for r in splits_out[s]}
     for split in ("train", "validation", "unlabelled"):
         if split == "unlabelled" and not splits_out[split]:
             continue
@@ -740,7 +745,7 @@ def build_scenario(synth: dict[str, dict], seed: int, out_dir: Path, licence: st
         "splits": {s: len(splits_out[s]) for s in present},
         "by_task": {s: dict(Counter(r["task"] for r in splits_out[s])) for s in present},
         "by_label": {s: {t: dict(Counter(r["label"] for r in splits_out[s] if r["task"] == t)) for t in tasks}
-                     for s in SPLITS},
+                     for s in present if s != "unlabelled"},
         "by_source": {s: dict(Counter(_record_source(r) for r in splits_out[s])) for s in present},
         "targets": {s: dict(Counter(r.get("target", "answer") for r in splits_out[s])) for s in present},
         "steps": steps_stats,

@@ -81,13 +81,12 @@ def user_prompts(records) -> list[str]:
 
 
 def scenario_test_prompts(corpus_dir: str | Path) -> list[str]:
-    """User prompts of the ``test`` split of a built scenario corpus (``[]`` when there is none)."""
+    """User prompts of the test splits (``test``, and ``test_prevalence`` when built) of a built scenario corpus
+    (``[]`` when there is none)."""
     from datasets import load_from_disk
 
     data = Path(corpus_dir) / "data"
     if not data.is_dir():
         return []
     dd = load_from_disk(str(data))
-    if "test" not in dd:
-        return []
-    return user_prompts(dd["test"])
+    return [p for split in ("test", "test_prevalence") if split in dd for p in user_prompts(dd[split])]

@@ -13,6 +13,8 @@
                                                             the recipe; banklm.tasks.resolve_task finds them)
       grammar/<name>.gbnf                                  (each task's answer grammar, static part: a serving
                                                             host adds the request's numbers, docs/export.md)
+      operating_point.json                                 (each task's abstention threshold and temperature,
+                                                            when given: applied wherever the bundle is scored)
       MODEL_CARD.md                                        (when given)
       SHA256SUMS                                           (``cd export && sha256sum -c SHA256SUMS``)
 
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from banklm.finetune.tokenizer import load_tokenizer
 
+from banklm.evaluation.confidence import OPERATING_POINT_FILE, save_operating_point
 from banklm.evaluation.evaluate import DECODINGS, evaluate_artefact, evaluate_model_dir
 from banklm.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from banklm.runtime import OnnxCausalLM, context_length, open_gguf, stop_token_ids
@@ -102,7 +105,9 @@ def check_sha256sums(folder: str | os.PathLike) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-TASK_FIGURES = ("accuracy", "format_compliance", "unsupported_number_rate")  # per task, per decoding
+#: per task, per decoding (coverage and accuracy on the answered cases at the bundle's operating point, when the
+#: decoding has label scores)
+TASK_FIGURES = ("accuracy", "format_compliance", "unsupported_number_rate", "coverage", "answered_accuracy")
 
 
 def task_summary(results: dict, where: str) -> dict:
@@ -139,6 +144,7 @@ def build_export(
     tasks: Sequence[str | Task] = (),
     model_card: str | Callable[[dict], str] | None = None,
     decodings: Sequence[str] = ("free",),
+    operating_point: dict | None = None,
 ) -> dict:
     """Export ``model_dir`` to ``out_dir`` as GGUF (``gguf_quant``) and ONNX (``onnx_quant``), verify every
     artefact on ``prompts``, evaluate each (and the PyTorch model) on ``records`` when given, write the
@@ -152,6 +158,10 @@ def build_export(
     ``decodings``: how the records are answered (``free``, ``constrained``), the first being the one the
     accuracy check and ``task_eval`` report; each further one is scored into ``eval/<artefact>/<decoding>/``,
     every one summarised under ``task_eval.by_decoding``.
+
+    ``operating_point`` (:mod:`banklm.evaluation.confidence`: each task's abstention threshold and temperature,
+    chosen on the validation split) is written to ``operating_point.json`` and applied to every scoring: each
+    artefact's coverage and accuracy on the answered cases at that threshold (quantization shifts confidences).
 
     Returns the summary written to ``verify.json``: ``passed``, ``failures`` (each naming the artefact
     and the check), and one entry per artefact under ``gguf`` / ``onnx``. Conversion errors raise (the
@@ -205,10 +215,17 @@ def build_export(
             # verify.json keeps its field name "type" (read by the report and the model card)
             summary[kind].append({"file": rel(path), "type": q, **check})
 
+        if operating_point is not None:
+            save_operating_point(tmp, operating_point)
+            summary["operating_point"] = {"file": rel(tmp / OPERATING_POINT_FILE), **{
+                k: operating_point.get(k) for k in ("target_accuracy", "min_confidence", "fitted_on")},
+                "tasks": {t: {k: v.get(k) for k in ("threshold", "temperature", "abstain_value")}
+                          for t, v in operating_point["tasks"].items()}}
         if records:
             _evaluate_bundle(summary, model_dir, tok, list(records), artefacts, tmp, rel, decodings=decodings,
                              device=device, batch_size=eval_batch_size, max_new_tokens=eval_max_new_tokens,
-                             eos_ids=eos_ids, num_ctx=num_ctx, max_accuracy_drop=max_accuracy_drop)
+                             eos_ids=eos_ids, num_ctx=num_ctx, max_accuracy_drop=max_accuracy_drop,
+                             operating_point=operating_point)
 
         for kind in ("gguf", "onnx"):
             for c in summary[kind]:
@@ -226,7 +243,7 @@ def build_export(
 
 def _evaluate_bundle(summary: dict, model_dir: Path, tok, records: list[dict], artefacts, tmp: Path, rel, *,
                      decodings: Sequence[str], device: str, batch_size: int, max_new_tokens: int, eos_ids,
-                     num_ctx: int, max_accuracy_drop: float | None) -> None:
+                     num_ctx: int, max_accuracy_drop: float | None, operating_point: dict | None = None) -> None:
     """Score the PyTorch model and every artefact on ``records``, once per decoding; fill ``summary``."""
     ev = tmp / "eval"
 
@@ -235,7 +252,7 @@ def _evaluate_bundle(summary: dict, model_dir: Path, tok, records: list[dict], a
 
     by = {d: task_summary(evaluate_model_dir(model_dir, records, where("pytorch", d), device=device,
                                              batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                             model_name="pytorch", decoding=d),
+                                             model_name="pytorch", decoding=d, operating_point=operating_point),
                           rel(where("pytorch", d) / "results.json")) for d in decodings}
     summary["task_eval"] = {"records": len(records), "tasks": sorted({r["task"] for r in records}),
                             "max_new_tokens": max_new_tokens, "decoding": decodings[0],
@@ -257,7 +274,7 @@ def _evaluate_bundle(summary: dict, model_dir: Path, tok, records: list[dict], a
                 by = {d: task_summary(evaluate_artefact(lm, tok, records, where(aid, d), eos_ids=eos_ids,
                                                         batch_size=batch_size, max_new_tokens=max_new_tokens,
                                                         model_name=aid, size={"model_bytes": entry.get("bytes")},
-                                                        decoding=d),
+                                                        decoding=d, operating_point=operating_point),
                                       rel(where(aid, d) / "results.json")) for d in decodings}
             finally:
                 if hasattr(lm, "close"):

@@ -17,6 +17,8 @@ QUICKSTART_SMALL = [
     "corpora.scenario.synth.credit.train=400", "corpora.scenario.synth.aml.train=400",
     "corpora.scenario.synth.audit.train=400", "corpora.scenario.synth.credit.test=20",
     "corpora.scenario.synth.aml.test=20", "corpora.scenario.synth.audit.test=20",
+    "corpora.scenario.synth.credit.validation=40", "corpora.scenario.synth.aml.validation=40",
+    "corpora.scenario.synth.audit.validation=40", "corpora.scenario.synth.aml.test_prevalence=100",
     "cpt.time_budget_s=15", "train.time_budget_s=20", "eval.limit=20", "tokenizer.vocab_size=1500",
     "train.method=lora", "train.lr=3e-3", "eval.robustness=[distractor]",
     "distill.enabled=false",  # the sft model stays the final one here; distillation: tests/test_distill.py

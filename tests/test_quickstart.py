@@ -66,6 +66,43 @@ def test_eval_scores_parsed_from_generation(first_run):
         assert r["accuracy"] == pytest.approx(sum(p["correct"] for p in mine) / len(mine))
 
 
+def test_the_final_model_ships_with_its_operating_point(first_run):
+    """Issue 19 end to end: the threshold and temperature fitted on the validation split (eval/sft/), the aml
+    split at real-world prevalence scored, the threshold carried into the bundle (listed in SHA256SUMS), every
+    artefact's coverage at it, the ledger's eval entry, the report's plots and the model card's rule."""
+    _, run_dir, _ = first_run
+    res = json.loads((run_dir / "eval" / "sft" / "results.json").read_text(encoding="utf-8"))
+    point = json.loads((run_dir / "eval" / "sft" / "operating_point.json").read_text(encoding="utf-8"))
+    assert res["operating_point"] == point and set(point["tasks"]) == {"credit", "aml", "audit"}
+    assert point["target_accuracy"] == 0.97
+    for task, r in res["tasks"].items():
+        entry = point["tasks"][task]
+        assert entry["validation"]["n"] == 40 and entry["temperature"] > 0
+        c = r["confidence"]
+        assert c["abstention"]["threshold"] == entry["threshold"] and r["coverage"] == c["abstention"]["coverage"]
+        assert 0.0 <= c["calibration"]["ece"] <= 1.0 and c["calibration"]["bins"]
+        assert "costs" in c  # every built-in spec declares a cost matrix
+    assert "favourable_errors" in res["tasks"]["credit"]["confidence"]
+    prev = res["test_prevalence"]["tasks"]["aml"]["confidence"]["operating_points"]
+    assert (prev["n"], prev["n_negative"]) == (100, 90)  # 90% normal
+    assert not any(p["estimable"] for p in prev["at_fpr"])  # 90 negatives: too few for FPR 1% or 5%
+    sums = (run_dir / "export" / "SHA256SUMS").read_text()
+    assert "  operating_point.json\n" in sums
+    assert json.loads((run_dir / "export" / "operating_point.json").read_text(encoding="utf-8")) == point
+    verify = json.loads((run_dir / "export" / "verify.json").read_text(encoding="utf-8"))
+    for c in verify["gguf"] + verify["onnx"]:
+        by = c["task_eval"]["by_decoding"]["constrained"]["tasks"]
+        assert all(by[t]["coverage"] is not None for t in ("credit", "aml", "audit")), c["file"]
+    eval_entry = next(json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()
+                      if json.loads(x).get("stage") == "eval")
+    assert eval_entry["notes"]["operating_point"]["aml"]["temperature"] == point["tasks"]["aml"]["temperature"]
+    page = (run_dir / "report" / "index.html").read_text(encoding="utf-8")
+    assert 'alt="reliability diagrams"' in page and 'alt="risk-coverage curves"' in page
+    assert "Coverage at the shipped threshold after export" in page
+    card = (run_dir / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "Confidence and abstention" in card and "operating_point.json" in card
+
+
 def test_export_verified(first_run):
     _, run_dir, _ = first_run
     verify = json.loads((run_dir / "export" / "verify.json").read_text())

@@ -41,8 +41,10 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+from banklm.evaluation import confidence as C
 from banklm.evaluation import metrics as M
 from banklm.evaluation.constrained import GrammarCache, PreparedGrammar
 from banklm.evaluation.generate import GenerationResult, eos_token_ids, generate
@@ -400,6 +402,59 @@ def _attach(results: dict, preds: list[dict], fields: list | None, skipped: dict
         results["label_scoring"] = {"used": True, **({"skipped": skipped} if skipped else {})}
 
 
+@dataclass(frozen=True)
+class ConfidenceCheck:
+    """What :func:`evaluate_records` checks about a model's confidences beside the test split
+    (:mod:`banklm.evaluation.confidence`): ``validation`` records, label-scored, where the operating point is
+    fitted (temperature when ``temperature``; the threshold for ``target_accuracy`` or a fixed
+    ``min_confidence``), and ``test_prevalence`` records (a test split at the spec's real-world label shares),
+    label-scored for the operating points. ``bins``: the reliability diagram's equal-width bins."""
+
+    validation: Sequence[dict] = ()
+    test_prevalence: Sequence[dict] = ()
+    target_accuracy: float | None = 0.97
+    min_confidence: float | None = None
+    temperature: bool = True
+    bins: int = 10
+
+
+def label_score_predictions(lm, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
+                            eos_ids: Sequence[int] | None = None, fold_inputs: bool = True) -> list[dict]:
+    """Prediction rows from label scoring alone (no generation; the answer is the scored labels): the validation
+    and prevalence splits of a :class:`ConfidenceCheck`, cheap because only the labels' tokens are scored. A
+    task whose labels cannot be scored has no rows."""
+    records = list(records)
+    convs = _messages(records, fold_inputs)
+    _, fields, _ = scored_label_prefixes(lm, tokenizer, records, convs, batch_size=batch_size, eos_ids=eos_ids)
+    rows = []
+    for i, (rec, f) in enumerate(zip(records, fields, strict=True)):
+        if not f:
+            continue
+        task, gold = get_task(rec["task"]), _loads(rec["gold"])
+        rows.append({"id": rec.get("id", str(i)), "task": task.name, "gold": gold, "label": task.primary_label(gold),
+                     "parsed": f["scored"], "pred_label": f["scored_label"],
+                     "correct": f["scored_label"] == task.primary_label(gold), **f})
+    return rows
+
+
+def _confidence_results(results: dict, preds: Sequence[dict], point: Mapping | None, bins: int) -> None:
+    """Per task: the confidence statistics at the operating point (``confidence``), and its headline figures
+    (``coverage``, ``answered_accuracy``, ``ece``) beside accuracy; a task without label scores says why."""
+    rows = C.confidence_rows(preds)
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["task"], []).append(r)
+    for name, res in results["tasks"].items():
+        if name not in by:
+            res["confidence_skipped"] = "no label scores (free decoding, or labels that cannot be scored)"
+            continue
+        entry = (point or {}).get("tasks", {}).get(name)
+        conf = C.confidence_metrics(by[name], name, entry, bins=bins)
+        res["confidence"] = conf
+        res.update({"coverage": conf["abstention"]["coverage"], "answered_accuracy": conf["abstention"]["accuracy"],
+                    "ece": conf["calibration"]["ece"]})
+
+
 def evaluate_records(
     model,
     tokenizer,
@@ -416,8 +471,17 @@ def evaluate_records(
     decoding: str = "free",
     label_prefixes: LabelPrefixes | None = None,
     grammar_cache: GrammarCache | None = None,
+    confidence: ConfidenceCheck | None = None,
+    operating_point: Mapping | None = None,
 ) -> dict:
     """Generate for each record's user turn(s), score, write results.json + predictions.jsonl.
+
+    ``confidence`` (:class:`ConfidenceCheck`): label-score its validation records first
+    (``out_dir/validation/predictions.jsonl``), fit the operating point there (``out_dir/operating_point.json``),
+    and score its prevalence records (``out_dir/test_prevalence/``, ``results["test_prevalence"]``).
+    ``operating_point``: one given instead (read from a model folder or an export bundle). With either, every task's
+    results hold ``confidence`` (:func:`banklm.evaluation.confidence.confidence_metrics`): calibration, abstention,
+    risk-coverage, operating points, costs; free decoding label-scores the test records for it.
 
     ``decoding``: ``free`` or ``constrained`` (see the module docstring; :func:`decoding_inputs`);
     ``label_prefixes`` (constrained only): the labels chosen beforehand, per record (e.g. by label scoring),
@@ -439,6 +503,14 @@ def evaluate_records(
     for r in records:
         get_task(r.get("task"))  # clear error for an unknown task before spending time generating
     t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    point = operating_point
+    if confidence is not None and confidence.validation:
+        val = label_score_predictions(model, tokenizer, confidence.validation, batch_size=batch_size,
+                                      fold_inputs=fold_inputs)
+        atomic_write_jsonl(out_dir / "validation" / "predictions.jsonl", val)
+        point = C.fit_operating_point(C.confidence_rows(val), target_accuracy=confidence.target_accuracy,
+                                      min_confidence=confidence.min_confidence, temperature=confidence.temperature)
     convs = _messages(records, fold_inputs)
     if decoding == "constrained" and label_prefixes is None and records:
         gen, scored, skipped = _scored_generation(model, tokenizer, records, convs, max_new_tokens, batch_size,
@@ -453,6 +525,26 @@ def evaluate_records(
     results["overall"].update(
         {"tokens_per_s": gen.tokens_per_s, "new_tokens": gen.new_tokens, "generation_seconds": gen.seconds}
     )
+    if point is not None or confidence is not None:
+        bins = confidence.bins if confidence is not None else 10
+        if scored is None and records and confidence is not None:  # free decoding: confidences by label scoring
+            _, extra, _ = scored_label_prefixes(model, tokenizer, records, convs, batch_size=batch_size)
+            for p, f in zip(preds, extra, strict=True):
+                if f:
+                    p.update({k: v for k, v in f.items() if k != "scored"})
+        _confidence_results(results, preds, point, bins)
+        if confidence is not None and confidence.test_prevalence:
+            rows = label_score_predictions(model, tokenizer, confidence.test_prevalence, batch_size=batch_size,
+                                           fold_inputs=fold_inputs)
+            atomic_write_jsonl(out_dir / "test_prevalence" / "predictions.jsonl", rows)
+            prev = {"n": len(rows), "tasks": {name: {"n": 0} for name in
+                                              sorted({r["task"] for r in confidence.test_prevalence})}}
+            _confidence_results(prev, rows, point, bins)
+            results["test_prevalence"] = prev
+        if point is not None:
+            results["operating_point"] = point
+            if confidence is not None:
+                C.save_operating_point(out_dir, point)
     if robustness:
         rob = {}
         for kind in robustness:
@@ -485,7 +577,6 @@ def evaluate_records(
     results["overall"]["inputs_folded"] = bool(fold_inputs)
     results["overall"]["seconds"] = time.perf_counter() - t0
     results["overall"].update(size or {})
-    out_dir = Path(out_dir)
     atomic_write_jsonl(out_dir / "predictions.jsonl", preds)
     atomic_write_json(out_dir / "results.json", results)
     return results
@@ -533,8 +624,11 @@ def evaluate_model_dir(
     decoding: str = "free",
     label_prefixes: LabelPrefixes | None = None,
     grammar_cache: GrammarCache | None = None,
+    confidence: ConfidenceCheck | None = None,
+    operating_point: Mapping | None = None,
 ) -> dict:
-    """:func:`evaluate_records` for a saved model folder (see :func:`load_model_dir`)."""
+    """:func:`evaluate_records` for a saved model folder (see :func:`load_model_dir`); the operating point is
+    ``operating_point``, else the folder's own ``operating_point.json`` when it has one."""
     decoding_inputs([], [], decoding)  # a bad decoding fails before the model loads
     model, tokenizer = load_model_dir(model_dir, device=device, dtype=dtype)
     results = evaluate_records(
@@ -551,6 +645,8 @@ def evaluate_model_dir(
         decoding=decoding,
         label_prefixes=label_prefixes,
         grammar_cache=grammar_cache,
+        confidence=confidence,
+        operating_point=operating_point if operating_point is not None else C.find_operating_point(model_dir),
     )
     return results
 
@@ -576,9 +672,11 @@ def evaluate_export(
     fold_inputs: bool = True,
     decoding: str = "free",
     label_prefixes: LabelPrefixes | None = None,
+    operating_point: Mapping | None = None,
 ) -> dict:
     """:func:`evaluate_records` for an exported artefact: a GGUF file (llama.cpp, else transformers' GGUF
-    reader) or an ONNX export folder (onnxruntime, CPU), run through :func:`evaluate_artefact`.
+    reader) or an ONNX export folder (onnxruntime, CPU), run through :func:`evaluate_artefact`. The operating
+    point is ``operating_point``, else the one the artefact's bundle carries (``operating_point.json``).
 
     A GGUF file carries its own tokenizer and chat template (read by transformers) and stops at the
     EOS/EOT ids it declares, as a llama.cpp or Ollama server would; an ONNX folder is read like a model
@@ -621,7 +719,9 @@ def evaluate_export(
                                     max_new_tokens=max_new_tokens, model_name=model_name or path.stem,
                                     size={**size, "format": kind, "runtime": runtime,
                                           "inputs_folded": bool(fold_inputs)},
-                                    decoding=decoding, label_prefixes=label_prefixes)
+                                    decoding=decoding, label_prefixes=label_prefixes,
+                                    operating_point=operating_point if operating_point is not None
+                                    else C.find_operating_point(path))
     finally:
         if hasattr(lm, "close"):
             lm.close()
@@ -631,10 +731,11 @@ def evaluate_export(
 def evaluate_artefact(lm, tokenizer, records: Sequence[dict], out_dir: str | os.PathLike, *, eos_ids: Sequence[int],
                       batch_size: int = 32, max_new_tokens: int = 128, model_name: str = "model",
                       size: dict | None = None, decoding: str = "free",
-                      label_prefixes: LabelPrefixes | None = None) -> dict:
+                      label_prefixes: LabelPrefixes | None = None, operating_point: Mapping | None = None) -> dict:
     """Answer ``records`` with an exported model (:mod:`banklm.runtime`), score them with the task parsers
-    and metrics of :mod:`banklm.evaluation`, write ``results.json`` + ``predictions.jsonl``. ``decoding`` and
-    ``label_prefixes`` as in :func:`evaluate_records` (the records' messages are taken as the model sees them)."""
+    and metrics of :mod:`banklm.evaluation`, write ``results.json`` + ``predictions.jsonl``. ``decoding``,
+    ``label_prefixes`` and ``operating_point`` as in :func:`evaluate_records` (the records' messages are taken as
+    the model sees them; confidences come from constrained decoding's label scores: free decoding reports none)."""
 
     records = list(records)
     convs = [iter_user_messages(r) for r in records]
@@ -646,6 +747,9 @@ def evaluate_artefact(lm, tokenizer, records: Sequence[dict], out_dir: str | os.
     _attach(results, preds, scored, skipped)
     results["overall"].update({"tokens_per_s": gen.tokens_per_s, "new_tokens": gen.new_tokens,
                                "generation_seconds": gen.seconds, **(size or {})})
+    if operating_point is not None:
+        _confidence_results(results, preds, operating_point, 10)
+        results["operating_point"] = dict(operating_point)
     out_dir = Path(out_dir)
     atomic_write_jsonl(out_dir / "predictions.jsonl", preds)
     atomic_write_json(out_dir / "results.json", results)

@@ -17,7 +17,7 @@ from banklm.stages.common import (
 from banklm.stages.corpus import corpus_inputs, run_corpus
 from banklm.stages.distill import distill_inputs, run_distill
 from banklm.stages.evaluate import eval_inputs, run_eval
-from banklm.stages.export import export_params, run_export
+from banklm.stages.export import export_inputs, export_params, run_export
 from banklm.stages.model import base_inputs, run_base, run_tokenizer
 from banklm.stages.report import run_report
 from banklm.stages.training import model_and_corpus_inputs, run_cpt, run_train
@@ -45,7 +45,7 @@ STAGES: list[Stage] = [
           lambda ctx: [*eval_inputs(ctx), *task_inputs(ctx)], run_eval),
     Stage("export", lambda r: r.export.gguf.enabled or r.export.onnx.enabled,
           lambda r: {**export_params(r), **task_params(r)},
-          lambda ctx: [*model_and_corpus_inputs("eval")(ctx), *task_inputs(ctx)], run_export),
+          lambda ctx: [*export_inputs(ctx), *task_inputs(ctx)], run_export),
     Stage("report", lambda r: r.report.enabled, lambda r: {}, lambda ctx: [], run_report, cacheable=False),
 ]
 

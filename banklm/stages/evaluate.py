@@ -8,7 +8,7 @@ from pathlib import Path
 
 from banklm.corpora.splits import corpus_splits, load_split
 from banklm.evaluation.constrained import GrammarCache
-from banklm.evaluation.evaluate import evaluate_model_dir, load_model_dir
+from banklm.evaluation.evaluate import ConfidenceCheck, evaluate_model_dir, load_model_dir
 from banklm.evaluation.instructions import EXACT_MATCH_MAX_CHARS, score_instructions
 from banklm.evaluation.perplexity import perplexity
 from banklm.io import atomic_write_json
@@ -62,11 +62,17 @@ def run_eval(ctx: RunContext) -> list[Path]:
     grammars = GrammarCache() if e.decoding == "constrained" else None  # every model answers the same requests
     for name, model_dir in _eval_models(ctx).items():
         out = ctx.path("eval", name)
-        # perturbed prompts only for the final model: the comparison rows need the clean scores alone
-        evaluate_model_dir(model_dir, records, out, device=run_device(ctx), batch_size=e.batch_size,
-                           max_new_tokens=e.max_new_tokens, model_name=name,
-                           robustness=tuple(e.robustness) if name == final else (), decoding=e.decoding,
-                           grammar_cache=grammars)
+        # perturbed prompts and the confidence check only for the final model (the one export ships): the
+        # comparison rows need the clean scores alone
+        results = evaluate_model_dir(model_dir, records, out, device=run_device(ctx), batch_size=e.batch_size,
+                                     max_new_tokens=e.max_new_tokens, model_name=name,
+                                     robustness=tuple(e.robustness) if name == final else (), decoding=e.decoding,
+                                     grammar_cache=grammars,
+                                     confidence=_confidence_check(ctx) if name == final else None)
+        if name == final and "operating_point" in results:
+            ctx.notes["eval"] = {"operating_point": {
+                t: {"temperature": v["temperature"], "threshold": v["threshold"]}
+                for t, v in results["operating_point"]["tasks"].items()}}
         outputs.append(out)
     held_out = _held_out_instructions(ctx)
     if held_out:
@@ -79,6 +85,19 @@ def run_eval(ctx: RunContext) -> list[Path]:
 
 
 INSTRUCTION_CORPORA = ("general", "private")
+
+
+def _confidence_check(ctx: RunContext) -> ConfidenceCheck:
+    """The final model's confidence check: the first ``eval.calibration.validation_limit`` validation records
+    per task and the whole ``test_prevalence`` split (when the scenario corpus has one), label-scored."""
+    e, scenario = ctx.recipe.eval, ctx.path(SCENARIO)
+    have = corpus_splits(scenario)
+    split = {s: load_split(scenario, s, tasks=e.tasks, limit_per_task=e.calibration.validation_limit
+                           if s == "validation" else None).to_list() if s in have else []
+             for s in ("validation", "test_prevalence")}
+    return ConfidenceCheck(validation=split["validation"], test_prevalence=split["test_prevalence"],
+                           target_accuracy=e.abstain.target_accuracy, min_confidence=e.abstain.min_confidence,
+                           temperature=e.calibration.temperature, bins=e.calibration.bins)
 
 
 def _held_out_instructions(ctx: RunContext) -> dict[str, list[dict] | str]:

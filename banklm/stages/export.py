@@ -7,6 +7,7 @@ from pathlib import Path
 
 from banklm.corpora.ops.pii import scrub_text
 from banklm.corpora.splits import load_split
+from banklm.evaluation.confidence import OPERATING_POINT_FILE, load_operating_point
 from banklm.evaluation.evaluate import DECODINGS
 from banklm.export.bundle import build_export, verify_export
 from banklm.export.verify import DEFAULT_PROMPTS
@@ -16,6 +17,8 @@ from banklm.pipeline import CheckFailed, RunContext
 from banklm.recipe import Recipe, section_params
 from banklm.results import collect
 from banklm.stages.common import SCENARIO, final_model_dir, run_device
+from banklm.stages.evaluate import final_model_name
+from banklm.stages.training import model_and_corpus_inputs
 
 
 def run_export(ctx: RunContext) -> list[Path]:
@@ -33,11 +36,28 @@ def run_export(ctx: RunContext) -> list[Path]:
         eval_batch_size=ctx.recipe.eval.batch_size, eval_max_new_tokens=ctx.recipe.eval.max_new_tokens,
         decodings=export_decodings(ctx.recipe),
         max_accuracy_drop=x.max_accuracy_drop, device=run_device(ctx), system=x.gguf.system, num_ctx=x.gguf.num_ctx,
-        tasks=ctx.recipe.task_names(), model_card=lambda verify: _bundle_card(ctx, verify))
+        tasks=ctx.recipe.task_names(), model_card=lambda verify: _bundle_card(ctx, verify),
+        operating_point=_operating_point(ctx))
     if not summary["passed"]:
         raise CheckFailed(f"export verification failed ({len(summary['failures'])} check(s)): "
                           + "; ".join(summary["failures"][:3]) + f"; see {out / 'verify.json'}")
     return [out]
+
+
+def operating_point_file(ctx: RunContext) -> Path:
+    """Where the eval stage wrote the final model's operating point (threshold and temperature per task)."""
+    return ctx.path("eval", final_model_name(ctx.recipe), OPERATING_POINT_FILE)
+
+
+def _operating_point(ctx: RunContext) -> dict | None:
+    f = operating_point_file(ctx)
+    return load_operating_point(f) if ctx.recipe.eval.enabled and f.is_file() else None
+
+
+def export_inputs(ctx: RunContext) -> list[Path]:
+    """The final model, the scenario corpus and the operating point the bundle carries (when eval wrote one)."""
+    f = operating_point_file(ctx)
+    return [*model_and_corpus_inputs("eval")(ctx), *([f] if f.is_file() else [])]
 
 
 def export_params(r: Recipe) -> dict:

@@ -207,6 +207,12 @@ class Task:
         return [r.name for r in self.rules]
 
     @property
+    def branch_labels(self) -> dict[str, str]:
+        """rule name -> the primary value it answers (generating data at a declared prevalence)."""
+        return {r.name: r.outcome[self.primary_key] for r in self._compiled
+                if isinstance(r.outcome.get(self.primary_key), str)}
+
+    @property
     def label_values(self) -> list[str]:
         return list(self._key(self.primary_key).values or [])
 
@@ -281,6 +287,11 @@ class Task:
     def costs(self) -> dict[str, dict[str, float]]:
         """costs[gold][predicted] over the primary labels (missing pairs: 0)."""
         return {g: dict(row) for g, row in self.spec.model.evaluation.costs.items()}
+
+    @property
+    def handoff_cost(self) -> float:
+        """The cost of a case handed to a person (an abstention), in the units of :attr:`costs`."""
+        return float(self.spec.model.evaluation.handoff_cost)
 
     @property
     def prevalence(self) -> dict[str, float]:

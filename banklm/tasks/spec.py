@@ -141,6 +141,7 @@ class ExampleSpec(_M):
 class EvaluationSpec(_M):
     segments: list[str] = []
     costs: dict[str, dict[str, float]] = {}  # costs[gold][predicted]
+    handoff_cost: float = Field(0.0, ge=0.0)  # the cost of a case handed to a person (abstention, 转人工)
     prevalence: dict[str, float] = {}
 
 
