@@ -17,6 +17,7 @@ from banklm.corpora.ops.pii import ALL_TYPES, PIIError, scrub_jsonl, scrub_text
 from banklm.corpora.splits import first_per_task, load_split
 from banklm.corpora.synth import generate_records
 from banklm.evaluation.comparison import write_comparison
+from banklm.evaluation.confidence import load_operating_point
 from banklm.evaluation.evaluate import evaluate_export, evaluate_model_dir, export_kind
 from banklm.export.bundle import SUMS_FILE, VERIFY_FILE, build_export, verify_export
 from banklm.export.gguf import DEFAULT_GGUF_QUANT, KQUANTS, NATIVE_QUANTS
@@ -46,11 +47,14 @@ from banklm.pipeline import (
     RunDirError,
     RunLocked,
     StageError,
+    default_run_dir,
     launched_rank,
+    new_run_id,
     run_stages,
 )
 from banklm.recipe import RecipeError, load_recipe
 from banklm.runtime import MissingDependency
+from banklm.seeds import parse_seeds, seed_run_dir, write_seed_table
 from banklm.stages import STAGES
 from banklm.stages.common import check_models
 from banklm.stages.export import export_dir_check
@@ -102,7 +106,36 @@ def _run_pipeline(args, upto: str | None = None, only: set[str] | None = None) -
 
 
 def cmd_run(args) -> int:
+    if getattr(args, "seeds", None):
+        return _run_seeds(args)
     return _run_pipeline(args)
+
+
+def _run_seeds(args) -> int:
+    """``--seeds 0,1,2``: one run folder per seed (``runs/<name>/<id>-s<seed>``), the data's seed fixed, then the
+    table of their scores (``runs/<name>/seeds-<id>.md``; banklm.seeds)."""
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.run_dir is not None:
+        raise UsageError("--run-dir names one run; with --seeds each seed runs in runs/<name>/<id>-s<seed>")
+    recipe = _load(args)
+    check_models(recipe)
+    parent = default_run_dir(recipe).parent
+    run_id = new_run_id()
+    fixed = [f"data_seed={recipe.data_seed_used}"]  # every seed trains on the same data
+    run_dirs = {}
+    for seed in seeds:
+        r = load_recipe(args.recipe, [*args.overrides, f"seed={seed}", *fixed])
+        run_dirs[seed] = run_stages(r, STAGES, run_dir=seed_run_dir(parent, run_id, seed))
+        print(f"seed {seed}: run folder {run_dirs[seed]}", flush=True)
+    if launched_rank() != 0:
+        return EXIT_OK
+    md, js = write_seed_table(parent, run_id, run_dirs)
+    print(md.read_text(encoding="utf-8"), end="")
+    print(f"seeds table: {md} ({js.name})")
+    return EXIT_OK
 
 
 def cmd_corpus_build(args) -> int:
@@ -229,7 +262,10 @@ def cmd_eval(args) -> int:
         out = Path(args.out) if args.out else Path("eval") / name
         results = _evaluate_one(args, name, path, kind, records, out)
         for task, res in results.get("tasks", {}).items():
-            print(f"{task}: accuracy {res['accuracy']:.3f}  macro-F1 {res['macro_f1']:.3f}  n={res['n']}")
+            at = (f"  coverage {res['coverage']:.3f} (accuracy answered "
+                  f"{'–' if res['answered_accuracy'] is None else format(res['answered_accuracy'], '.3f')})"
+                  if res.get("coverage") is not None else "")
+            print(f"{task}: accuracy {res['accuracy']:.3f}  macro-F1 {res['macro_f1']:.3f}  n={res['n']}{at}")
         print(f"results: {out / 'results.json'}")
         return EXIT_OK
 
@@ -289,12 +325,19 @@ def _evaluate_one(args, name: str, path: Path, kind: str, records: list[dict], o
     """Score one model folder (PyTorch) or exported artefact (llama.cpp / onnxruntime) into ``out``."""
 
     decoding = args.decoding or "constrained"
+    point = None
+    if getattr(args, "operating_point", None):
+        try:
+            point = load_operating_point(args.operating_point)
+        except ValueError as e:
+            raise UsageError(f"--operating-point {e}") from None
     if kind == "folder":
         return evaluate_model_dir(path, records, out, device=args.device, batch_size=args.batch_size,
-                                  max_new_tokens=args.max_new_tokens, model_name=name, decoding=decoding)
+                                  max_new_tokens=args.max_new_tokens, model_name=name, decoding=decoding,
+                                  operating_point=point)
     try:
         return evaluate_export(path, records, out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                               model_name=name, decoding=decoding)
+                               model_name=name, decoding=decoding, operating_point=point)
     except (ValueError, FileNotFoundError) as e:  # an artefact without tokenizer, template or EOS
         raise UsageError(f"--model {path}: {e}") from None
 
@@ -642,7 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    recipe_cmd("run", "run every stage the recipe enables, in order, reusing unchanged stages", cmd_run)
+    run = recipe_cmd("run", "run every stage the recipe enables, in order, reusing unchanged stages", cmd_run)
+    run.add_argument("--seeds", metavar="S1,S2,...",
+                     help="train and score once per seed, each in runs/<name>/<id>-s<seed> on the same data "
+                          "(data_seed fixed), then write runs/<name>/seeds-<id>.md/.json: mean ± sd per task")
 
     corpus = sub.add_parser("corpus", help="build corpora or scrub PII from a JSONL file",
                             description="build corpora or scrub PII from a JSONL file")
@@ -704,6 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "request's answer grammar (layout, labels, a bounded reason citing only the prompt's "
                          "numbers); free: plain greedy; with a recipe: its eval.decoding (default constrained), "
                          "recorded in results.json and the ledger")
+    ev.add_argument("--operating-point", type=Path,
+                    help="an operating_point.json (per task: abstention threshold and temperature) to score at; "
+                         "default: the model folder's own, or the export bundle's (docs/evaluation.md)")
     ev.add_argument("--seed", type=int, default=12345, help="seed for generated test records")
     ev.add_argument("--run-dir", type=Path, default=None)
     ev.set_defaults(func=cmd_eval)

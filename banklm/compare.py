@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from banklm.chain import ChainError, chain_problems
+from banklm.evaluation.evidence import paired_comparison
 from banklm.ledger import LEDGER_NAME, Ledger, file_problem, latest_records
 
 # the scores a change log follows: per task, then a detection task's (its spec's answer.positive), then run-level
@@ -212,7 +213,34 @@ def compare_runs(a: str | Path | dict, b: str | Path | dict) -> dict:
     score_rows = [(k, sa.get(k), sb.get(k)) for k in sorted(set(sa) | set(sb), key=_score_order)]
     return {"a": ra["name"], "b": rb["name"], "a_dir": str(ra["dir"]), "b_dir": str(rb["dir"]),
             "warnings": {"a": ra["warnings"], "b": rb["warnings"]},
-            "recipe": param_diff(ra, rb), "data": data, "data_content_changed": content, "scores": score_rows}
+            "recipe": param_diff(ra, rb), "data": data, "data_content_changed": content, "scores": score_rows,
+            "paired": paired_deltas(ra["dir"], rb["dir"])}
+
+
+def paired_deltas(a_dir: Path, b_dir: Path) -> list[dict]:
+    """Accuracy B - A with a 95% paired bootstrap interval and McNemar's p, per model both runs scored and task,
+    on the test records both answered (matched by id). Models whose predictions either run lacks (an older
+    results folder) or that share no record are left out; nothing fails."""
+    out = []
+    for pa in sorted(Path(a_dir).glob("eval/*/predictions.jsonl")):
+        pb = Path(b_dir) / "eval" / pa.parent.name / "predictions.jsonl"
+        if not pb.is_file():
+            continue
+        try:
+            rows_a, rows_b = _read_jsonl(pa), _read_jsonl(pb)
+            res = paired_comparison(rows_b, rows_a, ("b", "a"))
+        except (KeyError, TypeError, ValueError):  # an older predictions file without the fields: not compared
+            continue
+        for task, r in [*res.get("tasks", {}).items(), ("overall", res.get("overall"))]:
+            if r:
+                d = r["difference"]
+                out.append({"model": pa.parent.name, "task": task, "n": d["n"], "difference": d["difference"],
+                            "low": d["low"], "high": d["high"], "p_value": r["mcnemar"]["p_value"]})
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def _same(x: Any, y: Any) -> bool:
@@ -331,6 +359,12 @@ def format_comparison(diff: dict) -> str:
     parts += ["", "scores"]
     parts.append(text_table(["model/task/metric", a, b, "B - A"], score_rows(diff)) if diff["scores"]
                  else "  no evaluation in either run")
+    if diff.get("paired"):
+        parts += ["", "accuracy B - A on the same test records (95% paired bootstrap interval; McNemar p)"]
+        parts.append(text_table(["model/task", "records", "B - A", "95% interval", "p"],
+                                [[f"{r['model']}/{r['task']}", str(r["n"]), f"{r['difference']:+.3f}",
+                                  f"[{r['low']:+.3f}, {r['high']:+.3f}]", f"{r['p_value']:.3g}"]
+                                 for r in diff["paired"]]))
     return "\n".join(parts) + "\n"
 
 

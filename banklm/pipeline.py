@@ -480,7 +480,9 @@ def _run_one(ctx: RunContext, st: Stage, on_stage_run: Callable[[Stage, bool], N
             outputs = file_records([ctx.run_dir / r["path"] for r in entry["outputs"]], ctx.run_dir)
             ledger.append(st.name, params=params, inputs=inputs, outputs=outputs, started_at=t0,
                           finished_at=now_iso(), status="reused", wall_s=0.0,
-                          reused_from={"run": src_dir.name, "seq": entry["seq"]},
+                          reused_from={"run": src_dir.name, "seq": entry["seq"],
+                                       # the time the stage took when it ran (a reused source carries it on)
+                                       "wall_s": (entry.get("reused_from") or {}).get("wall_s", entry.get("wall_s"))},
                           device=entry.get("device"), notes=entry.get("notes"), **common)
             log.info("[%s] reused from run %s (ledger entry %s)", st.name, src_dir.name, entry["seq"])
             _say(f"[{st.name}] unchanged: reused (run {src_dir.name}, entry {entry['seq']})")

@@ -500,6 +500,15 @@ class AbstainSpec(Section):
         return data
 
 
+class CounterfactualSpec(Section):
+    """Counterfactual tests of the final model (banklm.evaluation.counterfactual), by label scoring: each
+    protected attribute swapped, the deciding field moved across its rule's threshold, on the first ``limit``
+    test records per task."""
+
+    enabled: bool = True
+    limit: int = Field(100, ge=1, le=1_000_000)
+
+
 class EvalSection(Section):
     enabled: bool = True
     tasks: list[TaskName] = Field(default_factory=lambda: list(TASKS))  # a recipe with tasks: adds its own
@@ -516,6 +525,10 @@ class EvalSection(Section):
     decoding: Literal["free", "constrained"] = "constrained"
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     abstain: AbstainSpec = Field(default_factory=AbstainSpec)
+    # the rule engine and scikit-learn scorecards (logistic regression, gradient boosting; TF-IDF for text) trained
+    # on the scenario train split, scored on the same test records (banklm.evaluation.baselines)
+    baselines: bool = True
+    counterfactual: CounterfactualSpec = Field(default_factory=CounterfactualSpec)
 
 
 def _no_duplicates(values: list[str]) -> list[str]:
@@ -660,6 +673,9 @@ class Recipe(Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
     description: str = ""
     seed: int = Field(0, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
+    # the data's seed (generated records, splits, the tokenizer, the SFT mix's draw): default the seed; set it to
+    # vary training alone (banklm run --seeds sets it to the recipe's so every seed trains on the same data)
+    data_seed: int | None = Field(None, ge=0, lt=2**32)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     tasks: dict[str, TaskRef] = Field(default_factory=dict)  # the bank's own task specs (docs/tasks.md)
     corpora: CorporaSection = Field(default_factory=CorporaSection)
@@ -672,6 +688,11 @@ class Recipe(Section):
     export: ExportSection = Field(default_factory=ExportSection)
     report: ReportSection = Field(default_factory=ReportSection)
     plan: PlanSection = Field(default_factory=PlanSection)
+
+    @property
+    def data_seed_used(self) -> int:
+        """The seed of the data: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

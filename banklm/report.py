@@ -19,6 +19,7 @@ from banklm.results import (
     collect,
     distill_models,
     distill_tables,
+    flags,
     task_rows,
 )
 
@@ -305,8 +306,9 @@ def plot_labels(corpora: dict, path: Path) -> Path | None:
 
 
 def plot_timings(entries: list[dict], path: Path) -> Path | None:
-    """Wall time per stage (reused stages show 0 s)."""
-    rows = [(f"{e.get('seq')} {e.get('stage')}", float(e.get("wall_s") or 0.0), e.get("status")) for e in entries]
+    """Wall time per stage; a reused stage shows, in grey, the time it took when it ran."""
+    rows = [(f"{e.get('seq')} {e.get('stage')}", float((e.get("reused_from") or {}).get("wall_s") or e.get("wall_s")
+                                                        or 0.0), e.get("status")) for e in entries]
     if not rows:
         return None
     plt = _plt()
@@ -316,7 +318,8 @@ def plot_timings(entries: list[dict], path: Path) -> Path | None:
     ax.set_yticks(ys, [r[0] for r in rows], fontsize=8)
     ax.invert_yaxis()
     for y, (_, secs, status) in zip(ys, rows, strict=True):
-        ax.text(secs, y, f" {secs:.1f} s" + (" (reused)" if status == "reused" else ""), va="center", fontsize=7)
+        ax.text(secs, y, f" {secs:.1f} s" + (" when it ran (reused now)" if status == "reused" else ""), va="center",
+                fontsize=7)
     ax.set_xlabel("wall time (s)")
     ax.set_title("stage timings")
     fig.tight_layout()
@@ -439,9 +442,121 @@ def _img(path: Path | None, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
+def _ci(x: dict | None) -> str:
+    """``0.750 [0.690, 0.805]`` from an interval dict."""
+    if not x or x.get("estimate") is None:
+        return "–"
+    return f"{x['estimate']:.3f} [{_fmt(x.get('low'))}, {_fmt(x.get('high'))}]"
+
+
+def render_verdict(d: dict) -> str:
+    """The first screen: the final model, its headline scores with 95% intervals, coverage at its abstention
+    threshold, and every flag raised (banklm.results.flags)."""
+    final, res = next(iter(d.get("eval", {}).items()), (None, None))
+    if not final or not res:
+        return "<h2>Verdict</h2><p class=muted>no evaluation in this run</p>"
+    ev = d.get("evidence") or {}
+    iv = (ev.get("intervals") or {}).get(final) or {}
+    rows = []
+    for task, r in res.get("tasks", {}).items():
+        acc = (iv.get(task) or {}).get("accuracy") or {"estimate": r.get("accuracy")}
+        rows.append([task, r.get("n"), _ci(acc), _ci((iv.get(task) or {}).get("macro_f1")), r.get("coverage"),
+                     r.get("answered_accuracy"), r.get("ece"), r.get("unsupported_number_rate"),
+                     r.get("reason_contradiction_rate")])
+    overall = (iv.get("overall") or {}).get("accuracy") or {"estimate": res.get("overall", {}).get("accuracy")}
+    rows.append(["overall", res.get("overall", {}).get("n"), _ci(overall), "", None, None, None, None, None])
+    raised = flags(d)
+    parts = ["<h2>Verdict</h2>",
+             f"<p>final model <b>{html.escape(final)}</b> (decoding {html.escape(str(res.get('decoding', 'free')))}); "
+             "95% bootstrap intervals in brackets; coverage and accuracy answered at the shipped abstention "
+             "threshold</p>",
+             _table(["task", "n", "accuracy [95% CI]", "macro-F1 [95% CI]", "coverage", "accuracy answered", "ECE",
+                     "unsupported-number rate", "reason contradiction rate"], rows)]
+    if raised:
+        parts.append("<p class=bad>" + f"{len(raised)} flag(s):</p><ul>" + "".join(
+            f"<li><b>{html.escape(f['kind'])}</b>: {html.escape(f['what'])}</li>" for f in raised) + "</ul>")
+    else:
+        parts.append("<p class=ok>no flag raised</p>")
+    return "\n".join(parts)
+
+
+def render_model_risk(d: dict) -> str:
+    """Intervals for every model, the paired comparisons, the baselines, segments, counterfactual tests, every
+    categorical key's confusion and ordinal error (eval/evidence.json)."""
+    ev = d.get("evidence")
+    if not ev:
+        return ""
+    parts = ["<h2>Model risk</h2>", f"<p class=muted>{html.escape(ev.get('method', ''))}</p>"]
+    rows = [[m, t, v.get("n"), _ci(v.get("accuracy")), _ci(v.get("macro_f1"))]
+            for m, tasks in ev.get("intervals", {}).items() for t, v in tasks.items()]
+    parts.append("<h3>Scores with intervals, every model</h3>")
+    parts.append(_table(["model", "task", "n", "accuracy [95% CI]", "macro-F1 [95% CI]"], rows))
+    crow = []
+    for c in ev.get("comparisons", []):
+        for t, r in [*c.get("tasks", {}).items(), ("overall", c.get("overall"))]:
+            if not r:
+                continue
+            diff = r["difference"]
+            crow.append([c["what"], t, diff.get("n"), f"{diff['difference']:+.3f} [{_fmt(diff.get('low'))}, "
+                         f"{_fmt(diff.get('high'))}]", r["mcnemar"]["p_value"],
+                         "yes" if r.get("significant") else "no"])
+    if crow:
+        parts.append("<h3>Paired comparisons (same records; difference = first - second)</h3>")
+        parts.append(_table(["comparison", "task", "n", "accuracy difference [95% CI]", "McNemar p",
+                             "significant (p < 0.05)"], crow))
+    brow = []
+    for t, bs in (ev.get("baselines") or {}).items():
+        for name, b in bs.items():
+            if not b.get("available"):
+                brow.append([t, name, "–", "–", "–", "not available: " + str(b.get("reason"))])
+                continue
+            verdict = ("model WORSE" + (" (significant)" if b.get("significantly") else "")) if b["model_worse"] \
+                else "model better or equal"
+            brow.append([t, name, _ci(_as_interval(b["baseline"])), _ci(_as_interval(b["model"])),
+                         b["mcnemar"]["p_value"], verdict])
+    if brow:
+        parts.append("<h3>Baselines on the same test records: the rule engine and scikit-learn scorecards</h3>")
+        parts.append(_table(["task", "baseline", "baseline accuracy", "model accuracy", "McNemar p", "verdict"],
+                            brow))
+    srow = [[t, seg, g, v["n"], v["correct"], _ci(v)] for t, segs in (ev.get("segments") or {}).items()
+            for seg, groups in segs.items() for g, v in groups.items()]
+    if srow:
+        parts.append("<h3>By segment (final model)</h3>")
+        parts.append(_table(["task", "segment", "value", "n", "right", "accuracy [95% CI]"], srow))
+    cf_rows = []
+    for t, cf in (ev.get("counterfactual") or {}).items():
+        for attr, p in cf.get("protected", {}).items():
+            cf_rows.append([t, f"swap {attr}", p["n"] if p.get("in_prompt") else "not in the prompt", p.get("flips"),
+                            _ci({"estimate": p.get("flip_rate"), **(p.get("interval") or {})} if p.get("n") else None),
+                            "FLAG" if attr in cf.get("flagged", []) else "ok"])
+        dc = cf.get("deciding") or {}
+        if dc.get("n"):
+            cf_rows.append([t, "deciding field across its threshold", dc["n"], dc["followed"],
+                            _ci({"estimate": dc.get("follow_rate"), **(dc.get("interval") or {})}), "follow rate"])
+    if cf_rows:
+        parts.append("<h3>Counterfactual tests (label scoring; protected swaps must not flip the decision)</h3>")
+        parts.append(_table(["task", "change", "variants", "flips / followed", "rate [95% CI]", ""], cf_rows))
+    orow = [[t, k, v["n"], v["unparseable"], v["mean_abs_error"], v["off_by_2_or_more"]]
+            for t, keys in (ev.get("ordinal") or {}).items() for k, v in keys.items()]
+    if orow:
+        parts.append("<h3>Ordinal error of graded keys</h3>")
+        parts.append(_table(["task", "key", "n", "unparseable", "mean |grade error|", "off by 2+"], orow))
+    for t, keys in (ev.get("confusions") or {}).items():
+        for key, cm in keys.items():
+            labels = cm["labels"]
+            parts.append(f"<p>{html.escape(t)} · {html.escape(key)} (rows gold, columns answered)</p>")
+            parts.append(_table(["gold / answered", *labels],
+                                [[g, *row] for g, row in zip(labels, cm["matrix"], strict=True)]))
+    return "\n".join(parts)
+
+
+def _as_interval(x: dict) -> dict:
+    return {"estimate": x.get("accuracy"), "low": x.get("low"), "high": x.get("high")}
+
+
 def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
     parts = [f"<h1>banklm run report: {html.escape(recipe.name)}</h1>",
-             f"<p class=muted>run folder <code>{html.escape(str(d['run_dir']))}</code></p>"]
+             f"<p class=muted>run folder <code>{html.escape(str(d['run_dir']))}</code></p>", render_verdict(d)]
     status = ('<span class=ok>ledger intact: every recorded file matches</span>' if not d["problems"] else
               f'<span class=bad>ledger check failed: {html.escape(d["problems"][0])}</span>')
     parts.append("<h2>Pipeline</h2>")
@@ -540,6 +655,7 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
     else:
         parts.append("<p class=muted>no evaluation in this run</p>")
 
+    parts.append(render_model_risk(d))
     parts.append(render_distill_section(d, plots.get("distill")))
 
     parts.append(render_export_section(d))

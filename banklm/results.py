@@ -51,6 +51,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def eval_results(run_dir: Path) -> dict[str, dict]:
+    """``eval/<model>/results.json`` of a run by model name, the final model first (:data:`MODEL_ORDER`)."""
+    folders = sorted((Path(run_dir) / "eval").glob("*"), key=lambda p: (
+        MODEL_ORDER.index(p.name) if p.name in MODEL_ORDER else len(MODEL_ORDER), p.name))
+    return {p.name: read_json(p / "results.json") for p in folders if (p / "results.json").exists()}
+
+
 def collect(run_dir: Path) -> dict:
     """Everything the report and the card show, read from the run folder."""
     run_dir = Path(run_dir)
@@ -73,14 +80,12 @@ def collect(run_dir: Path) -> dict:
         "corpora": corpora,
         "curves": {name: read_jsonl(run_dir / name / "metrics.jsonl") for name in ("cpt", "sft")},
         "summaries": {name: read_json(run_dir / name / "train_summary.json") for name in ("cpt", "sft")},
-        "eval": {p.name: read_json(p / "results.json") for p in sorted(
-                 (run_dir / "eval").glob("*"), key=lambda p: (MODEL_ORDER.index(p.name) if p.name in MODEL_ORDER
-                                                              else len(MODEL_ORDER), p.name))
-                 if (p / "results.json").exists()},
+        "eval": eval_results(run_dir),
         "export": read_json(run_dir / "export" / "verify.json"),
         "retention": read_json(run_dir / "eval" / "retention.json"),
         "instructions": {p.parent.name: read_json(p) for p in sorted((run_dir / "eval").glob("*/instructions.json"))},
         "distill": read_json(run_dir / "distill" / "stats.json"),
+        "evidence": read_json(run_dir / "eval" / "evidence.json"),
         "problems": [str(p) for p in verify_run(run_dir, check_card=False)],  # the card is about to be rewritten
     }
 
@@ -121,3 +126,60 @@ def distill_tables(d: dict) -> tuple[list[str], list[list[Any]], list[str], list
             r = res.get("tasks", {}).get(task) or {}
             task_rows.append([task, role, *[r.get(k) for k, _ in DISTILL_METRICS]])
     return size_headers, size_rows, ["task", "model", *[label for _, label in DISTILL_METRICS]], task_rows
+
+
+# ----------------------------------------------------------------------------------------- the verdict
+
+def _pct(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def flags(d: dict) -> list[dict]:
+    """Everything a reviewer must see first: ``{"kind", "what"}`` per raised flag (fairness, counterfactual flips,
+    faithfulness, calibration and the abstention target, baselines beating the model, the ledger, reused stages).
+    Read from what the run wrote; a file the run did not write raises nothing."""
+    out: list[dict] = []
+    final, res = next(iter(d.get("eval", {}).items()), (None, None))
+    res = res or {}
+    for task, r in res.get("tasks", {}).items():
+        for attr, f in (r.get("fairness") or {}).items():
+            if isinstance(f, dict) and f.get("flag"):
+                out.append({"kind": "fairness", "what": f"{task}: favourable-rate ratio {_pct(f.get('ratio'))} by "
+                                                        f"{attr} (< 0.8)"})
+        if (r.get("unsupported_number_rate") or 0) > 0:
+            out.append({"kind": "faithfulness", "what": f"{task}: {_pct(r['unsupported_number_rate'])} of cited "
+                                                        "numbers are not in the input"})
+        if (r.get("field_binding_error_rate") or 0) > 0:
+            out.append({"kind": "faithfulness", "what": f"{task}: {_pct(r['field_binding_error_rate'])} of numbers "
+                                                        "written after a field's name are another value"})
+        if (r.get("reason_contradiction_rate") or 0) > 0:
+            out.append({"kind": "faithfulness", "what": f"{task}: {_pct(r['reason_contradiction_rate'])} of checkable "
+                                                        "reasons argue for another label"})
+        c = r.get("confidence") or {}
+        if (c.get("calibration") or {}).get("flag"):
+            out.append({"kind": "calibration", "what": f"{task}: ECE {_pct(c['calibration']['ece'])} > 0.05"})
+        val = ((res.get("operating_point") or {}).get("tasks", {}).get(task) or {}).get("validation") or {}
+        if val.get("met") is False:
+            target = (res.get("operating_point") or {}).get("target_accuracy")
+            out.append({"kind": "operating point", "what": f"{task}: no threshold reaches accuracy {target} on the "
+                                                           f"validation split (best {_pct(val.get('accuracy'))})"})
+    ev = d.get("evidence") or {}
+    for task, cf in (ev.get("counterfactual") or {}).items():
+        for attr in cf.get("flagged", []):
+            p = cf["protected"][attr]
+            out.append({"kind": "counterfactual", "what": f"{task}: the decision changes with {attr} alone in "
+                                                          f"{p['flips']} of {p['n']} swaps ({_pct(p['flip_rate'])})"})
+    for task, bs in (ev.get("baselines") or {}).items():
+        for name, b in bs.items():
+            if b.get("model_worse"):
+                sig = "significantly, " if b.get("significantly") else ""
+                out.append({"kind": "baseline", "what": f"{task}: {name} beats the model ({sig}"
+                                                        f"{_pct(b['baseline']['accuracy'])} vs "
+                                                        f"{_pct(b['model']['accuracy'])})"})
+    for p in d.get("problems") or []:
+        out.append({"kind": "ledger", "what": str(p)})
+    reused = [e["stage"] for e in d.get("entries", []) if e.get("status") == "reused"]
+    if reused:
+        out.append({"kind": "reused stages", "what": ", ".join(reused) + " reused from an earlier run (their "
+                                                                         "figures come from that run)"})
+    return out

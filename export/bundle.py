@@ -38,7 +38,15 @@ from banklm.finetune.tokenizer import load_tokenizer
 
 from banklm.evaluation.confidence import OPERATING_POINT_FILE, save_operating_point
 from banklm.evaluation.evaluate import DECODINGS, evaluate_artefact, evaluate_model_dir
-from banklm.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from banklm.evaluation.evidence import paired_comparison
+from banklm.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    sha256_file,
+)
 from banklm.runtime import OnnxCausalLM, context_length, open_gguf, stop_token_ids
 from banklm.tasks import SPECS_FOLDER, Task, carried_specs, carry_specs
 from banklm.tasks.base import iter_user_messages
@@ -108,6 +116,21 @@ def check_sha256sums(folder: str | os.PathLike) -> list[str]:
 #: per task, per decoding (coverage and accuracy on the answered cases at the bundle's operating point, when the
 #: decoding has label scores)
 TASK_FIGURES = ("accuracy", "format_compliance", "unsupported_number_rate", "coverage", "answered_accuracy")
+
+
+def _paired(a_dir: Path, b_dir: Path, names: tuple[str, str]) -> dict:
+    """Accuracy difference of two scorings of the same records (a - b) with its paired 95% interval and McNemar's
+    p-value, overall and per task (banklm.evaluation.evidence)."""
+    res = paired_comparison(list(read_jsonl(a_dir / "predictions.jsonl")), list(read_jsonl(b_dir / "predictions.jsonl")),
+                            names)
+
+    def brief(r: dict) -> dict:
+        d = r["difference"]
+        return {"difference": d["difference"], "low": d["low"], "high": d["high"], "p_value": r["mcnemar"]["p_value"],
+                "n": d["n"]}
+
+    return {"names": list(names), **(brief(res["overall"]) if "overall" in res else {"n": 0}),
+            "tasks": {t: brief(r) for t, r in res["tasks"].items()}}
 
 
 def task_summary(results: dict, where: str) -> dict:
@@ -257,6 +280,10 @@ def _evaluate_bundle(summary: dict, model_dir: Path, tok, records: list[dict], a
     summary["task_eval"] = {"records": len(records), "tasks": sorted({r["task"] for r in records}),
                             "max_new_tokens": max_new_tokens, "decoding": decodings[0],
                             "pytorch": {**by[decodings[0]], "by_decoding": by}}
+    if len(decodings) > 1:  # the same records decoded both ways, paired
+        summary["task_eval"]["pytorch"]["paired"] = {
+            f"{d}_vs_{decodings[0]}": _paired(where("pytorch", d), where("pytorch", decodings[0]), (d, decodings[0]))
+            for d in decodings[1:]}
     # llama.cpp refuses prompts longer than its context: size it for the longest record
     longest = max(len(tok.apply_chat_template(iter_user_messages(r), add_generation_prompt=True,
                                               tokenize=True, return_dict=False)) for r in records)
@@ -285,7 +312,9 @@ def _evaluate_bundle(summary: dict, model_dir: Path, tok, records: list[dict], a
             entry["failures"].append(f"task_eval: {type(e).__name__}: {e}")
             entry["passed"] = False
             continue
-        te = {"runtime": runtime, **by[decodings[0]], "by_decoding": by}
+        te = {"runtime": runtime, **by[decodings[0]], "by_decoding": by,
+              "paired": {f"vs_pytorch_{d}": _paired(where(aid, d), where("pytorch", d), (aid, "pytorch"))
+                         for d in decodings}}
         te["accuracy_drop"] = base - te["accuracy"]
         te["failures"] = []
         if max_accuracy_drop is not None and te["accuracy_drop"] > max_accuracy_drop:

@@ -327,3 +327,39 @@ def test_random_prevalence_schedule_hits_every_declared_count():
         sched = prevalence_branches(aml, n, {"无": 0.5}, random.Random(n))
         labels = Counter(aml.branch_labels[b] for b in sched)
         assert sum(labels.values()) == n and abs(labels["无"] - n / 2) <= 1
+
+
+def test_a_spec_task_s_own_abstain_value_counts_as_not_answered(tmp_path):
+    """post_loan declares 转人工 as its abstain value (a label the rules give too): an answer 转人工 is the model's
+    own abstention, not counted as answered; below the threshold a case becomes 转人工 and costs what the spec's
+    matrix says for it (预警 -> 转人工: 1)."""
+    from banklm.tasks.registry import register_spec
+    from tests.test_task_spec import POST_LOAN
+
+    spec = tmp_path / "post_loan.yaml"
+    spec.write_text(POST_LOAN, encoding="utf-8")
+    task = register_spec(spec)
+    assert task.abstain == "转人工"
+
+    def row(answer, gold, p):
+        others = [v for v in task.label_values if v != answer]
+        combos = [[{"预警等级": answer}, p]] + [[{"预警等级": v}, (1 - p) / len(others)] for v in others]
+        return {"task": "post_loan", "gold": {"预警等级": gold}, "parsed": {"预警等级": answer}, "pred_label": answer,
+                "label_scores": {"combos": combos}}
+
+    rows = confidence_rows([row("转人工", "转人工", 0.9), row("转人工", "预警", 0.9), row("正常", "正常", 0.9),
+                            row("正常", "正常", 0.6)])
+    m = confidence_metrics(rows, task)
+    ab = m["abstention"]
+    assert (ab["answered"], ab["abstained_model"], ab["abstained_threshold"]) == (2, 2, 0)
+    assert ab["coverage"] == 0.5 and ab["accuracy"] == 1.0 and ab["abstain_value"] == "转人工"
+    # the model's abstentions never enter the risk-coverage curve: it ends at coverage 2/4
+    assert m["abstention"]["risk_coverage"]["points"][-1]["coverage"] == 0.5
+    at = confidence_metrics(rows, task, {"threshold": 0.8, "temperature": 1.0})
+    assert (at["abstention"]["answered"], at["abstention"]["abstained_threshold"]) == (1, 1)
+    # answers as given: 预警 answered 转人工 costs 1, the rest 0: 1/4; at the threshold the 0.6 正常 becomes 转人工,
+    # which costs nothing for gold 正常 in the matrix (正常 -> 转人工 not listed): still 1/4
+    assert m["costs"]["answers"]["per_case"] == pytest.approx(0.25)
+    assert at["costs"]["at_threshold"]["per_case"] == pytest.approx(0.25)
+    point = fit_operating_point(rows, target_accuracy=0.97, temperature=False)["tasks"]["post_loan"]
+    assert point["abstain_value"] == "转人工" and point["validation"]["coverage"] == 0.5

@@ -19,7 +19,7 @@ from banklm.export.gguf_vocab import read_tokenizer
 from banklm.finetune.tokenizer import IM_END, load_tokenizer, train_tokenizer
 
 from banklm.evaluation.constrained import GrammarError, GrammarMask, check_grammar, grammar_logits_processor
-from banklm.evaluation.metrics import faithfulness, field_binding
+from banklm.evaluation.faithfulness import faithfulness, field_binding
 from banklm.tasks import get_task
 from banklm.tasks.formats import extract_numbers, read_numbers
 from banklm.tasks.grammar import (

@@ -8,14 +8,12 @@ import pytest
 from banklm.corpora.synth import generate_records
 
 from banklm.evaluation.evaluate import score_records
+from banklm.evaluation.faithfulness import faithfulness, field_binding
 from banklm.evaluation.metrics import (
     INVALID,
     accuracy,
     confusion_matrix,
-    extract_numbers,
     fairness,
-    faithfulness,
-    field_binding,
     format_compliance,
     macro_f1,
     mcc,
@@ -23,6 +21,7 @@ from banklm.evaluation.metrics import (
     positive_class_metrics,
 )
 from banklm.tasks import CREDIT
+from banklm.tasks.formats import extract_numbers
 from banklm.tasks.grammar import attached_numbers, binding_names, binding_values, task_units
 from banklm.tasks.registry import task_from_spec
 from banklm.tasks.spec import parse_spec

@@ -56,7 +56,11 @@ def test_second_run_reuses_everything_in_a_new_folder(tmp_path):
     assert CALLS == []
     entries = Ledger(r2).entries()
     assert [e["status"] for e in entries] == ["reused", "reused"]
-    assert entries[0]["reused_from"] == {"run": "r1", "seq": 1}
+    first = Ledger(r1).entries()
+    # the reused entry names its source and keeps the time the stage took when it ran
+    assert entries[0]["reused_from"] == {"run": "r1", "seq": 1, "wall_s": first[0]["wall_s"]}
+    r3 = run_stages(_recipe(), STAGES, run_dir=tmp_path / "fake" / "r3")  # reused from a reused entry: still that time
+    assert Ledger(r3).entries()[1]["reused_from"]["wall_s"] == first[1]["wall_s"]
     assert (r2 / "b" / "out.txt").read_text() == (r1 / "b" / "out.txt").read_text()
     assert verify_run(r2) == []
 

@@ -103,6 +103,35 @@ def test_the_final_model_ships_with_its_operating_point(first_run):
     assert "Confidence and abstention" in card and "operating_point.json" in card
 
 
+def test_the_report_opens_with_the_verdict_and_carries_the_model_risk_evidence(first_run):
+    """Issue 20 end to end: eval/evidence.json (intervals, paired tests, segments, confusions, baselines,
+    counterfactual flips), the report's first section is the verdict, reused stages keep their times."""
+    _, run_dir, _ = first_run
+    ev = json.loads((run_dir / "eval" / "evidence.json").read_text(encoding="utf-8"))
+    res = json.loads((run_dir / "eval" / "sft" / "results.json").read_text(encoding="utf-8"))
+    assert ev["final"] == "sft" and set(ev["intervals"]) == {"sft", "cpt"}
+    for task, r in res["tasks"].items():
+        acc = ev["intervals"]["sft"][task]["accuracy"]
+        assert acc["estimate"] == pytest.approx(r["accuracy"]) and acc["low"] <= r["accuracy"] <= acc["high"]
+        assert set(ev["confusions"][task]) >= {k for k in ("decision", "grade", "conclusion", "typology", "category",
+                                                          "severity") if k in r["field_accuracy"]}
+        assert {"rules", "logistic_regression", "gradient_boosting"} <= set(ev["baselines"][task])
+        assert ev["baselines"][task]["rules"]["baseline"]["accuracy"] == 1.0  # the rules made the gold
+        assert "reason_label" in r and r["reason_label"]["n_checked"] > 0
+    assert ev["comparisons"][0]["what"] == "after vs before fine-tuning" and ev["comparisons"][0]["n"] == 60
+    assert ev["ordinal"]["credit"]["grade"]["n"] + ev["ordinal"]["credit"]["grade"]["unparseable"] == 20
+    assert set(ev["segments"]["credit"]) == {"guarantee"}
+    cf = ev["counterfactual"]["credit"]
+    assert cf["protected"]["gender"]["n"] > 0 and cf["protected"]["region"]["in_prompt"] is False
+    page = (run_dir / "report" / "index.html").read_text(encoding="utf-8")
+    assert page.index("<h2>Verdict</h2>") < page.index("<h2>Pipeline</h2>")
+    assert "<h2>Model risk</h2>" in page and "Baselines on the same test records" in page
+    verdict = page[page.index("<h2>Verdict</h2>"):page.index("<h2>Pipeline</h2>")]
+    overall = ev["intervals"]["sft"]["overall"]["accuracy"]
+    assert f"{overall['estimate']:.3f} [{overall['low']:.3f}, {overall['high']:.3f}]" in verdict
+    assert ("flag(s):" in verdict) != ("no flag raised" in verdict)
+
+
 def test_export_verified(first_run):
     _, run_dir, _ = first_run
     verify = json.loads((run_dir / "export" / "verify.json").read_text())
@@ -188,9 +217,12 @@ def test_eval_cli_compares_models_and_exports_side_by_side(first_run, tmp_path):
         assert [r.split(" | ")[1] for r in rows] == names
         for n, row in zip(names, rows, strict=True):
             r, ov = res[n]["tasks"][task], res[n]["overall"]
+            at = [("–" if r.get(k) is None else f"{r[k]:.3f}") for k in ("coverage", "answered_accuracy")]
             assert row == (f"| {task} | {n} | 4 | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['mcc']:.3f} | "
-                           f"{r['format_compliance']:.3f} | {r['unsupported_number_rate']:.3f} | "
+                           f"{r['format_compliance']:.3f} | {r['unsupported_number_rate']:.3f} | {at[0]} | {at[1]} | "
                            f"{ov['tokens_per_s']:.1f} | {ov['model_bytes'] / 1e6:.2f} |")
+            # the exports find the bundle's operating point; the bare model folders have none
+            assert (r.get("coverage") is not None) == (n in ("quickstart-q8_0", "onnx-fp32"))
             assert row in out.stdout
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert f"comparison: {tmp_path / 'cmp' / 'comparison.md'}; chart: {tmp_path / 'cmp' / 'comparison.png'}" in out.stdout
@@ -233,6 +265,14 @@ def test_eval_and_export_cli_on_a_model_folder(first_run, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "ev" / "results.json").read_text(encoding="utf-8"))
     assert list(res["tasks"]) == ["aml"] and res["tasks"]["aml"]["n"] == 5
+    assert "coverage" not in out.stdout  # a bare model folder carries no operating point ...
+    point = run_dir / "eval" / "sft" / "operating_point.json"
+    out = _banklm("eval", "--model", str(model), "--data", str(run_dir), "--tasks", "aml", "--limit", "5",
+                  "--operating-point", str(point), "--out", str(tmp_path / "ev2"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "ev2" / "results.json").read_text(encoding="utf-8"))
+    assert res["operating_point"] == json.loads(point.read_text(encoding="utf-8"))  # ... unless given one
+    assert f"coverage {res['tasks']['aml']['coverage']:.3f}" in out.stdout
     out = _banklm("export", "--model", str(model), "--format", "gguf", "--quant", "q8_0", "--out",
                   str(tmp_path / "gg"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from banklm.corpora.synth import generate_records
 
-from banklm.evaluation.metrics import faithfulness
+from banklm.evaluation.faithfulness import faithfulness
 from banklm.tasks import TASKS, get_task, perturb
 from banklm.tasks.aml import AML
 from banklm.tasks.audit import AUDIT

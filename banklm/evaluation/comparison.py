@@ -16,7 +16,8 @@ COMPARISON_PNG = "comparison.png"
 
 # (results key under tasks[task], column title)
 TASK_COLUMNS = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("mcc", "MCC"),
-                ("format_compliance", "format compliance"), ("unsupported_number_rate", "unsupported-number rate")]
+                ("format_compliance", "format compliance"), ("unsupported_number_rate", "unsupported-number rate"),
+                ("coverage", "coverage at threshold"), ("answered_accuracy", "accuracy answered")]
 HEADERS = ["task", "model", "n", *[t for _, t in TASK_COLUMNS], "tokens/s", "size (MB)"]
 
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from banklm.evaluation import confidence as C
+from banklm.evaluation import faithfulness as F
 from banklm.evaluation import metrics as M
 from banklm.evaluation.constrained import GrammarCache, PreparedGrammar
 from banklm.evaluation.generate import GenerationResult, eos_token_ids, generate
@@ -149,15 +150,18 @@ def _task_metrics(task, P: list[dict], R: list[dict], *, split_sources: bool = T
     cat_keys = task.categorical_keys
     inputs = [_support_text(r) for r in R]
     reasons = [p["parsed"].get(task.reason_key) if p["parsed"] and task.reason_key else None for p in P]
-    fa = M.faithfulness(inputs, reasons, allowed=citable_values(task))  # the spec's citable constants too
+    fa = F.faithfulness(inputs, reasons, allowed=citable_values(task))  # the spec's citable constants too
     for p, bad in zip(P, fa["per_answer"], strict=True):
         p["unsupported_numbers"] = bad
     metas = [_loads(r.get("meta")) for r in R]
     fields = [task.fields_from_meta(m) for m in metas]  # a table row in prompt mode has none: skipped
-    fb = M.field_binding(reasons, [None if f is None else binding_values(task, f) for f in fields],
+    fb = F.field_binding(reasons, [None if f is None else binding_values(task, f) for f in fields],
                          binding_names(task), task_units(task))
     for p, bad in zip(P, fb["per_answer"], strict=True):
         p["binding_errors"] = bad
+    rl = F.reason_label_consistency(task, reasons, pred_l, fields)
+    for p, verdict in zip(P, rl["per_answer"], strict=True):
+        p["reason_label"] = verdict["status"] if verdict else None
     res = {
         "n": len(P),
         "accuracy": M.accuracy(gold_l, pred_l),
@@ -175,6 +179,9 @@ def _task_metrics(task, P: list[dict], R: list[dict], *, split_sources: bool = T
         "hallucination_rate": fa["hallucination_rate"],
         "unsupported_number_rate": fa["unsupported_number_rate"],
         **{k: fb[k] for k in ("field_binding_error_rate", "n_bound_numbers", "n_binding_skipped")},
+        "reasons_without_numbers": fa["n_without_numbers"],
+        "reason_label": {k: v for k, v in rl.items() if k != "per_answer"},
+        "reason_contradiction_rate": rl["contradiction_rate"],
         "mean_answer_chars": sum(len(p["output"] or "") for p in P) / len(P),
     }
     if task.multi_label_keys:

@@ -11,12 +11,9 @@ Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
-
-from banklm.tasks.formats import UNITS, extract_numbers
-from banklm.tasks.grammar import attached_numbers
 
 INVALID = "INVALID"
 
@@ -29,9 +26,6 @@ __all__ = [
     "format_compliance",
     "positive_class_metrics",
     "multi_label_metrics",
-    "extract_numbers",
-    "faithfulness",
-    "field_binding",
     "fairness",
     "per_class_f1",
 ]
@@ -181,96 +175,6 @@ def multi_label_metrics(gold: Sequence[Iterable[str]], pred: Sequence[Iterable[s
             "macro_f1": float(np.mean([x["f1"] for x in per.values()])) if per else 0.0,
             "exact_set_match": (sum(1 for g, p in zip(G, P, strict=True) if p is not None and g == p) / len(G))
             if G else 0.0}
-
-
-# ------------------------------------------------------------------------------------------------
-# faithfulness: numbers cited in a reason must appear in the input
-
-def faithfulness(inputs: Sequence[str], reasons: Sequence[str | None], allowed: Iterable[tuple] = ()) -> dict:
-    """Check every number of each reason against its input.
-
-    Returns ``{"per_answer": [list of unsupported number strings per answer (None when the answer
-    has no reason)], "hallucination_rate": answers with >= 1 unsupported number / answers with a
-    reason, "unsupported_number_rate": unsupported / cited numbers, "n_checked", "n_numbers"}``.
-    ``allowed`` lists canonical numbers (see :func:`extract_numbers`) accepted everywhere (rule
-    constants, if a task cites them).
-    """
-    allowed_set = set(allowed)
-    per: list[list[str] | None] = []
-    checked = bad_answers = n_nums = n_bad = 0
-    for inp, reason in zip(inputs, reasons, strict=True):
-        if reason is None:
-            per.append(None)
-            continue
-        support = set(extract_numbers(inp)) | allowed_set
-        bad = []
-        for num in extract_numbers(reason):
-            n_nums += 1
-            if num not in support:
-                n_bad += 1
-                bad.append(_show(num))
-        per.append(bad)
-        checked += 1
-        bad_answers += bool(bad)
-    return {
-        "per_answer": per,
-        "hallucination_rate": bad_answers / checked if checked else 0.0,
-        "unsupported_number_rate": n_bad / n_nums if n_nums else 0.0,
-        "n_checked": checked,
-        "n_numbers": n_nums,
-    }
-
-
-def field_binding(reasons: Sequence[str | None], values: Sequence[Mapping[str, Iterable[tuple]] | None],
-                  names: Mapping[str, Iterable[str]], units: Iterable[str] = UNITS) -> dict:
-    """Check that every number a reason writes after a field's name is that field's value.
-
-    ``names``: name -> the fields it names (:func:`banklm.tasks.grammar.binding_names`); ``values``: per answer,
-    field -> its canonical values in that record (:func:`banklm.tasks.grammar.binding_values`), None when the
-    record has no fields (a table row in prompt mode: skipped and counted). A number is bound when a name stands
-    right before it in its clause (:func:`banklm.tasks.grammar.attached_numbers`); numbers without one are not
-    counted (the faithfulness metric covers them). A bound number equal to none of its name's fields' values is
-    a binding error: another field's value (``equals`` says whose) or no field's.
-
-    Returns ``{"per_answer": [None (no reason or no fields) or a list of {"number", "fields", "equals"}],
-    "field_binding_error_rate": errors / bound numbers (None when none is bound), "n_bound_numbers",
-    "n_binding_errors", "n_binding_skipped"}``.
-    """
-    units = tuple(units)
-    per: list[list[dict] | None] = []
-    n_bound = n_bad = skipped = 0
-    for reason, vals in zip(reasons, values, strict=True):
-        if vals is None:
-            skipped += 1
-            per.append(None)
-            continue
-        if reason is None:
-            per.append(None)
-            continue
-        vals = {k: set(v) for k, v in vals.items()}
-        bad = []
-        for m, items in attached_numbers(reason, names, units):
-            n_bound += 1
-            if not any(m.value in vals.get(it, ()) for it in items):
-                n_bad += 1
-                bad.append({"number": m.text, "fields": sorted(items),
-                            "equals": sorted(k for k, v in vals.items() if m.value in v)})
-        per.append(bad)
-    return {
-        "per_answer": per,
-        "field_binding_error_rate": n_bad / n_bound if n_bound else None,
-        "n_bound_numbers": n_bound,
-        "n_binding_errors": n_bad,
-        "n_binding_skipped": skipped,
-    }
-
-
-def _show(num: tuple) -> str:
-    if num[0] == "date":
-        return f"{num[1]:04d}-{num[2]:02d}-{num[3]:02d}"
-    v = num[1]
-    s = f"{v:.6f}".rstrip("0").rstrip(".")
-    return s + "%" if num[0] == "pct" else s
 
 
 # ------------------------------------------------------------------------------------------------

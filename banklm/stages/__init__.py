@@ -24,9 +24,10 @@ from banklm.stages.training import model_and_corpus_inputs, run_cpt, run_train
 
 STAGES: list[Stage] = [
     Stage("corpus", lambda r: bool(r.corpora.kinds()),
-          lambda r: {**section_params(r, "corpora"), "seed": r.seed, **task_params(r)},
+          lambda r: {**section_params(r, "corpora"), "seed": r.data_seed_used, **task_params(r)},
           lambda ctx: sorted({*corpus_inputs(ctx), *task_inputs(ctx)}), run_corpus),
-    Stage("tokenizer", lambda r: r.tokenizer.train, lambda r: {**section_params(r, "tokenizer"), "seed": r.seed},
+    Stage("tokenizer", lambda r: r.tokenizer.train,
+          lambda r: {**section_params(r, "tokenizer"), "seed": r.data_seed_used},
           lambda ctx: corpus_dirs(ctx, list(CORPUS_KINDS)), run_tokenizer),
     Stage("base", lambda r: r.base.build is not None or converts_pickle(r.base),
           lambda r: {**section_params(r, "base"), "seed": r.seed},
@@ -36,6 +37,7 @@ STAGES: list[Stage] = [
           lambda ctx: [model_dir_after(ctx, "cpt"), *corpus_dirs(ctx, ctx.recipe.cpt.corpora), *task_inputs(ctx)],
           run_cpt, distributed=True),
     Stage("train", lambda r: r.train.enabled, lambda r: {**section_params(r, "train", "device"), "seed": r.seed,
+                                                         "data_seed": r.data_seed_used,  # the mix's draw
                                                          "processes": launched_world_size(), **task_params(r)},
           lambda ctx: [*model_and_corpus_inputs("train")(ctx), *task_inputs(ctx)], run_train, distributed=True),
     Stage("distill", lambda r: r.distill.enabled,

@@ -84,7 +84,7 @@ def corpus_inputs(ctx: RunContext) -> list[Path]:
             raise RecipeError(f"corpora.{kind}.sources: {e}") from None
     if c.scenario is not None and c.scenario.tables:
         try:
-            files += check_tables([t.model_dump() for t in c.scenario.tables], base, seed=r.seed,
+            files += check_tables([t.model_dump() for t in c.scenario.tables], base, seed=r.data_seed_used,
                                   splits=c.scenario.splits.model_dump())
         except SourceError as e:
             raise RecipeError(f"corpora.scenario.tables: {e}") from None
@@ -104,7 +104,7 @@ def run_corpus(ctx: RunContext) -> list[Path]:
     if "scenario" in c.kinds():
         sc = c.scenario
         synth = {t: s.model_dump() for t, s in sc.synth.items()}
-        build_scenario(synth, r.seed, ctx.path(SCENARIO), licence=sc.licence,
+        build_scenario(synth, r.data_seed_used, ctx.path(SCENARIO), licence=sc.licence,
                        tables=[t.model_dump() for t in sc.tables], steps=[s.model_dump() for s in sc.steps],
                        pii=sc.pii.model_dump(), splits=sc.splits.model_dump(), base_dir=base, num_proc=c.num_proc,
                        count_tokens=count_tokens, tokenizer=tokenizer)
@@ -117,7 +117,7 @@ def run_corpus(ctx: RunContext) -> list[Path]:
             continue
         out = ctx.path("corpora", kind)
         build([s.model_dump() for s in spec.sources], out, steps=[s.model_dump() for s in spec.steps],
-              pii=spec.pii.model_dump(), splits=spec.splits.model_dump(), seed=r.seed, base_dir=base,
+              pii=spec.pii.model_dump(), splits=spec.splits.model_dump(), seed=r.data_seed_used, base_dir=base,
               eval_prompts=prompts, decontaminate=spec.decontaminate.enabled, decontam_n=spec.decontaminate.n,
               licence=spec.licence, on_error=spec.on_error, num_proc=c.num_proc, count_tokens=count_tokens,
               tokenizer=tokenizer)
@@ -126,9 +126,9 @@ def run_corpus(ctx: RunContext) -> list[Path]:
         props = c.mix.proportions()
         out = ctx.path("corpora", "mix")
         build_mix({k: ctx.path("corpora", k) for k in props}, props, out, total=c.mix.total,
-                  seed=r.seed if c.mix.seed is None else c.mix.seed)
+                  seed=r.data_seed_used if c.mix.seed is None else c.mix.seed)
         outputs.append(out)
-    ctx.notes["corpus"] = _corpus_lineage(outputs, r.seed)
+    ctx.notes["corpus"] = _corpus_lineage(outputs, r.data_seed_used)
     return outputs
 
 

@@ -21,7 +21,7 @@ def run_tokenizer(ctx: RunContext) -> list[Path]:
     out = ctx.path("tokenizer")
     vocab = ctx.recipe.tokenizer.vocab_size
     try:
-        train_tokenizer(texts, out, vocab_size=vocab, seed=ctx.recipe.seed)
+        train_tokenizer(texts, out, vocab_size=vocab, seed=ctx.recipe.data_seed_used)
     except RuntimeError as e:
         m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
         if not m:

@@ -88,7 +88,7 @@ def sft_data(ctx: RunContext):
         want = {"scenario": len(scenario), **{k: round(shares[k] * len(scenario) / rest) for k in parts
                                                if k != "scenario"}}
         want = {k: n for k, n in want.items() if n > 0}
-        mixed, stats = mix({k: parts[k] for k in want}, want, total=sum(want.values()), seed=ctx.recipe.seed)
+        mixed, stats = mix({k: parts[k] for k in want}, want, total=sum(want.values()), seed=ctx.recipe.data_seed_used)
         data[split] = mixed
         counts[split] = {k: want.get(k, 0) for k in ["scenario", *shares]}
         repeated = sorted(k for k, v in stats["sources"].items() if v["upsampled"])
