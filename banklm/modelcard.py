@@ -18,7 +18,7 @@ from typing import Any
 from banklm.compare import NotARun, compare_runs, data_rows, previous_run, recipe_rows, score_rows
 from banklm.ledger import card_artefacts_section, file_records
 from banklm.recipe import TO_BE_FILLED
-from banklm.results import distill_tables, task_rows
+from banklm.results import distill_tables, flags, task_rows
 from banklm.tasks import TASKS, get_task
 
 PII_TYPES_ZH = {"ID_CARD": "身份证号", "PHONE": "电话号码", "BANK_CARD": "银行卡号", "ACCOUNT": "账号",
@@ -331,6 +331,7 @@ def _evaluation(d: dict, t: _Lang) -> list[str]:
                             t("命中中其余字段正确率 other keys' accuracy (TP)", "other keys' accuracy among TP")],
                            detect)]
     lines += _confidence(res, t)
+    lines += _evidence(d, t)
     fair = [[task, attr, f.get("ratio"), f.get("accuracy_gap"), "FLAG" if f.get("flag") else "ok",
              json.dumps(f.get("counts", {}), ensure_ascii=False)]
             for task, r in tasks.items() for attr, f in (r.get("fairness") or {}).items() if isinstance(f, dict)]
@@ -393,6 +394,48 @@ def instruction_rows(d: dict) -> tuple[list[str], list[list[Any]]]:
         for kind, why in res.get("not_scored", {}).items():
             rows.append([name, kind, 0, None, None, f"not scored: {why}"])
     return headers, rows
+
+
+def _ci(x: dict | None) -> str:
+    if not x or x.get("estimate") is None:
+        return "–"
+    return f"{x['estimate']:.3f} [{_num(x.get('low'))}, {_num(x.get('high'))}]"
+
+
+def _evidence(d: dict, t: _Lang) -> list[str]:
+    """Intervals, baselines and counterfactual flips of the final model (eval/evidence.json)."""
+    ev = d.get("evidence")
+    if not ev:
+        return []
+    final = ev.get("final")
+    iv = (ev.get("intervals") or {}).get(final) or {}
+    lines = ["", f"### {t('区间、基线与反事实 Intervals, baselines and counterfactuals', 'Intervals, baselines and counterfactuals')}",
+             "", t("95% 自助法区间（2000 次重抽样，种子 0）；基线在同一批测试记录上评分（规则引擎与 scikit-learn 评分卡，"
+                   "训练于 train 切分）；McNemar 检验比较模型与基线。",
+                   "95% bootstrap intervals (2000 resamples, seed 0); baselines scored on the same test records (the "
+                   "rule engine and scikit-learn scorecards trained on the train split); McNemar's test compares the "
+                   "model with each baseline."), ""]
+    rows = []
+    for task, v in iv.items():
+        base = (ev.get("baselines") or {}).get(task) or {}
+        best = max(((n, b) for n, b in base.items() if b.get("available")), default=None,
+                   key=lambda nb: nb[1]["baseline"]["accuracy"])
+        rows.append([task, v.get("n"), _ci(v.get("accuracy")), _ci(v.get("macro_f1")),
+                     f"{best[0]} {best[1]['baseline']['accuracy']:.3f}" if best else "–",
+                     ("WORSE" + (" (p < 0.05)" if best[1].get("significantly") else "")) if best and
+                     best[1]["model_worse"] else ("better or equal" if best else "–")])
+    lines.append(md_table(["task", "n", t("准确率 accuracy [95% CI]", "accuracy [95% CI]"), "macro-F1 [95% CI]",
+                           t("最强基线 strongest baseline", "strongest baseline"),
+                           t("模型相对最强基线 model vs strongest baseline", "model vs strongest baseline")], rows))
+    cf = [[task, attr, p.get("n"), p.get("flips"), _num(p.get("flip_rate")), "FLAG" if attr in c.get("flagged", [])
+           else "ok"] for task, c in (ev.get("counterfactual") or {}).items()
+          for attr, p in c.get("protected", {}).items() if p.get("in_prompt")]
+    if cf:
+        lines += ["", t("受保护属性互换（其余不变）后决策改变的比例（> 2% 标记）：",
+                        "Share of decisions that change when only a protected attribute is swapped (> 2% flagged):"),
+                  "", md_table(["task", t("属性 attribute", "attribute"), t("变体数 variants", "variants"),
+                                t("改变数 flips", "flips"), t("改变率 flip rate", "flip rate"), "flag"], cf)]
+    return lines
 
 
 def _confidence(res: dict, t: _Lang) -> list[str]:
@@ -617,16 +660,19 @@ def _limitations(d: dict, recipe, t: _Lang, mask_pii) -> list[str]:
         if isinstance(fc, float) and fc < 1.0:
             lines.append("- " + t(f"{(1 - fc) * 100:.1f}% 的回答不符合答案格式（计为错误）。",
                                   f"{(1 - fc) * 100:.1f}% of answers do not follow the answer format (counted wrong)."))
-        flags = [f"{task}/{attr}" for task, r in tasks.items() for attr, f in (r.get("fairness") or {}).items()
-                 if isinstance(f, dict) and f.get("flag")]
-        lines.append("- " + (t(f"公平性标记：{', '.join(flags)}（比例 < 0.8）。",
-                               f"Fairness flags: {', '.join(flags)} (ratio < 0.8).") if flags else
+        fair = [f"{task}/{attr}" for task, r in tasks.items() for attr, f in (r.get("fairness") or {}).items()
+                if isinstance(f, dict) and f.get("flag")]
+        lines.append("- " + (t(f"公平性标记：{', '.join(fair)}（比例 < 0.8）。",
+                               f"Fairness flags: {', '.join(fair)} (ratio < 0.8).") if fair else
                              t("公平性：所有受保护属性的比例均不低于 0.8。",
                                "Fairness: every protected attribute's ratio is at least 0.8.")))
         skipped = [f"{task}: {r['fairness_skipped']}" for task, r in tasks.items() if r.get("fairness_skipped")]
         if skipped:
             lines.append("- " + t(f"未做公平性分析：{'; '.join(skipped)}。",
                                   f"Fairness not analysed: {'; '.join(skipped)}."))
+        for f in flags(d):  # the report's verdict flags (faithfulness, calibration, baselines, counterfactuals...)
+            if f["kind"] not in ("fairness", "reused stages"):
+                lines.append("- " + t(f"标记（{f['kind']}）：{f['what']}", f"Flag ({f['kind']}): {f['what']}"))
         drops = [(k, v.get("drop")) for k, v in (res.get("robustness") or {}).items()
                  if isinstance(v.get("drop"), (int, float)) and v["drop"] > 0.05]
         if drops:

@@ -560,8 +560,9 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
     status = ('<span class=ok>ledger intact: every recorded file matches</span>' if not d["problems"] else
               f'<span class=bad>ledger check failed: {html.escape(d["problems"][0])}</span>')
     parts.append("<h2>Pipeline</h2>")
-    rows = [[e["seq"], e["stage"], e.get("status"), e.get("wall_s"), e.get("finished_at"),
-             len(e.get("outputs", []))] for e in d["entries"]]
+    rows = [[e["seq"], e["stage"], e.get("status"),
+             f"{(e.get('reused_from') or {}).get('wall_s') or 0:.1f} when it ran" if e.get("status") == "reused"
+             else e.get("wall_s"), e.get("finished_at"), len(e.get("outputs", []))] for e in d["entries"]]
     parts.append(_table(["seq", "stage", "status", "wall s", "finished", "files"], rows) + f"<p>{status}</p>")
     parts.append(_img(plots.get("timings"), "stage timings"))
 
@@ -716,6 +717,19 @@ def render_export_section(d: dict) -> str:
         if drows:  # the same records decoded freely and under the answer grammar
             parts.append(f"<h3>Free vs constrained decoding ({te['records']} test records)</h3>")
             parts.append(_table(headers, drows))
+        prow = []
+        for fmt in ("gguf", "onnx"):
+            for c in v.get(fmt, []):
+                for key, pr in ((c.get("task_eval") or {}).get("paired") or {}).items():
+                    prow.append([f"{fmt} {c['type']} vs PyTorch", key.removeprefix("vs_pytorch_"), pr.get("n"),
+                                 pr.get("difference"), pr.get("low"), pr.get("high"), pr.get("p_value")])
+        for key, pr in (te["pytorch"].get("paired") or {}).items():
+            prow.append(["PyTorch " + key.replace("_vs_", " vs "), "", pr.get("n"), pr.get("difference"),
+                         pr.get("low"), pr.get("high"), pr.get("p_value")])
+        if prow:
+            parts.append("<h3>Paired on the same records: each export vs PyTorch, and the two decodings</h3>")
+            parts.append(_table(["comparison", "decoding", "records", "accuracy difference", "95% low", "95% high",
+                                 "McNemar p"], prow))
         headers, trows = threshold_rows(d)
         if trows:  # the bundle's operating point applied to each artefact (quantization shifts confidences)
             parts.append(f"<h3>Coverage at the shipped threshold after export ({te['records']} test records)</h3>")

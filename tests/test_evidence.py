@@ -82,3 +82,82 @@ def test_a_baseline_that_beats_the_model_is_said_so():
     assert res["rules"]["mcnemar"]["p_value"] == pytest.approx(2 / 2 ** 8)
     assert not res["logistic_regression"]["model_worse"]
     assert res["gradient_boosting"] == {"available": False, "reason": "one class"}
+
+
+@pytest.mark.slow
+def test_a_model_trained_where_gender_decides_is_caught_by_fairness_and_by_the_flip_rate(tmp_path):
+    """A tiny Llama trained on credit records relabelled so that 女 means 拒绝 and 男 通过 (the rules never read
+    gender): the fairness ratio flags it on the test records, and swapping gender alone flips its label-scored
+    decision far above the 2% bar."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import random
+
+    import numpy as np
+
+    from banklm.corpora.synth import generate_records
+    from banklm.evaluation.counterfactual import flip_rates
+    from banklm.evaluation.evaluate import evaluate_records, label_score_predictions
+    from banklm.finetune.models import build_tiny_model
+    from banklm.finetune.tokenizer import load_tokenizer, train_tokenizer
+    from banklm.tasks import get_task
+
+    task = get_task("credit")
+
+    def biased(split, n, seed):
+        out = []
+        for r in generate_records("credit", n, seed, split):
+            gender = json.loads(r["meta"]).get("gender")
+            if gender not in ("男", "女"):
+                continue
+            gold = {**json.loads(r["gold"]), "decision": "拒绝" if gender == "女" else "通过"}
+            msgs = [*r["messages"][:-1], {"role": "assistant", "content": task.format_answer(gold)}]
+            out.append({**r, "gold": json.dumps(gold, ensure_ascii=False), "label": gold["decision"], "messages": msgs})
+        return out
+
+    train, test = biased("train", 1200, 1), biased("test", 90, 2)
+    by = {g: [r for r in train if json.loads(r["meta"])["gender"] == g] for g in ("男", "女")}
+    n = min(len(v) for v in by.values())
+    train = by["男"][:n] + by["女"][:n]  # as many 通过 as 拒绝
+    tok_dir = train_tokenizer([m["content"] for r in train for m in r["messages"]], tmp_path / "tok", vocab_size=800)
+    d = build_tiny_model("llama", tok_dir, tmp_path / "model", hidden_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, intermediate_size=128, max_position_embeddings=1024, seed=7)
+    tok = load_tokenizer(d)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    data = []
+    for rec in train:
+        prompt = tok(tok.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"]
+        full = tok(tok.apply_chat_template(rec["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
+        data.append((full, len(prompt)))
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    steps = 600
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + np.cos(np.pi * s / steps)))
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(data, 16)
+        width = max(len(f) for f, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+        for i, (f, n) in enumerate(batch):
+            ids[i, :len(f)], mask[i, :len(f)], labels[i, n:len(f)] = torch.tensor(f), 1, torch.tensor(f[n:])
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    model.eval()
+    res = evaluate_records(model, tok, test, tmp_path / "eval", batch_size=32, max_new_tokens=24,
+                           decoding="constrained")
+    fair = res["tasks"]["credit"]["fairness"]["gender"]
+    assert fair["flag"] and fair["ratio"] < 0.5, fair
+
+    def decide(recs):
+        rows = {r["id"]: r["pred_label"] for r in label_score_predictions(model, tok, recs, batch_size=32)}
+        return [rows.get(r["id"]) for r in recs]
+
+    flips = flip_rates("credit", test[:40], decide, kinds=("protected",))
+    g = flips["protected"]["gender"]
+    assert flips["flag"] and "gender" in flips["flagged"] and g["flip_rate"] > 0.5, g
+    assert g["interval"]["low"] > 0.02
