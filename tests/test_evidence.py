@@ -94,12 +94,12 @@ def test_a_model_trained_where_gender_decides_is_caught_by_fairness_and_by_the_f
     import random
 
     import numpy as np
-
     from banklm.corpora.synth import generate_records
-    from banklm.evaluation.counterfactual import flip_rates
-    from banklm.evaluation.evaluate import evaluate_records, label_score_predictions
     from banklm.finetune.models import build_tiny_model
     from banklm.finetune.tokenizer import load_tokenizer, train_tokenizer
+
+    from banklm.evaluation.counterfactual import flip_rates
+    from banklm.evaluation.evaluate import evaluate_records, label_score_predictions
     from banklm.tasks import get_task
 
     task = get_task("credit")
