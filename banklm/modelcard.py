@@ -427,7 +427,7 @@ def _evidence(d: dict, t: _Lang) -> list[str]:
     lines.append(md_table(["task", "n", t("准确率 accuracy [95% CI]", "accuracy [95% CI]"), "macro-F1 [95% CI]",
                            t("最强基线 strongest baseline", "strongest baseline"),
                            t("模型相对最强基线 model vs strongest baseline", "model vs strongest baseline")], rows))
-    cf = [[task, attr, p.get("n"), p.get("flips"), _num(p.get("flip_rate")), "FLAG" if attr in c.get("flagged", [])
+    cf = [[task, f"swap {attr}", p.get("n"), p.get("flips"), _num(p.get("flip_rate")), "FLAG" if attr in c.get("flagged", [])
            else "ok"] for task, c in (ev.get("counterfactual") or {}).items()
           for attr, p in c.get("protected", {}).items() if p.get("in_prompt")]
     if cf:

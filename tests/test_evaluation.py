@@ -313,14 +313,14 @@ def test_comparison_table_and_chart(tmp_path):
     assert md == tmp_path / "cmp" / "comparison.md" and md.read_text(encoding="utf-8").endswith(table)
     lines = table.splitlines()
     assert lines[0] == ("| task | model | n | accuracy | macro-F1 | MCC | format compliance | unsupported-number rate "
-                        "| tokens/s | size (MB) |")
+                        "| coverage at threshold | accuracy answered | tokens/s | size (MB) |")
     c = bad["tasks"]["credit"]
     assert (f"| credit | q4 | 3 | {c['accuracy']:.3f} | {c['macro_f1']:.3f} | {c['mcc']:.3f} | "
-            f"{c['format_compliance']:.3f} | {c['unsupported_number_rate']:.3f} | 9.0 | 0.70 |") in lines
+            f"{c['format_compliance']:.3f} | {c['unsupported_number_rate']:.3f} | – | – | 9.0 | 0.70 |") in lines
     assert c["accuracy"] == 0.0
     # models side by side within each task
-    i = lines.index("| aml | lora | 3 | 1.000 | 1.000 | 1.000 | 1.000 | 0.000 | 123.5 | 2.50 |")
-    assert lines[i + 1] == "| aml | q4 | 3 | 1.000 | 1.000 | 1.000 | 1.000 | 0.000 | 9.0 | 0.70 |"
+    i = lines.index("| aml | lora | 3 | 1.000 | 1.000 | 1.000 | 1.000 | 0.000 | – | – | 123.5 | 2.50 |")
+    assert lines[i + 1] == "| aml | q4 | 3 | 1.000 | 1.000 | 1.000 | 1.000 | 0.000 | – | – | 9.0 | 0.70 |"
     assert "| q4 | 0.667 | 9 | x-q4_0.gguf (llama.cpp) |" in lines
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -161,3 +161,20 @@ def test_a_model_trained_where_gender_decides_is_caught_by_fairness_and_by_the_f
     g = flips["protected"]["gender"]
     assert flips["flag"] and "gender" in flips["flagged"] and g["flip_rate"] > 0.5, g
     assert g["interval"]["low"] > 0.02
+
+
+def test_the_batched_macro_f1_interval_equals_the_one_resample_at_a_time():
+    import random
+
+    from banklm.evaluation import metrics as M
+    from banklm.evaluation.evidence import _macro_f1_interval
+    from banklm.evaluation.uncertainty import bootstrap_metric
+
+    rng = random.Random(3)
+    labels = ["通过", "拒绝", "人工复核"]
+    gold = [rng.choice(labels) for _ in range(120)]
+    pred = [g if rng.random() < 0.6 else rng.choice([*labels, None, "别的"]) for g in gold]
+    fast = _macro_f1_interval(gold, pred, labels)
+    slow = bootstrap_metric(lambda g, p: M.macro_f1(list(g), list(p), labels), gold, pred, resamples=2000)
+    assert fast["estimate"] == pytest.approx(M.macro_f1(gold, pred, labels))
+    assert (fast["low"], fast["high"]) == (pytest.approx(slow["low"]), pytest.approx(slow["high"]))

@@ -404,8 +404,8 @@ def test_ledger_entries_are_complete(quickstart_run, repo):
     for kind, lin in notes.items():
         stats = _json(run_dir / "corpora" / kind / "stats.json")
         assert lin["counts"]["splits"] == stats["splits"], kind
-    assert notes["scenario"]["sampling"]["synth"]["per_task"]["aml"] == {"train": 400, "validation": 60, "test": 20,
-                                                                           "difficulty": 0.0}
+    assert notes["scenario"]["sampling"]["synth"]["per_task"]["aml"] == {"train": 400, "validation": 40, "test": 20,
+                                                                           "test_prevalence": 100, "difficulty": 0.0}
     assert notes["scenario"]["sampling"]["synth"]["generator_seed"] == 0
     private_stats = _json(run_dir / "corpora" / "private" / "stats.json")
     assert notes["private"]["pii"]["counts_by_type"] == private_stats["pii"]["counts"]
@@ -659,3 +659,28 @@ def test_compare_two_runs_with_a_changed_learning_rate(quickstart_run, repo, tmp
     if status["corpus"] == "reused":  # else the corpus code changed in between: its rows say "content changed"
         assert "各语料各划分的记录数与内容均无变化" in log
     assert run_banklm("verify", str(second), cwd=tmp_path).returncode == 0
+
+
+def _predictions(rd, right: int, n: int = 20, old: bool = False):
+    rows = [{"id": f"aml-{i}", "task": "aml", "label": "无", "pred_label": "无" if i < right else "拆分交易",
+             "correct": i < right} for i in range(n)]
+    if old:  # a results folder from before predictions carried labels
+        rows = [{"id": r["id"], "output": "x"} for r in rows]
+    (rd / "eval" / "sft" / "predictions.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+
+
+def test_compare_shows_paired_deltas_with_intervals_and_tolerates_older_runs(tmp_path):
+    a = _fake_run(tmp_path, "a", 1e-3, 0.5, 10)
+    b = _fake_run(tmp_path, "b", 3e-3, 0.9, 10)
+    _predictions(a, 10)
+    _predictions(b, 18)
+    diff = compare_runs(a, b)
+    row = next(r for r in diff["paired"] if r["task"] == "aml")
+    # B right on 8 records A got wrong, never the reverse: +0.4, exact McNemar p = 2 / 2^8
+    assert (row["model"], row["n"], row["difference"]) == ("sft", 20, pytest.approx(0.4))
+    assert row["p_value"] == pytest.approx(2 / 256) and 0 < row["low"] <= 0.4 <= row["high"]
+    text = format_comparison(diff)
+    assert re.search(r"^sft/aml\s+20\s+\+0\.400\s+\[\+0\.\d{3}, \+0\.\d{3}\]\s+0\.0078", text, flags=re.M)
+    _predictions(a, 10, old=True)  # older predictions: no paired rows, no failure
+    diff = compare_runs(a, b)
+    assert diff["paired"] == [] and "accuracy B - A on the same test records" not in format_comparison(diff)

@@ -82,6 +82,8 @@ def test_run_recipe_bad_usage_exit_2(argv, message):
 SMALL_RUN = ["corpora.scenario.synth.credit.train=200", "corpora.scenario.synth.aml.train=200",
              "corpora.scenario.synth.audit.train=200", "corpora.scenario.synth.credit.test=4",
              "corpora.scenario.synth.aml.test=4", "corpora.scenario.synth.audit.test=4", "tokenizer.vocab_size=1500",
+             "corpora.scenario.synth.credit.validation=20", "corpora.scenario.synth.aml.validation=20",
+             "corpora.scenario.synth.audit.validation=20", "corpora.scenario.synth.aml.test_prevalence=0",
              "cpt.enabled=false", "train.method=lora", "train.lr=3e-3", "train.max_steps=4",
              "train.time_budget_s=null", "distill.enabled=false", "eval.limit=4", "eval.robustness=[]",
              "eval.compare=[]", "export.gguf.enabled=false", "export.onnx.enabled=false"]

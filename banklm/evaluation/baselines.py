@@ -303,11 +303,16 @@ def _fit_predict(task: Task, name: str, model, x_train, y_train: list[str], x_te
         return out
     start = time.perf_counter()
     preds: list[str | None] = [None] * n_test
-    with threadpool_limits(THREADS):
-        model.fit(x_train, np.asarray(y_train, dtype=object))
-        if len(x_test):
-            got = iter(str(p) for p in model.predict(x_test))
-            preds = [next(got) if ok else None for ok in test_ok]
+    try:
+        with threadpool_limits(THREADS):
+            model.fit(x_train, np.asarray(y_train, dtype=object))
+            if len(x_test):
+                got = iter(str(p) for p in model.predict(x_test))
+                preds = [next(got) if ok else None for ok in test_ok]
+    except ValueError as e:  # data scikit-learn cannot fit (e.g. a column with no value at all): said, not raised
+        out = _entry(name, desc, n_test, f"scikit-learn could not fit it: {e}")
+        out.update(train_n=len(y_train), skipped=n_test)
+        return out
     seconds = time.perf_counter() - start
     out = _entry(name, desc, n_test)
     out.update(predictions=preds, correct=_correct(golds, preds, test_ok), skipped=test_ok.count(False),

@@ -13,6 +13,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from banklm.evaluation import metrics as M
 from banklm.evaluation import uncertainty as U
 from banklm.tasks import get_task
@@ -29,8 +31,35 @@ def by_task(predictions: Sequence[Mapping]) -> dict[str, list[Mapping]]:
     return out
 
 
-def _macro_f1(labels: Sequence[str]):
-    return lambda gold, pred: M.macro_f1(list(gold), list(pred), labels)
+def batched_macro_f1(n_labels: int):
+    """Macro-F1 of integer-coded labels (``0..n_labels-1``; ``n_labels`` = unparseable) for a batch of resamples
+    (arrays of shape (resamples, n)), as :func:`banklm.evaluation.metrics.macro_f1` computes it for one: F1 averaged
+    over the classes present in gold or answers of that resample, never over the unparseable."""
+    k = n_labels + 1
+
+    def metric(gold: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        rows = np.arange(gold.shape[0])[:, None]
+        counts = np.bincount((rows * k * k + gold * k + pred).ravel(), minlength=gold.shape[0] * k * k)
+        cm = counts.reshape(gold.shape[0], k, k).astype(float)
+        tp = np.diagonal(cm, axis1=1, axis2=2)[:, :n_labels]
+        support, predicted = cm.sum(axis=2)[:, :n_labels], cm.sum(axis=1)[:, :n_labels]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            prec = np.where(predicted > 0, tp / predicted, 0.0)
+            rec = np.where(support > 0, tp / support, 0.0)
+            f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
+        present = (support > 0) | (predicted > 0)
+        n_present = present.sum(axis=1)
+        return np.where(n_present > 0, (f1 * present).sum(axis=1) / np.maximum(n_present, 1), 0.0)
+
+    return metric
+
+
+def _macro_f1_interval(gold: Sequence[str], pred: Sequence[str | None], labels: Sequence[str]) -> dict:
+    order = list(dict.fromkeys([*labels, *gold]))
+    code = {v: i for i, v in enumerate(order)}
+    g = np.array([code[v] for v in gold], dtype=np.int64)
+    p = np.array([code.get(v, len(order)) if v is not None else len(order) for v in pred], dtype=np.int64)
+    return U.bootstrap_metric(batched_macro_f1(len(order)), g, p, batched=True)
 
 
 def task_intervals(predictions: Sequence[Mapping]) -> dict[str, dict]:
@@ -40,7 +69,7 @@ def task_intervals(predictions: Sequence[Mapping]) -> dict[str, dict]:
         gold, pred = [p["label"] for p in rows], [p["pred_label"] for p in rows]
         out[name] = {"n": len(rows),
                      "accuracy": U.bootstrap_interval([float(p["correct"]) for p in rows]),
-                     "macro_f1": U.bootstrap_metric(_macro_f1(get_task(name).label_values), gold, pred)}
+                     "macro_f1": _macro_f1_interval(gold, pred, get_task(name).label_values)}
     if predictions:
         out["overall"] = {"n": len(predictions),
                           "accuracy": U.bootstrap_interval([float(p["correct"]) for p in predictions])}

@@ -177,11 +177,13 @@ def bootstrap_interval(values: Sequence[float], statistic: Callable | None = Non
 
 
 def bootstrap_metric(metric: Callable[..., float], *columns: Sequence, resamples: int = RESAMPLES,
-                     level: float = LEVEL, seed: int = SEED, method: str = "percentile") -> dict:
+                     level: float = LEVEL, seed: int = SEED, method: str = "percentile", batched: bool = False) -> dict:
     """Percentile interval of ``metric(*columns)`` with the records resampled together (paired), e.g.
     ``bootstrap_metric(macro_f1, gold, pred)``: resampling the columns separately would break the pairing of a
     record's gold label and prediction. The indices are drawn here (``numpy.random.default_rng(seed)``) because
-    ``scipy.stats.bootstrap`` takes numeric arrays and labels are strings. ``metric`` is called once per resample.
+    ``scipy.stats.bootstrap`` takes numeric arrays and labels are strings. ``metric`` is called once per resample;
+    with ``batched`` it is called once with every resample at once (each column an array of shape (resamples, n),
+    one row per resample) and returns one value per row: the same interval, without a Python loop.
     """
     _check_level(level)
     _check_resamples(resamples)
@@ -193,9 +195,13 @@ def bootstrap_metric(metric: Callable[..., float], *columns: Sequence, resamples
     if n == 0:
         raise ValueError("bootstrap_metric needs at least one record")
     cols = [_column(c) for c in columns]
-    estimate = _num(metric(*cols))
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    dist = np.array([float(metric(*(c[row] for c in cols))) for row in idx])
+    if batched:
+        estimate = _num(np.asarray(metric(*(c[None, :] for c in cols)), dtype=float)[0])
+        dist = np.asarray(metric(*(c[idx] for c in cols)), dtype=float)
+    else:
+        estimate = _num(metric(*cols))
+        dist = np.array([float(metric(*(c[row] for c in cols))) for row in idx])
     alpha = 1 - level
     if np.isnan(dist).any():
         low = high = None
