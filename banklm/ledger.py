@@ -91,7 +91,8 @@ def data_lineage(stats: dict, seed: int | None = None) -> dict:
                             if k in s})
     splits = stats.get("splits") or {}
     sampling: dict[str, Any] = {}
-    synth = {s["task"]: {k: s.get(k) for k in ("train", "validation", "test", "difficulty")}
+    synth = {s["task"]: {k: s.get(k) for k in ("train", "validation", "test", "test_prevalence", "difficulty")
+                         if k != "test_prevalence" or s.get(k)}  # the prevalence split only when built
              for s in stats.get("sources") or [] if s.get("type") == "synth"}
     if synth:
         sampling["synth"] = {"generator_seed": seed, "per_task": synth}
