@@ -459,10 +459,12 @@ def render_verdict(d: dict) -> str:
     iv = (ev.get("intervals") or {}).get(final) or {}
     rows = []
     for task, r in res.get("tasks", {}).items():
-        acc = (iv.get(task) or {}).get("accuracy") or {"estimate": r.get("accuracy")}
-        rows.append([task, r.get("n"), _ci(acc), _ci((iv.get(task) or {}).get("macro_f1")), r.get("coverage"),
-                     r.get("answered_accuracy"), r.get("ece"), r.get("unsupported_number_rate"),
-                     r.get("reason_contradiction_rate")])
+        t_iv = iv.get(task) or {}
+        acc = t_iv.get("accuracy") or {"estimate": r.get("accuracy")}
+        rows.append([task, r.get("n"), _ci(acc), _ci(t_iv.get("macro_f1")),
+                     _ci(t_iv.get("coverage") or {"estimate": r.get("coverage")}),
+                     _ci(t_iv.get("answered_accuracy") or {"estimate": r.get("answered_accuracy")}), r.get("ece"),
+                     r.get("unsupported_number_rate"), r.get("reason_contradiction_rate")])
     overall = (iv.get("overall") or {}).get("accuracy") or {"estimate": res.get("overall", {}).get("accuracy")}
     rows.append(["overall", res.get("overall", {}).get("n"), _ci(overall), "", None, None, None, None, None])
     raised = flags(d)
@@ -480,7 +482,39 @@ def render_verdict(d: dict) -> str:
     return "\n".join(parts)
 
 
-def render_model_risk(d: dict) -> str:
+def plot_intervals(d: dict, path: Path) -> Path | None:
+    """Accuracy with its 95% interval, every model and task (eval/evidence.json): overlapping bars are noise."""
+    iv = (d.get("evidence") or {}).get("intervals") or {}
+    pts = [(m, t, v["accuracy"]) for m, tasks in iv.items() for t, v in tasks.items()
+           if (v.get("accuracy") or {}).get("low") is not None]
+    if not pts:
+        return None
+    plt = _plt()
+    tasks = list(dict.fromkeys(t for _, t, _ in pts))
+    models = list(dict.fromkeys(m for m, _, _ in pts))
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(tasks) * len(models) + 1.2))
+    y, labels = 0, []
+    for t in tasks:
+        for m in models:
+            a = next((a for mm, tt, a in pts if mm == m and tt == t), None)
+            if a is None:
+                continue
+            ax.errorbar(a["estimate"], y, xerr=[[a["estimate"] - a["low"]], [a["high"] - a["estimate"]]], fmt="o",
+                        color=f"C{models.index(m)}", capsize=3)
+            labels.append(f"{t} · {m}")
+            y += 1
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("accuracy (95% bootstrap interval)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_model_risk(d: dict, plots: dict[str, Path | None] | None = None) -> str:
     """Intervals for every model, the paired comparisons, the baselines, segments, counterfactual tests, every
     categorical key's confusion and ordinal error (eval/evidence.json)."""
     ev = d.get("evidence")
@@ -491,6 +525,7 @@ def render_model_risk(d: dict) -> str:
             for m, tasks in ev.get("intervals", {}).items() for t, v in tasks.items()]
     parts.append("<h3>Scores with intervals, every model</h3>")
     parts.append(_table(["model", "task", "n", "accuracy [95% CI]", "macro-F1 [95% CI]"], rows))
+    parts.append(_img((plots or {}).get("intervals"), "accuracy intervals"))
     crow = []
     for c in ev.get("comparisons", []):
         for t, r in [*c.get("tasks", {}).items(), ("overall", c.get("overall"))]:
@@ -656,7 +691,7 @@ def render_html(d: dict, recipe, plots: dict[str, Path | None]) -> str:
     else:
         parts.append("<p class=muted>no evaluation in this run</p>")
 
-    parts.append(render_model_risk(d))
+    parts.append(render_model_risk(d, plots))
     parts.append(render_distill_section(d, plots.get("distill")))
 
     parts.append(render_export_section(d))
@@ -806,6 +841,7 @@ def write_report(run_dir: Path, recipe, mask_pii: Callable[[str], str] | None = 
             "distill": plot_distill(d, tmp / "distill.png"),
             "reliability": plot_reliability(first_eval, tmp / "reliability.png"),
             "risk_coverage": plot_risk_coverage(first_eval, tmp / "risk_coverage.png"),
+            "intervals": plot_intervals(d, tmp / "intervals.png"),
         }
         atomic_write_text(tmp / "index.html", render_html(d, recipe, plots))
     card = atomic_write_text(run_dir / "MODEL_CARD.md", render_model_card(d, recipe, mask_pii=mask_pii))

@@ -27,7 +27,7 @@ from banklm.modelcard import _confidence
 from banklm.recipe import RecipeError, load_recipe
 from banklm.report import render_confidence_section
 from banklm.tasks import get_task
-from tests.helpers import require_llama_cpp
+from tests.helpers import require_llama_cpp, sharpened_tiny_model
 
 APPROVE, REJECT, REVIEW = "通过", "拒绝", "人工复核"
 
@@ -225,20 +225,9 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from banklm.finetune.models import build_tiny_model
-    from banklm.finetune.tokenizer import load_tokenizer, train_tokenizer
-
-    from tests.export_models import sharpen
-
-    work = tmp_path_factory.mktemp("confidence")
     texts = [m["content"] for t in ("credit", "aml", "audit") for r in generate_records(t, 40, 1, "train")
              for m in r["messages"]]
-    tok_dir = train_tokenizer(texts, work / "tok", vocab_size=1000)
-    d = build_tiny_model("llama", tok_dir, work / "model", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=128, max_position_embeddings=1024, tie_word_embeddings=True, seed=3)
-    sharpen(d, seed=5)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
-    return d, model, load_tokenizer(d)
+    return sharpened_tiny_model(tmp_path_factory.mktemp("confidence"), texts)
 
 
 def _split(split: str, n: int) -> list[dict]:

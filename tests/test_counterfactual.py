@@ -21,6 +21,7 @@ from banklm.evaluation.counterfactual import (
 )
 from banklm.tasks import get_task
 from banklm.tasks.registry import register_spec, unregister
+from tests.helpers import post_loan_records
 from tests.test_task_spec import POST_LOAN, fields
 
 CREDIT = get_task("credit")
@@ -188,17 +189,8 @@ def post_loan(tmp_path):
         unregister("post_loan")
 
 
-def _post_loan_records(task, n):
-    out = []
-    for i in range(n):
-        f = fields(逾期天数=[0, 120, 40, 0][i % 4], 是否涉诉=i % 3 == 0, 五级分类=["正常", "次级"][i % 2])
-        task.derive(f)
-        out.append(task.make_record(f"post_loan-{i}", f, random.Random(i)))
-    return out
-
-
 def test_protected_fields_not_in_the_prompt_give_no_variant(post_loan):
-    recs = _post_loan_records(post_loan, 8)
+    recs = post_loan_records(post_loan, 8)
     assert all(protected_variants("post_loan", r) == [] for r in recs)
     assert all("女" not in _prompt(r) and "借款人" not in _prompt(r) for r in recs)
     res = flip_rates("post_loan", recs, lambda rs: [_rules(post_loan, r) for r in rs])

@@ -91,9 +91,7 @@ def test_a_model_trained_where_gender_decides_is_caught_by_fairness_and_by_the_f
     decision far above the 2% bar."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import random
 
-    import numpy as np
     from banklm.corpora.synth import generate_records
     from banklm.finetune.models import build_tiny_model
     from banklm.finetune.tokenizer import load_tokenizer, train_tokenizer
@@ -101,6 +99,7 @@ def test_a_model_trained_where_gender_decides_is_caught_by_fairness_and_by_the_f
     from banklm.evaluation.counterfactual import flip_rates
     from banklm.evaluation.evaluate import evaluate_records, label_score_predictions
     from banklm.tasks import get_task
+    from tests.helpers import train_on_answers
 
     task = get_task("credit")
 
@@ -124,30 +123,7 @@ def test_a_model_trained_where_gender_decides_is_caught_by_fairness_and_by_the_f
                          num_kv_heads=2, intermediate_size=128, max_position_embeddings=1024, seed=7)
     tok = load_tokenizer(d)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
-    data = []
-    for rec in train:
-        prompt = tok(tok.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True, tokenize=False),
-                     add_special_tokens=False)["input_ids"]
-        full = tok(tok.apply_chat_template(rec["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
-        data.append((full, len(prompt)))
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    steps = 600
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + np.cos(np.pi * s / steps)))
-    model.train()
-    for _ in range(steps):
-        batch = rng.sample(data, 16)
-        width = max(len(f) for f, _ in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-        for i, (f, n) in enumerate(batch):
-            ids[i, :len(f)], mask[i, :len(f)], labels[i, n:len(f)] = torch.tensor(f), 1, torch.tensor(f[n:])
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    model.eval()
+    train_on_answers(model, tok, train, steps=600)
     res = evaluate_records(model, tok, test, tmp_path / "eval", batch_size=32, max_new_tokens=24,
                            decoding="constrained")
     fair = res["tasks"]["credit"]["fairness"]["gender"]

@@ -14,7 +14,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from banklm.finetune.models import build_tiny_model  # noqa: E402
-from banklm.finetune.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 from banklm.evaluation.labelscore import (  # noqa: E402
     MAX_LISTS,
@@ -26,8 +25,8 @@ from banklm.evaluation.labelscore import (  # noqa: E402
 from banklm.runtime import LlamaCppLM, OnnxCausalLM, TorchLM, llama_cpp_available  # noqa: E402
 from banklm.tasks import TASKS, parse_spec, task_from_spec  # noqa: E402
 from banklm.tasks.base import iter_user_messages  # noqa: E402
-from tests.export_models import sharpen  # noqa: E402
-from tests.test_task_spec import POST_LOAN, fields  # noqa: E402
+from tests.helpers import post_loan_records, sharpened_tiny_model, train_on_answers  # noqa: E402
+from tests.test_task_spec import POST_LOAN  # noqa: E402
 
 PER_TASK = 4
 
@@ -36,15 +35,6 @@ def _records(task, n, seed=0):
     rng = random.Random(seed)
     return [task.make_record(f"{task.name}-{i}", task.sample(rng, task.branches[i % len(task.branches)]), rng)
             for i in range(n)]
-
-
-def _post_loan_records(task, n):
-    out = []
-    for i in range(n):
-        f = fields(逾期天数=[0, 120, 40, 0][i % 4], 是否涉诉=i % 3 == 0, 五级分类=["正常", "次级"][i % 2])
-        task.derive(f)
-        out.append(task.make_record(f"post_loan-{i}", f, random.Random(i)))
-    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,13 +55,8 @@ def work(tmp_path_factory):
 def tiny(work):
     """A sharpened 2-layer Llama (hidden 64) with a SentencePiece tokenizer trained on the tasks' records: far
     from uniform, so the candidates' probabilities differ and a wrong position or cache shows."""
-    texts = [m["content"] for t in TASKS.values() for r in _records(t, 60, seed=1) for m in r["messages"]]
-    tok_dir = train_tokenizer(texts, work / "tok", vocab_size=1000)
-    d = build_tiny_model("llama", tok_dir, work / "model", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=128, max_position_embeddings=1024, tie_word_embeddings=True, seed=3)
-    sharpen(d, seed=5)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
-    return d, model, load_tokenizer(d)
+    return sharpened_tiny_model(work, [m["content"] for t in TASKS.values() for r in _records(t, 60, seed=1)
+                                       for m in r["messages"]])
 
 
 @pytest.fixture(scope="module")
@@ -82,29 +67,7 @@ def trained(work, tiny):
     d = build_tiny_model("llama", work / "tok", work / "trained", hidden_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, intermediate_size=128, max_position_embeddings=1024, seed=7)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
-    data = []
-    for rec in (r for t in TASKS.values() for r in _records(t, 200, seed=7)):
-        prompt = tok(tok.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True, tokenize=False),
-                     add_special_tokens=False)["input_ids"]
-        full = tok(tok.apply_chat_template(rec["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
-        data.append((full, len(prompt)))
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + np.cos(np.pi * s / 150)))
-    model.train()
-    for _ in range(150):
-        batch = rng.sample(data, 16)
-        width = max(len(f) for f, _ in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-        for i, (f, n) in enumerate(batch):
-            ids[i, :len(f)], mask[i, :len(f)], labels[i, n:len(f)] = torch.tensor(f), 1, torch.tensor(f[n:])
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    return model.eval(), tok
+    return train_on_answers(model, tok, [r for t in TASKS.values() for r in _records(t, 200, seed=7)], steps=150), tok
 
 
 def _prefix(task, combo):
@@ -246,7 +209,7 @@ def test_allowed_combinations_come_from_the_rules():
 def test_multi_label_key_scores_per_value(tiny):
     _, model, tok = tiny
     task = task_from_spec(parse_spec(POST_LOAN, "post_loan.yaml"))
-    recs = _post_loan_records(task, 4)
+    recs = post_loan_records(task, 4)
     lm = TorchLM(model)
     got = score_labels(lm, tok, task, recs, batch_size=4)
     space = label_space(task)

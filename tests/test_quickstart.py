@@ -130,6 +130,10 @@ def test_the_report_opens_with_the_verdict_and_carries_the_model_risk_evidence(f
     overall = ev["intervals"]["sft"]["overall"]["accuracy"]
     assert f"{overall['estimate']:.3f} [{overall['low']:.3f}, {overall['high']:.3f}]" in verdict
     assert ("flag(s):" in verdict) != ("no flag raised" in verdict)
+    cov = ev["intervals"]["sft"]["credit"]["coverage"]
+    assert cov["estimate"] == pytest.approx(res["tasks"]["credit"]["coverage"]) and cov["method"] == "Wilson score"
+    assert f"{cov['estimate']:.3f} [{cov['low']:.3f}, {cov['high']:.3f}]" in verdict
+    assert 'alt="accuracy intervals"' in page
 
 
 def test_export_verified(first_run):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from banklm.corpora.splits import corpus_splits, load_split
 from banklm.evaluation import evidence as EV
+from banklm.evaluation import uncertainty as U
 from banklm.evaluation.baselines import baselines
 from banklm.evaluation.constrained import GrammarCache
 from banklm.evaluation.counterfactual import flip_rates
@@ -23,6 +24,7 @@ from banklm.io import atomic_write_json, read_jsonl
 from banklm.ledger import run_relative
 from banklm.pipeline import RunContext
 from banklm.recipe import Recipe
+from banklm.results import read_json
 from banklm.stages.common import (
     SCENARIO,
     base_model_dir,
@@ -136,6 +138,14 @@ def _evidence(ctx: RunContext, records: list[dict]) -> Path:
                  "comparisons": [{"what": what, **EV.paired_comparison(preds[a], preds[b], (a, b))}
                                  for what, a, b in _comparisons(ctx, names)],
                  "segments": {}, "confusions": {}, "ordinal": {}}
+    final_res = read_json(ctx.path("eval", final, "results.json")) or {}
+    for task, r in final_res.get("tasks", {}).items():  # coverage and accuracy answered at the threshold
+        ab = (r.get("confidence") or {}).get("abstention")
+        if ab and ab.get("n"):
+            right = round((ab["accuracy"] or 0.0) * ab["answered"])
+            out["intervals"][final].setdefault(task, {}).update(
+                coverage=U.proportion_interval(ab["answered"], ab["n"]),
+                answered_accuracy=U.proportion_interval(right, ab["answered"]))
     for task, rows in EV.by_task(mine).items():
         out["segments"][task] = EV.segment_results(task, rows, records)
         out["confusions"][task] = EV.key_confusions(task, rows)
