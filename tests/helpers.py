@@ -19,6 +19,7 @@ QUICKSTART_SMALL = [
     "corpora.scenario.synth.aml.test=20", "corpora.scenario.synth.audit.test=20",
     "corpora.scenario.synth.credit.validation=40", "corpora.scenario.synth.aml.validation=40",
     "corpora.scenario.synth.audit.validation=40", "corpora.scenario.synth.aml.test_prevalence=100",
+    "export.eval_limit=10",  # each artefact scored on 10 records per task, both decodings
     "cpt.time_budget_s=15", "train.time_budget_s=20", "eval.limit=20", "tokenizer.vocab_size=1500",
     "train.method=lora", "train.lr=3e-3", "eval.robustness=[distractor]",
     "distill.enabled=false",  # the sft model stays the final one here; distillation: tests/test_distill.py
