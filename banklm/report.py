@@ -72,6 +72,14 @@ EVAL_HEADERS = ["task", "n", "accuracy", "macro-F1", "MCC", "format compliance",
 
 # ----------------------------------------------------------------------------------------- plots
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out, write the PNG and free the figure (every plot of the report ends here)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plt():
     import matplotlib
 
@@ -99,10 +107,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_eval(results: dict, path: Path) -> Path | None:
@@ -124,10 +129,7 @@ def plot_eval(results: dict, path: Path) -> Path | None:
     ax.set_ylim(0, 1.1)
     ax.set_title("held-out task scores")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_confusions(results: dict, path: Path) -> Path | None:
@@ -149,10 +151,7 @@ def plot_confusions(results: dict, path: Path) -> Path | None:
         ax.set_xlabel("predicted")
         ax.set_ylabel("gold")
         ax.set_title(task)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _confidence_tasks(results: dict | None) -> dict[str, dict]:
@@ -184,10 +183,7 @@ def plot_reliability(results: dict, path: Path) -> Path | None:
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_risk_coverage(results: dict, path: Path) -> Path | None:
@@ -213,10 +209,7 @@ def plot_risk_coverage(results: dict, path: Path) -> Path | None:
     ax.set_title("risk-coverage (dot: the shipped threshold)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def render_confidence_section(res: dict, plots: dict[str, Path | None]) -> str:
@@ -299,10 +292,7 @@ def plot_labels(corpora: dict, path: Path) -> Path | None:
         ax.set_xticks(range(len(labels)), [LABEL_EN.get(lbl, lbl) for lbl in labels], rotation=45, ha="right",
                       fontsize=7)
         ax.set_title(f"{task}: training labels")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_timings(entries: list[dict], path: Path) -> Path | None:
@@ -322,10 +312,7 @@ def plot_timings(entries: list[dict], path: Path) -> Path | None:
                 fontsize=7)
     ax.set_xlabel("wall time (s)")
     ax.set_title("stage timings")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_corpus_sizes(corpora: dict, path: Path) -> Path | None:
@@ -351,10 +338,7 @@ def plot_corpus_sizes(corpora: dict, path: Path) -> Path | None:
     ax.set_ylabel("records")
     ax.set_title("records per corpus and split")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------------------- distillation
@@ -386,10 +370,7 @@ def plot_distill(d: dict, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("distillation: accuracy against size")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def render_distill_section(d: dict, plot: Path | None) -> str:
@@ -508,10 +489,7 @@ def plot_intervals(d: dict, path: Path) -> Path | None:
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("accuracy (95% bootstrap interval)")
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def render_model_risk(d: dict, plots: dict[str, Path | None] | None = None) -> str:
