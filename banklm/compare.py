@@ -20,6 +20,7 @@ import yaml
 
 from banklm.chain import ChainError, chain_problems
 from banklm.evaluation.evidence import paired_comparison
+from banklm.io import read_jsonl
 from banklm.ledger import LEDGER_NAME, Ledger, file_problem, latest_records
 
 # the scores a change log follows: per task, then a detection task's (its spec's answer.positive), then run-level
@@ -227,7 +228,7 @@ def paired_deltas(a_dir: Path, b_dir: Path) -> list[dict]:
         if not pb.is_file():
             continue
         try:
-            rows_a, rows_b = _read_jsonl(pa), _read_jsonl(pb)
+            rows_a, rows_b = list(read_jsonl(pa)), list(read_jsonl(pb))
             res = paired_comparison(rows_b, rows_a, ("b", "a"))
         except (KeyError, TypeError, ValueError):  # an older predictions file without the fields: not compared
             continue
@@ -238,9 +239,6 @@ def paired_deltas(a_dir: Path, b_dir: Path) -> list[dict]:
                             "low": d["low"], "high": d["high"], "p_value": r["mcnemar"]["p_value"]})
     return out
 
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def _same(x: Any, y: Any) -> bool:

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from banklm.compare import NotARun, compare_runs, data_rows, previous_run, recipe_rows, score_rows
+from banklm.evaluation.confidence import ECE_FLAG
 from banklm.ledger import card_artefacts_section, file_records
 from banklm.recipe import TO_BE_FILLED
-from banklm.results import distill_tables, flags, task_rows
+from banklm.results import distill_tables, flags, read_json, task_rows
 from banklm.tasks import TASKS, get_task
 
 PII_TYPES_ZH = {"ID_CARD": "身份证号", "PHONE": "电话号码", "BANK_CARD": "银行卡号", "ACCOUNT": "账号",
@@ -61,13 +62,6 @@ class _Lang:
 
     def __call__(self, zh: str, en: str) -> str:
         return zh if self.lang == "zh" else en
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _num(v: Any, digits: int = 3) -> str:
@@ -396,7 +390,8 @@ def instruction_rows(d: dict) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
-def _ci(x: dict | None) -> str:
+def interval_text(x: dict | None) -> str:
+    """``0.750 [0.690, 0.805]`` from an interval dict (estimate, low, high); ``–`` without an estimate."""
     if not x or x.get("estimate") is None:
         return "–"
     return f"{x['estimate']:.3f} [{_num(x.get('low'))}, {_num(x.get('high'))}]"
@@ -420,7 +415,7 @@ def _evidence(d: dict, t: _Lang) -> list[str]:
         base = (ev.get("baselines") or {}).get(task) or {}
         best = max(((n, b) for n, b in base.items() if b.get("available")), default=None,
                    key=lambda nb: nb[1]["baseline"]["accuracy"])
-        rows.append([task, v.get("n"), _ci(v.get("accuracy")), _ci(v.get("macro_f1")),
+        rows.append([task, v.get("n"), interval_text(v.get("accuracy")), interval_text(v.get("macro_f1")),
                      f"{best[0]} {best[1]['baseline']['accuracy']:.3f}" if best else "–",
                      ("WORSE" + (" (p < 0.05)" if best[1].get("significantly") else "")) if best and
                      best[1]["model_worse"] else ("better or equal" if best else "–")])
@@ -439,7 +434,8 @@ def _evidence(d: dict, t: _Lang) -> list[str]:
 
 
 def _confidence(res: dict, t: _Lang) -> list[str]:
-    """The abstention rule the model ships with, the coverage it implies, and calibration (flagged when ECE > 0.05)."""
+    """The abstention rule the model ships with, the coverage it implies, and calibration (flagged when ECE exceeds
+    :data:`~banklm.evaluation.confidence.ECE_FLAG`)."""
     conf = {task: r["confidence"] for task, r in res.get("tasks", {}).items() if r.get("confidence")}
     if not conf:
         return []
@@ -459,7 +455,7 @@ def _confidence(res: dict, t: _Lang) -> list[str]:
         val = (op.get("tasks", {}).get(task) or {}).get("validation") or {}
         rows.append([task, ab.get("threshold"), c.get("temperature"), ab.get("coverage"), ab.get("accuracy"),
                      val.get("coverage"), val.get("accuracy"), cal.get("ece"), cal.get("roc_auc"),
-                     "ECE > 0.05" if cal.get("flag") else "ok"])
+                     f"ECE > {ECE_FLAG:g}" if cal.get("flag") else "ok"])
     lines.append(md_table(["task", t("阈值 threshold", "threshold"), t("温度 temperature", "temperature"),
                            t("覆盖率 coverage", "coverage"), t("作答准确率 accuracy answered", "accuracy answered"),
                            t("验证集覆盖率 validation coverage", "validation coverage"),
@@ -467,8 +463,8 @@ def _confidence(res: dict, t: _Lang) -> list[str]:
                            t("校准 calibration", "calibration")], rows))
     flags = [task for task, c in conf.items() if c["calibration"].get("flag")]
     if flags:
-        lines += ["", t(f"**校准不足**：{', '.join(flags)} 的期望校准误差超过 0.05，置信度不宜直接作为概率使用。",
-                        f"**Miscalibrated**: the expected calibration error of {', '.join(flags)} exceeds 0.05; its "
+        lines += ["", t(f"**校准不足**：{', '.join(flags)} 的期望校准误差超过 {ECE_FLAG:g}，置信度不宜直接作为概率使用。",
+                        f"**Miscalibrated**: the expected calibration error of {', '.join(flags)} exceeds {ECE_FLAG:g}; its "
                         "confidences should not be read as probabilities.")]
     return lines
 

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from banklm.evaluation.confidence import ECE_FLAG
 from banklm.io import atomic_dir, atomic_write_text
-from banklm.modelcard import decoding_rows, instruction_rows, render_model_card, threshold_rows
+from banklm.modelcard import decoding_rows, instruction_rows, interval_text, render_model_card, threshold_rows
 from banklm.results import (
     collect,
     distill_models,
@@ -175,7 +176,7 @@ def plot_reliability(results: dict, path: Path) -> Path | None:
         for b in bins:
             ax.text((b["lo"] + b["hi"]) / 2, min(1.0, b["accuracy"] + 0.03), str(b["n"]), ha="center", fontsize=6)
         ece = c["calibration"]["ece"]
-        ax.set_title(f"{task}: ECE {ece:.3f}" + ("  (> 0.05)" if c["calibration"].get("flag") else ""), fontsize=9,
+        ax.set_title(f"{task}: ECE {ece:.3f}" + (f"  (> {ECE_FLAG:g})" if c["calibration"].get("flag") else ""), fontsize=9,
                      color="#cf222e" if c["calibration"].get("flag") else "black")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.08)
@@ -228,7 +229,7 @@ def render_confidence_section(res: dict, plots: dict[str, Path | None]) -> str:
                                                                        for c in tasks.values()) else "")
              + "; " + html.escape(next(iter(tasks.values()))["calibration"]["scheme"]) + "; abstention rule: "
              + html.escape(next(iter(op.get("tasks", {}).values()), {}).get("rule", "none")) + "</p>"]
-    flags = [f"{t}: ECE {c['calibration']['ece']:.3f} > 0.05" for t, c in tasks.items() if c["calibration"].get("flag")]
+    flags = [f"{t}: ECE {c['calibration']['ece']:.3f} > {ECE_FLAG:g}" for t, c in tasks.items() if c["calibration"].get("flag")]
     if flags:
         parts.append("<p class=bad>miscalibrated: " + html.escape("; ".join(flags)) + "</p>")
     rows = []
@@ -237,7 +238,7 @@ def render_confidence_section(res: dict, plots: dict[str, Path | None]) -> str:
         val = (op.get("tasks", {}).get(t) or {}).get("validation") or {}
         rows.append([t, c["n"], cal["accuracy"], cal["mean_confidence"], cal["ece"], cal["brier"], cal["roc_auc"],
                      cal["pr_auc"], c.get("temperature"), ab["threshold"], ab["coverage"], ab["accuracy"],
-                     val.get("coverage"), val.get("accuracy"), "ECE > 0.05" if cal.get("flag") else "ok"])
+                     val.get("coverage"), val.get("accuracy"), f"ECE > {ECE_FLAG:g}" if cal.get("flag") else "ok"])
     parts.append(_table(["task", "n", "accuracy", "mean confidence", "ECE", "Brier", "ROC-AUC", "PR-AUC",
                          "temperature", "threshold", "coverage", "accuracy answered", "validation coverage",
                          "validation accuracy", "calibration"], rows))
@@ -423,13 +424,6 @@ def _img(path: Path | None, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
-def _ci(x: dict | None) -> str:
-    """``0.750 [0.690, 0.805]`` from an interval dict."""
-    if not x or x.get("estimate") is None:
-        return "–"
-    return f"{x['estimate']:.3f} [{_fmt(x.get('low'))}, {_fmt(x.get('high'))}]"
-
-
 def render_verdict(d: dict) -> str:
     """The first screen: the final model, its headline scores with 95% intervals, coverage at its abstention
     threshold, and every flag raised (banklm.results.flags)."""
@@ -442,12 +436,12 @@ def render_verdict(d: dict) -> str:
     for task, r in res.get("tasks", {}).items():
         t_iv = iv.get(task) or {}
         acc = t_iv.get("accuracy") or {"estimate": r.get("accuracy")}
-        rows.append([task, r.get("n"), _ci(acc), _ci(t_iv.get("macro_f1")),
-                     _ci(t_iv.get("coverage") or {"estimate": r.get("coverage")}),
-                     _ci(t_iv.get("answered_accuracy") or {"estimate": r.get("answered_accuracy")}), r.get("ece"),
+        rows.append([task, r.get("n"), interval_text(acc), interval_text(t_iv.get("macro_f1")),
+                     interval_text(t_iv.get("coverage") or {"estimate": r.get("coverage")}),
+                     interval_text(t_iv.get("answered_accuracy") or {"estimate": r.get("answered_accuracy")}), r.get("ece"),
                      r.get("unsupported_number_rate"), r.get("reason_contradiction_rate")])
     overall = (iv.get("overall") or {}).get("accuracy") or {"estimate": res.get("overall", {}).get("accuracy")}
-    rows.append(["overall", res.get("overall", {}).get("n"), _ci(overall), "", None, None, None, None, None])
+    rows.append(["overall", res.get("overall", {}).get("n"), interval_text(overall), "", None, None, None, None, None])
     raised = flags(d)
     parts = ["<h2>Verdict</h2>",
              f"<p>final model <b>{html.escape(final)}</b> (decoding {html.escape(str(res.get('decoding', 'free')))}); "
@@ -499,7 +493,7 @@ def render_model_risk(d: dict, plots: dict[str, Path | None] | None = None) -> s
     if not ev:
         return ""
     parts = ["<h2>Model risk</h2>", f"<p class=muted>{html.escape(ev.get('method', ''))}</p>"]
-    rows = [[m, t, v.get("n"), _ci(v.get("accuracy")), _ci(v.get("macro_f1"))]
+    rows = [[m, t, v.get("n"), interval_text(v.get("accuracy")), interval_text(v.get("macro_f1"))]
             for m, tasks in ev.get("intervals", {}).items() for t, v in tasks.items()]
     parts.append("<h3>Scores with intervals, every model</h3>")
     parts.append(_table(["model", "task", "n", "accuracy [95% CI]", "macro-F1 [95% CI]"], rows))
@@ -525,13 +519,13 @@ def render_model_risk(d: dict, plots: dict[str, Path | None] | None = None) -> s
                 continue
             verdict = ("model WORSE" + (" (significant)" if b.get("significantly") else "")) if b["model_worse"] \
                 else "model better or equal"
-            brow.append([t, name, _ci(_as_interval(b["baseline"])), _ci(_as_interval(b["model"])),
+            brow.append([t, name, interval_text(_as_interval(b["baseline"])), interval_text(_as_interval(b["model"])),
                          b["mcnemar"]["p_value"], verdict])
     if brow:
         parts.append("<h3>Baselines on the same test records: the rule engine and scikit-learn scorecards</h3>")
         parts.append(_table(["task", "baseline", "baseline accuracy", "model accuracy", "McNemar p", "verdict"],
                             brow))
-    srow = [[t, seg, g, v["n"], v["correct"], _ci(v)] for t, segs in (ev.get("segments") or {}).items()
+    srow = [[t, seg, g, v["n"], v["correct"], interval_text(v)] for t, segs in (ev.get("segments") or {}).items()
             for seg, groups in segs.items() for g, v in groups.items()]
     if srow:
         parts.append("<h3>By segment (final model)</h3>")
@@ -540,12 +534,12 @@ def render_model_risk(d: dict, plots: dict[str, Path | None] | None = None) -> s
     for t, cf in (ev.get("counterfactual") or {}).items():
         for attr, p in cf.get("protected", {}).items():
             cf_rows.append([t, f"swap {attr}", p["n"] if p.get("in_prompt") else "not in the prompt", p.get("flips"),
-                            _ci({"estimate": p.get("flip_rate"), **(p.get("interval") or {})} if p.get("n") else None),
+                            interval_text({"estimate": p.get("flip_rate"), **(p.get("interval") or {})} if p.get("n") else None),
                             "FLAG" if attr in cf.get("flagged", []) else "ok"])
         dc = cf.get("deciding") or {}
         if dc.get("n"):
             cf_rows.append([t, "deciding field across its threshold", dc["n"], dc["followed"],
-                            _ci({"estimate": dc.get("follow_rate"), **(dc.get("interval") or {})}), "follow rate"])
+                            interval_text({"estimate": dc.get("follow_rate"), **(dc.get("interval") or {})}), "follow rate"])
     if cf_rows:
         parts.append("<h3>Counterfactual tests (label scoring; protected swaps must not flip the decision)</h3>")
         parts.append(_table(["task", "change", "variants", "flips / followed", "rate [95% CI]", ""], cf_rows))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from banklm.chain import ChainError
+from banklm.evaluation.confidence import ECE_FLAG
 from banklm.ledger import Ledger, verify_run
 
 # Plot labels are ASCII (no CJK font is guaranteed on a bank's server); tables keep the Chinese labels.
@@ -139,7 +140,7 @@ def flags(d: dict) -> list[dict]:
     faithfulness, calibration and the abstention target, baselines beating the model, the ledger, reused stages).
     Read from what the run wrote; a file the run did not write raises nothing."""
     out: list[dict] = []
-    final, res = next(iter(d.get("eval", {}).items()), (None, None))
+    _, res = next(iter(d.get("eval", {}).items()), (None, None))
     res = res or {}
     for task, r in res.get("tasks", {}).items():
         for attr, f in (r.get("fairness") or {}).items():
@@ -157,7 +158,7 @@ def flags(d: dict) -> list[dict]:
                                                         "reasons argue for another label"})
         c = r.get("confidence") or {}
         if (c.get("calibration") or {}).get("flag"):
-            out.append({"kind": "calibration", "what": f"{task}: ECE {_pct(c['calibration']['ece'])} > 0.05"})
+            out.append({"kind": "calibration", "what": f"{task}: ECE {_pct(c['calibration']['ece'])} > {ECE_FLAG:g}"})
         val = ((res.get("operating_point") or {}).get("tasks", {}).get(task) or {}).get("validation") or {}
         if val.get("met") is False:
             target = (res.get("operating_point") or {}).get("target_accuracy")

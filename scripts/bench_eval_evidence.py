@@ -47,12 +47,13 @@ def main(argv: list[str] | None = None) -> dict:
     from banklm.corpora.splits import corpus_splits, load_split
 
     from banklm.evaluation import evidence as EV
+    from banklm.evaluation import metrics as M
     from banklm.evaluation.baselines import baselines
     from banklm.evaluation.counterfactual import flip_rates
     from banklm.evaluation.evaluate import (
         ConfidenceCheck,
         evaluate_model_dir,
-        label_score_predictions,
+        label_decisions,
         load_model_dir,
     )
     from banklm.io import read_jsonl
@@ -85,20 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
         intervals = {n: EV.task_intervals(p) for n, p in preds.items()}
         pairs = [EV.paired_comparison(preds[name], p, (name, n)) for n, p in preds.items() if n != name]
         t_stats = time.perf_counter()
-        train = load_split(scenario, "train").to_list()
-        found = {t: baselines(t, [r for r in train if r["task"] == t], [r for r in records if r["task"] == t])
-                 for t in sorted({r["task"] for r in records})}
+        train = M.by_task(load_split(scenario, "train").to_list())
+        found = {t: baselines(t, train.get(t, []), recs) for t, recs in sorted(M.by_task(records).items())}
         EV.baseline_comparison(preds[name], found)
         t_base = time.perf_counter()
         model, tok = load_model_dir(folder)
-
-        def decide(recs):
-            rows = {r["id"]: r["pred_label"] for r in label_score_predictions(model, tok, recs,
-                                                                                  batch_size=args.batch_size)}
-            return [rows.get(r["id"]) for r in recs]
-
-        flips = {t: flip_rates(t, [r for r in records if r["task"] == t][: args.counterfactual], decide)
-                 for t in sorted({r["task"] for r in records})}
+        flips = {t: flip_rates(t, recs[: args.counterfactual],
+                               lambda rs: label_decisions(model, tok, rs, batch_size=args.batch_size))
+                 for t, recs in sorted(M.by_task(records).items())}
         t_end = time.perf_counter()
     out["evidence"] = {"seconds": t_end - t0, "intervals_and_pairs_s": t_stats - t0, "baselines_s": t_base - t_stats,
                        "counterfactual_s": t_end - t_base,

@@ -97,7 +97,7 @@ def test_a_model_trained_where_gender_decides_is_caught_by_fairness_and_by_the_f
     from banklm.finetune.tokenizer import load_tokenizer, train_tokenizer
 
     from banklm.evaluation.counterfactual import flip_rates
-    from banklm.evaluation.evaluate import evaluate_records, label_score_predictions
+    from banklm.evaluation.evaluate import evaluate_records, label_decisions
     from banklm.tasks import get_task
     from tests.helpers import train_on_answers
 
@@ -129,11 +129,8 @@ def test_a_model_trained_where_gender_decides_is_caught_by_fairness_and_by_the_f
     fair = res["tasks"]["credit"]["fairness"]["gender"]
     assert fair["flag"] and fair["ratio"] < 0.5, fair
 
-    def decide(recs):
-        rows = {r["id"]: r["pred_label"] for r in label_score_predictions(model, tok, recs, batch_size=32)}
-        return [rows.get(r["id"]) for r in recs]
-
-    flips = flip_rates("credit", test[:40], decide, kinds=("protected",))
+    flips = flip_rates("credit", test[:40], lambda rs: label_decisions(model, tok, rs, batch_size=32),
+                       kinds=("protected",))
     g = flips["protected"]["gender"]
     assert flips["flag"] and "gender" in flips["flagged"] and g["flip_rate"] > 0.5, g
     assert g["interval"]["low"] > 0.02

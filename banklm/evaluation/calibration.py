@@ -33,9 +33,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import logsumexp
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 __all__ = [
     "PROB_FLOOR",
@@ -159,6 +156,8 @@ def multiclass_brier(probs: Sequence[Mapping[str, float]], gold: Sequence[str]) 
 
 
 def _rank_scores(scores: np.ndarray, is_positive: np.ndarray) -> dict:
+    from sklearn.metrics import average_precision_score, roc_auc_score  # seconds to import: not at start-up
+
     return {
         "roc_auc": float(roc_auc_score(is_positive, scores)),
         "pr_auc": float(average_precision_score(is_positive, scores)),
@@ -229,6 +228,9 @@ def fit_temperature(
     every temperature, the same as after ``apply_temperature``: it counts in the NLL but cannot steer the fit. When
     no record has its gold among its keys the temperature is not identified and is None.
     """
+    from scipy.optimize import minimize_scalar  # seconds to import: not at start-up
+    from scipy.special import logsumexp
+
     n = _same_length(probs=probs, gold=gold)
     low, high = bounds
     if not 0 < low < high:

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from banklm.evaluation import calibration as C
+from banklm.evaluation import metrics as M
 from banklm.io import atomic_write_json
 from banklm.tasks import get_task
 from banklm.tasks.base import Task
@@ -97,9 +98,9 @@ def _scaled(rows: Sequence[Mapping], temperature: float | None) -> list[dict]:
     return [C.apply_temperature(r["distribution"], temperature) for r in rows]
 
 
-def _confidences(rows: Sequence[Mapping], temperature: float | None) -> list[float]:
-    return [d.get(r["answer"], 0.0) if r["answer"] is not None else 0.0
-            for r, d in zip(rows, _scaled(rows, temperature), strict=True)]
+def _confidences(rows: Sequence[Mapping], dists: Sequence[Mapping[str, float]]) -> list[float]:
+    """Each row's confidence: its (scaled) distribution's probability of the answered value."""
+    return [d.get(r["answer"], 0.0) if r["answer"] is not None else 0.0 for r, d in zip(rows, dists, strict=True)]
 
 
 def _correct(rows: Sequence[Mapping]) -> list[bool]:
@@ -114,15 +115,12 @@ def fit_operating_point(rows: Sequence[Mapping], *, target_accuracy: float | Non
     ``target_accuracy`` on the answered cases, or ``min_confidence``), with what they give on those rows."""
     if (target_accuracy is None) == (min_confidence is None):
         raise ValueError("fit_operating_point: give target_accuracy or min_confidence (one of them)")
-    by: dict[str, list[Mapping]] = {}
-    for r in rows:
-        by.setdefault(r["task"], []).append(r)
     tasks = {}
-    for name, rs in sorted(by.items()):
+    for name, rs in sorted(M.by_task(rows).items()):
         task = _task(name)
         fit = C.fit_temperature([r["distribution"] for r in rs], [r["gold"] for r in rs]) if temperature else None
         t = fit["temperature"] if fit else 1.0
-        conf, correct = _confidences(rs, t), _correct(rs)
+        conf, correct = _confidences(rs, _scaled(rs, t)), _correct(rs)
         answered = [not r["model_abstained"] for r in rs]
         if target_accuracy is not None:
             chosen = C.choose_threshold(conf, correct, target_accuracy, answered=answered)
@@ -130,7 +128,7 @@ def fit_operating_point(rows: Sequence[Mapping], *, target_accuracy: float | Non
                 f"on the answered {source} cases"
         else:
             threshold, rule = float(min_confidence), f"fixed min_confidence {min_confidence:g}"
-        at = abstention_at(rs, {"threshold": threshold, "temperature": t}, task)
+        at = _abstention(rs, conf, threshold)
         tasks[name] = {"threshold": threshold, "temperature": t, "temperature_fit": fit, "rule": rule,
                        "abstain_value": task.abstain or HANDOFF,
                        source: {"n": len(rs), "coverage": at["coverage"], "accuracy": at["accuracy"],
@@ -145,23 +143,26 @@ def abstention_at(rows: Sequence[Mapping], point: Mapping | None, task: Task | s
     """Coverage and accuracy on the answered cases of ``rows`` (one task) at a task's operating point (None: no
     threshold, only the model's own abstentions)."""
     point = point or {}
-    conf = _confidences(rows, point.get("temperature"))
-    by_threshold = C.apply_threshold(conf, point.get("threshold"))
+    return _abstention(rows, _confidences(rows, _scaled(rows, point.get("temperature"))), point.get("threshold"))
+
+
+def _abstention(rows: Sequence[Mapping], conf: Sequence[float], threshold: float | None) -> dict:
+    by_threshold = C.apply_threshold(conf, threshold)
     n = len(rows)
     answered = [a and not r["model_abstained"] for a, r in zip(by_threshold, rows, strict=True)]
     k = sum(answered)
     right = sum(1 for a, c in zip(answered, _correct(rows), strict=True) if a and c)
-    return {"threshold": point.get("threshold"), "n": n, "answered": k,
+    return {"threshold": threshold, "n": n, "answered": k, "answered_right": right,
             "coverage": k / n if n else None, "accuracy": right / k if k else None,
             "abstained_model": sum(1 for r in rows if r["model_abstained"]),
             "abstained_threshold": sum(1 for a, r in zip(by_threshold, rows, strict=True)
                                        if not a and not r["model_abstained"])}
 
 
-def _handed_off(rows: Sequence[Mapping], point: Mapping | None, task: Task) -> list[str | None]:
+def _handed_off(rows: Sequence[Mapping], conf: Sequence[float], threshold: float | None,
+                task: Task) -> list[str | None]:
     """The answers at the operating point: below the threshold, the abstain value."""
-    conf = _confidences(rows, (point or {}).get("temperature"))
-    keep = C.apply_threshold(conf, (point or {}).get("threshold"))
+    keep = C.apply_threshold(conf, threshold)
     return [r["answer"] if k else (task.abstain or HANDOFF) for r, k in zip(rows, keep, strict=True)]
 
 
@@ -208,7 +209,7 @@ def confidence_metrics(rows: Sequence[Mapping], task: Task | str, point: Mapping
     point = point or {}
     t = point.get("temperature")
     dists = _scaled(rows, t)
-    conf, correct = _confidences(rows, t), _correct(rows)
+    conf, correct = _confidences(rows, dists), _correct(rows)
     gold = [r["gold"] for r in rows]
     answers = [r["answer"] for r in rows]
     rel = C.reliability(conf, correct, n_bins=bins)
@@ -223,7 +224,7 @@ def confidence_metrics(rows: Sequence[Mapping], task: Task | str, point: Mapping
                         "flag": rel["ece"] is not None and rel["ece"] > ECE_FLAG,
                         **C.ranking(dists, gold, task.label_values,
                                     positive=task.positive if task.positive_key == task.primary_key else None)},
-        "abstention": {**abstention_at(rows, point, task), "abstain_value": task.abstain or HANDOFF,
+        "abstention": {**_abstention(rows, conf, point.get("threshold")), "abstain_value": task.abstain or HANDOFF,
                        "risk_coverage": C.risk_coverage(conf, correct,
                                                         answered=[not r["model_abstained"] for r in rows])},
     }
@@ -234,7 +235,7 @@ def confidence_metrics(rows: Sequence[Mapping], task: Task | str, point: Mapping
         with_handoff = {g: {handoff: task.handoff_cost, **row} for g, row in task.costs.items()}
         for g in task.label_values:
             with_handoff.setdefault(g, {handoff: task.handoff_cost})
-        at = _handed_off(rows, point, task)
+        at = _handed_off(rows, conf, point.get("threshold"), task)
         out["costs"] = {"answers": C.expected_cost(gold, answers, task.costs, task.prevalence or None),
                         "at_threshold": C.expected_cost(gold, at, with_handoff, task.prevalence or None),
                         "handoff_cost": task.handoff_cost}

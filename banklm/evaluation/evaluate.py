@@ -444,13 +444,17 @@ def label_score_predictions(lm, tokenizer, records: Sequence[dict], *, batch_siz
     return rows
 
 
+def label_decisions(lm, tokenizer, records: Sequence[dict], *, batch_size: int = 16) -> list[str | None]:
+    """The primary label label scoring chooses for each record, in order (None where its task cannot be scored):
+    the decision a counterfactual test compares."""
+    chosen = {r["id"]: r["pred_label"] for r in label_score_predictions(lm, tokenizer, records, batch_size=batch_size)}
+    return [chosen.get(r.get("id", str(i))) for i, r in enumerate(records)]
+
+
 def _confidence_results(results: dict, preds: Sequence[dict], point: Mapping | None, bins: int) -> None:
     """Per task: the confidence statistics at the operating point (``confidence``), and its headline figures
     (``coverage``, ``answered_accuracy``, ``ece``) beside accuracy; a task without label scores says why."""
-    rows = C.confidence_rows(preds)
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        by.setdefault(r["task"], []).append(r)
+    by = M.by_task(C.confidence_rows(preds))
     for name, res in results["tasks"].items():
         if name not in by:
             res["confidence_skipped"] = "no label scores (free decoding, or labels that cannot be scored)"

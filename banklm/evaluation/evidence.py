@@ -21,14 +21,7 @@ from banklm.tasks import get_task
 from banklm.tasks.base import Task
 
 __all__ = ["task_intervals", "paired_comparison", "segment_results", "key_confusions", "ordinal_errors",
-           "baseline_comparison", "by_task"]
-
-
-def by_task(predictions: Sequence[Mapping]) -> dict[str, list[Mapping]]:
-    out: dict[str, list[Mapping]] = {}
-    for p in predictions:
-        out.setdefault(p["task"], []).append(p)
-    return out
+           "baseline_comparison"]
 
 
 def batched_macro_f1(n_labels: int):
@@ -65,7 +58,7 @@ def _macro_f1_interval(gold: Sequence[str], pred: Sequence[str | None], labels: 
 def task_intervals(predictions: Sequence[Mapping]) -> dict[str, dict]:
     """Per task (and ``overall``): accuracy and macro-F1, each with its 95% bootstrap interval."""
     out = {}
-    for name, rows in by_task(predictions).items():
+    for name, rows in M.by_task(predictions).items():
         gold, pred = [p["label"] for p in rows], [p["pred_label"] for p in rows]
         out[name] = {"n": len(rows),
                      "accuracy": U.bootstrap_interval([float(p["correct"]) for p in rows]),
@@ -165,7 +158,7 @@ def baseline_comparison(predictions: Sequence[Mapping], baselines: Mapping[str, 
     the order of ``test_ids``), on the records both scored: accuracies with intervals, McNemar's test, and
     ``model_worse`` when the baseline's accuracy is higher (``significantly`` when McNemar's p < 0.05)."""
     out: dict[str, dict] = {}
-    for name, rows in by_task(predictions).items():
+    for name, rows in M.by_task(predictions).items():
         b = baselines.get(name)
         if not b:
             continue

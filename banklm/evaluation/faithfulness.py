@@ -140,7 +140,25 @@ def _norm(text: str) -> str:
     return _SPACE.sub("", text).strip("。；;，, ")
 
 
-def _matched_rules(task: Task, reason: str, fields: Mapping | None) -> list:
+def _template_pieces(task: Task) -> dict[str, list[str]]:
+    """Each rule's reason template's literal pieces (rules without a reason have none)."""
+    return {r.name: _pieces(r.reason.source) for r in task._compiled if r.reason is not None}
+
+
+def _field_names(task: Task) -> dict[str, set[str]]:
+    """Every name a reason may call a field by: its label (``担保方式``, ``失信被执行人``), or any word the spec's
+    templates write before a numeric field's value (``近24个月逾期``) -> the fields it names."""
+    names: dict[str, set[str]] = {}
+    for n, f in task.spec.model.fields.items():
+        for name in {f.label or n, n}:
+            if len(name) >= 2:
+                names.setdefault(name, set()).add(n)
+    for name, items in binding_names(task).items():
+        names.setdefault(name, set()).update(i for i in items if i in task.spec.model.fields)
+    return names
+
+
+def _matched_rules(task: Task, reason: str, fields: Mapping | None, pieces_of: Mapping[str, list[str]]) -> list:
     """The rules whose reason the text is: equal to its rendering for these fields; else, among the templates
     whose literal pieces all appear in order, those that explain the most of it (``负债收入比…，近24个月逾期…次`` is
     the rule whose template has both pieces, not the one with ``近24个月逾期…次`` alone)."""
@@ -156,7 +174,7 @@ def _matched_rules(task: Task, reason: str, fields: Mapping | None) -> list:
                 rendered = _norm(r.reason.render(values))
             except Exception:  # noqa: BLE001 - a template that cannot render these fields is not this reason
                 rendered = None
-        pieces = _pieces(r.reason.source)
+        pieces = pieces_of[r.name]
         if rendered and rendered == text:
             exact.append(r)
         elif pieces and _in_order(pieces, text):
@@ -167,16 +185,8 @@ def _matched_rules(task: Task, reason: str, fields: Mapping | None) -> list:
     return [r for n, r in partial if n == best]
 
 
-def _cited_fields(task: Task, reason: str) -> set[str]:
-    """Fields a reason names: a field's label (``担保方式``, ``失信被执行人``), or any word the spec's templates
-    write before a numeric field's value (``近24个月逾期``)."""
-    names: dict[str, set[str]] = {}
-    for n, f in task.spec.model.fields.items():
-        for name in {f.label or n, n}:
-            if len(name) >= 2:
-                names.setdefault(name, set()).add(n)
-    for name, items in binding_names(task).items():
-        names.setdefault(name, set()).update(i for i in items if i in task.spec.model.fields)
+def _cited_fields(reason: str, names: Mapping[str, set[str]]) -> set[str]:
+    """Fields a reason names (``names``: :func:`_field_names`)."""
     return {f for name, items in names.items() if name in reason for f in items}
 
 
@@ -197,6 +207,7 @@ def reason_label_consistency(task: Task, reasons: Sequence[str | None], labels: 
     rules = list(task._compiled)
     outcome = {r.name: r.outcome.get(key) for r in rules}
     deciding = {r.name: set(r.when.names) if r.when is not None else set() for r in rules}
+    pieces_of, names = (_template_pieces(task), _field_names(task)) if rules else ({}, {})
     per: list[dict | None] = []
     counts = {CONSISTENT: 0, CONTRADICTS: 0, UNCHECKED: 0}
     for reason, label, f in zip(reasons, labels, fields, strict=True):
@@ -205,13 +216,13 @@ def reason_label_consistency(task: Task, reasons: Sequence[str | None], labels: 
             continue
         status, why, cited = UNCHECKED, [], set()
         if rules:
-            matched = _matched_rules(task, reason, f)
+            matched = _matched_rules(task, reason, f, pieces_of)
             if matched:
                 same = [r.name for r in matched if outcome[r.name] == label]
                 status = CONSISTENT if same else CONTRADICTS
                 why = same or [r.name for r in matched]
             else:
-                cited = _cited_fields(task, reason)
+                cited = _cited_fields(reason, names)
                 for_label = set().union(*(deciding[n] for n in outcome if outcome[n] == label))
                 against = {n for n in outcome if outcome[n] != label and deciding[n] & cited}
                 only_against = cited & set().union(*(deciding[n] for n in against)) - for_label if against else set()

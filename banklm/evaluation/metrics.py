@@ -11,7 +11,7 @@ Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,6 +19,7 @@ INVALID = "INVALID"
 
 __all__ = [
     "INVALID",
+    "by_task",
     "accuracy",
     "confusion_matrix",
     "macro_f1",
@@ -29,6 +30,14 @@ __all__ = [
     "fairness",
     "per_class_f1",
 ]
+
+
+def by_task(rows: Iterable[Mapping]) -> dict[str, list[Mapping]]:
+    """Rows (predictions, label scores) grouped by their ``task``, in first-seen order."""
+    out: dict[str, list[Mapping]] = {}
+    for r in rows:
+        out.setdefault(r["task"], []).append(r)
+    return out
 
 
 def _norm_pred(p, labels: Sequence[str] | None = None) -> str:

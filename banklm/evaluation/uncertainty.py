@@ -44,7 +44,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["RESAMPLES", "SEED", "LEVEL", "proportion_interval", "bootstrap_interval", "bootstrap_metric", "mcnemar",
            "paired_difference", "compare_models", "seed_summary"]
@@ -118,6 +117,8 @@ def _method(kind: str, resamples: int, seed: int) -> str:
 def proportion_interval(k: int, n: int, level: float = LEVEL) -> dict:
     """Wilson score interval of the share k/n: unlike the normal approximation it stays inside [0, 1] and does not
     collapse to a point at k = 0 or k = n, which small segments of a table often hit. n == 0 gives None."""
+    from scipy import stats  # seconds to import: not at start-up
+
     _check_level(level)
     if int(k) != k or int(n) != n or not 0 <= k <= n:
         raise ValueError(f"need integers 0 <= k <= n, got k={k!r}, n={n!r}")
@@ -146,6 +147,8 @@ def bootstrap_interval(values: Sequence[float], statistic: Callable | None = Non
     or "BCa"; when BCa is undefined (a degenerate bootstrap distribution) the percentile interval of the same
     resamples is returned and ``method`` says so. n == 0 gives None for estimate, low and high.
     """
+    from scipy import stats  # seconds to import: not at start-up
+
     _check_level(level)
     _check_resamples(resamples)
     if method not in ("percentile", "BCa"):
@@ -219,6 +222,8 @@ def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
     ``statistic`` is min(a_only, b_only) for the exact test (as statsmodels reports it) and the chi-square value
     otherwise.
     """
+    from scipy import stats  # seconds to import: not at start-up
+
     n = _same_length(a_correct=a_correct, b_correct=b_correct)
     if n == 0:
         raise ValueError("mcnemar needs at least one record")
@@ -251,6 +256,8 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, resamples: int 
     2 * share(d* <= 0) when d > 0, 2 * share(d* >= 0) when d < 0, at most 1; d == 0 gives 1. Its resolution is
     2 / resamples: 0.0 means no resample crossed 0.
     """
+    from scipy import stats  # seconds to import: not at start-up
+
     _check_level(level)
     _check_resamples(resamples)
     n = _same_length(a=a, b=b)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from banklm.corpora.splits import corpus_splits, load_split
 from banklm.evaluation import evidence as EV
+from banklm.evaluation import metrics as M
 from banklm.evaluation import uncertainty as U
-from banklm.evaluation.baselines import baselines
 from banklm.evaluation.constrained import GrammarCache
 from banklm.evaluation.counterfactual import flip_rates
 from banklm.evaluation.evaluate import (
     ConfidenceCheck,
     evaluate_model_dir,
-    label_score_predictions,
+    label_decisions,
     load_model_dir,
 )
 from banklm.evaluation.instructions import EXACT_MATCH_MAX_CHARS, score_instructions
@@ -142,21 +142,20 @@ def _evidence(ctx: RunContext, records: list[dict]) -> Path:
     for task, r in final_res.get("tasks", {}).items():  # coverage and accuracy answered at the threshold
         ab = (r.get("confidence") or {}).get("abstention")
         if ab and ab.get("n"):
-            right = round((ab["accuracy"] or 0.0) * ab["answered"])
             out["intervals"][final].setdefault(task, {}).update(
                 coverage=U.proportion_interval(ab["answered"], ab["n"]),
-                answered_accuracy=U.proportion_interval(right, ab["answered"]))
-    for task, rows in EV.by_task(mine).items():
+                answered_accuracy=U.proportion_interval(ab["answered_right"], ab["answered"]))
+    for task, rows in M.by_task(mine).items():
         out["segments"][task] = EV.segment_results(task, rows, records)
         out["confusions"][task] = EV.key_confusions(task, rows)
         out["ordinal"][task] = EV.ordinal_errors(task, rows)
     if e.baselines:
-        train = load_split(ctx.path(SCENARIO), "train", tasks=e.tasks).to_list()
-        found = {}
-        for task in sorted({r["task"] for r in records}):
-            test = [r for r in records if r["task"] == task]
-            found[task] = baselines(task, [r for r in train if r["task"] == task], test, seed=ctx.recipe.seed)
-        out["baselines"] = EV.baseline_comparison(mine, found)
+        from banklm.evaluation.baselines import baselines  # scikit-learn: seconds to import, not at start-up
+
+        train = M.by_task(load_split(ctx.path(SCENARIO), "train", tasks=e.tasks).to_list())
+        out["baselines"] = EV.baseline_comparison(mine, {
+            task: baselines(task, train.get(task, []), test, seed=ctx.recipe.seed)
+            for task, test in sorted(M.by_task(records).items())})
     if e.counterfactual.enabled:
         out["counterfactual"] = _counterfactual(ctx, records)
     path = ctx.path("eval", "evidence.json")
@@ -169,16 +168,9 @@ def _counterfactual(ctx: RunContext, records: list[dict]) -> dict:
     moves, on the first ``eval.counterfactual.limit`` test records per task."""
     e = ctx.recipe.eval
     model, tok = load_model_dir(final_model_dir(ctx), device=run_device(ctx))
-
-    def decide(recs: list[dict]) -> list[str | None]:
-        rows = {r["id"]: r["pred_label"] for r in label_score_predictions(model, tok, recs, batch_size=e.batch_size)}
-        return [rows.get(r["id"]) for r in recs]
-
-    out = {}
-    for task in sorted({r["task"] for r in records}):
-        recs = [r for r in records if r["task"] == task][: e.counterfactual.limit]
-        out[task] = flip_rates(task, recs, decide, seed=ctx.recipe.seed)
-    return out
+    return {task: flip_rates(task, recs[: e.counterfactual.limit],
+                             lambda rs: label_decisions(model, tok, rs, batch_size=e.batch_size), seed=ctx.recipe.seed)
+            for task, recs in sorted(M.by_task(records).items())}
 
 
 def _held_out_instructions(ctx: RunContext) -> dict[str, list[dict] | str]:
